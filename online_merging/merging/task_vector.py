@@ -1,0 +1,231 @@
+"""The task vector τ = θ_finetuned − θ_base, by parameter name, in a compact dtype."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Union
+
+import torch
+from torch import nn
+
+__all__ = ["TaskVector", "canonical_name", "WeightsSource"]
+
+WeightsSource = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
+"""A model given as a module, a state dict, a safetensors file or directory, or a Hugging Face Hub id."""
+
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+_LEADING_MODULE = re.compile(r"^(module\.)+")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without wrapper segments: DDP/DeepSpeed ``module.``, ``torch.compile``'s
+    ``_orig_mod.``, FSDP1's ``_fsdp_wrapped_module.`` and activation checkpointing's prefix."""
+    name = _LEADING_MODULE.sub("", name)
+    while True:
+        stripped = _WRAPPER_SEGMENTS.sub(r"\1", name)
+        if stripped == name:
+            return name
+        name = stripped
+
+
+class TaskVector(Mapping[str, torch.Tensor]):
+    """τ = θ_finetuned − θ_base, one tensor per (canonical) parameter name.
+
+    Build it with :meth:`from_models`, or :meth:`load` one saved with :meth:`save` (safetensors). Values must
+    be finite floating-point tensors; the names are canonicalised with :func:`canonical_name`.
+    """
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self._tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            key = canonical_name(name)
+            if key in self._tensors:
+                raise ValueError(f"task vector names {name!r} and another one both canonicalise to {key!r}")
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                raise TypeError(f"task vector entry {name!r} must be a floating-point tensor, got {_describe(tensor)}")
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ValueError(f"task vector entry {name!r} has {bad} NaN/inf element(s)")
+            self._tensors[key] = tensor.detach()
+        self._fingerprint: dict | None = None
+
+    @classmethod
+    def from_models(
+        cls,
+        base: WeightsSource,
+        finetuned: WeightsSource,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> TaskVector:
+        """τ = finetuned − base over their floating-point tensors, computed in float32 and stored as ``dtype``.
+
+        Both models must have the same tensor names and shapes (wrapper prefixes aside); large checkpoints
+        are read one tensor at a time, so the two models are never held in memory together.
+        """
+        base_weights, ft_weights = _open_weights(base, "base"), _open_weights(finetuned, "finetuned")
+        missing_in_ft = sorted(set(base_weights) - set(ft_weights))
+        missing_in_base = sorted(set(ft_weights) - set(base_weights))
+        if missing_in_ft or missing_in_base:
+            raise ValueError(
+                "base and finetuned models do not match: "
+                f"only in base: {_preview(missing_in_ft)}; only in finetuned: {_preview(missing_in_base)}"
+            )
+        tensors = {}
+        for name in ft_weights:
+            b, f = base_weights.get(name), ft_weights.get(name)
+            if not f.is_floating_point():
+                continue
+            if b.shape != f.shape:
+                raise ValueError(
+                    f"base and finetuned models do not match at {name!r}: "
+                    f"shape {tuple(b.shape)} vs {tuple(f.shape)}"
+                )
+            tensors[name] = (f.to(device, torch.float32) - b.to(device, torch.float32)).to(dtype)
+        return cls(tensors)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> TaskVector:
+        """Load a task vector saved with :meth:`save` (a safetensors file)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no task vector file at {str(path)!r}")
+        return cls(load_file(str(path), device=str(device)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the task vector as one safetensors file."""
+        from safetensors.torch import save_file
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self._tensors.items()}, str(path), metadata={"format": "pt"})
+
+    def fingerprint(self) -> dict:
+        """Names, shapes and two float64 sums: enough to tell whether a checkpoint was made with this τ."""
+        if self._fingerprint is None:
+            layout = hashlib.sha256()
+            total = absolute = 0.0
+            for name in sorted(self._tensors):
+                tensor = self._tensors[name]
+                layout.update(f"{name}:{tuple(tensor.shape)};".encode())
+                total += float(tensor.double().sum())
+                absolute += float(tensor.double().abs().sum())
+            self._fingerprint = {"tensors": len(self._tensors), "layout": layout.hexdigest(), "sum": total, "abs_sum": absolute}
+        return dict(self._fingerprint)
+
+    @staticmethod
+    def fingerprints_match(a: dict, b: dict) -> bool:
+        """Equal layout, sums equal to float64 round-off."""
+        return (
+            a["tensors"] == b["tensors"]
+            and a["layout"] == b["layout"]
+            and all(math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-12) for k in ("sum", "abs_sum"))
+        )
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[canonical_name(name)]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and canonical_name(name) in self._tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self._tensors.values())
+
+    def __repr__(self) -> str:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in self._tensors.values()})
+        return f"TaskVector({len(self)} tensors, {self.numel():,} elements, {'/'.join(dtypes) or 'empty'})"
+
+
+class _Weights:
+    """Read-one-tensor-at-a-time view of a weights source, keyed by canonical name."""
+
+    def __init__(self, getters: dict[str, Callable[[], torch.Tensor]]):
+        self._getters = getters
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._getters)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._getters[name]()
+
+
+def _open_weights(source: WeightsSource, role: str) -> _Weights:
+    if isinstance(source, nn.Module):
+        source = source.state_dict()
+    if isinstance(source, Mapping):
+        getters = {}
+        for name, tensor in source.items():
+            key = canonical_name(name)
+            if key in getters:
+                continue  # the same tensor under a wrapper alias
+            getters[key] = (lambda t=tensor: t.detach())
+        return _Weights(getters)
+    if isinstance(source, (str, os.PathLike)):
+        return _open_safetensors(_resolve_path(source, role))
+    raise TypeError(f"{role} model must be an nn.Module, a state dict or a path, got {_describe(source)}")
+
+
+def _resolve_path(source: str | os.PathLike, role: str) -> Path:
+    path = Path(source)
+    if path.exists():
+        return path
+    name = str(source)
+    if name.count("/") != 1 or name.startswith((".", "/")):
+        raise FileNotFoundError(f"{role} model {name!r} is neither a local path nor a Hugging Face Hub id")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        raise ImportError(
+            f"{role} model {name!r} is not a local path; loading it from the Hugging Face Hub needs "
+            "`pip install huggingface_hub`"
+        ) from error
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as error:  # offline, missing repo, no permission: all end here
+        raise OSError(
+            f"{role} model {name!r} is not a local path and could not be fetched from the Hugging Face Hub "
+            f"({type(error).__name__}: {error}). Offline, pass a local directory of safetensors files."
+        ) from error
+
+
+def _open_safetensors(path: Path) -> _Weights:
+    from safetensors import safe_open
+
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {str(path)!r} (convert .bin checkpoints to safetensors)")
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    getters = {}
+    for handle, file in zip(handles, files):
+        for name in handle.keys():
+            key = canonical_name(name)
+            if key in getters:
+                raise ValueError(f"tensor {name!r} appears in more than one file of {str(path)!r} (at {file.name})")
+            getters[key] = (lambda h=handle, n=name: h.get_tensor(n))
+    return _Weights(getters)
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor"
+    return type(value).__name__
+

@@ -1,0 +1,115 @@
+"""OnlineMergingAdam: AdamW whose every update is sparsified and merged with the SFT task vector."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from online_merging.merging import TaskVector
+from online_merging.optim import functional
+from online_merging.optim.base import OnlineMergingOptimizer
+from online_merging.optim.settings import MERGE_DEFAULTS, MergeSettings, check_range
+
+__all__ = ["OnlineMergingAdam"]
+
+
+class OnlineMergingAdam(OnlineMergingOptimizer):
+    r"""AdamW with online merging (Lu et al. 2024, arXiv 2405.17931).
+
+    .. math::
+        \begin{aligned}
+        &\Delta\theta_t = -\eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)
+            \quad\text{(Adam, bias-corrected moments)} \\
+        &\theta_t = (1 - \eta\lambda)\,\theta_{t-1} + F(\Delta\theta_t) \oplus F(\tau),
+            \qquad \tau = \theta_{sft} - \theta_{base} \\
+        &\text{OnDARE: } (1-\alpha)\,F_R(\Delta\theta_t) + \alpha\,F_R(\tau),
+            \ F_R \text{ keeps each element with probability } p \\
+        &\text{OnTIES: } (1-\alpha)\,F_T(\Delta\theta_t) \oplus_{sign} \alpha\,F_T(\tau),
+            \ F_T \text{ keeps the top-}p\text{ fraction by } |x|
+        \end{aligned}
+
+    Arguments as :class:`torch.optim.AdamW`, plus (all per param group, saved in checkpoints, changeable
+    between steps):
+
+    Args:
+        task_vector: τ as a :class:`~online_merging.TaskVector`; required unless ``merge=None``.
+        model: the module being trained, to name unnamed params (as HF ``Trainer`` passes them).
+        merge: ``"ondare"``, ``"onties"`` or ``None`` (plain AdamW).
+        reserve_p: fraction p of elements kept, 0 < p <= 1.
+        alpha: merging weight α in [0, 1].
+        merge_every: K of step-K: merge every K steps, plain steps in between (Alg. 2).
+        seed: key of the counter-based DARE masks.
+        dare_rescale: scale kept elements by 1/p (the published code); ``False`` is the paper's text.
+        tau_mask: ``"once"`` draws τ's DARE mask once (published code), ``"every_step"`` anew each step.
+        tau_clamp: clamp the rescaled, sparsified τ to ±this in OnDARE (published code); ``None`` disables.
+        ties_sign: OnTIES sign election from the ``"unweighted"`` sum τ + Δ (published code) or the
+            ``"weighted"`` sum of Eq. 7.
+        nonfinite_grads: ``None`` (no check, no device sync), ``"raise"`` (naming the parameter, before any
+            change) or ``"skip"`` (that parameter keeps its value and moments; see ``nonfinite_skips``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        task_vector: TaskVector | None = None,
+        model: nn.Module | None = None,
+        merge: str | None = MERGE_DEFAULTS["merge"],
+        reserve_p: float = MERGE_DEFAULTS["reserve_p"],
+        alpha: float = MERGE_DEFAULTS["alpha"],
+        merge_every: int = MERGE_DEFAULTS["merge_every"],
+        seed: int = MERGE_DEFAULTS["seed"],
+        dare_rescale: bool = MERGE_DEFAULTS["dare_rescale"],
+        tau_mask: str = MERGE_DEFAULTS["tau_mask"],
+        tau_clamp: float | None = MERGE_DEFAULTS["tau_clamp"],
+        ties_sign: str = MERGE_DEFAULTS["ties_sign"],
+        nonfinite_grads: str | None = None,
+    ):
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            merge=merge, reserve_p=reserve_p, alpha=alpha, merge_every=merge_every, seed=seed,
+            dare_rescale=dare_rescale, tau_mask=tau_mask, tau_clamp=tau_clamp, ties_sign=ties_sign,
+        )
+        super().__init__(params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads)
+
+    def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:
+        check_range(where, "lr", group["lr"], 0.0, float("inf"), high_open=True)
+        check_range(where, "eps", group["eps"], 0.0, float("inf"), high_open=True)
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid {where}'betas': {betas!r} (expected two numbers)")
+        for i, beta in enumerate(betas):
+            check_range(where, f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
+        check_range(where, "weight_decay", group["weight_decay"], 0.0, float("inf"), high_open=True)
+        return MergeSettings.from_group(group, where)
+
+    def _step_group(self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor]) -> None:
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+        for param in params:
+            state = self.state[param]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            max_exp_avg_sqs.append(state.get("max_exp_avg_sq"))
+            steps.append(state["step"])
+        taus, buffers, names = self._merge_inputs(params, settings)
+        beta1, beta2 = group["betas"]
+        functional.adam(
+            params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, buffers, taus, names,
+            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"], settings=settings,
+        )

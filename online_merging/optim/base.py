@@ -1,0 +1,205 @@
+"""What both online-merging optimizers share: binding τ to parameters, checks, the step loop, checkpoints."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from online_merging.merging import TaskVector, canonical_name
+from online_merging.optim.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
+
+__all__ = ["OnlineMergingOptimizer"]
+
+FINGERPRINT_KEY = "task_vector_fingerprint"
+
+
+class OnlineMergingOptimizer(Optimizer):
+    """Base of :class:`OnlineMergingAdam` and :class:`OnlineMergingSGD`.
+
+    τ is matched to parameters by canonical name, taken from named params (``model.named_parameters()``)
+    or, for unnamed params as HF ``Trainer`` passes them, from ``model``. τ is not part of the optimizer
+    state: ``state_dict()`` records its fingerprint and ``load_state_dict()`` refuses a checkpoint made with
+    another τ. Subclasses implement :meth:`_check_group` and :meth:`_step_group`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        defaults: dict[str, Any],
+        *,
+        task_vector: TaskVector | None,
+        model: nn.Module | None,
+        nonfinite_grads: str | None,
+    ):
+        if task_vector is not None and not isinstance(task_vector, TaskVector):
+            raise TypeError(f"task_vector must be an online_merging.TaskVector, got {type(task_vector).__name__}")
+        if nonfinite_grads not in NONFINITE_POLICIES:
+            raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r} (expected None, 'raise' or 'skip')")
+        self.task_vector = task_vector
+        self.nonfinite_grads = nonfinite_grads
+        self._aliases: dict[torch.Tensor, list[str]] = {}
+        if model is not None:
+            for name, param in model.named_parameters(remove_duplicate=False):
+                self._aliases.setdefault(param, []).append(canonical_name(name))
+        self._names: dict[torch.Tensor, str | None] = {}
+        self._taus: dict[torch.Tensor, torch.Tensor] = {}
+        self._constructed = False
+        super().__init__(params, defaults)
+        self._constructed = True
+        self._warn_without_tau(self.param_groups)
+
+    # -- param groups and τ -------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        index = len(self.param_groups) - 1
+        self._check_group(group, f"param_groups[{index}] ")
+        self._bind(group, index)
+        if self._constructed:
+            self._warn_without_tau([group])
+
+    def _bind(self, group: dict[str, Any], index: int) -> None:
+        names = group.get("param_names") or [None] * len(group["params"])
+        for i, (param, given) in enumerate(zip(group["params"], names)):
+            where = f"param_groups[{index}]['params'][{i}]"
+            if param.is_complex():
+                raise ValueError(f"{where} ({given or 'unnamed'}) is complex; online merging supports real tensors")
+            candidates = [canonical_name(given)] if given is not None else self._aliases.get(param, [])
+            name = next((n for n in candidates if self.task_vector is not None and n in self.task_vector), None)
+            self._names[param] = name or (candidates[0] if candidates else None)
+            if name is not None:
+                tau = self.task_vector[name]
+                if tau.shape != param.shape:
+                    raise ValueError(
+                        f"task vector entry {name!r} has shape {tuple(tau.shape)} but {where} has shape {tuple(param.shape)}"
+                    )
+                self._taus[param] = tau.to(param.device)
+            elif group["merge"] is not None and self.task_vector is None:
+                raise ValueError(
+                    f"param_groups[{index}] has merge={group['merge']!r} but no task_vector was given; pass "
+                    "task_vector=TaskVector.from_models(base, sft), or merge=None for plain updates"
+                )
+            elif group["merge"] is not None and not candidates:
+                raise ValueError(
+                    f"{where} has no name to match the task vector with: pass model.named_parameters(), or "
+                    "model=the module being trained"
+                )
+
+    def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
+        missing = [
+            self._names[p] for g in groups if g["merge"] is not None for p in g["params"] if p not in self._taus
+        ]
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            warnings.warn(
+                f"{len(missing)} parameter(s) have no task vector entry and get plain, unmerged updates: {shown}",
+                stacklevel=3,
+            )
+
+    def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:
+        """Check one group's hyper-parameters (names ``where`` in errors); return its merge settings."""
+        raise NotImplementedError
+
+    def _step_group(self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- stepping ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step. Every check runs before any tensor is changed."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plan = []
+        for index, group in enumerate(self.param_groups):
+            settings = self._check_group(group, f"param_groups[{index}] ")
+            params = [p for p in group["params"] if p.grad is not None]
+            for param in params:
+                self._check_grad(param, index)
+            if self.nonfinite_grads is not None:
+                params = self._finite_only(params, index)
+            plan.append((group, settings, params))
+        for group, settings, params in plan:
+            if params:
+                self._step_group(group, settings, params)
+        return loss
+
+    def _check_grad(self, param: torch.Tensor, index: int) -> None:
+        grad = param.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{self._describe(param, index)} has a sparse gradient; online merging needs dense ones")
+        if grad.is_complex():
+            raise RuntimeError(f"{self._describe(param, index)} has a complex gradient; online merging needs real ones")
+
+    def _finite_only(self, params: list[torch.Tensor], index: int) -> list[torch.Tensor]:
+        finite = [bool(torch.isfinite(p.grad).all()) for p in params]
+        if self.nonfinite_grads == "raise" and not all(finite):
+            bad = [self._describe(p, index) for p, ok in zip(params, finite) if not ok]
+            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; no parameter was changed")
+        for param, ok in zip(params, finite):
+            if not ok:
+                state = self.state[param]
+                state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
+        return [p for p, ok in zip(params, finite) if ok]
+
+    @property
+    def nonfinite_skips(self) -> dict[str, int]:
+        """How many updates each parameter skipped for a non-finite gradient (``nonfinite_grads='skip'``)."""
+        return {
+            self._names.get(p) or f"param {i}": s["nonfinite_skips"]
+            for i, (p, s) in enumerate(self.state.items())
+            if s.get("nonfinite_skips")
+        }
+
+    def _describe(self, param: torch.Tensor, index: int) -> str:
+        name = self._names.get(param)
+        return f"parameter {name!r}" if name else f"an unnamed parameter of param_groups[{index}]"
+
+    def _merge_inputs(self, group_params: list[torch.Tensor], settings: MergeSettings):
+        """τ, step-K buffer and name of each parameter, creating buffers when step-K needs them."""
+        taus, buffers, names = [], [], []
+        for param in group_params:
+            tau = self._taus.get(param)
+            state = self.state[param]
+            if tau is not None and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
+                state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            taus.append(tau)
+            buffers.append(state.get("merge_buffer"))
+            names.append(self._names.get(param))
+        return taus, buffers, names
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict[FINGERPRINT_KEY] = None if self.task_vector is None else self.task_vector.fingerprint()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        saved = state_dict.pop(FINGERPRINT_KEY, None)
+        current = None if self.task_vector is None else self.task_vector.fingerprint()
+        if saved is not None and (current is None or not TaskVector.fingerprints_match(saved, current)):
+            raise ValueError(
+                "this optimizer checkpoint was made with a different task vector "
+                f"(saved: {_summary(saved)}; this optimizer's: {_summary(current)})"
+            )
+        super().load_state_dict(state_dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in MERGE_DEFAULTS.items():
+                group.setdefault(key, value)
+
+
+def _summary(fingerprint: dict | None) -> str:
+    return "none" if fingerprint is None else f"{fingerprint['tensors']} tensors summing to {fingerprint['sum']:.6g}"

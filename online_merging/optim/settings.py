@@ -1,0 +1,81 @@
+"""Hyper-parameters of the online merge, shared by both optimizers, and their checks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["MERGE_DEFAULTS", "MergeSettings", "check_range"]
+
+MERGES = ("ondare", "onties")
+TAU_MASKS = ("once", "every_step")
+TIES_SIGNS = ("unweighted", "weighted")
+NONFINITE_POLICIES = (None, "raise", "skip")
+
+MERGE_DEFAULTS: dict[str, Any] = {
+    "merge": "ondare",
+    "reserve_p": 0.01,
+    "alpha": 1e-7,
+    "merge_every": 1,
+    "seed": 0,
+    "dare_rescale": True,
+    "tau_mask": "once",
+    "tau_clamp": 1.0,
+    "ties_sign": "unweighted",
+}
+"""Defaults of the published online-merging script (OnDARE, p = 0.01, α = 1e-7); per param group."""
+
+
+def check_range(where: str, name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> None:
+    """Raise ``ValueError`` naming ``where[name]`` unless ``low (<|<=) value (<|<=) high`` and finite."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"Invalid {where}{name!r}: {value!r} (expected a number in {interval})")
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """The merge hyper-parameters of one param group, checked."""
+
+    merge: str | None
+    reserve_p: float
+    alpha: float
+    merge_every: int
+    seed: int
+    dare_rescale: bool
+    tau_mask: str
+    tau_clamp: float | None
+    ties_sign: str
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any], where: str = "") -> MergeSettings:
+        settings = cls(**{key: group[key] for key in MERGE_DEFAULTS})
+        settings.check(where)
+        return settings
+
+    def check(self, where: str = "") -> None:
+        if self.merge not in (None, *MERGES):
+            raise ValueError(f"Invalid {where}'merge': {self.merge!r} (expected one of None, 'ondare', 'onties')")
+        check_range(where, "reserve_p", self.reserve_p, 0.0, 1.0, low_open=True)
+        check_range(where, "alpha", self.alpha, 0.0, 1.0)
+        if not isinstance(self.merge_every, int) or isinstance(self.merge_every, bool) or self.merge_every < 1:
+            raise ValueError(f"Invalid {where}'merge_every': {self.merge_every!r} (expected an int >= 1)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:
+            raise ValueError(f"Invalid {where}'seed': {self.seed!r} (expected an int in [0, 2**64))")
+        if not isinstance(self.dare_rescale, bool):
+            raise ValueError(f"Invalid {where}'dare_rescale': {self.dare_rescale!r} (expected a bool)")
+        if self.tau_mask not in TAU_MASKS:
+            raise ValueError(f"Invalid {where}'tau_mask': {self.tau_mask!r} (expected one of {TAU_MASKS})")
+        if self.tau_clamp is not None:
+            check_range(where, "tau_clamp", self.tau_clamp, 0.0, math.inf, low_open=True, high_open=True)
+        if self.ties_sign not in TIES_SIGNS:
+            raise ValueError(f"Invalid {where}'ties_sign': {self.ties_sign!r} (expected one of {TIES_SIGNS})")
+
+    @property
+    def is_plain(self) -> bool:
+        """True when the merge cannot change the update: no merge, or OnDARE with p = 1 and α = 0."""
+        return self.merge is None or (self.merge == "ondare" and self.reserve_p >= 1.0 and self.alpha == 0.0)

@@ -1,0 +1,85 @@
+"""OnlineMergingSGD: torch's SGD whose every update is sparsified and merged with the SFT task vector."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from online_merging.merging import TaskVector
+from online_merging.optim import functional
+from online_merging.optim.base import OnlineMergingOptimizer
+from online_merging.optim.settings import MERGE_DEFAULTS, MergeSettings, check_range
+
+__all__ = ["OnlineMergingSGD"]
+
+
+class OnlineMergingSGD(OnlineMergingOptimizer):
+    r"""SGD (with momentum, as :class:`torch.optim.SGD`) with online merging (Lu et al. 2024).
+
+    .. math::
+        \Delta\theta_t = -\eta\, b_t, \qquad
+        \theta_t = \theta_{t-1} + F(\Delta\theta_t) \oplus F(\tau)
+
+    where :math:`b_t` is torch's (Nesterov) momentum buffer of :math:`g_t + \lambda\theta_{t-1}`: weight decay
+    is coupled, as in :class:`torch.optim.SGD`, so it is part of Δθ and merged with it. The merge arguments
+    are those of :class:`~online_merging.OnlineMergingAdam`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        task_vector: TaskVector | None = None,
+        model: nn.Module | None = None,
+        merge: str | None = MERGE_DEFAULTS["merge"],
+        reserve_p: float = MERGE_DEFAULTS["reserve_p"],
+        alpha: float = MERGE_DEFAULTS["alpha"],
+        merge_every: int = MERGE_DEFAULTS["merge_every"],
+        seed: int = MERGE_DEFAULTS["seed"],
+        dare_rescale: bool = MERGE_DEFAULTS["dare_rescale"],
+        tau_mask: str = MERGE_DEFAULTS["tau_mask"],
+        tau_clamp: float | None = MERGE_DEFAULTS["tau_clamp"],
+        ties_sign: str = MERGE_DEFAULTS["ties_sign"],
+        nonfinite_grads: str | None = None,
+    ):
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+            maximize=maximize, merge=merge, reserve_p=reserve_p, alpha=alpha, merge_every=merge_every, seed=seed,
+            dare_rescale=dare_rescale, tau_mask=tau_mask, tau_clamp=tau_clamp, ties_sign=ties_sign,
+        )
+        super().__init__(params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads)
+
+    def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:
+        check_range(where, "lr", group["lr"], 0.0, float("inf"), high_open=True)
+        check_range(where, "momentum", group["momentum"], 0.0, float("inf"), high_open=True)
+        check_range(where, "dampening", group["dampening"], 0.0, 1.0)
+        check_range(where, "weight_decay", group["weight_decay"], 0.0, float("inf"), high_open=True)
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"Invalid {where}'nesterov': Nesterov momentum requires momentum > 0 and dampening = 0")
+        return MergeSettings.from_group(group, where)
+
+    def _step_group(self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor]) -> None:
+        momentum_buffers, steps = [], []
+        for param in params:
+            state = self.state[param]
+            if "step" not in state:
+                state["step"] = torch.tensor(0.0)
+            if group["momentum"] != 0 and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            momentum_buffers.append(state.get("momentum_buffer"))
+            steps.append(state["step"])
+        taus, buffers, names = self._merge_inputs(params, settings)
+        functional.sgd(
+            params, [p.grad for p in params], momentum_buffers, steps, buffers, taus, names,
+            lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"], maximize=group["maximize"], settings=settings,
+        )

@@ -1,0 +1,133 @@
+"""The float64 oracle: online merging written straight from the equations, slow and readable.
+
+Every backend of the optimizers is tested against :class:`ReferenceOnlineMerging`. It shares nothing with
+them but the definitions: the counter-based random bits (:mod:`online_merging.rng`) and k = ⌈p·n⌉
+(:func:`~online_merging.merging.num_kept`). Use it to check a kernel::
+
+    ref = ReferenceOnlineMerging({"w": w0}, {"w": tau}, optimizer="adam", lr=1e-3, merge="ondare")
+    ref.step({"w": grad})          # ref.params["w"] is the float64 result
+"""
+
+from __future__ import annotations
+
+import torch
+
+from online_merging.merging.sparsify import num_kept
+from online_merging.optim.settings import MERGE_DEFAULTS
+from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, random_bits, tensor_key
+
+__all__ = ["ReferenceOnlineMerging"]
+
+ADAM_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False, "maximize": False}
+SGD_DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
+
+
+class ReferenceOnlineMerging:
+    """One param group of ``OnlineMergingAdam`` (``optimizer="adam"``) or ``OnlineMergingSGD``, in float64.
+
+    ``params`` and ``task_vector`` map names to tensors; parameters missing from ``task_vector`` get plain
+    updates. Hyper-parameters take the optimizers' names and defaults.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], task_vector: dict[str, torch.Tensor] | None = None,
+                 *, optimizer: str = "adam", **hyper):
+        defaults = {"adam": ADAM_DEFAULTS, "sgd": SGD_DEFAULTS}[optimizer]
+        unknown = set(hyper) - set(defaults) - set(MERGE_DEFAULTS)
+        if unknown:
+            raise TypeError(f"unknown hyper-parameters {sorted(unknown)}")
+        self.optimizer = optimizer
+        self.hyper = {**defaults, **MERGE_DEFAULTS, **hyper}
+        self.params = {name: p.detach().double().clone() for name, p in params.items()}
+        self.tau = {name: t.double() for name, t in (task_vector or {}).items() if name in params}
+        self.t = {name: 0 for name in params}
+        self.m = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        self.v = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        self.v_max = {name: torch.zeros_like(p) for name, p in self.params.items()}
+        self.accumulated = {name: torch.zeros_like(p) for name, p in self.params.items()}  # Δc of Alg. 2
+
+    def step(self, grads: dict[str, torch.Tensor]) -> None:
+        for name, grad in grads.items():
+            self.t[name] += 1
+            theta = self.params[name]
+            update = self._adam(name, grad.double()) if self.optimizer == "adam" else self._sgd(name, grad.double())
+            h = self.hyper
+            if self.optimizer == "adam":
+                theta.mul_(1 - h["lr"] * h["weight_decay"])  # decoupled weight decay, before the update
+            plain = h["merge"] is None or (h["merge"] == "ondare" and h["reserve_p"] == 1 and h["alpha"] == 0)
+            if name not in self.tau or plain:
+                theta.add_(update)
+                continue
+            K = h["merge_every"]
+            if self.t[name] % K != 0:  # Alg. 2: a plain step, remembered
+                theta.add_(update)
+                self.accumulated[name].add_(update)
+                continue
+            total = self.accumulated[name] + update  # Alg. 2: roll back Δc and merge Δc + Δθ
+            theta.sub_(self.accumulated[name]).add_(self._merge(name, total))
+            self.accumulated[name].zero_()
+
+    # -- the plain updates Δθ --------------------------------------------------------------------------------
+
+    def _adam(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        h, t = self.hyper, self.t[name]
+        b1, b2 = h["betas"]
+        if h["maximize"]:
+            g = -g
+        self.m[name] = b1 * self.m[name] + (1 - b1) * g
+        self.v[name] = b2 * self.v[name] + (1 - b2) * g * g
+        v = self.v[name]
+        if h["amsgrad"]:
+            self.v_max[name] = torch.maximum(self.v_max[name], v)
+            v = self.v_max[name]
+        m_hat = self.m[name] / (1 - b1**t)
+        v_hat = v / (1 - b2**t)
+        return -h["lr"] * m_hat / (v_hat.sqrt() + h["eps"])
+
+    def _sgd(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        h = self.hyper
+        if h["maximize"]:
+            g = -g
+        g = g + h["weight_decay"] * self.params[name]  # coupled, as torch.optim.SGD
+        if h["momentum"]:
+            if self.t[name] == 1:
+                self.m[name] = g.clone()
+            else:
+                self.m[name] = h["momentum"] * self.m[name] + (1 - h["dampening"]) * g
+            g = g + h["momentum"] * self.m[name] if h["nesterov"] else self.m[name]
+        return -h["lr"] * g
+
+    # -- the merge F(Δθ) ⊕ F(τ) ------------------------------------------------------------------------------
+
+    def _merge(self, name: str, update: torch.Tensor) -> torch.Tensor:
+        h, tau = self.hyper, self.tau[name]
+        p, alpha = h["reserve_p"], h["alpha"]
+        if h["merge"] == "ondare":  # Eq. 3-4
+            scale = 1 / p if h["dare_rescale"] else 1.0
+            kept_update = update * self._bernoulli(name, STREAM_UPDATE, self.t[name], tau.shape) * scale
+            tau_step = 0 if h["tau_mask"] == "once" else self.t[name]
+            kept_tau = tau * self._bernoulli(name, STREAM_TASK_VECTOR, tau_step, tau.shape) * scale
+            if h["tau_clamp"] is not None:
+                kept_tau = kept_tau.clamp(-h["tau_clamp"], h["tau_clamp"])
+            return (1 - alpha) * kept_update + alpha * kept_tau
+        # OnTIES, Eq. 5-7: trim both, elect a sign, drop what disagrees with it
+        a, b = _top_fraction(update, p), _top_fraction(tau, p)
+        elected = torch.sign(a + b) if h["ties_sign"] == "unweighted" else torch.sign((1 - alpha) * a + alpha * b)
+        return (1 - alpha) * a * (torch.sign(a) == elected) + alpha * b * (torch.sign(b) == elected)
+
+    def _bernoulli(self, name: str, stream: int, step: int, shape: torch.Size) -> torch.Tensor:
+        """1 with probability p, from the uniform u = bits / 2**32 of each element."""
+        p = self.hyper["reserve_p"]
+        if p >= 1:
+            return torch.ones(shape, dtype=torch.float64)
+        n = int(torch.Size(shape).numel())
+        u = random_bits(tensor_key(self.hyper["seed"], stream, step, name), torch.arange(n)).double() / 2**32
+        return (u < p).double().reshape(shape)
+
+
+def _top_fraction(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the ⌈p·n⌉ largest |x| by a full stable sort (ties: lower flat index first)."""
+    flat = x.reshape(-1)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[order[: num_kept(p, flat.numel())]] = True
+    return (flat * keep).reshape(x.shape)
