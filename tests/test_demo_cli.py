@@ -1,0 +1,21 @@
+import subprocess
+import sys
+
+from online_merging.cli import main
+from online_merging.demo import run_demo
+
+
+def test_demo_runs_every_optimizer_and_reports_finite_numbers():
+    results = run_demo(steps=20)
+    assert [r.method for r in results] == ["AdamW", "OnDARE", "OnTIES"]
+    for r in results:
+        assert r.reward_gain == r.reward_gain and r.ability_loss == r.ability_loss  # not NaN
+        assert r.reward_gain > 0  # 20 steps on the objective lower its loss
+
+
+def test_cli_demo_and_help(capsys):
+    assert main(["demo", "--steps", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "OnDARE" in out and "reward gain" in out
+    help_text = subprocess.run([sys.executable, "-m", "online_merging.cli", "--help"], capture_output=True, text=True)
+    assert help_text.returncode == 0 and "demo" in help_text.stdout
