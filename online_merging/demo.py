@@ -68,10 +68,12 @@ def run_demo(*, steps: int = 300, seed: int = 0, dim: int = 16, lr: float = 3e-3
 
     optimizers = {
         "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=lr),
-        "OnDARE": lambda m: OnlineMergingAdam(m.named_parameters(), lr=lr, task_vector=tau, merge="ondare",
-                                              reserve_p=0.1, alpha=1e-3),
-        "OnTIES": lambda m: OnlineMergingAdam(m.named_parameters(), lr=lr, task_vector=tau, merge="onties",
-                                              reserve_p=0.1, alpha=1e-3),
+        "OnDARE": lambda m: OnlineMergingAdam(
+            m.named_parameters(), lr=lr, task_vector=tau, merge="ondare", reserve_p=0.1, alpha=1e-3
+        ),
+        "OnTIES": lambda m: OnlineMergingAdam(
+            m.named_parameters(), lr=lr, task_vector=tau, merge="onties", reserve_p=0.1, alpha=1e-3
+        ),
     }
     results = []
     for method, make in optimizers.items():
@@ -80,8 +82,9 @@ def run_demo(*, steps: int = 300, seed: int = 0, dim: int = 16, lr: float = 3e-3
         start = time.perf_counter()
         _train(model, make(model), objective_c, steps, seed + 2, dim)
         seconds = time.perf_counter() - start
-        results.append(DemoResult(method, reward_before - _loss(model, objective_c, dim),
-                                  ability(model) - ability_before, seconds))
+        results.append(
+            DemoResult(method, reward_before - _loss(model, objective_c, dim), ability(model) - ability_before, seconds)
+        )
     return results
 
 

@@ -18,8 +18,22 @@ from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, random_bits, t
 
 __all__ = ["ReferenceOnlineMerging"]
 
-ADAM_DEFAULTS = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False, "maximize": False}
-SGD_DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
+ADAM_DEFAULTS = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 1e-2,
+    "amsgrad": False,
+    "maximize": False,
+}
+SGD_DEFAULTS = {
+    "lr": 1e-3,
+    "momentum": 0.0,
+    "dampening": 0.0,
+    "weight_decay": 0.0,
+    "nesterov": False,
+    "maximize": False,
+}
 
 
 class ReferenceOnlineMerging:
@@ -29,8 +43,14 @@ class ReferenceOnlineMerging:
     updates. Hyper-parameters take the optimizers' names and defaults.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], task_vector: dict[str, torch.Tensor] | None = None,
-                 *, optimizer: str = "adam", **hyper):
+    def __init__(
+        self,
+        params: dict[str, torch.Tensor],
+        task_vector: dict[str, torch.Tensor] | None = None,
+        *,
+        optimizer: str = "adam",
+        **hyper,
+    ):
         defaults = {"adam": ADAM_DEFAULTS, "sgd": SGD_DEFAULTS}[optimizer]
         unknown = set(hyper) - set(defaults) - set(MERGE_DEFAULTS)
         if unknown:

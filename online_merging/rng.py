@@ -16,7 +16,7 @@ import zlib
 
 import torch
 
-__all__ = ["STREAM_UPDATE", "STREAM_TASK_VECTOR", "tensor_key", "random_bits", "keep_threshold", "bernoulli_mask"]
+__all__ = ["STREAM_TASK_VECTOR", "STREAM_UPDATE", "bernoulli_mask", "keep_threshold", "random_bits", "tensor_key"]
 
 MASK32 = 0xFFFFFFFF
 MIX_MUL1 = 0x7FEB352D

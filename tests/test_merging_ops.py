@@ -14,7 +14,9 @@ def _topp_by_sort(x: torch.Tensor, p: float) -> torch.Tensor:
     return keep.reshape(x.shape)
 
 
-@pytest.mark.parametrize("n, p, k", [(300, 0.01, 3), (100, 0.07, 7), (10, 0.25, 3), (1, 1e-6, 1), (7, 1.0, 7), (1000, 0.001, 1)])
+@pytest.mark.parametrize(
+    "n, p, k", [(300, 0.01, 3), (100, 0.07, 7), (10, 0.25, 3), (1, 1e-6, 1), (7, 1.0, 7), (1000, 0.001, 1)]
+)
 def test_num_kept_is_ceil_without_float_noise(n, p, k):
     assert num_kept(p, n) == k
 

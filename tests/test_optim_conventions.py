@@ -22,11 +22,14 @@ def _train(model, opt, steps, scheduler=None, first_step=0):
             scheduler.step()
 
 
-@pytest.mark.parametrize("cls, kwargs", [
-    (OnlineMergingAdam, dict(merge="ondare", reserve_p=0.3, alpha=0.01, merge_every=3, amsgrad=True)),
-    (OnlineMergingAdam, dict(merge="onties", reserve_p=0.3, alpha=0.01)),
-    (OnlineMergingSGD, dict(merge="ondare", reserve_p=0.5, alpha=0.01, momentum=0.9, merge_every=2)),
-])
+@pytest.mark.parametrize(
+    "cls, kwargs",
+    [
+        (OnlineMergingAdam, dict(merge="ondare", reserve_p=0.3, alpha=0.01, merge_every=3, amsgrad=True)),
+        (OnlineMergingAdam, dict(merge="onties", reserve_p=0.3, alpha=0.01)),
+        (OnlineMergingSGD, dict(merge="ondare", reserve_p=0.5, alpha=0.01, momentum=0.9, merge_every=2)),
+    ],
+)
 def test_save_load_mid_run_continues_bit_for_bit(tiny_setup, cls, kwargs):
     model, tv = tiny_setup
     start = {k: v.clone() for k, v in model.state_dict().items()}
@@ -55,7 +58,7 @@ def test_save_load_mid_run_continues_bit_for_bit(tiny_setup, cls, kwargs):
     opt.load_state_dict(saved["opt"])
     sched.load_state_dict(saved["sched"])
     _train(resumed, opt, 5, sched, first_step=5)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=False):
         assert torch.equal(a, b), name
 
 
@@ -84,7 +87,7 @@ def test_closure_returns_loss_and_matches_explicit_backward(tiny_setup):
     loss = opt_a.step(closure)
     _train(twin, opt_b, 1)
     assert loss.item() > 0
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=False))
 
 
 def test_zero_grad_and_params_without_grad(tiny_setup):
@@ -106,11 +109,11 @@ def test_lr_scheduler_drives_lr_as_with_adamw():
     s1 = torch.optim.lr_scheduler.OneCycleLR(ours, max_lr=0.1, total_steps=20)
     s2 = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=0.1, total_steps=20)
     for _ in range(20):
-        for p, q in zip(params, twins):
+        for p, q in zip(params, twins, strict=False):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
         ours.step(), theirs.step(), s1.step(), s2.step()
-    for p, q in zip(params, twins):
+    for p, q in zip(params, twins, strict=False):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
@@ -121,7 +124,9 @@ def test_lambda_schedule_drives_alpha_and_resumes(tiny_setup):
     assert opt.param_groups[0]["alpha"] == 0.0
     _train(model, opt, 2, schedule)
     assert opt.param_groups[0]["alpha"] == pytest.approx(5e-4)
-    again = LambdaSchedule(OnlineMergingAdam(model.named_parameters(), task_vector=tv, alpha=1e-3), "alpha", lambda s: min(1.0, s / 4))
+    again = LambdaSchedule(
+        OnlineMergingAdam(model.named_parameters(), task_vector=tv, alpha=1e-3), "alpha", lambda s: min(1.0, s / 4)
+    )
     again.load_state_dict(schedule.state_dict())
     assert again.optimizer.param_groups[0]["alpha"] == pytest.approx(5e-4)
     with pytest.raises(KeyError, match="nope"):
@@ -159,15 +164,26 @@ def test_unnamed_params_are_named_through_the_model_and_match_named_ones(tiny_se
     # HF Trainer style: unnamed groups, decay and no-decay
     decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
     rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
-    by_model = OnlineMergingAdam([{"params": decay}, {"params": rest, "weight_decay": 0.0}], lr=1e-2, task_vector=tv,
-                                 model=model, reserve_p=0.3, alpha=0.1)
+    by_model = OnlineMergingAdam(
+        [{"params": decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=1e-2,
+        task_vector=tv,
+        model=model,
+        reserve_p=0.3,
+        alpha=0.1,
+    )
     named_decay = [(n, p) for n, p in twin.named_parameters() if n.endswith("weight")]
     named_rest = [(n, p) for n, p in twin.named_parameters() if not n.endswith("weight")]
-    by_name = OnlineMergingAdam([{"params": named_decay}, {"params": named_rest, "weight_decay": 0.0}], lr=1e-2,
-                                task_vector=tv, reserve_p=0.3, alpha=0.1)
+    by_name = OnlineMergingAdam(
+        [{"params": named_decay}, {"params": named_rest, "weight_decay": 0.0}],
+        lr=1e-2,
+        task_vector=tv,
+        reserve_p=0.3,
+        alpha=0.1,
+    )
     _train(model, by_model, 3)
     _train(twin, by_name, 3)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=False))
 
 
 def test_wrapper_prefixes_and_tied_weights_are_matched():
@@ -176,10 +192,13 @@ def test_wrapper_prefixes_and_tied_weights_are_matched():
     sft = perturbed(base)
     model.load_state_dict(sft)
     # τ saved under the other alias of the tied weight, with DDP and torch.compile prefixes
-    tv = TaskVector({
-        ("module._orig_mod." + k).replace("embed.weight", "head.weight"): (sft[k] - base[k])
-        for k in base if k != "head.weight"
-    })
+    tv = TaskVector(
+        {
+            ("module._orig_mod." + k).replace("embed.weight", "head.weight"): (sft[k] - base[k])
+            for k in base
+            if k != "head.weight"
+        }
+    )
     wrapper = nn.Module()
     wrapper.module = model  # names now start with "module."
     with warnings.catch_warnings():

@@ -65,7 +65,7 @@ def test_a_base_that_does_not_match_is_refused_naming_the_tensors():
 
 
 def test_unknown_sources_fail_clearly(tmp_path):
-    base, sft = _models()
+    _base, sft = _models()
     with pytest.raises(FileNotFoundError, match="neither a local path nor a Hugging Face Hub id"):
         TaskVector.from_models("./no/such/dir", sft)
     (tmp_path / "empty").mkdir()
@@ -79,17 +79,20 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
     constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # in case the hub library was imported already
-    base, sft = _models()
+    _base, sft = _models()
     with pytest.raises((OSError, ImportError), match="could not be fetched from the Hugging Face Hub"):
         TaskVector.from_models("no-such-org/no-such-model-online-merging", sft)
 
 
-@pytest.mark.parametrize("name, canonical", [
-    ("module.model.layers.0.weight", "model.layers.0.weight"),
-    ("module.module._orig_mod.lm_head.weight", "lm_head.weight"),
-    ("_fsdp_wrapped_module.layers.0._checkpoint_wrapped_module.mlp.weight", "layers.0.mlp.weight"),
-    ("encoder.submodule.weight", "encoder.submodule.weight"),
-])
+@pytest.mark.parametrize(
+    "name, canonical",
+    [
+        ("module.model.layers.0.weight", "model.layers.0.weight"),
+        ("module.module._orig_mod.lm_head.weight", "lm_head.weight"),
+        ("_fsdp_wrapped_module.layers.0._checkpoint_wrapped_module.mlp.weight", "layers.0.mlp.weight"),
+        ("encoder.submodule.weight", "encoder.submodule.weight"),
+    ],
+)
 def test_canonical_names(name, canonical):
     assert canonical_name(name) == canonical
 

@@ -6,14 +6,14 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["linear", "elect_sign", "sign_consensus"]
+__all__ = ["elect_sign", "linear", "sign_consensus"]
 
 
 def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Σ w_i · x_i."""
     _check_lengths(tensors, weights)
     out = tensors[0] * weights[0]
-    for x, w in zip(tensors[1:], weights[1:]):
+    for x, w in zip(tensors[1:], weights[1:], strict=False):
         out = out + x * w
     return out
 
@@ -36,7 +36,7 @@ def sign_consensus(
     _check_lengths(tensors, weights)
     sign = elect_sign(tensors, weights if weighted_election else None)
     out = torch.zeros_like(tensors[0])
-    for x, w in zip(tensors, weights):
+    for x, w in zip(tensors, weights, strict=False):
         out = out + torch.where(torch.sign(x) == sign, x, 0.0) * w
     return out
 

@@ -8,7 +8,7 @@ import torch
 
 from online_merging.rng import bernoulli_mask
 
-__all__ = ["num_kept", "random_keep", "topp_mask", "topp_keep"]
+__all__ = ["num_kept", "random_keep", "topp_keep", "topp_mask"]
 
 
 def num_kept(p: float, numel: int) -> int:
@@ -16,7 +16,9 @@ def num_kept(p: float, numel: int) -> int:
     return min(numel, math.ceil(float(f"{p * numel:.9g}")))
 
 
-def random_keep(x: torch.Tensor, p: float, key: tuple[int, int], *, rescale: bool = True, offset: int = 0) -> torch.Tensor:
+def random_keep(
+    x: torch.Tensor, p: float, key: tuple[int, int], *, rescale: bool = True, offset: int = 0
+) -> torch.Tensor:
     """DARE: keep each element with probability p (counter-based draw), scaled by 1/p when ``rescale``."""
     if p >= 1.0:
         return x

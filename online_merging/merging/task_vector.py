@@ -8,14 +8,13 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
 
-__all__ = ["TaskVector", "canonical_name", "WeightsSource"]
+__all__ = ["TaskVector", "WeightsSource", "canonical_name"]
 
-WeightsSource = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
+WeightsSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
 """A model given as a module, a state dict, a safetensors file or directory, or a Hugging Face Hub id."""
 
 _WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
@@ -83,8 +82,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
                 continue
             if b.shape != f.shape:
                 raise ValueError(
-                    f"base and finetuned models do not match at {name!r}: "
-                    f"shape {tuple(b.shape)} vs {tuple(f.shape)}"
+                    f"base and finetuned models do not match at {name!r}: shape {tuple(b.shape)} vs {tuple(f.shape)}"
                 )
             tensors[name] = (f.to(device, torch.float32) - b.to(device, torch.float32)).to(dtype)
         return cls(tensors)
@@ -116,7 +114,12 @@ class TaskVector(Mapping[str, torch.Tensor]):
                 layout.update(f"{name}:{tuple(tensor.shape)};".encode())
                 total += float(tensor.double().sum())
                 absolute += float(tensor.double().abs().sum())
-            self._fingerprint = {"tensors": len(self._tensors), "layout": layout.hexdigest(), "sum": total, "abs_sum": absolute}
+            self._fingerprint = {
+                "tensors": len(self._tensors),
+                "layout": layout.hexdigest(),
+                "sum": total,
+                "abs_sum": absolute,
+            }
         return dict(self._fingerprint)
 
     @staticmethod
@@ -170,7 +173,7 @@ def _open_weights(source: WeightsSource, role: str) -> _Weights:
             key = canonical_name(name)
             if key in getters:
                 continue  # the same tensor under a wrapper alias
-            getters[key] = (lambda t=tensor: t.detach())
+            getters[key] = lambda t=tensor: t.detach()
         return _Weights(getters)
     if isinstance(source, (str, os.PathLike)):
         return _open_safetensors(_resolve_path(source, role))
@@ -208,12 +211,12 @@ def _open_safetensors(path: Path) -> _Weights:
         raise FileNotFoundError(f"no *.safetensors file in {str(path)!r} (convert .bin checkpoints to safetensors)")
     handles = [safe_open(str(f), framework="pt") for f in files]
     getters = {}
-    for handle, file in zip(handles, files):
-        for name in handle.keys():
+    for handle, file in zip(handles, files, strict=False):
+        for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             key = canonical_name(name)
             if key in getters:
                 raise ValueError(f"tensor {name!r} appears in more than one file of {str(path)!r} (at {file.name})")
-            getters[key] = (lambda h=handle, n=name: h.get_tensor(n))
+            getters[key] = lambda h=handle, n=name: h.get_tensor(n)
     return _Weights(getters)
 
 
@@ -228,4 +231,3 @@ def _describe(value: object) -> str:
     if isinstance(value, torch.Tensor):
         return f"a {value.dtype} tensor"
     return type(value).__name__
-

@@ -75,9 +75,21 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         nonfinite_grads: str | None = None,
     ):
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            merge=merge, reserve_p=reserve_p, alpha=alpha, merge_every=merge_every, seed=seed,
-            dare_rescale=dare_rescale, tau_mask=tau_mask, tau_clamp=tau_clamp, ties_sign=ties_sign,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            merge=merge,
+            reserve_p=reserve_p,
+            alpha=alpha,
+            merge_every=merge_every,
+            seed=seed,
+            dare_rescale=dare_rescale,
+            tau_mask=tau_mask,
+            tau_clamp=tau_clamp,
+            ties_sign=ties_sign,
         )
         super().__init__(params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads)
 
@@ -109,7 +121,21 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         taus, buffers, names = self._merge_inputs(params, settings)
         beta1, beta2 = group["betas"]
         functional.adam(
-            params, [p.grad for p in params], exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, buffers, taus, names,
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"], maximize=group["maximize"], settings=settings,
+            params,
+            [p.grad for p in params],
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            buffers,
+            taus,
+            names,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            settings=settings,
         )

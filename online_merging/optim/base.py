@@ -66,7 +66,7 @@ class OnlineMergingOptimizer(Optimizer):
 
     def _bind(self, group: dict[str, Any], index: int) -> None:
         names = group.get("param_names") or [None] * len(group["params"])
-        for i, (param, given) in enumerate(zip(group["params"], names)):
+        for i, (param, given) in enumerate(zip(group["params"], names, strict=False)):
             where = f"param_groups[{index}]['params'][{i}]"
             if param.is_complex():
                 raise ValueError(f"{where} ({given or 'unnamed'}) is complex; online merging supports real tensors")
@@ -77,7 +77,8 @@ class OnlineMergingOptimizer(Optimizer):
                 tau = self.task_vector[name]
                 if tau.shape != param.shape:
                     raise ValueError(
-                        f"task vector entry {name!r} has shape {tuple(tau.shape)} but {where} has shape {tuple(param.shape)}"
+                        f"task vector entry {name!r} has shape {tuple(tau.shape)} "
+                        f"but {where} has shape {tuple(param.shape)}"
                     )
                 self._taus[param] = tau.to(param.device)
             elif group["merge"] is not None and self.task_vector is None:
@@ -92,9 +93,7 @@ class OnlineMergingOptimizer(Optimizer):
                 )
 
     def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
-        missing = [
-            self._names[p] for g in groups if g["merge"] is not None for p in g["params"] if p not in self._taus
-        ]
+        missing = [self._names[p] for g in groups if g["merge"] is not None for p in g["params"] if p not in self._taus]
         if missing:
             shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             warnings.warn(
@@ -142,13 +141,13 @@ class OnlineMergingOptimizer(Optimizer):
     def _finite_only(self, params: list[torch.Tensor], index: int) -> list[torch.Tensor]:
         finite = [bool(torch.isfinite(p.grad).all()) for p in params]
         if self.nonfinite_grads == "raise" and not all(finite):
-            bad = [self._describe(p, index) for p, ok in zip(params, finite) if not ok]
+            bad = [self._describe(p, index) for p, ok in zip(params, finite, strict=False) if not ok]
             raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; no parameter was changed")
-        for param, ok in zip(params, finite):
+        for param, ok in zip(params, finite, strict=False):
             if not ok:
                 state = self.state[param]
                 state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-        return [p for p, ok in zip(params, finite) if ok]
+        return [p for p, ok in zip(params, finite, strict=False) if ok]
 
     @property
     def nonfinite_skips(self) -> dict[str, int]:

@@ -13,7 +13,7 @@ from online_merging.merging import linear, random_keep, sign_consensus, topp_kee
 from online_merging.optim.settings import MergeSettings
 from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, tensor_key
 
-__all__ = ["adam", "sgd", "merge_update", "apply_update"]
+__all__ = ["adam", "apply_update", "merge_update", "sgd"]
 
 
 def merge_update(delta: torch.Tensor, tau: torch.Tensor, step: int, name: str, settings: MergeSettings) -> torch.Tensor:
@@ -115,8 +115,14 @@ def adam(
         _write_back(exp_avgs[i], exp_avg)
         _write_back(exp_avg_sqs[i], exp_avg_sq)
         apply_update(
-            param, delta, tau=taus[i], merge_buffer=merge_buffers[i], step=step, name=names[i],
-            settings=settings, decay=1.0 - lr * weight_decay,
+            param,
+            delta,
+            tau=taus[i],
+            merge_buffer=merge_buffers[i],
+            step=step,
+            name=names[i],
+            settings=settings,
+            decay=1.0 - lr * weight_decay,
         )
 
 

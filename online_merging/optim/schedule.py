@@ -32,7 +32,7 @@ class LambdaSchedule:
 
     def _apply(self) -> None:
         factor = self.fn(self.last_step)
-        for group, initial in zip(self.optimizer.param_groups, self.initial):
+        for group, initial in zip(self.optimizer.param_groups, self.initial, strict=False):
             group[self.key] = initial * factor
 
     def state_dict(self) -> dict[str, Any]:

@@ -52,9 +52,21 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
         nonfinite_grads: str | None = None,
     ):
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-            maximize=maximize, merge=merge, reserve_p=reserve_p, alpha=alpha, merge_every=merge_every, seed=seed,
-            dare_rescale=dare_rescale, tau_mask=tau_mask, tau_clamp=tau_clamp, ties_sign=ties_sign,
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            merge=merge,
+            reserve_p=reserve_p,
+            alpha=alpha,
+            merge_every=merge_every,
+            seed=seed,
+            dare_rescale=dare_rescale,
+            tau_mask=tau_mask,
+            tau_clamp=tau_clamp,
+            ties_sign=ties_sign,
         )
         super().__init__(params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads)
 
@@ -79,7 +91,18 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             steps.append(state["step"])
         taus, buffers, names = self._merge_inputs(params, settings)
         functional.sgd(
-            params, [p.grad for p in params], momentum_buffers, steps, buffers, taus, names,
-            lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"], maximize=group["maximize"], settings=settings,
+            params,
+            [p.grad for p in params],
+            momentum_buffers,
+            steps,
+            buffers,
+            taus,
+            names,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            nesterov=group["nesterov"],
+            weight_decay=group["weight_decay"],
+            maximize=group["maximize"],
+            settings=settings,
         )
