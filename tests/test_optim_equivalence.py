@@ -4,6 +4,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
 from online_merging.reference import ReferenceOnlineMerging
@@ -204,3 +206,22 @@ def test_deepcopy_of_inputs_not_needed_by_reference():
     ref = ReferenceOnlineMerging(params, _tau(), lr=0.1, merge="ondare", reserve_p=0.5, alpha=0.1)
     ref.step(random_grads(SHAPES, 1)[0])
     assert all(torch.equal(params[n], kept[n]) for n in SHAPES)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=0, max_size=3),
+    merge=st.sampled_from(["ondare", "onties"]),
+    p=st.floats(0.05, 1.0),
+    alpha=st.floats(0.0, 1.0),
+    ties_sign=st.sampled_from(["unweighted", "weighted"]),
+    seed=st.integers(0, 2**63),
+)
+def test_property_one_merged_step_matches_the_reference(shape, merge, p, alpha, ties_sign, seed):
+    g = torch.Generator().manual_seed(seed % 2**31)
+    param, tau, grad = (torch.randn(shape, generator=g) for _ in range(3))
+    kwargs = dict(merge=merge, reserve_p=p, alpha=alpha, ties_sign=ties_sign, seed=seed, lr=0.1, eps=1e-3)
+    ours = _run(OnlineMergingAdam, {"w": param}, [{"w": grad}], task_vector=TaskVector({"w": tau}), **kwargs)
+    ref = ReferenceOnlineMerging({"w": param}, {"w": tau}, **kwargs)
+    ref.step({"w": grad})
+    torch.testing.assert_close(ours["w"].double(), ref.params["w"], rtol=1e-5, atol=1e-6)
