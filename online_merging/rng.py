@@ -5,9 +5,11 @@ no generator state, no use of the global torch RNG. Masks are therefore reproduc
 checkpoint without RNG state, and identical however parameters are grouped, flattened or sharded, as
 long as each piece knows the global index of its first element.
 
-The hash is two rounds of ``lowbias32`` (a 32-bit integer finaliser) over the index, keyed by a per-tensor
-key derived from the other four inputs. Arithmetic is done in int64 with explicit 32-bit masking and
-16-bit split multiplies, so the same bits come out of eager torch, compiled code and Triton (uint32).
+The bits of element i are ``lowbias32(lo(i) ^ k)`` (a 32-bit integer finaliser, one round), where
+``k = lowbias32(hi(i) ^ k2) ^ k1`` folds the index's high word into the per-tensor keys (k1, k2) derived from
+the other four inputs; k is constant over each 2**32-element range, so kernels compute it once per range.
+Arithmetic is int64 with explicit 32-bit masking and 16-bit split multiplies, so the same bits come out of
+eager torch, the C++ kernel and Triton (uint32).
 """
 
 from __future__ import annotations
@@ -64,8 +66,7 @@ def tensor_key(seed: int, stream: int, step: int, name: str) -> tuple[int, int]:
 def random_bits(key: tuple[int, int], index: torch.Tensor) -> torch.Tensor:
     """Uniform 32-bit integers (as int64 in [0, 2**32)) for int64 flat element indices."""
     k1, k2 = key
-    h = _mix32((index & MASK32) ^ k1)
-    return _mix32(h ^ ((index >> 32) ^ k2))
+    return _mix32((index & MASK32) ^ (_mix32((index >> 32) ^ k2) ^ k1))
 
 
 def keep_threshold(p: float) -> int:
