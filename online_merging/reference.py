@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from online_merging.merging.sparsify import num_kept
-from online_merging.optim.settings import MERGE_DEFAULTS
 from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, random_bits, tensor_key
+from online_merging.settings import MERGE_DEFAULTS
 
 __all__ = ["ReferenceOnlineMerging"]
 

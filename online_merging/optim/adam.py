@@ -11,7 +11,7 @@ from torch import nn
 from online_merging.merging import TaskVector
 from online_merging.optim import functional
 from online_merging.optim.base import OnlineMergingOptimizer
-from online_merging.optim.settings import MERGE_DEFAULTS, MergeSettings, check_range
+from online_merging.settings import MERGE_DEFAULTS, MergeSettings, check_range
 
 __all__ = ["OnlineMergingAdam"]
 
@@ -49,6 +49,8 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             ``"weighted"`` sum of Eq. 7.
         nonfinite_grads: ``None`` (no check, no device sync), ``"raise"`` (naming the parameter, before any
             change) or ``"skip"`` (that parameter keeps its value and moments; see ``nonfinite_skips``).
+        backend: ``"eager"``, ``"cpu"`` (fused C++), ``"triton"`` (CUDA) or ``None``: the fastest for each
+            parameter's device.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         tau_clamp: float | None = MERGE_DEFAULTS["tau_clamp"],
         ties_sign: str = MERGE_DEFAULTS["ties_sign"],
         nonfinite_grads: str | None = None,
+        backend: str | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -91,7 +94,9 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             tau_clamp=tau_clamp,
             ties_sign=ties_sign,
         )
-        super().__init__(params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads)
+        super().__init__(
+            params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads, backend=backend
+        )
 
     def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:
         check_range(where, "lr", group["lr"], 0.0, float("inf"), high_open=True)
@@ -138,4 +143,5 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
             settings=settings,
+            backend=self.backend,
         )

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from online_merging.kernels import BACKENDS
 from online_merging.merging import TaskVector, canonical_name
-from online_merging.optim.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
+from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
 
 __all__ = ["OnlineMergingOptimizer"]
 
@@ -35,11 +36,15 @@ class OnlineMergingOptimizer(Optimizer):
         task_vector: TaskVector | None,
         model: nn.Module | None,
         nonfinite_grads: str | None,
+        backend: str | None,
     ):
         if task_vector is not None and not isinstance(task_vector, TaskVector):
             raise TypeError(f"task_vector must be an online_merging.TaskVector, got {type(task_vector).__name__}")
         if nonfinite_grads not in NONFINITE_POLICIES:
             raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r} (expected None, 'raise' or 'skip')")
+        if backend not in (None, *BACKENDS):
+            raise ValueError(f"Invalid backend: {backend!r} (expected one of {BACKENDS} or None)")
+        self.backend = backend
         self.task_vector = task_vector
         self.nonfinite_grads = nonfinite_grads
         self._aliases: dict[torch.Tensor, list[str]] = {}

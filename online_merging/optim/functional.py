@@ -1,78 +1,16 @@
-"""The math of one optimizer step, on lists of tensors: the plain update Δθ, then the online merge.
+"""Functional cores of the optimizers: one step over lists of tensors, dispatched to a backend per tensor.
 
-``adam`` and ``sgd`` are the functional cores that :class:`OnlineMergingAdam` and :class:`OnlineMergingSGD`
-call with the tensors they gathered. Arithmetic is float32 whatever the parameter dtype; parameters and
-state are written back in their own dtype.
+:class:`OnlineMergingAdam` and :class:`OnlineMergingSGD` gather their state into lists and call these.
 """
 
 from __future__ import annotations
 
 import torch
 
-from online_merging.merging import linear, random_keep, sign_consensus, topp_keep
-from online_merging.optim.settings import MergeSettings
-from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, tensor_key
+from online_merging.kernels import get_backend
+from online_merging.settings import MergeSettings
 
-__all__ = ["adam", "apply_update", "merge_update", "sgd"]
-
-
-def merge_update(delta: torch.Tensor, tau: torch.Tensor, step: int, name: str, settings: MergeSettings) -> torch.Tensor:
-    """F(Δθ) ⊕ F(τ) of one tensor at one step (Lu et al. 2024, Eq. 3–7), as configured by ``settings``."""
-    p, alpha = settings.reserve_p, settings.alpha
-    if settings.merge == "ondare":
-        update = random_keep(
-            delta, p, tensor_key(settings.seed, STREAM_UPDATE, step, name), rescale=settings.dare_rescale
-        )
-        if alpha == 0.0:
-            return update
-        tau_step = 0 if settings.tau_mask == "once" else step
-        task = random_keep(
-            tau.float(), p, tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name), rescale=settings.dare_rescale
-        )
-        if settings.tau_clamp is not None:
-            task = task.clamp(-settings.tau_clamp, settings.tau_clamp)
-        return linear([update, task], [1.0 - alpha, alpha])
-    if settings.merge == "onties":
-        return sign_consensus(
-            [topp_keep(delta, p), topp_keep(tau.float(), p)],
-            [1.0 - alpha, alpha],
-            weighted_election=settings.ties_sign == "weighted",
-        )
-    raise ValueError(f"unknown merge {settings.merge!r}")
-
-
-def apply_update(
-    param: torch.Tensor,
-    delta: torch.Tensor,
-    *,
-    tau: torch.Tensor | None,
-    merge_buffer: torch.Tensor | None,
-    step: int,
-    name: str | None,
-    settings: MergeSettings,
-    decay: float = 1.0,
-) -> None:
-    """θ ← decay·θ + (merged) Δθ, with step-K (Lu et al. 2024, Alg. 2) when ``settings.merge_every`` > 1.
-
-    Step-K: on steps that are not a multiple of K the plain Δθ is applied and accumulated in
-    ``merge_buffer`` (Δc); on every K-th step θ is rolled back by Δc and F(Δc + Δθ) ⊕ F(τ) is applied.
-    """
-    target = param.float()
-    if decay != 1.0:
-        target.mul_(decay)
-    if tau is None or settings.is_plain:
-        target.add_(delta)
-    elif settings.merge_every == 1:
-        target.add_(merge_update(delta, tau, step, name, settings))
-    elif step % settings.merge_every != 0:
-        target.add_(delta)
-        merge_buffer.add_(delta)
-    else:
-        total = merge_buffer.float() + delta
-        target.sub_(merge_buffer).add_(merge_update(total, tau, step, name, settings))
-        merge_buffer.zero_()
-    if target is not param:
-        param.copy_(target)
+__all__ = ["adam", "sgd"]
 
 
 def adam(
@@ -94,36 +32,16 @@ def adam(
     amsgrad: bool,
     maximize: bool,
     settings: MergeSettings,
+    backend: str | None = None,
 ) -> None:
-    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) followed by the online merge."""
+    """AdamW followed by the online merge; ``steps`` are incremented in place."""
     for i, param in enumerate(params):
-        grad = grads[i].float()
-        if maximize:
-            grad = -grad
         steps[i] += 1
-        step = int(steps[i])
-        exp_avg, exp_avg_sq = exp_avgs[i].float(), exp_avg_sqs[i].float()
-        exp_avg.lerp_(grad, 1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        second = exp_avg_sq
-        if amsgrad:
-            second = max_exp_avg_sqs[i].float()
-            torch.maximum(second, exp_avg_sq, out=second)
-            _write_back(max_exp_avg_sqs[i], second)
-        denom = (second.sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
-        delta = (exp_avg * (-lr / (1.0 - beta1**step))) / denom
-        _write_back(exp_avgs[i], exp_avg)
-        _write_back(exp_avg_sqs[i], exp_avg_sq)
-        apply_update(
-            param,
-            delta,
-            tau=taus[i],
-            merge_buffer=merge_buffers[i],
-            step=step,
-            name=names[i],
-            settings=settings,
-            decay=1.0 - lr * weight_decay,
-        )
+        get_backend(backend, param.device).adam_step(
+            param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i], merge_buffers[i], taus[i],
+            step=int(steps[i]), name=names[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, settings=settings,
+        )  # fmt: skip
 
 
 def sgd(
@@ -142,32 +60,13 @@ def sgd(
     weight_decay: float,
     maximize: bool,
     settings: MergeSettings,
+    backend: str | None = None,
 ) -> None:
-    """SGD exactly as ``torch.optim.SGD`` (weight decay added to the gradient), then the online merge.
-
-    ``momentum_buffers[i]`` must be a zero tensor on the first step when momentum is used.
-    """
+    """SGD (as ``torch.optim.SGD``) followed by the online merge; ``steps`` are incremented in place."""
     for i, param in enumerate(params):
-        grad = grads[i].float()
-        if maximize:
-            grad = -grad
-        if weight_decay != 0.0:
-            grad = grad.add(param.float(), alpha=weight_decay)
         steps[i] += 1
-        step = int(steps[i])
-        if momentum != 0.0:
-            buf = momentum_buffers[i].float()
-            if step == 1:
-                buf.copy_(grad)
-            else:
-                buf.mul_(momentum).add_(grad, alpha=1.0 - dampening)
-            _write_back(momentum_buffers[i], buf)
-            grad = grad.add(buf, alpha=momentum) if nesterov else buf
-        apply_update(
-            param, grad * -lr, tau=taus[i], merge_buffer=merge_buffers[i], step=step, name=names[i], settings=settings
-        )
-
-
-def _write_back(stored: torch.Tensor, value: torch.Tensor) -> None:
-    if value is not stored:
-        stored.copy_(value)
+        get_backend(backend, param.device).sgd_step(
+            param, grads[i], momentum_buffers[i], merge_buffers[i], taus[i],
+            step=int(steps[i]), name=names[i], lr=lr, momentum=momentum, dampening=dampening,
+            nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
+        )  # fmt: skip

@@ -11,7 +11,7 @@ from torch import nn
 from online_merging.merging import TaskVector
 from online_merging.optim import functional
 from online_merging.optim.base import OnlineMergingOptimizer
-from online_merging.optim.settings import MERGE_DEFAULTS, MergeSettings, check_range
+from online_merging.settings import MERGE_DEFAULTS, MergeSettings, check_range
 
 __all__ = ["OnlineMergingSGD"]
 
@@ -50,6 +50,7 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
         tau_clamp: float | None = MERGE_DEFAULTS["tau_clamp"],
         ties_sign: str = MERGE_DEFAULTS["ties_sign"],
         nonfinite_grads: str | None = None,
+        backend: str | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -68,7 +69,9 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             tau_clamp=tau_clamp,
             ties_sign=ties_sign,
         )
-        super().__init__(params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads)
+        super().__init__(
+            params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads, backend=backend
+        )
 
     def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:
         check_range(where, "lr", group["lr"], 0.0, float("inf"), high_open=True)
@@ -105,4 +108,5 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
             settings=settings,
+            backend=self.backend,
         )

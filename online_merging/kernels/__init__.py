@@ -1,0 +1,44 @@
+"""Backends of the optimizer step. Each module exposes ``adam_step`` and ``sgd_step`` (see ``eager``).
+
+- ``eager``: plain torch ops, any device; the readable float32 version.
+- ``cpu``: one fused C++ pass per tensor (compiled on first use with torch's cpp_extension).
+- ``triton``: one fused Triton kernel per tensor, for CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+__all__ = ["BACKENDS", "get_backend"]
+
+BACKENDS = ("eager", "cpu", "triton")
+_unavailable: set[str] = set()
+
+
+def get_backend(name: str | None, device: torch.device) -> ModuleType:
+    """The backend module ``name``, or for ``None`` the fastest one that works on ``device``."""
+    if name is not None:
+        if name not in BACKENDS:
+            raise ValueError(f"Invalid backend: {name!r} (expected one of {BACKENDS} or None)")
+        if name == "cpu" and device.type != "cpu":
+            raise ValueError(f"backend='cpu' cannot update a tensor on {device}")
+        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {device}")
+        return importlib.import_module(f"online_merging.kernels.{name}")
+    preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+    if preferred is not None and preferred not in _unavailable:
+        try:
+            return importlib.import_module(f"online_merging.kernels.{preferred}")
+        except (ImportError, RuntimeError, OSError) as error:
+            _unavailable.add(preferred)
+            warnings.warn(
+                f"the {preferred!r} backend is unavailable ({type(error).__name__}: {error}); "
+                "falling back to the slower 'eager' backend",
+                stacklevel=2,
+            )
+    return importlib.import_module("online_merging.kernels.eager")

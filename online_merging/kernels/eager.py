@@ -1,0 +1,165 @@
+"""The eager backend: one optimizer step of one tensor in plain torch ops, float32 arithmetic.
+
+Every backend module (``eager``, ``cpu``, ``triton``) exposes ``adam_step`` and ``sgd_step`` with these
+signatures; the others fuse the same math into one pass. Parameters and state are written back in their own
+dtype. ``step`` is the tensor's step count after this step (1 on the first).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from online_merging.merging import linear, random_keep, sign_consensus, topp_keep
+from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, tensor_key
+from online_merging.settings import MergeSettings
+
+__all__ = ["adam_step", "apply_update", "merge_update", "sgd_step"]
+
+
+def merge_update(delta: torch.Tensor, tau: torch.Tensor, step: int, name: str, settings: MergeSettings) -> torch.Tensor:
+    """F(Δθ) ⊕ F(τ) of one tensor at one step (Lu et al. 2024, Eq. 3–7), as configured by ``settings``."""
+    p, alpha = settings.reserve_p, settings.alpha
+    if settings.merge == "ondare":
+        update = random_keep(
+            delta, p, tensor_key(settings.seed, STREAM_UPDATE, step, name), rescale=settings.dare_rescale
+        )
+        if alpha == 0.0:
+            return update
+        tau_step = 0 if settings.tau_mask == "once" else step
+        task = random_keep(
+            tau.float(), p, tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name), rescale=settings.dare_rescale
+        )
+        if settings.tau_clamp is not None:
+            task = task.clamp(-settings.tau_clamp, settings.tau_clamp)
+        return linear([update, task], [1.0 - alpha, alpha])
+    if settings.merge == "onties":
+        return sign_consensus(
+            [topp_keep(delta, p), topp_keep(tau.float(), p)],
+            [1.0 - alpha, alpha],
+            weighted_election=settings.ties_sign == "weighted",
+        )
+    raise ValueError(f"unknown merge {settings.merge!r}")
+
+
+def apply_update(
+    param: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    tau: torch.Tensor | None,
+    merge_buffer: torch.Tensor | None,
+    step: int,
+    name: str | None,
+    settings: MergeSettings,
+    decay: float = 1.0,
+) -> None:
+    """θ ← decay·θ + (merged) Δθ, with step-K (Lu et al. 2024, Alg. 2) when ``settings.merge_every`` > 1.
+
+    Step-K: on steps that are not a multiple of K the plain Δθ is applied and accumulated in
+    ``merge_buffer`` (Δc); on every K-th step θ is rolled back by Δc and F(Δc + Δθ) ⊕ F(τ) is applied.
+    """
+    target = param.float()
+    if decay != 1.0:
+        target.mul_(decay)
+    if tau is None or settings.is_plain:
+        target.add_(delta)
+    elif settings.merge_every == 1:
+        target.add_(merge_update(delta, tau, step, name, settings))
+    elif step % settings.merge_every != 0:
+        target.add_(delta)
+        merge_buffer.add_(delta)
+    else:
+        total = merge_buffer.float() + delta
+        target.sub_(merge_buffer).add_(merge_update(total, tau, step, name, settings))
+        merge_buffer.zero_()
+    if target is not param:
+        param.copy_(target)
+
+
+def adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    merge_buffer: torch.Tensor | None,
+    tau: torch.Tensor | None,
+    *,
+    step: int,
+    name: str | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    settings: MergeSettings,
+) -> None:
+    """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) followed by the online merge."""
+    grad = grad.float()
+    if maximize:
+        grad = -grad
+    m, v = exp_avg.float(), exp_avg_sq.float()
+    m.lerp_(grad, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    second = v
+    if amsgrad:
+        second = max_exp_avg_sq.float()
+        torch.maximum(second, v, out=second)
+        _write_back(max_exp_avg_sq, second)
+    denom = (second.sqrt() / (1.0 - beta2**step) ** 0.5).add_(eps)
+    delta = (m * (-lr / (1.0 - beta1**step))) / denom
+    _write_back(exp_avg, m)
+    _write_back(exp_avg_sq, v)
+    apply_update(
+        param,
+        delta,
+        tau=tau,
+        merge_buffer=merge_buffer,
+        step=step,
+        name=name,
+        settings=settings,
+        decay=1.0 - lr * weight_decay,
+    )
+
+
+def sgd_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    merge_buffer: torch.Tensor | None,
+    tau: torch.Tensor | None,
+    *,
+    step: int,
+    name: str | None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    settings: MergeSettings,
+) -> None:
+    """SGD exactly as ``torch.optim.SGD`` (weight decay added to the gradient), then the online merge.
+
+    ``momentum_buffer`` is a zero tensor before the first step when momentum is used, else ``None``.
+    """
+    grad = grad.float()
+    if maximize:
+        grad = -grad
+    if weight_decay != 0.0:
+        grad = grad.add(param.float(), alpha=weight_decay)
+    if momentum != 0.0:
+        buf = momentum_buffer.float()
+        if step == 1:
+            buf.copy_(grad)
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1.0 - dampening)
+        _write_back(momentum_buffer, buf)
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    apply_update(param, grad * -lr, tau=tau, merge_buffer=merge_buffer, step=step, name=name, settings=settings)
+
+
+def _write_back(stored: torch.Tensor, value: torch.Tensor) -> None:
+    if value is not stored:
+        stored.copy_(value)
