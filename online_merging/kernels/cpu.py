@@ -1,0 +1,139 @@
+"""The fused CPU backend: one C++ pass per tensor (``fused_cpu.cpp``), compiled on first use.
+
+OnDARE, step-K and plain steps read and write each element once. OnTIES makes three passes: the update into
+a float32 scratch, an exact radix selection of the top-p threshold, and the merge. τ's threshold is cached
+per (τ tensor, p), since τ does not change. float32 parameters (with float32 or bfloat16 τ) run fused; other
+dtypes and non-contiguous tensors fall back to the eager backend. Set ``ONLINE_MERGING_PORTABLE=1`` to
+compile without ``-march=native``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from online_merging.kernels import eager
+from online_merging.merging import num_kept
+from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, keep_threshold, tensor_key
+from online_merging.settings import MergeSettings
+
+__all__ = ["adam_step", "sgd_step"]
+
+PLAIN, DARE, ACCUMULATE, DARE_MERGE, WRITE_TOTAL, WRITE_TOTAL_MERGE = range(6)  # Mode in fused_cpu.cpp
+
+
+def _compile():
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+    if os.environ.get("ONLINE_MERGING_PORTABLE") != "1":
+        flags.append("-march=native")
+    return load(
+        name="online_merging_fused_cpu",
+        sources=[str(Path(__file__).with_name("fused_cpu.cpp"))],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+    )
+
+
+_ext = _compile()
+_tau_cuts: dict[tuple, list[int]] = {}
+
+
+def _fusable(param: torch.Tensor, tau: torch.Tensor | None, *state: torch.Tensor | None) -> bool:
+    if param.dtype != torch.float32 or param.numel() == 0 or not param.is_contiguous():
+        return False
+    if tau is not None and (tau.dtype not in (torch.float32, torch.bfloat16) or not tau.is_contiguous()):
+        return False
+    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in state)
+
+
+def _mode(tau, settings: MergeSettings, step: int) -> int:
+    if tau is None or settings.is_plain:
+        return PLAIN
+    step_k = settings.merge_every > 1
+    if step_k and step % settings.merge_every != 0:
+        return ACCUMULATE
+    if settings.merge == "onties":
+        return WRITE_TOTAL_MERGE if step_k else WRITE_TOTAL
+    return DARE_MERGE if step_k else DARE
+
+
+def _merge_args(settings: MergeSettings, step: int, name: str | None) -> tuple:
+    """(update_scale, alpha, tau_scale, clamp, threshold, keys), the trailing arguments of the C++ passes."""
+    p, alpha = settings.reserve_p, settings.alpha
+    scale = 1.0 / p if settings.dare_rescale and p < 1.0 else 1.0
+    keys = [0, 0, 0, 0]
+    if name is not None:
+        tau_step = 0 if settings.tau_mask == "once" else step
+        keys = [*tensor_key(settings.seed, STREAM_UPDATE, step, name),
+                *tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name)]  # fmt: skip
+    threshold = keep_threshold(p) if p < 1.0 else 2**32
+    return (1.0 - alpha) * scale, alpha, scale, settings.tau_clamp or 0.0, threshold, keys
+
+
+def _cut(x: torch.Tensor, p: float) -> list[int]:
+    """(T, cutoff): keep iff bits(|x_i|) > T, or == T and i <= cutoff; all elements when p keeps all."""
+    k = num_kept(p, x.numel())
+    return [0, x.numel()] if k >= x.numel() else _ext.topk_threshold(x.reshape(-1), k)
+
+
+def _tau_cut(tau: torch.Tensor, p: float) -> list[int]:
+    key = (tau.data_ptr(), tau._version, tau.numel(), tau.dtype, p)
+    if key not in _tau_cuts:
+        if len(_tau_cuts) > 65536:
+            _tau_cuts.clear()
+        _tau_cuts[key] = _cut(tau, p)
+    return _tau_cuts[key]
+
+
+def _ties(param, merge_buffer, total, tau, settings: MergeSettings, decay: float) -> None:
+    _ext.ties_merge(
+        param, merge_buffer, total, tau, _cut(total, settings.reserve_p), _tau_cut(tau, settings.reserve_p),
+        decay, settings.alpha, settings.ties_sign == "weighted",
+    )  # fmt: skip
+
+
+def adam_step(
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, *, step, name, lr, beta1, beta2, eps,
+    weight_decay, amsgrad, maximize, settings,
+) -> None:  # fmt: skip
+    """Same contract as :func:`online_merging.kernels.eager.adam_step`."""
+    if not _fusable(param, tau, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer):
+        return eager.adam_step(
+            param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, step=step, name=name, lr=lr,
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            settings=settings,
+        )  # fmt: skip
+    mode = _mode(tau, settings, step)
+    decay = 1.0 - lr * weight_decay
+    total = torch.empty(param.shape, dtype=torch.float32) if mode >= WRITE_TOTAL else None
+    _ext.adam_pass(
+        mode, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, merge_buffer, tau, total,
+        beta1, beta2, -lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, eps, maximize, decay,
+        *_merge_args(settings, step, name),
+    )  # fmt: skip
+    if mode >= WRITE_TOTAL:
+        _ties(param, merge_buffer, total, tau, settings, decay)
+
+
+def sgd_step(
+    param, grad, momentum_buffer, merge_buffer, tau, *, step, name, lr, momentum, dampening, nesterov, weight_decay,
+    maximize, settings,
+) -> None:  # fmt: skip
+    """Same contract as :func:`online_merging.kernels.eager.sgd_step`."""
+    if not _fusable(param, tau, grad, momentum_buffer, merge_buffer):
+        return eager.sgd_step(
+            param, grad, momentum_buffer, merge_buffer, tau, step=step, name=name, lr=lr, momentum=momentum,
+            dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
+        )  # fmt: skip
+    mode = _mode(tau, settings, step)
+    total = torch.empty(param.shape, dtype=torch.float32) if mode >= WRITE_TOTAL else None
+    _ext.sgd_pass(
+        mode, param, grad, momentum_buffer if momentum != 0.0 else None, merge_buffer, tau, total, lr, momentum,
+        dampening, weight_decay, nesterov, step == 1, maximize, *_merge_args(settings, step, name),
+    )  # fmt: skip
+    if mode >= WRITE_TOTAL:
+        _ties(param, merge_buffer, total, tau, settings, 1.0)

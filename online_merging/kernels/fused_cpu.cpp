@@ -1,0 +1,357 @@
+// One fused pass per tensor for the online-merging optimizer step on the CPU (float32 parameters).
+//
+// Each element is read once and written once: the Adam (or SGD) moments, the update Δ, the DARE keep
+// decision from the counter-based hash (online_merging/rng.py), the merge with τ, weight decay and step-K.
+// OnTIES needs the top-p threshold of the whole update first, so it runs as: a pass that writes the update
+// to a scratch buffer, an exact radix selection of the threshold, and a pass that merges.
+// Element i's random bits:
+//   bits(i) = lowbias32(lo32(i) ^ k),  k = lowbias32(hi32(i) ^ k2) ^ k1,  kept iff bits < threshold.
+// The loops are branch-free (modes and flags are template parameters) so that the compiler vectorises them.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;
+
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float sign(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
+
+// What happens once the update Δ of an element is known.
+enum Mode : int {
+  kPlain = 0,            // θ ← decay·θ + Δ
+  kDare = 1,             // θ ← decay·θ + (1−α)·R(Δ) + α·clamp(R(τ))
+  kAccumulate = 2,       // step-K between merges: θ ← decay·θ + Δ, Δc ← Δc + Δ
+  kDareMerge = 3,        // step-K merge: θ ← decay·θ − Δc + (1−α)·R(Δc + Δ) + α·clamp(R(τ)), Δc ← 0
+  kWriteTotal = 4,       // OnTIES first pass: scratch ← Δ
+  kWriteTotalMerge = 5,  // OnTIES first pass on a step-K merge step: scratch ← Δc + Δ
+};
+
+struct Merge {
+  float decay, update_scale, alpha, tau_scale, clamp;  // clamp = +inf: none
+  uint32_t threshold;
+  bool keep_all;
+  uint32_t k1u, k2u, k1t, k2t;  // keys of the update's and τ's draws
+};
+
+// Adam: updates the moments of element i and returns Δ_i.
+template <bool AMSGRAD>
+struct AdamRule {
+  const float* __restrict__ grad;
+  float* __restrict__ exp_avg;
+  float* __restrict__ exp_avg_sq;
+  float* __restrict__ max_exp_avg_sq;
+  float one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps, grad_sign;
+
+  // The same operations in the same order as torch's AdamW (lerp, addcmul, sqrt / bc2 + eps), so that with
+  // -ffp-contract=off the update is bit-identical to the eager backend's.
+  inline float operator()(int64_t i, float) const {
+    const float g = grad[i] * grad_sign;
+    const float m_old = exp_avg[i];
+    const float m = m_old + one_minus_beta1 * (g - m_old);
+    float v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g;
+    exp_avg[i] = m;
+    exp_avg_sq[i] = v;
+    if (AMSGRAD) {
+      v = std::max(v, max_exp_avg_sq[i]);
+      max_exp_avg_sq[i] = v;
+    }
+    return m * step_size / (std::sqrt(v) / bc2_sqrt + eps);
+  }
+};
+
+// SGD as torch.optim.SGD: returns Δ_i = −lr·(momentum buffer of g + λθ).
+template <bool MOMENTUM>
+struct SgdRule {
+  const float* __restrict__ grad;
+  float* __restrict__ momentum_buffer;
+  float lr, momentum, one_minus_dampening, weight_decay, grad_sign;
+  bool nesterov, first;
+
+  inline float operator()(int64_t i, float theta) const {
+    float g = grad[i] * grad_sign + weight_decay * theta;
+    if (MOMENTUM) {
+      const float previous = momentum_buffer[i];  // loaded unconditionally: a branch-free loop vectorises
+      const float b = first ? g : previous * momentum + one_minus_dampening * g;
+      momentum_buffer[i] = b;
+      g = nesterov ? g + momentum * b : b;
+    }
+    return -lr * g;
+  }
+};
+
+template <int MODE, typename Rule, typename T>
+void fused_pass(const Rule& rule, float* __restrict__ param, const T* __restrict__ tau, float* __restrict__ buffer,
+                float* __restrict__ scratch, const Merge& mg, int64_t n) {
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t lo = begin; lo < end;) {
+      const uint32_t hi = static_cast<uint32_t>(lo >> 32);
+      const int64_t range_end = std::min(end, (static_cast<int64_t>(hi) + 1) << 32);
+      const uint32_t ku = mix32(hi ^ mg.k2u) ^ mg.k1u;
+      const uint32_t kt = mix32(hi ^ mg.k2t) ^ mg.k1t;
+#pragma omp simd
+      for (int64_t i = lo; i < range_end; ++i) {
+        const float old = param[i];
+        const float delta = rule(i, old);
+        if (MODE == kWriteTotal || MODE == kWriteTotalMerge) {
+          scratch[i] = MODE == kWriteTotalMerge ? buffer[i] + delta : delta;
+          continue;
+        }
+        float theta = old * mg.decay;
+        if (MODE == kPlain || MODE == kAccumulate) {
+          theta += delta;
+          if (MODE == kAccumulate) buffer[i] += delta;
+        } else {
+          float total = delta;
+          if (MODE == kDareMerge) {
+            theta -= buffer[i];
+            total += buffer[i];
+            buffer[i] = 0.f;
+          }
+          const uint32_t index = static_cast<uint32_t>(i);
+          const bool keep_update = (mix32(index ^ ku) < mg.threshold) | mg.keep_all;
+          const bool keep_tau = (mix32(index ^ kt) < mg.threshold) | mg.keep_all;
+          const float tau_i = to_float(tau[i]);  // loaded unconditionally: a branch-free loop vectorises
+          const float t = keep_tau ? tau_i * mg.tau_scale : 0.f;
+          theta += (keep_update ? total * mg.update_scale : 0.f) + mg.alpha * std::min(std::max(t, -mg.clamp), mg.clamp);
+        }
+        param[i] = theta;
+      }
+      lo = range_end;
+    }
+  });
+}
+
+// Top-k of |x| by a two-level radix selection on the float bits (non-negative floats sort as their bits).
+// Returns {T, cutoff}: keep iff bits(|x_i|) > T, or == T and i <= cutoff (ties kept by lower index).
+template <typename X>
+std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
+  auto abs_bits = [&](int64_t i) {
+    const float v = std::fabs(to_float(x[i]));
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof b);
+    return b;
+  };
+  uint32_t prefix = 0;
+  int64_t above = 0;  // elements strictly above the bins examined so far
+  for (int level = 0; level < 2; ++level) {
+    std::vector<std::vector<int64_t>> partial(at::get_num_threads(), std::vector<int64_t>(1 << 16, 0));
+    at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+      auto& histogram = partial[at::get_thread_num()];
+      for (int64_t i = begin; i < end; ++i) {
+        const uint32_t b = abs_bits(i);
+        if (level == 0) {
+          ++histogram[b >> 16];
+        } else if ((b >> 16) == prefix) {
+          ++histogram[b & 0xFFFF];
+        }
+      }
+    });
+    std::vector<int64_t> histogram(1 << 16, 0);
+    for (const auto& part : partial)
+      for (int j = 0; j < (1 << 16); ++j) histogram[j] += part[j];
+    int bin = (1 << 16) - 1;
+    for (; bin > 0 && above + histogram[bin] < k; --bin) above += histogram[bin];
+    if (level == 0) {
+      prefix = static_cast<uint32_t>(bin);
+      continue;
+    }
+    const uint32_t threshold = (prefix << 16) | static_cast<uint32_t>(bin);
+    const int64_t ties_kept = k - above;
+    int64_t cutoff = n;
+    if (ties_kept < histogram[bin]) {  // keep only the first ties_kept equal elements, by index
+      int64_t seen = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (abs_bits(i) == threshold && ++seen == ties_kept) {
+          cutoff = i;
+          break;
+        }
+      }
+    }
+    return {static_cast<int64_t>(threshold), cutoff};
+  }
+  return {0, n};
+}
+
+// θ ← decay·θ − Δc + (1−α)·a' + α·b', with a = T(total), b = T(τ) and a', b' their elements that agree with the
+// elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass.
+template <typename T>
+void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const float* __restrict__ total,
+               const T* __restrict__ tau, float decay, float alpha, std::array<int64_t, 2> update_cut,
+               std::array<int64_t, 2> tau_cut, bool weighted, int64_t n) {
+  const uint32_t ut = static_cast<uint32_t>(update_cut[0]), tt = static_cast<uint32_t>(tau_cut[0]);
+  auto kept = [](float v, int64_t i, uint32_t threshold, int64_t cutoff) {
+    const float a = std::fabs(v);
+    uint32_t b;
+    std::memcpy(&b, &a, sizeof b);
+    return (b > threshold) | ((b == threshold) & (i <= cutoff));
+  };
+  const float wa = weighted ? 1.f - alpha : 1.f, wb = weighted ? alpha : 1.f;
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float x = total[i];
+      const float t = to_float(tau[i]);
+      const float a = kept(x, i, ut, update_cut[1]) ? x : 0.f;
+      const float b = kept(t, i, tt, tau_cut[1]) ? t : 0.f;
+      const float s = sign(wa * a + wb * b);
+      const float merged = (1.f - alpha) * (sign(a) == s ? a : 0.f) + alpha * (sign(b) == s ? b : 0.f);
+      float theta = param[i] * decay + merged;
+      if (buffer) {
+        theta -= buffer[i];
+        buffer[i] = 0.f;
+      }
+      param[i] = theta;
+    }
+  });
+}
+
+template <typename Rule>
+void run_mode(int64_t mode, const Rule& rule, const torch::Tensor& param, const c10::optional<torch::Tensor>& tau,
+              const c10::optional<torch::Tensor>& buffer, const c10::optional<torch::Tensor>& scratch,
+              const Merge& mg) {
+  const int64_t n = param.numel();
+  float* p = param.data_ptr<float>();
+  float* buf = buffer ? buffer->data_ptr<float>() : nullptr;
+  float* out = scratch ? scratch->data_ptr<float>() : nullptr;
+  const float* none = nullptr;
+  switch (mode) {
+    case kPlain: return fused_pass<kPlain>(rule, p, none, buf, out, mg, n);
+    case kAccumulate: return fused_pass<kAccumulate>(rule, p, none, buf, out, mg, n);
+    case kWriteTotal: return fused_pass<kWriteTotal>(rule, p, none, buf, out, mg, n);
+    case kWriteTotalMerge: return fused_pass<kWriteTotalMerge>(rule, p, none, buf, out, mg, n);
+    case kDare:
+    case kDareMerge: {
+      TORCH_CHECK(tau.has_value(), "DARE modes need tau");
+      const bool merge = mode == kDareMerge;
+      if (tau->scalar_type() == at::kFloat) {
+        const float* t = tau->data_ptr<float>();
+        return merge ? fused_pass<kDareMerge>(rule, p, t, buf, out, mg, n) : fused_pass<kDare>(rule, p, t, buf, out, mg, n);
+      }
+      const c10::BFloat16* t = tau->data_ptr<c10::BFloat16>();
+      return merge ? fused_pass<kDareMerge>(rule, p, t, buf, out, mg, n) : fused_pass<kDare>(rule, p, t, buf, out, mg, n);
+    }
+    default: TORCH_CHECK(false, "unknown mode ", mode);
+  }
+}
+
+Merge merge_of(double decay, double update_scale, double alpha, double tau_scale, double clamp, int64_t threshold,
+               const std::vector<int64_t>& keys) {
+  TORCH_CHECK(keys.size() == 4, "keys must be (k1, k2) of the update then of tau");
+  const bool keep_all = threshold >= (int64_t(1) << 32);
+  return Merge{static_cast<float>(decay), static_cast<float>(update_scale), static_cast<float>(alpha),
+               static_cast<float>(tau_scale), clamp > 0 ? static_cast<float>(clamp) : INFINITY,
+               keep_all ? 0u : static_cast<uint32_t>(threshold), keep_all,
+               static_cast<uint32_t>(keys[0]), static_cast<uint32_t>(keys[1]), static_cast<uint32_t>(keys[2]),
+               static_cast<uint32_t>(keys[3])};
+}
+
+void check(const torch::Tensor& t, const torch::Tensor& param, const char* what) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), what, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.numel() == param.numel(), what, " has ", t.numel(), " elements, the parameter ", param.numel());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32");
+}
+
+}  // namespace
+
+void adam_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
+               c10::optional<torch::Tensor> max_exp_avg_sq, c10::optional<torch::Tensor> merge_buffer,
+               c10::optional<torch::Tensor> tau, c10::optional<torch::Tensor> scratch, double beta1, double beta2,
+               double step_size, double bc2_sqrt, double eps, bool maximize, double decay, double update_scale,
+               double alpha, double tau_scale, double clamp, int64_t threshold, std::vector<int64_t> keys) {
+  check(param, param, "param");
+  check(grad, param, "grad");
+  check(exp_avg, param, "exp_avg");
+  check(exp_avg_sq, param, "exp_avg_sq");
+  const Merge mg = merge_of(decay, update_scale, alpha, tau_scale, clamp, threshold, keys);
+  // 1 − β in double, then rounded: what torch does with its Python-float scalars
+  const float f[7] = {static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+                      static_cast<float>(step_size), static_cast<float>(bc2_sqrt), static_cast<float>(eps),
+                      maximize ? -1.f : 1.f};
+  if (max_exp_avg_sq) {
+    check(*max_exp_avg_sq, param, "max_exp_avg_sq");
+    const AdamRule<true> rule{grad.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
+                              max_exp_avg_sq->data_ptr<float>(), f[0], f[1], f[2], f[3], f[4], f[5], f[6]};
+    return run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
+  }
+  const AdamRule<false> rule{grad.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), nullptr,
+                             f[0], f[1], f[2], f[3], f[4], f[5], f[6]};
+  run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
+}
+
+void sgd_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, c10::optional<torch::Tensor> momentum_buffer,
+              c10::optional<torch::Tensor> merge_buffer, c10::optional<torch::Tensor> tau,
+              c10::optional<torch::Tensor> scratch, double lr, double momentum, double dampening, double weight_decay,
+              bool nesterov, bool first, bool maximize, double update_scale, double alpha, double tau_scale,
+              double clamp, int64_t threshold, std::vector<int64_t> keys) {
+  check(param, param, "param");
+  check(grad, param, "grad");
+  const Merge mg = merge_of(1.0, update_scale, alpha, tau_scale, clamp, threshold, keys);
+  const float f[5] = {static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
+                      static_cast<float>(weight_decay), maximize ? -1.f : 1.f};
+  if (momentum_buffer) {
+    check(*momentum_buffer, param, "momentum_buffer");
+    const SgdRule<true> rule{grad.data_ptr<float>(), momentum_buffer->data_ptr<float>(), f[0], f[1], f[2], f[3], f[4],
+                             nesterov, first};
+    return run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
+  }
+  const SgdRule<false> rule{grad.data_ptr<float>(), nullptr, f[0], f[1], f[2], f[3], f[4], nesterov, first};
+  run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
+}
+
+std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k) {
+  TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU tensor");
+  TORCH_CHECK(k >= 1 && k <= x.numel(), "k must be in [1, numel]");
+  const auto cut = x.scalar_type() == at::kFloat ? topk_threshold(x.data_ptr<float>(), x.numel(), k)
+                                                 : topk_threshold(x.data_ptr<c10::BFloat16>(), x.numel(), k);
+  return {cut[0], cut[1]};
+}
+
+void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
+                std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double alpha,
+                bool weighted) {
+  check(param, param, "param");
+  check(total, param, "total");
+  TORCH_CHECK(tau.is_contiguous() && tau.numel() == param.numel(), "tau must be contiguous, shaped like param");
+  float* buf = merge_buffer ? merge_buffer->data_ptr<float>() : nullptr;
+  const std::array<int64_t, 2> uc{update_cut[0], update_cut[1]}, tc{tau_cut[0], tau_cut[1]};
+  const float d = static_cast<float>(decay), a = static_cast<float>(alpha);
+  if (tau.scalar_type() == at::kFloat) {
+    ties_pass(param.data_ptr<float>(), buf, total.data_ptr<float>(), tau.data_ptr<float>(), d, a, uc, tc, weighted,
+              param.numel());
+  } else {
+    ties_pass(param.data_ptr<float>(), buf, total.data_ptr<float>(), tau.data_ptr<c10::BFloat16>(), d, a, uc, tc,
+              weighted, param.numel());
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("adam_pass", &adam_pass, "Fused Adam update and online merge of one float32 tensor");
+  m.def("sgd_pass", &sgd_pass, "Fused SGD update and online merge of one float32 tensor");
+  m.def("topk_threshold", &topk_threshold_of, "Exact top-k |x| threshold: (T, tie cutoff index)");
+  m.def("ties_merge", &ties_merge, "OnTIES merge pass over a precomputed total update");
+}
