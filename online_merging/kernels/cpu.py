@@ -27,7 +27,7 @@ PLAIN, DARE, ACCUMULATE, DARE_MERGE, WRITE_TOTAL, WRITE_TOTAL_MERGE = range(6)  
 def _compile():
     from torch.utils.cpp_extension import load
 
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     if os.environ.get("ONLINE_MERGING_PORTABLE") != "1":
         flags.append("-march=native")
     return load(

@@ -106,39 +106,50 @@ struct SgdRule {
 };
 
 template <int MODE, typename Rule, typename T>
-void fused_pass(const Rule& rule, float* __restrict__ param, const T* __restrict__ tau, float* __restrict__ buffer,
+void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restrict__ tau, float* __restrict__ buffer,
                 float* __restrict__ scratch, const Merge& mg, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    // Local copies: loop invariants the compiler can keep in registers (stores to param could alias mg).
+    const Rule rule = rule_;
+    const float decay = mg.decay, update_scale = mg.update_scale, alpha = mg.alpha, tau_scale = mg.tau_scale;
+    const float clamp = mg.clamp;
+    const uint32_t threshold = mg.threshold;
+    const bool keep_all = mg.keep_all;
     for (int64_t lo = begin; lo < end;) {
       const uint32_t hi = static_cast<uint32_t>(lo >> 32);
-      const int64_t range_end = std::min(end, (static_cast<int64_t>(hi) + 1) << 32);
+      // Ranges stay inside one 2**32 block (one key) and below 2**31 elements (a 32-bit loop counter).
+      const int64_t range_end = std::min({end, (static_cast<int64_t>(hi) + 1) << 32, lo + (int64_t(1) << 31)});
       const uint32_t ku = mix32(hi ^ mg.k2u) ^ mg.k1u;
       const uint32_t kt = mix32(hi ^ mg.k2t) ^ mg.k1t;
+      const uint32_t base = static_cast<uint32_t>(lo);
+      const uint32_t count = static_cast<uint32_t>(range_end - lo);
+      // The counter is 32-bit because the hash needs the 32-bit index: converting an int64 index blocks SIMD.
 #pragma omp simd
-      for (int64_t i = lo; i < range_end; ++i) {
+      for (uint32_t j = 0; j < count; ++j) {
+        const int64_t i = lo + j;
+        const uint32_t index = base + j;
         const float old = param[i];
         const float delta = rule(i, old);
         if (MODE == kWriteTotal || MODE == kWriteTotalMerge) {
           scratch[i] = MODE == kWriteTotalMerge ? buffer[i] + delta : delta;
           continue;
         }
-        float theta = old * mg.decay;
+        float theta = old * decay;
         if (MODE == kPlain || MODE == kAccumulate) {
           theta += delta;
           if (MODE == kAccumulate) buffer[i] += delta;
         } else {
           float total = delta;
           if (MODE == kDareMerge) {
-            theta -= buffer[i];
-            total += buffer[i];
+            const float accumulated = buffer[i];
+            theta -= accumulated;
+            total += accumulated;
             buffer[i] = 0.f;
           }
-          const uint32_t index = static_cast<uint32_t>(i);
-          const bool keep_update = (mix32(index ^ ku) < mg.threshold) | mg.keep_all;
-          const bool keep_tau = (mix32(index ^ kt) < mg.threshold) | mg.keep_all;
-          const float tau_i = to_float(tau[i]);  // loaded unconditionally: a branch-free loop vectorises
-          const float t = keep_tau ? tau_i * mg.tau_scale : 0.f;
-          theta += (keep_update ? total * mg.update_scale : 0.f) + mg.alpha * std::min(std::max(t, -mg.clamp), mg.clamp);
+          const bool keep_update = (mix32(index ^ ku) < threshold) | keep_all;
+          const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
+          const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
+          theta += (keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f);
         }
         param[i] = theta;
       }

@@ -1,0 +1,404 @@
+"""The Triton backend: ``eager``'s step fused into one kernel per tensor (OnTIES: two kernels around a top-p).
+
+Same signatures and math as ``eager``: float32 arithmetic rounded op by op as torch's kernels do (an FMA where
+they fuse one), every tensor written back in its own dtype. DARE masks come from the counter-based hash of
+``online_merging.rng`` computed in uint32, so they are bit-identical to the other backends'.
+
+Meant for CUDA tensors. It also runs on CPU tensors under the Triton interpreter when ``TRITON_INTERPRET=1`` is
+set before this module is imported (the tests do that); the kernels call only builtins of ``triton.language``,
+because its ``@jit`` helpers (``tl.zeros`` ...) stay compiled when ``triton`` was imported before the variable.
+
+OnTIES needs the exact top-p of the whole tensor, which one elementwise pass cannot know: the first kernel
+updates the optimizer state and writes Δθ (plus the step-K buffer) to a float32 scratch tensor, torch computes
+the top-p masks of it and of τ (``topp_mask``), and a second kernel does the sign consensus and writes θ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:
+    raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
+
+from online_merging.merging import topp_mask
+from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, keep_threshold, tensor_key
+from online_merging.settings import MergeSettings
+
+__all__ = ["adam_step", "sgd_step"]
+
+_BLOCK = 1024
+"""Elements per program; a power of two, so no block straddles a multiple of 2**32 (see ``_dare_keep``)."""
+# torch rounds every op on its own except where its kernels fuse (the explicit tl.fma calls): no contraction.
+# Asking explicitly also keeps Triton 3.9 from warning that its default will change.
+_LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+# Per-step integers: specialising on them (== 1, divisible by 16) would only add compiled variants.
+_NO_SPECIALIZE = ["upd_k1", "upd_k2", "tau_k1", "tau_k2", "threshold"]
+
+
+@triton.jit
+def _lowbias32(x):
+    """lowbias32 of uint32 ``x``: x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16.
+
+    uint32 multiplies wrap mod 2**32 and uint32 shifts are logical, as in ``rng``.
+    """
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _dare_keep(offs, block_start, k1, k2, threshold):
+    """DARE keep mask: lowbias32(lo32(i) ^ k) < threshold, k = lowbias32(hi32(i) ^ k2) ^ k1 (``rng.random_bits``).
+
+    hi32(i) is taken from the block's first index: BLOCK divides 2**32, so it is the same for the whole block.
+    """
+    key = _lowbias32((block_start >> 32).to(tl.uint32) ^ k2.to(tl.uint32)) ^ k1.to(tl.uint32)
+    return _lowbias32(offs.to(tl.uint32) ^ key) < threshold.to(tl.uint32)
+
+
+@triton.jit
+def _finish(
+    param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
+    upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
+    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr,
+):  # fmt: skip
+    """Apply Δ to θ (fp32 ``param``) as ``eager.apply_update``:
+
+    plain:       θ ← decay·θ + Δ
+    OnDARE:      θ ← decay·θ + (1−α)·keep_u(Δ)·s + α·clamp(keep_τ(τ)·s, ±c),  s = 1/p if RESCALE else 1
+                 (DROP: p < 1, else keep is the identity; WITH_TAU: α ≠ 0; CLAMP: c is set)
+    ACCUMULATE:  θ ← decay·θ + Δ,  Δc ← Δc + Δ                 (step-K, not a merge step)
+    ROLL_BACK:   θ ← decay·θ − Δc + merge(Δc + Δ),  Δc ← 0      (step-K merge step)
+    TO_SCRATCH:  scratch ← Δ [+ Δc]; θ and Δc are left to ``_onties_kernel``.
+    """
+    if ROLL_BACK:
+        carried = tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+        delta = carried + delta
+    if TO_SCRATCH:
+        tl.store(scratch_ptr + offs, delta, mask=in_bounds)
+    else:
+        param = param * decay
+        if DARE:
+            update = delta
+            if DROP:
+                update = tl.where(_dare_keep(offs, block_start, upd_k1, upd_k2, threshold), delta, 0.0)
+                if RESCALE:
+                    update = tl.div_rn(update, p)
+            if WITH_TAU:
+                task = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+                if DROP:
+                    task = tl.where(_dare_keep(offs, block_start, tau_k1, tau_k2, threshold), task, 0.0)
+                    if RESCALE:
+                        task = tl.div_rn(task, p)
+                if CLAMP:
+                    task = tl.minimum(tl.maximum(task, -tau_clamp), tau_clamp)
+                update = update * w_update + task * w_tau
+        else:
+            update = delta
+        if ROLL_BACK:
+            param = param - carried + update
+            tl.store(buffer_ptr + offs, tl.full(delta.shape, 0, buffer_ptr.dtype.element_ty), mask=in_bounds)
+        else:
+            param = param + update
+        if ACCUMULATE:
+            carried = tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+            tl.store(buffer_ptr + offs, (carried + delta).to(buffer_ptr.dtype.element_ty), mask=in_bounds)
+        tl.store(param_ptr + offs, param.to(param_ptr.dtype.element_ty), mask=in_bounds)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _adam_kernel(
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, buffer_ptr, tau_ptr, scratch_ptr, n,
+    lerp_weight, beta2, one_minus_beta2, eps, step_size, sqrt_bias2, decay,
+    upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
+    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """AdamW and the online merge of one block (``eager.adam_step``):
+
+    g = ±grad,  m ← lerp(m, g, 1−β1),  v ← β2·v + (1−β2)·g²,  v̂ ← max(v̂, v) if AMSGRAD else v,
+    Δ = (−lr / (1−β1^t))·m / (sqrt(v̂) / sqrt(1−β2^t) + ε),  then ``_finish`` with decay = 1 − lr·λ.
+    """
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = block_start + tl.arange(0, BLOCK)
+    in_bounds = offs < n
+    grad = tl.load(grad_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        grad = -grad
+    m = tl.load(exp_avg_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    # torch's own kernels fuse lerp, addcmul and add(alpha=) into FMAs (CPU explicitly, CUDA by contraction)
+    m = tl.where(lerp_weight < 0.5, tl.fma(lerp_weight, grad - m, m), tl.fma(lerp_weight - 1.0, grad - m, grad))
+    v = tl.load(exp_avg_sq_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    v = tl.fma(one_minus_beta2 * grad, grad, v * beta2)
+    second = v
+    if AMSGRAD:
+        second = tl.maximum(tl.load(max_exp_avg_sq_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), v)
+        tl.store(max_exp_avg_sq_ptr + offs, second.to(max_exp_avg_sq_ptr.dtype.element_ty), mask=in_bounds)
+    denom = tl.div_rn(tl.sqrt_rn(second), sqrt_bias2) + eps
+    delta = tl.div_rn(m * step_size, denom)
+    tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=in_bounds)
+    param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    _finish(
+        param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
+        upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+        DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _sgd_kernel(
+    param_ptr, grad_ptr, momentum_ptr, buffer_ptr, tau_ptr, scratch_ptr, n,
+    neg_lr, momentum, one_minus_dampening, weight_decay, decay,
+    upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
+    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """SGD as ``torch.optim.SGD`` and the online merge of one block (``eager.sgd_step``):
+
+    g = ±grad + λ·θ,  b ← g on step 1 else μ·b + (1−d)·g,  g ← g + μ·b if NESTEROV else b  (MOMENTUM),
+    Δ = −lr·g,  then ``_finish`` with decay = 1.
+    """
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = block_start + tl.arange(0, BLOCK)
+    in_bounds = offs < n
+    param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    grad = tl.load(grad_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    if MAXIMIZE:
+        grad = -grad
+    if WEIGHT_DECAY:
+        grad = tl.fma(weight_decay, param, grad)  # an FMA, like torch's add(alpha=)
+    if MOMENTUM:
+        if FIRST_STEP:
+            buf = grad
+        else:
+            buf = tl.load(momentum_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+            buf = tl.fma(one_minus_dampening, grad, buf * momentum)
+        tl.store(momentum_ptr + offs, buf.to(momentum_ptr.dtype.element_ty), mask=in_bounds)
+        grad = tl.fma(momentum, buf, grad) if NESTEROV else buf
+    _finish(
+        param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
+        upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+        DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
+    )  # fmt: skip
+
+
+@triton.jit
+def _sign(x):
+    """sign(x) in {−1, 0, 1} as float32."""
+    return (x > 0).to(tl.float32) - (x < 0).to(tl.float32)
+
+
+@triton.jit
+def _onties_kernel(
+    param_ptr, total_ptr, tau_ptr, update_keep_ptr, tau_keep_ptr, buffer_ptr, n, decay, w_update, w_tau,
+    TRIM: tl.constexpr, WEIGHTED: tl.constexpr, ROLL_BACK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """OnTIES merge of one block (Lu et al. 2024, Eq. 7; ``consensus.sign_consensus``), given the top-p masks:
+
+    a = keep_u·Δ (Δ = Δc + Δθ on a ROLL_BACK step, from ``total_ptr``),  b = keep_τ·τ  (TRIM: p < 1),
+    s = sign((1−α)·a + α·b) if WEIGHTED else sign(a + b),
+    θ ← decay·θ [− Δc] + (1−α)·a·[sign(a) = s] + α·b·[sign(b) = s],  Δc ← 0 (ROLL_BACK).
+    """
+    block_start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = block_start + tl.arange(0, BLOCK)
+    in_bounds = offs < n
+    a = tl.load(total_ptr + offs, mask=in_bounds, other=0.0)
+    b = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    if TRIM:
+        a = tl.where(tl.load(update_keep_ptr + offs, mask=in_bounds, other=0) != 0, a, 0.0)
+        b = tl.where(tl.load(tau_keep_ptr + offs, mask=in_bounds, other=0) != 0, b, 0.0)
+    elected = _sign(a * w_update + b * w_tau) if WEIGHTED else _sign(a + b)
+    update = tl.where(_sign(a) == elected, a, 0.0) * w_update + tl.where(_sign(b) == elected, b, 0.0) * w_tau
+    param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32) * decay
+    if ROLL_BACK:
+        param = param - tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+        tl.store(buffer_ptr + offs, tl.full(a.shape, 0, buffer_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(param_ptr + offs, (param + update).to(param_ptr.dtype.element_ty), mask=in_bounds)
+
+
+def adam_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    merge_buffer: torch.Tensor | None,
+    tau: torch.Tensor | None,
+    *,
+    step: int,
+    name: str | None,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    settings: MergeSettings,
+) -> None:
+    """AdamW (decoupled weight decay) followed by the online merge; see ``eager.adam_step``."""
+    _run(
+        _adam_kernel,
+        param,
+        grad,
+        [exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None],
+        merge_buffer,
+        tau,
+        step=step,
+        name=name,
+        settings=settings,
+        decay=1.0 - lr * weight_decay,
+        scalars={
+            "lerp_weight": 1.0 - beta1,
+            "beta2": beta2,
+            "one_minus_beta2": 1.0 - beta2,
+            "eps": eps,
+            "step_size": -lr / (1.0 - beta1**step),
+            "sqrt_bias2": (1.0 - beta2**step) ** 0.5,
+        },
+        flags={"AMSGRAD": amsgrad, "MAXIMIZE": maximize},
+    )
+
+
+def sgd_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None,
+    merge_buffer: torch.Tensor | None,
+    tau: torch.Tensor | None,
+    *,
+    step: int,
+    name: str | None,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    maximize: bool,
+    settings: MergeSettings,
+) -> None:
+    """SGD as ``torch.optim.SGD`` followed by the online merge; see ``eager.sgd_step``."""
+    _run(
+        _sgd_kernel,
+        param,
+        grad,
+        [momentum_buffer if momentum != 0.0 else None],
+        merge_buffer,
+        tau,
+        step=step,
+        name=name,
+        settings=settings,
+        decay=1.0,
+        scalars={
+            "neg_lr": -lr,
+            "momentum": momentum,
+            "one_minus_dampening": 1.0 - dampening,
+            "weight_decay": weight_decay,
+        },
+        flags={
+            "MAXIMIZE": maximize,
+            "WEIGHT_DECAY": weight_decay != 0.0,
+            "MOMENTUM": momentum != 0.0,
+            "FIRST_STEP": step == 1,
+            "NESTEROV": nesterov,
+        },
+    )
+
+
+def _run(kernel, param, grad, state, merge_buffer, tau, *, step, name, settings, decay, scalars, flags) -> None:
+    """Launch ``kernel`` over one tensor: the whole step, or for OnTIES its first pass, the top-p and the merge.
+
+    ``state`` holds the kernel's state tensors in order (``None`` for one it does not use). Tensors are
+    processed flat and contiguous; non-contiguous ones are copied, and the written ones copied back.
+    """
+    n = param.numel()
+    if n == 0:
+        return
+    merge, carry = _plan(tau, merge_buffer, step, settings)
+    if merge is None:
+        tau = None
+    if carry is None:
+        merge_buffer = None
+    written = [param, *state, merge_buffer]
+    work = [_contiguous(t) for t in written]
+    grad, tau = _contiguous(grad), _contiguous(tau)
+    param_c, *state_c, buffer_c = work
+    scratch = torch.empty(n, dtype=torch.float32, device=param.device) if merge == "onties" else None
+    grid = (triton.cdiv(n, _BLOCK),)
+    device = torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
+    with device:
+        kernel[grid](
+            param_c, grad, *state_c, buffer_c, tau, scratch, n,
+            **scalars, decay=decay, **_merge_args(merge, carry, step, name, settings), **flags,
+            BLOCK=_BLOCK, **_LAUNCH,
+        )  # fmt: skip
+        if merge == "onties":
+            p, alpha = settings.reserve_p, settings.alpha
+            trim = p < 1.0
+            # the masks are bool; the kernel reads their bytes
+            update_keep = topp_mask(scratch, p).view(torch.uint8) if trim else None
+            tau_keep = topp_mask(tau.reshape(-1), p).view(torch.uint8) if trim else None
+            _onties_kernel[grid](
+                param_c, scratch, tau, update_keep, tau_keep, buffer_c, n, decay, 1.0 - alpha, alpha,
+                TRIM=trim, WEIGHTED=settings.ties_sign == "weighted", ROLL_BACK=carry == "roll_back",
+                BLOCK=_BLOCK, **_LAUNCH,
+            )  # fmt: skip
+    for original, copy in zip(written, work, strict=True):
+        if copy is not original:
+            original.copy_(copy)
+
+
+def _plan(tau, merge_buffer, step: int, settings: MergeSettings) -> tuple[str | None, str | None]:
+    """(merge, step-K buffer use) of this step: the branches of ``eager.apply_update``.
+
+    merge is None (plain Δ), "ondare" or "onties"; the buffer use is None, "accumulate" or "roll_back".
+    """
+    if tau is None or settings.is_plain:
+        return None, None
+    if settings.merge not in ("ondare", "onties"):
+        raise ValueError(f"unknown merge {settings.merge!r}")
+    if settings.merge_every == 1:
+        return settings.merge, None
+    if merge_buffer is None:
+        raise ValueError("step-K merging (merge_every > 1) needs a merge_buffer")
+    if step % settings.merge_every != 0:
+        return None, "accumulate"
+    return settings.merge, "roll_back"
+
+
+def _merge_args(merge: str | None, carry: str | None, step: int, name: str | None, settings: MergeSettings) -> dict:
+    """The merge scalars and constexpr flags of ``_finish``."""
+    p, alpha = settings.reserve_p, settings.alpha
+    dare = merge == "ondare"
+    drop = dare and p < 1.0
+    with_tau = dare and alpha != 0.0
+    args = {
+        "upd_k1": 0, "upd_k2": 0, "tau_k1": 0, "tau_k2": 0, "threshold": 0,
+        "p": p, "w_update": 1.0 - alpha, "w_tau": alpha, "tau_clamp": settings.tau_clamp or 0.0,
+        "DARE": dare, "DROP": drop, "RESCALE": drop and settings.dare_rescale, "WITH_TAU": with_tau,
+        "CLAMP": with_tau and settings.tau_clamp is not None, "TO_SCRATCH": merge == "onties",
+        "ACCUMULATE": carry == "accumulate", "ROLL_BACK": carry == "roll_back",
+    }  # fmt: skip
+    if drop:
+        tau_step = 0 if settings.tau_mask == "once" else step
+        args["upd_k1"], args["upd_k2"] = tensor_key(settings.seed, STREAM_UPDATE, step, name)
+        args["tau_k1"], args["tau_k2"] = tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name)
+        args["threshold"] = keep_threshold(p)
+    return args
+
+
+def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return tensor if tensor is None or tensor.is_contiguous() else tensor.contiguous()

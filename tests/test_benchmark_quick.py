@@ -1,0 +1,79 @@
+"""benchmarks/step_speed.py --quick runs, times every provider and counts the optimizer state as documented."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_speed.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("step_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def expected_bytes_per_param(provider: str) -> float:
+    """Stated independently of the benchmark: fp32 moments, τ in bf16, an fp32 step-K buffer when K > 1.
+
+    The per-tensor 0-d ``step`` counters are excluded (the benchmark skips 0-d tensors).
+    """
+    fp32, tau = 4, torch.finfo(torch.bfloat16).bits // 8
+    if provider.startswith("om_sgd_"):
+        return fp32 + tau  # momentum buffer + τ
+    k = int(provider.split("_k")[1].split("_")[0])
+    return 2 * fp32 + tau + (fp32 if k > 1 else 0)  # exp_avg, exp_avg_sq, τ (+ step-K buffer)
+
+
+@pytest.mark.slow
+def test_quick_mode(tmp_path):
+    bench = load_benchmark()
+    result = bench.main(["--quick", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / f"step_speed_{result['machine']['device']}.json").read_text())
+    rows = {row["provider"]: row for row in written["results"]}
+    device = torch.device(result["machine"]["device"])
+
+    assert set(rows) == set(bench.providers(device, quick=True))
+    assert {"om_adam_ondare_k1_eager", "om_adam_onties_k1_eager", "om_adam_ondare_k10_eager"} <= set(rows)
+    assert written["machine"]["torch"] == torch.__version__
+    for name, row in rows.items():
+        if row["status"] == "skipped":
+            # only an optional compiled backend may be missing; it is reported with its error
+            assert name.endswith(("_cpu", "_triton")), f"{name} was skipped: {row['error']}"
+            assert row["error"]
+            continue
+        assert row["status"] == "ok"
+        assert len(row["samples_ms"]) == 2
+        times = [row["first_step_ms"], row["median_ms"], row["min_ms"], row["max_ms"], *row["samples_ms"]]
+        assert all(math.isfinite(t) and t > 0 for t in times), (name, times)
+        assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
+        assert row["ratio_to_adamw_fused"] > 0
+        if name.startswith("om_"):
+            assert row["state_bytes_per_param"] == pytest.approx(expected_bytes_per_param(name)), name
+    assert rows["adamw_fused"]["state_bytes_per_param"] == pytest.approx(8.0)
+    assert rows["om_adam_ondare_k1_eager"]["state_bytes_per_param"] == pytest.approx(10.0)
+    assert rows["om_adam_ondare_k10_eager"]["state_bytes_per_param"] == pytest.approx(14.0)
+
+
+def test_failing_provider_is_skipped_one_at_a_time(tmp_path, monkeypatch):
+    bench = load_benchmark()
+
+    def broken(setup):
+        raise RuntimeError("backend not built")
+
+    table = {"adamw_fused": bench.providers(torch.device("cpu"), quick=True)["adamw_fused"], "broken": (broken, 1)}
+    monkeypatch.setattr(bench, "providers", lambda device, quick: table)
+    monkeypatch.setattr(bench, "_fits_together", lambda *args: False)  # the sequential path
+    result = bench.main(["--quick", "--device", "cpu", "--out", str(tmp_path)])
+    rows = {row["provider"]: row for row in result["results"]}
+    assert rows["broken"]["status"] == "skipped"
+    assert rows["broken"]["error"] == "RuntimeError: backend not built"
+    assert rows["adamw_fused"]["mode"] == "sequential"
+    assert rows["adamw_fused"]["ratio_to_adamw_fused"] == 1.0

@@ -1,0 +1,211 @@
+"""The Triton backend against the eager one, on CPU tensors under the Triton interpreter."""
+
+import importlib
+import sys
+
+import pytest
+import torch
+
+import online_merging.kernels as kernels
+from online_merging.kernels import eager
+from online_merging.rng import STREAM_UPDATE, keep_threshold, random_bits, tensor_key
+from online_merging.settings import MERGE_DEFAULTS, MergeSettings
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+ADAM = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "amsgrad": False, "maximize": False}
+SGD = {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "nesterov": False, "weight_decay": 0.01, "maximize": False}
+MIXED = {"reserve_p": 0.3, "alpha": 0.3}  # large enough that every branch of the merge shows in the result
+
+
+@pytest.fixture(scope="module")
+def backend():
+    """The Triton backend with interpreted kernels: Triton reads TRITON_INTERPRET when a kernel is decorated."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        module = importlib.import_module("online_merging.kernels.triton")
+        if not isinstance(module._adam_kernel, InterpretedFunction):  # imported earlier without the interpreter
+            module = importlib.reload(module)
+        yield module
+
+
+def merge_settings(**overrides) -> MergeSettings:
+    settings = MergeSettings(**{**MERGE_DEFAULTS, **overrides})
+    settings.check()
+    return settings
+
+
+def make_state(opt, shape, dtype, settings, hyper, gen) -> dict:
+    """Parameter and optimizer state; Adam starts warm, so that |Δθ| has no ties on step 1 (ties would make
+    OnTIES's top-p hinge on last-ulp differences between the two backends)."""
+
+    def rand(scale, positive=False):
+        x = torch.rand(shape, generator=gen) if positive else torch.randn(shape, generator=gen)
+        return (x * scale).to(dtype)
+
+    state = {"param": rand(1.0)}
+    if opt == "adam":
+        state["exp_avg"], state["exp_avg_sq"] = rand(0.1), rand(0.01, positive=True)
+        if hyper["amsgrad"]:
+            state["max_exp_avg_sq"] = rand(0.02, positive=True)
+    elif hyper["momentum"] != 0.0:
+        state["momentum_buffer"] = torch.zeros(shape, dtype=dtype)
+    if settings.merge_every > 1:
+        state["merge_buffer"] = torch.zeros(shape, dtype=dtype)
+    return state
+
+
+def call(module, opt, state, grad, tau, step, settings, hyper):
+    common = {"step": step, "name": "block.weight", "settings": settings, **hyper}
+    if opt == "adam":
+        module.adam_step(
+            state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+            state.get("merge_buffer"), tau, **common,
+        )  # fmt: skip
+    else:
+        module.sgd_step(
+            state["param"], grad, state.get("momentum_buffer"), state.get("merge_buffer"), tau, **common
+        )  # fmt: skip
+
+
+def assert_matches(out, ref):
+    for key, expected in ref.items():
+        actual = out[key]
+        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+
+        def message(text, key=key):
+            return f"{key}: {text}"
+
+        if expected.dtype == torch.bfloat16:
+            # one bfloat16 ulp (at most 2**-7 relative): the interpreter truncates float32 to bfloat16 where torch
+            # rounds to nearest; then resync, so that the rounding gaps do not compound over the steps
+            torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-7, atol=1e-6, msg=message)
+            actual.copy_(expected)
+        else:
+            # float32: a few ulp, because torch's CPU sqrt is not correctly rounded and the kernel's is; a
+            # different DARE mask or sign election would be off by orders of magnitude more
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=message)
+
+
+def run_both(backend, opt, shape, settings, hyper, *, steps, dtype=torch.float32, tau_dtype=torch.float32):
+    """``steps`` steps of the eager and the Triton backend from the same state, compared after every step."""
+    gen = torch.Generator().manual_seed(7)
+    ref = make_state(opt, shape, dtype, settings, hyper, gen)
+    out = {key: value.clone() for key, value in ref.items()}
+    tau = torch.randn(shape, generator=gen).to(tau_dtype)
+    for step in range(1, steps + 1):
+        grad = torch.randn(shape, generator=gen).to(dtype)
+        call(eager, opt, ref, grad, tau, step, settings, hyper)
+        call(backend, opt, out, grad, tau, step, settings, hyper)
+        assert_matches(out, ref)
+
+
+def hyper_of(opt, **overrides):
+    base = ADAM if opt == "adam" else SGD
+    return {**base, **{key: value for key, value in overrides.items() if key in base}}
+
+
+CASES = {
+    "plain": ({"merge": None}, {}),
+    "ondare-defaults": ({}, {}),
+    "ondare": (MIXED, {}),
+    "ondare-options": ({**MIXED, "dare_rescale": False, "tau_mask": "every_step", "tau_clamp": None}, {}),
+    "ondare-alpha0": ({"reserve_p": 0.3, "alpha": 0.0}, {"amsgrad": True, "nesterov": True}),
+    "ondare-p1": ({"reserve_p": 1.0, "alpha": 0.3}, {"maximize": True}),
+    "onties": ({**MIXED, "merge": "onties"}, {"amsgrad": True, "maximize": True, "nesterov": True}),
+    "onties-weighted": ({**MIXED, "merge": "onties", "ties_sign": "weighted"}, {"momentum": 0.0}),
+    "onties-p1": ({"merge": "onties", "reserve_p": 1.0, "alpha": 0.3}, {}),
+    "stepK-ondare": ({**MIXED, "merge_every": 3}, {"maximize": True}),
+    "stepK-onties": ({**MIXED, "merge": "onties", "merge_every": 3}, {"amsgrad": True, "weight_decay": 0.0}),
+}
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_eager(backend, opt, case):
+    overrides, hyper = CASES[case]
+    settings = merge_settings(**overrides)
+    steps = 6 if settings.merge_every > 1 else 3
+    run_both(backend, opt, (37, 29), settings, hyper_of(opt, **hyper), steps=steps)  # 1073 elements: 2 blocks
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (13, 7), (2100,), (0, 3)])
+@pytest.mark.parametrize(
+    ("dtype", "tau_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)],
+)
+@pytest.mark.parametrize("merge", ["ondare", "onties"])
+@pytest.mark.parametrize("merge_every", [1, 2])
+def test_shapes_and_dtypes(backend, shape, dtype, tau_dtype, merge, merge_every):
+    settings = merge_settings(**MIXED, merge=merge, merge_every=merge_every)
+    for opt in ("adam", "sgd"):
+        run_both(backend, opt, shape, settings, hyper_of(opt), steps=2, dtype=dtype, tau_dtype=tau_dtype)
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_dare_masks_identical(backend, opt):
+    """With α = 0 and no weight decay an element DARE drops is left exactly as it was: same set on both backends."""
+    settings = merge_settings(reserve_p=0.3, alpha=0.0)
+    hyper = hyper_of(opt, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(3)
+    ref = make_state(opt, (2100,), torch.float32, settings, hyper, gen)
+    out = {key: value.clone() for key, value in ref.items()}
+    for step in (1, 2):
+        grad = torch.randn(2100, generator=gen)
+        before = ref["param"].clone()
+        call(eager, opt, ref, grad, torch.zeros(2100), step, settings, hyper)
+        call(backend, opt, out, grad, torch.zeros(2100), step, settings, hyper)
+        changed = ref["param"] != before
+        assert 400 < changed.sum() < 900
+        assert torch.equal(out["param"] != before, changed)
+        out["param"].copy_(ref["param"])
+
+
+def test_hash_matches_rng_beyond_2_32(backend):
+    """The in-kernel hash folds the index's high word in like ``rng.random_bits``, past 2**32 elements too."""
+
+    # decorated under the fixture's TRITON_INTERPRET=1; the interpreter re-executes the source against this
+    # module's globals (no closures), hence the helper is reached through ``kernels``
+    @triton.jit
+    def keep_kernel(out_ptr, base, k1, k2, threshold, BLOCK: tl.constexpr):
+        block_start = base + tl.program_id(0).to(tl.int64) * BLOCK
+        offs = block_start + tl.arange(0, BLOCK)
+        tl.store(out_ptr + (offs - base), kernels.triton._dare_keep(offs, block_start, k1, k2, threshold).to(tl.int8))
+
+    key, threshold = tensor_key(5, STREAM_UPDATE, 9, "w"), keep_threshold(0.4)
+    for base in (0, 2**32 - 256, 5 * 2**32 + 2**31):
+        out = torch.empty(512, dtype=torch.int8)
+        keep_kernel[(4,)](out, base, *key, threshold, BLOCK=128)
+        expected = random_bits(key, torch.arange(base, base + 512)) < threshold
+        assert torch.equal(out.bool(), expected)
+
+
+@pytest.mark.parametrize("merge", ["ondare", "onties"])
+def test_non_contiguous_tensors(backend, merge):
+    """Views are updated through contiguous copies; masks follow the logical (row-major) element order."""
+    settings = merge_settings(**MIXED, merge=merge, merge_every=2)
+    gen = torch.Generator().manual_seed(11)
+    ref = make_state("adam", (13, 37), torch.float32, settings, ADAM, gen)
+    out = {key: value.clone().t().contiguous().t() for key, value in ref.items()}  # same values, transposed memory
+    assert not out["param"].is_contiguous()
+    tau = torch.randn(37, 13, generator=gen).t()
+    for step in (1, 2):
+        grad = torch.randn(37, 13, generator=gen).t()
+        call(eager, "adam", ref, grad, tau, step, settings, ADAM)
+        call(backend, "adam", out, grad, tau, step, settings, ADAM)
+        assert_matches(out, ref)
+
+
+def test_selected_on_cpu_under_the_interpreter(backend):
+    assert kernels.get_backend("triton", torch.device("cpu")) is backend
+
+
+def test_missing_triton_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    monkeypatch.delitem(sys.modules, "online_merging.kernels.triton", raising=False)
+    with pytest.raises(ImportError, match="pip install triton"):
+        importlib.import_module("online_merging.kernels.triton")
