@@ -40,6 +40,14 @@ def _compile():
 
 _ext = _compile()
 _tau_cuts: dict[tuple, list[int]] = {}
+_scratch = torch.empty(0)  # reused: a fresh buffer per step costs a page fault per 4 KiB
+
+
+def _scratch_for(param: torch.Tensor) -> torch.Tensor:
+    global _scratch
+    if _scratch.numel() < param.numel():
+        _scratch = torch.empty(param.numel(), dtype=torch.float32)
+    return _scratch[: param.numel()]
 
 
 def _fusable(param: torch.Tensor, tau: torch.Tensor | None, *state: torch.Tensor | None) -> bool:
@@ -109,7 +117,7 @@ def adam_step(
         )  # fmt: skip
     mode = _mode(tau, settings, step)
     decay = 1.0 - lr * weight_decay
-    total = torch.empty(param.shape, dtype=torch.float32) if mode >= WRITE_TOTAL else None
+    total = _scratch_for(param) if mode >= WRITE_TOTAL else None
     _ext.adam_pass(
         mode, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, merge_buffer, tau, total,
         beta1, beta2, -lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, eps, maximize, decay,
@@ -130,7 +138,7 @@ def sgd_step(
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
         )  # fmt: skip
     mode = _mode(tau, settings, step)
-    total = torch.empty(param.shape, dtype=torch.float32) if mode >= WRITE_TOTAL else None
+    total = _scratch_for(param) if mode >= WRITE_TOTAL else None
     _ext.sgd_pass(
         mode, param, grad, momentum_buffer if momentum != 0.0 else None, merge_buffer, tau, total, lr, momentum,
         dampening, weight_decay, nesterov, step == 1, maximize, *_merge_args(settings, step, name),

@@ -14,7 +14,9 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <functional>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -158,16 +160,25 @@ void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restric
   });
 }
 
-// Top-k of |x| by a two-level radix selection on the float bits (non-negative floats sort as their bits).
-// Returns {T, cutoff}: keep iff bits(|x_i|) > T, or == T and i <= cutoff (ties kept by lower index).
 template <typename X>
-std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
-  auto abs_bits = [&](int64_t i) {
-    const float v = std::fabs(to_float(x[i]));
-    uint32_t b;
-    std::memcpy(&b, &v, sizeof b);
-    return b;
-  };
+inline uint32_t abs_bits(const X* x, int64_t i) {
+  const float v = std::fabs(to_float(x[i]));
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+  return b;  // non-negative floats order as their bit patterns
+}
+
+// The exact answer among candidates: sorted by (|x| desc, index asc), the (rank)-th one is the threshold element.
+std::array<int64_t, 2> pick(std::vector<std::pair<uint32_t, int64_t>>& candidates, int64_t rank) {
+  std::nth_element(candidates.begin(), candidates.begin() + rank, candidates.end(), [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  });
+  return {static_cast<int64_t>(candidates[rank].first), candidates[rank].second};
+}
+
+// Radix selection: a 16-bit histogram of the high half, then of the low half inside the chosen bin.
+template <typename X>
+std::array<int64_t, 2> radix_select(const X* x, int64_t n, int64_t k) {
   uint32_t prefix = 0;
   int64_t above = 0;  // elements strictly above the bins examined so far
   for (int level = 0; level < 2; ++level) {
@@ -175,7 +186,7 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       auto& histogram = partial[at::get_thread_num()];
       for (int64_t i = begin; i < end; ++i) {
-        const uint32_t b = abs_bits(i);
+        const uint32_t b = abs_bits(x, i);
         if (level == 0) {
           ++histogram[b >> 16];
         } else if ((b >> 16) == prefix) {
@@ -188,55 +199,110 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
       for (int j = 0; j < (1 << 16); ++j) histogram[j] += part[j];
     int bin = (1 << 16) - 1;
     for (; bin > 0 && above + histogram[bin] < k; --bin) above += histogram[bin];
-    if (level == 0) {
-      prefix = static_cast<uint32_t>(bin);
-      continue;
-    }
-    const uint32_t threshold = (prefix << 16) | static_cast<uint32_t>(bin);
-    const int64_t ties_kept = k - above;
-    int64_t cutoff = n;
-    if (ties_kept < histogram[bin]) {  // keep only the first ties_kept equal elements, by index
-      int64_t seen = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        if (abs_bits(i) == threshold && ++seen == ties_kept) {
-          cutoff = i;
-          break;
-        }
+    if (level == 0) prefix = static_cast<uint32_t>(bin);
+    else prefix = (prefix << 16) | static_cast<uint32_t>(bin);
+  }
+  std::vector<std::pair<uint32_t, int64_t>> ties;
+  for (int64_t i = 0; i < n && static_cast<int64_t>(ties.size()) < k - above; ++i)
+    if (abs_bits(x, i) == prefix) ties.emplace_back(prefix, i);
+  return {static_cast<int64_t>(prefix), ties.back().second};
+}
+
+// Top-k of |x|. Returns {T, cutoff}: keep iff bits(|x_i|) > T, or == T and i <= cutoff; exactly k elements,
+// ties at T kept by lower index. A strided sample brackets the k-th value; one pass counts the elements above
+// the bracket and collects those inside it; the answer is selected among them. Radix selection is the fallback
+// when the bracket misses (exact either way).
+template <typename X>
+std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
+  const int64_t m = std::min<int64_t>(n, 1 << 16);
+  std::vector<uint32_t> sample(m);
+  for (int64_t j = 0; j < m; ++j) sample[j] = abs_bits(x, j * n / m);
+  const double rank = static_cast<double>(k) * m / n;
+  const double margin = 4.0 * std::sqrt(rank * (1.0 - rank / m)) + 8.0;  // ~4 sigma of the sample rank
+  auto order_statistic = [&](int64_t r) {  // the r-th largest of the sample
+    std::nth_element(sample.begin(), sample.begin() + r, sample.end(), std::greater<uint32_t>());
+    return sample[r];
+  };
+  const uint32_t high = order_statistic(std::max<int64_t>(0, static_cast<int64_t>(rank - margin)));
+  const uint32_t low = order_statistic(std::min<int64_t>(m - 1, static_cast<int64_t>(rank + margin)));
+  // Few elements fall inside [low, high] unless |x| has many ties there; past this cap, radix select is cheaper.
+  const int64_t cap = static_cast<int64_t>(8.0 * (2 * margin + 1) * n / m) + 4096;
+  const int threads = at::get_num_threads();
+  std::vector<int64_t> counts(threads, 0);
+  std::vector<std::vector<std::pair<uint32_t, int64_t>>> found(threads);
+  std::atomic<bool> overflow{false};
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    auto& mine = found[at::get_thread_num()];
+    int64_t above = 0;
+    std::array<int64_t, 4096> hits;
+    for (int64_t block = begin; block < end; block += hits.size()) {
+      const int64_t block_end = std::min<int64_t>(end, block + hits.size());
+      int64_t count = 0;
+      for (int64_t i = block; i < block_end; ++i) {  // branch-free: every index is written, kept on a hit
+        const uint32_t b = abs_bits(x, i);
+        above += b > high;
+        hits[count] = i;
+        count += (b >= low) & (b <= high);
+      }
+      for (int64_t c = 0; c < count; ++c) mine.emplace_back(abs_bits(x, hits[c]), hits[c]);
+      if (static_cast<int64_t>(mine.size()) > cap || overflow) {
+        overflow = true;
+        return;
       }
     }
-    return {static_cast<int64_t>(threshold), cutoff};
+    counts[at::get_thread_num()] += above;
+  });
+  int64_t above = 0;
+  std::vector<std::pair<uint32_t, int64_t>> candidates;
+  if (!overflow) {
+    for (int t = 0; t < threads; ++t) {
+      above += counts[t];
+      candidates.insert(candidates.end(), found[t].begin(), found[t].end());
+    }
   }
-  return {0, n};
+  if (!overflow && above < k && k <= above + static_cast<int64_t>(candidates.size()))
+    return pick(candidates, k - above - 1);
+  return radix_select(x, n, k);
 }
 
 // θ ← decay·θ − Δc + (1−α)·a' + α·b', with a = T(total), b = T(τ) and a', b' their elements that agree with the
 // elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass.
-template <typename T>
+template <bool BUFFER, typename T>
 void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const float* __restrict__ total,
                const T* __restrict__ tau, float decay, float alpha, std::array<int64_t, 2> update_cut,
                std::array<int64_t, 2> tau_cut, bool weighted, int64_t n) {
-  const uint32_t ut = static_cast<uint32_t>(update_cut[0]), tt = static_cast<uint32_t>(tau_cut[0]);
-  auto kept = [](float v, int64_t i, uint32_t threshold, int64_t cutoff) {
-    const float a = std::fabs(v);
-    uint32_t b;
-    std::memcpy(&b, &a, sizeof b);
-    return (b > threshold) | ((b == threshold) & (i <= cutoff));
-  };
+  const uint32_t update_threshold = static_cast<uint32_t>(update_cut[0]);
+  const uint32_t tau_threshold = static_cast<uint32_t>(tau_cut[0]);
   const float wa = weighted ? 1.f - alpha : 1.f, wb = weighted ? alpha : 1.f;
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float x = total[i];
-      const float t = to_float(tau[i]);
-      const float a = kept(x, i, ut, update_cut[1]) ? x : 0.f;
-      const float b = kept(t, i, tt, tau_cut[1]) ? t : 0.f;
-      const float s = sign(wa * a + wb * b);
-      const float merged = (1.f - alpha) * (sign(a) == s ? a : 0.f) + alpha * (sign(b) == s ? b : 0.f);
-      float theta = param[i] * decay + merged;
-      if (buffer) {
-        theta -= buffer[i];
-        buffer[i] = 0.f;
+    for (int64_t lo = begin; lo < end;) {
+      const int64_t range_end = std::min(end, lo + (int64_t(1) << 31));
+      const uint32_t count = static_cast<uint32_t>(range_end - lo);
+      // Ties at the threshold are kept up to the cutoff index: as a 32-bit bound relative to this range.
+      auto tie_bound = [&](int64_t cutoff) {
+        return static_cast<uint32_t>(std::clamp<int64_t>(cutoff - lo + 1, 0, count));
+      };
+      const uint32_t update_ties = tie_bound(update_cut[1]), tau_ties = tie_bound(tau_cut[1]);
+#pragma omp simd
+      for (uint32_t j = 0; j < count; ++j) {
+        const int64_t i = lo + j;
+        const float x = total[i];
+        const float t = to_float(tau[i]);
+        const uint32_t xb = abs_bits(total, i), tb = abs_bits(tau, i);
+        const bool keep_x = (xb > update_threshold) | ((xb == update_threshold) & (j < update_ties));
+        const bool keep_t = (tb > tau_threshold) | ((tb == tau_threshold) & (j < tau_ties));
+        const float a = keep_x ? x : 0.f;
+        const float b = keep_t ? t : 0.f;
+        const float s = sign(wa * a + wb * b);
+        const float merged = (1.f - alpha) * (sign(a) == s ? a : 0.f) + alpha * (sign(b) == s ? b : 0.f);
+        float theta = param[i] * decay + merged;
+        if (BUFFER) {
+          theta -= buffer[i];
+          buffer[i] = 0.f;
+        }
+        param[i] = theta;
       }
-      param[i] = theta;
+      lo = range_end;
     }
   });
 }
@@ -351,12 +417,16 @@ void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   float* buf = merge_buffer ? merge_buffer->data_ptr<float>() : nullptr;
   const std::array<int64_t, 2> uc{update_cut[0], update_cut[1]}, tc{tau_cut[0], tau_cut[1]};
   const float d = static_cast<float>(decay), a = static_cast<float>(alpha);
+  auto run = [&](const auto* t) {
+    float* p = param.data_ptr<float>();
+    const float* x = total.data_ptr<float>();
+    if (buf) return ties_pass<true>(p, buf, x, t, d, a, uc, tc, weighted, param.numel());
+    ties_pass<false>(p, buf, x, t, d, a, uc, tc, weighted, param.numel());
+  };
   if (tau.scalar_type() == at::kFloat) {
-    ties_pass(param.data_ptr<float>(), buf, total.data_ptr<float>(), tau.data_ptr<float>(), d, a, uc, tc, weighted,
-              param.numel());
+    run(tau.data_ptr<float>());
   } else {
-    ties_pass(param.data_ptr<float>(), buf, total.data_ptr<float>(), tau.data_ptr<c10::BFloat16>(), d, a, uc, tc,
-              weighted, param.numel());
+    run(tau.data_ptr<c10::BFloat16>());
   }
 }
 
