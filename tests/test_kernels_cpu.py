@@ -95,8 +95,27 @@ def test_unsupported_dtypes_fall_back_to_eager():
     assert torch.equal(fused, _run(eager, "adam", settings, param_dtype=torch.bfloat16))
 
 
-def test_tau_threshold_is_cached_per_tensor_and_p():
-    cpu._tau_cuts.clear()
+def test_tau_threshold_is_computed_once_per_tensor_and_p(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu, "_cut", lambda x, p: calls.append(x.dtype) or cpu._ext.topk_threshold(
+        x.reshape(-1), num_kept(p, x.numel())))  # fmt: skip
     settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": "onties", "reserve_p": 0.3, "alpha": 0.1})
     _run(cpu, "sgd", settings, steps=3)
-    assert len(cpu._tau_cuts) == 1
+    assert calls.count(torch.bfloat16) == 1 and calls.count(torch.float32) == 3  # τ once, each update once
+
+
+def test_tau_threshold_cache_is_not_fooled_by_a_new_tensor_at_a_recycled_address():
+    settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": "onties", "reserve_p": 0.2, "alpha": 0.5})
+    kwargs = dict(step=1, name="w", lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                  maximize=False, settings=settings)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    param, grad = torch.randn(257, generator=g), torch.randn(257, generator=g)
+    values = [torch.randn(257, generator=g) for _ in range(4)]
+    for value in values:
+        tau = torch.empty(257)  # the previous τ was just freed: the allocator often hands its block out again
+        tau.copy_(value)
+        fused, reference = param.clone(), param.clone()
+        cpu.sgd_step(fused, grad, None, None, tau, **kwargs)
+        eager.sgd_step(reference, grad, None, None, tau, **kwargs)
+        torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)
+        del tau

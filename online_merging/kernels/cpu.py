@@ -10,6 +10,7 @@ compile without ``-march=native``.
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ def _compile():
 
 
 _ext = _compile()
-_tau_cuts: dict[tuple, list[int]] = {}
+_tau_cuts: dict[int, tuple] = {}
 _scratch = torch.empty(0)  # reused: a fresh buffer per step costs a page fault per 4 KiB
 
 
@@ -89,12 +90,13 @@ def _cut(x: torch.Tensor, p: float) -> list[int]:
 
 
 def _tau_cut(tau: torch.Tensor, p: float) -> list[int]:
-    key = (tau.data_ptr(), tau._version, tau.numel(), tau.dtype, p)
-    if key not in _tau_cuts:
-        if len(_tau_cuts) > 65536:
-            _tau_cuts.clear()
-        _tau_cuts[key] = _cut(tau, p)
-    return _tau_cuts[key]
+    """τ's threshold, cached while this very tensor lives unchanged (a weak reference: ids and addresses recur)."""
+    cached = _tau_cuts.get(id(tau))
+    if cached is None or cached[0]() is not tau or cached[1:3] != (tau._version, p):
+        cached = (weakref.ref(tau), tau._version, p, _cut(tau, p))
+        _tau_cuts[id(tau)] = cached
+        weakref.finalize(tau, _tau_cuts.pop, id(tau), None)
+    return cached[3]
 
 
 def _ties(param, merge_buffer, total, tau, settings: MergeSettings, decay: float) -> None:
