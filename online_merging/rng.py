@@ -14,6 +14,7 @@ eager torch, the C++ kernel and Triton (uint32).
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import torch
@@ -55,11 +56,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _tensor_base_key(seed: int, stream: int, name: str) -> int:
+    k = _mix32_int(stream)
+    for word in (zlib.crc32(name.encode()), seed & MASK32, (seed >> 32) & MASK32):
+        k = _mix32_int(k ^ word)
+    return k
+
+
 def tensor_key(seed: int, stream: int, step: int, name: str) -> tuple[int, int]:
     """The two 32-bit keys of one tensor's draw at one step (plain Python ints)."""
-    k = _mix32_int(stream)
-    for word in (step & MASK32, step >> 32, zlib.crc32(name.encode()), seed & MASK32, (seed >> 32) & MASK32):
-        k = _mix32_int(k ^ word)
+    k = _mix32_int(_tensor_base_key(seed, stream, name) ^ (step & MASK32))
+    k = _mix32_int(k ^ (step >> 32))
     return k, _mix32_int(k ^ GOLDEN)
 
 

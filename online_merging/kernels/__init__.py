@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -17,11 +18,16 @@ import torch
 __all__ = ["BACKENDS", "get_backend"]
 
 BACKENDS = ("eager", "cpu", "triton")
-_unavailable: set[str] = set()
 
 
 def get_backend(name: str | None, device: torch.device) -> ModuleType:
     """The backend module ``name``, or for ``None`` the fastest one that works on ``device``."""
+    return _backend(name, device.type)
+
+
+@functools.cache
+def _backend(name: str | None, device_type: str) -> ModuleType:
+    device = torch.device(device_type)
     if name is not None:
         if name not in BACKENDS:
             raise ValueError(f"Invalid backend: {name!r} (expected one of {BACKENDS} or None)")
@@ -31,11 +37,10 @@ def get_backend(name: str | None, device: torch.device) -> ModuleType:
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got a tensor on {device}")
         return importlib.import_module(f"online_merging.kernels.{name}")
     preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-    if preferred is not None and preferred not in _unavailable:
+    if preferred is not None:
         try:
             return importlib.import_module(f"online_merging.kernels.{preferred}")
         except (ImportError, RuntimeError, OSError) as error:
-            _unavailable.add(preferred)
             warnings.warn(
                 f"the {preferred!r} backend is unavailable ({type(error).__name__}: {error}); "
                 "falling back to the slower 'eager' backend",

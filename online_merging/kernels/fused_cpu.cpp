@@ -87,21 +87,21 @@ struct AdamRule {
   }
 };
 
-// SGD as torch.optim.SGD: returns Δ_i = −lr·(momentum buffer of g + λθ).
+// SGD as torch.optim.SGD: returns Δ_i = −lr·(momentum buffer of g + λθ). The flags are 0/1 floats and the
+// choices are x·f + y·(1−f), exact for finite values, because GCC does not vectorise this loop with selects.
 template <bool MOMENTUM>
 struct SgdRule {
   const float* __restrict__ grad;
   float* __restrict__ momentum_buffer;
-  float lr, momentum, one_minus_dampening, weight_decay, grad_sign;
-  bool nesterov, first;
+  float lr, momentum, one_minus_dampening, weight_decay, grad_sign, nesterov, first;
 
   inline float operator()(int64_t i, float theta) const {
     float g = grad[i] * grad_sign + weight_decay * theta;
     if (MOMENTUM) {
-      const float previous = momentum_buffer[i];  // loaded unconditionally: a branch-free loop vectorises
-      const float b = first ? g : previous * momentum + one_minus_dampening * g;
+      const float previous = momentum_buffer[i];
+      const float b = g * first + (previous * momentum + one_minus_dampening * g) * (1.f - first);
       momentum_buffer[i] = b;
-      g = nesterov ? g + momentum * b : b;
+      g = (g + momentum * b) * nesterov + b * (1.f - nesterov);
     }
     return -lr * g;
   }
@@ -214,7 +214,7 @@ std::array<int64_t, 2> radix_select(const X* x, int64_t n, int64_t k) {
 // when the bracket misses (exact either way).
 template <typename X>
 std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
-  const int64_t m = std::min<int64_t>(n, 1 << 16);
+  const int64_t m = std::min<int64_t>(n, std::clamp<int64_t>(n / 32, 2048, 1 << 16));
   std::vector<uint32_t> sample(m);
   for (int64_t j = 0; j < m; ++j) sample[j] = abs_bits(x, j * n / m);
   const double rank = static_cast<double>(k) * m / n;
@@ -393,10 +393,10 @@ void sgd_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, c10::option
   if (momentum_buffer) {
     check(*momentum_buffer, param, "momentum_buffer");
     const SgdRule<true> rule{grad.data_ptr<float>(), momentum_buffer->data_ptr<float>(), f[0], f[1], f[2], f[3], f[4],
-                             nesterov, first};
+                             nesterov ? 1.f : 0.f, first ? 1.f : 0.f};
     return run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
   }
-  const SgdRule<false> rule{grad.data_ptr<float>(), nullptr, f[0], f[1], f[2], f[3], f[4], nesterov, first};
+  const SgdRule<false> rule{grad.data_ptr<float>(), nullptr, f[0], f[1], f[2], f[3], f[4], 0.f, 0.f};
   run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
 }
 
