@@ -12,6 +12,7 @@ def _demo(args: argparse.Namespace) -> int:
     from online_merging.demo import format_results, run_demo
 
     print(f"Aligning a small SFT'd MLP on a new objective for {args.steps} steps (CPU, seed {args.seed})...")
+    print("(the first run on a machine also builds the fused CPU kernel: about a minute)")
     print(format_results(run_demo(steps=args.steps, seed=args.seed)))
     print("reward gain: fall of the alignment loss; ability loss: rise of the SFT-skills loss (the tax).")
     return 0

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from online_merging.kernels import get_backend
 from online_merging.merging import TaskVector
 from online_merging.optim import OnlineMergingAdam
 
@@ -75,6 +76,7 @@ def run_demo(*, steps: int = 300, seed: int = 0, dim: int = 16, lr: float = 3e-3
             m.named_parameters(), lr=lr, task_vector=tau, merge="onties", reserve_p=0.1, alpha=1e-3
         ),
     }
+    get_backend(None, torch.device("cpu"))  # builds the fused CPU kernel on first use: keep it out of the timings
     results = []
     for method, make in optimizers.items():
         model.load_state_dict(sft)

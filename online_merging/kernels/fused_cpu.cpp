@@ -234,18 +234,21 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     auto& mine = found[at::get_thread_num()];
     int64_t above = 0;
-    std::array<int64_t, 4096> hits;
-    for (int64_t block = begin; block < end; block += hits.size()) {
-      const int64_t block_end = std::min<int64_t>(end, block + hits.size());
-      int64_t count = 0;
-      for (int64_t i = block; i < block_end; ++i) {  // branch-free: every index is written, kept on a hit
+    constexpr int64_t kBlock = 64;  // small blocks: most hold no candidate, so the scalar collection skips them
+    for (int64_t block = begin; block < end; block += kBlock) {
+      const int64_t block_end = std::min<int64_t>(end, block + kBlock);
+      int64_t inside = 0;
+      for (int64_t i = block; i < block_end; ++i) {  // vectorised counts
         const uint32_t b = abs_bits(x, i);
         above += b > high;
-        hits[count] = i;
-        count += (b >= low) & (b <= high);
+        inside += (b >= low) & (b <= high);
       }
-      for (int64_t c = 0; c < count; ++c) mine.emplace_back(abs_bits(x, hits[c]), hits[c]);
-      if (static_cast<int64_t>(mine.size()) > cap || overflow) {
+      if (inside == 0) continue;
+      for (int64_t i = block; i < block_end; ++i) {
+        const uint32_t b = abs_bits(x, i);
+        if (b >= low && b <= high) mine.emplace_back(b, i);
+      }
+      if (static_cast<int64_t>(mine.size()) > cap || overflow.load(std::memory_order_relaxed)) {
         overflow = true;
         return;
       }
