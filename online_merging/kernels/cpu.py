@@ -10,6 +10,7 @@ compile without ``-march=native``.
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -41,14 +42,14 @@ def _compile():
 
 _ext = _compile()
 _tau_cuts: dict[int, tuple] = {}
-_scratch = torch.empty(0)  # reused: a fresh buffer per step costs a page fault per 4 KiB
+_local = threading.local()  # per thread, a reused scratch buffer: a fresh one per step page-faults every 4 KiB
 
 
 def _scratch_for(param: torch.Tensor) -> torch.Tensor:
-    global _scratch
-    if _scratch.numel() < param.numel():
-        _scratch = torch.empty(param.numel(), dtype=torch.float32)
-    return _scratch[: param.numel()]
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.numel() < param.numel():
+        scratch = _local.scratch = torch.empty(param.numel(), dtype=torch.float32)
+    return scratch[: param.numel()]
 
 
 def _fusable(param: torch.Tensor, tau: torch.Tensor | None, *state: torch.Tensor | None) -> bool:
