@@ -18,6 +18,22 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_vector(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from online_merging.merging import TaskVector
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    start = time.perf_counter()
+    print(f"τ = {args.finetuned} − {args.base}, stored as {args.dtype} ...")
+    tau = TaskVector.from_models(args.base, args.finetuned, dtype=dtype)
+    tau.save(args.out)
+    print(f"{tau} written to {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="online-merging", description="Online merging optimizers for alignment.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +41,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="alignment steps per optimizer (default 300)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the toy tasks and model (default 0)")
     demo.set_defaults(run=_demo)
+    tv = commands.add_parser(
+        "task-vector",
+        help="precompute the SFT task vector τ = finetuned − base once, as one safetensors file",
+        description="Compute τ = finetuned − base tensor by tensor (the two models are never in memory together) "
+        "and save it for TaskVector.load.",
+    )
+    tv.add_argument("--base", required=True, help="base model: safetensors file or directory, or a Hub id")
+    tv.add_argument("--finetuned", required=True, help="fine-tuned (SFT) model, in the same forms as --base")
+    tv.add_argument("--out", required=True, help="where to write τ (a .safetensors file)")
+    tv.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="storage dtype of τ (default bf16)")
+    tv.set_defaults(run=_task_vector)
     return parser
 
 

@@ -19,3 +19,28 @@ def test_cli_demo_and_help(capsys):
     assert "OnDARE" in out and "reward gain" in out
     help_text = subprocess.run([sys.executable, "-m", "online_merging.cli", "--help"], capture_output=True, text=True)
     assert help_text.returncode == 0 and "demo" in help_text.stdout
+
+
+def test_cli_task_vector_writes_the_difference(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    from online_merging import TaskVector
+
+    base = {"w": torch.randn(5, 3), "b": torch.randn(3)}
+    sft = {k: v + 0.1 * torch.randn_like(v) for k, v in base.items()}
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(sft, tmp_path / "sft.safetensors")
+    out = tmp_path / "tau.safetensors"
+    argv = [
+        "task-vector",
+        "--base",
+        str(tmp_path / "base.safetensors"),
+        "--finetuned",
+        str(tmp_path / "sft.safetensors"),
+    ]
+    assert main([*argv, "--out", str(out), "--dtype", "fp32"]) == 0
+    tau = TaskVector.load(out)
+    for name in base:
+        torch.testing.assert_close(tau[name], sft[name] - base[name])
+    assert "written to" in capsys.readouterr().out
