@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from online_merging.kernels import eager
+from online_merging.kernels.plan import dare_keys, plan
 from online_merging.merging import num_kept
-from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, keep_threshold, tensor_key
+from online_merging.rng import keep_threshold
 from online_merging.settings import MergeSettings
 
 __all__ = ["adam_step", "sgd_step"]
@@ -60,26 +61,25 @@ def _fusable(param: torch.Tensor, tau: torch.Tensor | None, *state: torch.Tensor
     return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in state)
 
 
-def _mode(tau, settings: MergeSettings, step: int) -> int:
-    if tau is None or settings.is_plain:
-        return PLAIN
-    step_k = settings.merge_every > 1
-    if step_k and step % settings.merge_every != 0:
-        return ACCUMULATE
-    if settings.merge == "onties":
-        return WRITE_TOTAL_MERGE if step_k else WRITE_TOTAL
-    return DARE_MERGE if step_k else DARE
+_MODES = {
+    (None, None): PLAIN,
+    (None, "accumulate"): ACCUMULATE,
+    ("ondare", None): DARE,
+    ("ondare", "roll_back"): DARE_MERGE,
+    ("onties", None): WRITE_TOTAL,
+    ("onties", "roll_back"): WRITE_TOTAL_MERGE,
+}
+
+
+def _mode(tau, merge_buffer, settings: MergeSettings, step: int) -> int:
+    return _MODES[plan(tau, merge_buffer, step, settings)]
 
 
 def _merge_args(settings: MergeSettings, step: int, name: str | None) -> tuple:
     """(update_scale, alpha, tau_scale, clamp, threshold, keys), the trailing arguments of the C++ passes."""
     p, alpha = settings.reserve_p, settings.alpha
     scale = 1.0 / p if settings.dare_rescale and p < 1.0 else 1.0
-    keys = [0, 0, 0, 0]
-    if name is not None:
-        tau_step = 0 if settings.tau_mask == "once" else step
-        keys = [*tensor_key(settings.seed, STREAM_UPDATE, step, name),
-                *tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name)]  # fmt: skip
+    keys = [0, 0, 0, 0] if name is None else [k for key in dare_keys(settings, step, name) for k in key]
     threshold = keep_threshold(p) if p < 1.0 else 2**32
     return (1.0 - alpha) * scale, alpha, scale, settings.tau_clamp or 0.0, threshold, keys
 
@@ -118,7 +118,7 @@ def adam_step(
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             settings=settings,
         )  # fmt: skip
-    mode = _mode(tau, settings, step)
+    mode = _mode(tau, merge_buffer, settings, step)
     decay = 1.0 - lr * weight_decay
     total = _scratch_for(param) if mode >= WRITE_TOTAL else None
     _ext.adam_pass(
@@ -140,7 +140,7 @@ def sgd_step(
             param, grad, momentum_buffer, merge_buffer, tau, step=step, name=name, lr=lr, momentum=momentum,
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
         )  # fmt: skip
-    mode = _mode(tau, settings, step)
+    mode = _mode(tau, merge_buffer, settings, step)
     total = _scratch_for(param) if mode >= WRITE_TOTAL else None
     _ext.sgd_pass(
         mode, param, grad, momentum_buffer if momentum != 0.0 else None, merge_buffer, tau, total, lr, momentum,

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from online_merging.kernels.plan import dare_keys, plan
 from online_merging.merging import linear, random_keep, sign_consensus, topp_keep
-from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, tensor_key
 from online_merging.settings import MergeSettings
 
 __all__ = ["adam_step", "apply_update", "merge_update", "sgd_step"]
@@ -20,15 +20,11 @@ def merge_update(delta: torch.Tensor, tau: torch.Tensor, step: int, name: str, s
     """F(Δθ) ⊕ F(τ) of one tensor at one step (Lu et al. 2024, Eq. 3–7), as configured by ``settings``."""
     p, alpha = settings.reserve_p, settings.alpha
     if settings.merge == "ondare":
-        update = random_keep(
-            delta, p, tensor_key(settings.seed, STREAM_UPDATE, step, name), rescale=settings.dare_rescale
-        )
+        update_key, tau_key = dare_keys(settings, step, name)
+        update = random_keep(delta, p, update_key, rescale=settings.dare_rescale)
         if alpha == 0.0:
             return update
-        tau_step = 0 if settings.tau_mask == "once" else step
-        task = random_keep(
-            tau.float(), p, tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name), rescale=settings.dare_rescale
-        )
+        task = random_keep(tau.float(), p, tau_key, rescale=settings.dare_rescale)
         if settings.tau_clamp is not None:
             task = task.clamp(-settings.tau_clamp, settings.tau_clamp)
         return linear([update, task], [1.0 - alpha, alpha])
@@ -57,16 +53,16 @@ def apply_update(
     Step-K: on steps that are not a multiple of K the plain Δθ is applied and accumulated in
     ``merge_buffer`` (Δc); on every K-th step θ is rolled back by Δc and F(Δc + Δθ) ⊕ F(τ) is applied.
     """
+    merge, carry = plan(tau, merge_buffer, step, settings)
     target = param.float()
     if decay != 1.0:
         target.mul_(decay)
-    if tau is None or settings.is_plain:
+    if merge is None:
         target.add_(delta)
-    elif settings.merge_every == 1:
+        if carry == "accumulate":
+            merge_buffer.add_(delta)
+    elif carry is None:
         target.add_(merge_update(delta, tau, step, name, settings))
-    elif step % settings.merge_every != 0:
-        target.add_(delta)
-        merge_buffer.add_(delta)
     else:
         total = merge_buffer.float() + delta
         target.sub_(merge_buffer).add_(merge_update(total, tau, step, name, settings))

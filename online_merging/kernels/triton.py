@@ -25,8 +25,9 @@ try:
 except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
+from online_merging.kernels.plan import dare_keys, plan
 from online_merging.merging import topp_mask
-from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, keep_threshold, tensor_key
+from online_merging.rng import keep_threshold
 from online_merging.settings import MergeSettings
 
 __all__ = ["adam_step", "sgd_step"]
@@ -327,7 +328,7 @@ def _run(kernel, param, grad, state, merge_buffer, tau, *, step, name, settings,
     n = param.numel()
     if n == 0:
         return
-    merge, carry = _plan(tau, merge_buffer, step, settings)
+    merge, carry = plan(tau, merge_buffer, step, settings)
     if merge is None:
         tau = None
     if carry is None:
@@ -361,24 +362,6 @@ def _run(kernel, param, grad, state, merge_buffer, tau, *, step, name, settings,
             original.copy_(copy)
 
 
-def _plan(tau, merge_buffer, step: int, settings: MergeSettings) -> tuple[str | None, str | None]:
-    """(merge, step-K buffer use) of this step: the branches of ``eager.apply_update``.
-
-    merge is None (plain Δ), "ondare" or "onties"; the buffer use is None, "accumulate" or "roll_back".
-    """
-    if tau is None or settings.is_plain:
-        return None, None
-    if settings.merge not in ("ondare", "onties"):
-        raise ValueError(f"unknown merge {settings.merge!r}")
-    if settings.merge_every == 1:
-        return settings.merge, None
-    if merge_buffer is None:
-        raise ValueError("step-K merging (merge_every > 1) needs a merge_buffer")
-    if step % settings.merge_every != 0:
-        return None, "accumulate"
-    return settings.merge, "roll_back"
-
-
 def _merge_args(merge: str | None, carry: str | None, step: int, name: str | None, settings: MergeSettings) -> dict:
     """The merge scalars and constexpr flags of ``_finish``."""
     p, alpha = settings.reserve_p, settings.alpha
@@ -393,9 +376,7 @@ def _merge_args(merge: str | None, carry: str | None, step: int, name: str | Non
         "ACCUMULATE": carry == "accumulate", "ROLL_BACK": carry == "roll_back",
     }  # fmt: skip
     if drop:
-        tau_step = 0 if settings.tau_mask == "once" else step
-        args["upd_k1"], args["upd_k2"] = tensor_key(settings.seed, STREAM_UPDATE, step, name)
-        args["tau_k1"], args["tau_k2"] = tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name)
+        (args["upd_k1"], args["upd_k2"]), (args["tau_k1"], args["tau_k2"]) = dare_keys(settings, step, name)
         args["threshold"] = keep_threshold(p)
     return args
 
