@@ -168,7 +168,7 @@ def test_unnamed_params_are_named_through_the_model_and_match_named_ones(tiny_se
         [{"params": decay}, {"params": rest, "weight_decay": 0.0}],
         lr=1e-2,
         task_vector=tv,
-        model=model,
+        module=model,
         reserve_p=0.3,
         alpha=0.1,
     )
@@ -203,7 +203,7 @@ def test_wrapper_prefixes_and_tied_weights_are_matched():
     wrapper.module = model  # names now start with "module."
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every parameter is matched: no warning
-        opt = OnlineMergingAdam(wrapper.parameters(), task_vector=tv, model=wrapper)
+        opt = OnlineMergingAdam(wrapper.parameters(), task_vector=tv, module=wrapper)
     assert opt._names[model.embed.weight] == "head.weight"
 
 

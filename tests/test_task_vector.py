@@ -17,7 +17,7 @@ def _models():
 def test_from_modules_is_the_difference_in_bf16_by_default():
     base, sft = _models()
     tv = TaskVector.from_models(base, sft)
-    assert set(tv) == set(sft.state_dict())
+    assert set(tv) == set(sft.state_dict()) - {"head.weight"}  # tied to embed.weight: kept once, as on disk
     for name, tau in tv.items():
         assert tau.dtype == torch.bfloat16
         expected = sft.state_dict()[name] - base.state_dict()[name]

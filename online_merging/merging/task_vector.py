@@ -168,16 +168,26 @@ def _open_weights(source: WeightsSource, role: str) -> _Weights:
     if isinstance(source, nn.Module):
         source = source.state_dict()
     if isinstance(source, Mapping):
-        getters = {}
+        getters, seen = {}, set()
         for name, tensor in source.items():
             key = canonical_name(name)
             if key in getters:
                 continue  # the same tensor under a wrapper alias
+            view = _storage_view(tensor)
+            if view in seen:
+                continue  # a tied weight: kept under its first name only, as save_pretrained does
+            if tensor.numel():
+                seen.add(view)
             getters[key] = lambda t=tensor: t.detach()
         return _Weights(getters)
     if isinstance(source, (str, os.PathLike)):
         return _open_safetensors(_resolve_path(source, role))
     raise TypeError(f"{role} model must be an nn.Module, a state dict or a path, got {_describe(source)}")
+
+
+def _storage_view(tensor: torch.Tensor) -> tuple:
+    """What makes two tensors the same memory: tied weights appear in a state dict under two names."""
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
 
 
 def _resolve_path(source: str | os.PathLike, role: str) -> Path:

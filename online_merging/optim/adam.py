@@ -36,7 +36,8 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
 
     Args:
         task_vector: τ as a :class:`~online_merging.TaskVector`; required unless ``merge=None``.
-        model: the module being trained, to name unnamed params (as HF ``Trainer`` passes them).
+        module: the module being trained, to name unnamed params (as HF ``Trainer`` passes them). Not
+            ``model``: ``Trainer`` takes a ``model`` key out of its optimizer kwargs.
         merge: ``"ondare"``, ``"onties"`` or ``None`` (plain AdamW).
         reserve_p: fraction p of elements kept, 0 < p <= 1.
         alpha: merging weight α in [0, 1].
@@ -64,7 +65,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         *,
         maximize: bool = False,
         task_vector: TaskVector | None = None,
-        model: nn.Module | None = None,
+        module: nn.Module | None = None,
         merge: str | None = MERGE_DEFAULTS["merge"],
         reserve_p: float = MERGE_DEFAULTS["reserve_p"],
         alpha: float = MERGE_DEFAULTS["alpha"],
@@ -95,7 +96,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             ties_sign=ties_sign,
         )
         super().__init__(
-            params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads, backend=backend
+            params, defaults, task_vector=task_vector, module=module, nonfinite_grads=nonfinite_grads, backend=backend
         )
 
     def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:

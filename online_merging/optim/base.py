@@ -23,7 +23,7 @@ class OnlineMergingOptimizer(Optimizer):
     """Base of :class:`OnlineMergingAdam` and :class:`OnlineMergingSGD`.
 
     τ is matched to parameters by canonical name, taken from named params (``model.named_parameters()``)
-    or, for unnamed params as HF ``Trainer`` passes them, from ``model``. τ is not part of the optimizer
+    or, for unnamed params as HF ``Trainer`` passes them, from ``module``. τ is not part of the optimizer
     state: ``state_dict()`` records its fingerprint and ``load_state_dict()`` refuses a checkpoint made with
     another τ. Subclasses implement :meth:`_check_group` and :meth:`_step_group`.
     """
@@ -34,7 +34,7 @@ class OnlineMergingOptimizer(Optimizer):
         defaults: dict[str, Any],
         *,
         task_vector: TaskVector | None,
-        model: nn.Module | None,
+        module: nn.Module | None,
         nonfinite_grads: str | None,
         backend: str | None,
     ):
@@ -48,8 +48,13 @@ class OnlineMergingOptimizer(Optimizer):
         self.task_vector = task_vector
         self.nonfinite_grads = nonfinite_grads
         self._aliases: dict[torch.Tensor, list[str]] = {}
-        if model is not None:
-            for name, param in model.named_parameters(remove_duplicate=False):
+        if isinstance(params, nn.Module):
+            raise TypeError(
+                "params is a module; pass module.named_parameters() (HF Trainer passes the model as params when "
+                "its optimizer kwargs hold 'model': name it module=)"
+            )
+        if module is not None:
+            for name, param in module.named_parameters(remove_duplicate=False):
                 self._aliases.setdefault(param, []).append(canonical_name(name))
         self._names: dict[torch.Tensor, str | None] = {}
         self._taus: dict[torch.Tensor, torch.Tensor] = {}
@@ -94,7 +99,7 @@ class OnlineMergingOptimizer(Optimizer):
             elif group["merge"] is not None and not candidates:
                 raise ValueError(
                     f"{where} has no name to match the task vector with: pass model.named_parameters(), or "
-                    "model=the module being trained"
+                    "module=the module being trained"
                 )
 
     def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
@@ -172,6 +177,8 @@ class OnlineMergingOptimizer(Optimizer):
         taus, buffers, names = [], [], []
         for param in group_params:
             tau = self._taus.get(param)
+            if tau is not None and tau.device != param.device:  # the model moved after the optimizer was built
+                tau = self._taus[param] = tau.to(param.device)
             state = self.state[param]
             if tau is not None and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)

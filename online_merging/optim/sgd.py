@@ -39,7 +39,7 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
         *,
         maximize: bool = False,
         task_vector: TaskVector | None = None,
-        model: nn.Module | None = None,
+        module: nn.Module | None = None,
         merge: str | None = MERGE_DEFAULTS["merge"],
         reserve_p: float = MERGE_DEFAULTS["reserve_p"],
         alpha: float = MERGE_DEFAULTS["alpha"],
@@ -70,7 +70,7 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             ties_sign=ties_sign,
         )
         super().__init__(
-            params, defaults, task_vector=task_vector, model=model, nonfinite_grads=nonfinite_grads, backend=backend
+            params, defaults, task_vector=task_vector, module=module, nonfinite_grads=nonfinite_grads, backend=backend
         )
 
     def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:
