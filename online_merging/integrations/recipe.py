@@ -1,0 +1,182 @@
+"""Recipes: alignment-handbook-style YAML files, flat keys named like TRL's config fields plus ours.
+
+A recipe holds the keys of :class:`RecipeArguments` (model, base model, data, optimizer) and any field of
+``trl.DPOConfig`` or ``trl.KTOConfig`` (chosen by ``trainer``). Command-line ``--key value`` pairs override it.
+Unlike TRL, ``bf16`` defaults to on only where a bf16-capable GPU is present, so one recipe runs anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RecipeArguments", "load_recipe", "recipe_help", "recipe_parser"]
+
+TRAINERS = ("dpo", "kto")
+
+
+def _arg(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    metadata = {"help": help} if choices is None else {"help": help, "choices": list(choices)}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class RecipeArguments:
+    """What a recipe names besides the trainer's config: models, data and the online-merging optimizer."""
+
+    trainer: str = _arg("dpo", "TRL trainer: dpo (DPOTrainer) or kto (KTOTrainer).", TRAINERS)
+    model_name_or_path: str | None = _arg(
+        None,
+        "SFT model (local directory or Hub id): the policy starts here and the DPO/KTO reference is a frozen copy. "
+        "Empty: the embedded default world's SFT model.",
+    )
+    base_model_name_or_path: str | None = _arg(
+        None, "Base (pre-SFT) model, read tensor by tensor only to build τ = SFT − base. Empty: the embedded default."
+    )
+    task_vector_path: str | None = _arg(
+        None, "A τ saved by `online-merging task-vector` (.safetensors), used instead of base_model_name_or_path."
+    )
+    dataset_name: str | None = _arg(
+        None,
+        "Preference data for datasets.load_dataset (Hub id or local path), in TRL's prompt/chosen/rejected "
+        "format (KTO also takes prompt/completion/label). Empty: the embedded default world's pairs.",
+    )
+    dataset_config: str | None = _arg(None, "Configuration name of the data set, if it has several.")
+    dataset_train_split: str = _arg("train", "Split to train on.")
+    dtype: str = _arg("float32", "dtype of the loaded model weights.", ("float32", "bfloat16", "float16", "auto"))
+    merge: str = _arg(
+        "ondare",
+        "Online merge: ondare or onties with the online-merging optimizer, or none for the trainer's own "
+        "optimizer (`optim`, AdamW by default): the baseline.",
+        ("ondare", "onties", "none"),
+    )
+    optimizer: str = _arg("adam", "Online-merging optimizer: adam (OnlineMergingAdam) or sgd.", ("adam", "sgd"))
+    reserve_p: float = _arg(0.01, "Fraction p of update and τ elements kept (paper: 0.01; robust from 1 to 5e-4).")
+    alpha: float = _arg(1e-7, "Merging weight α of τ (paper: searched 1e-4 … 1e-7; start at 1e-7).")
+    merge_every: int = _arg(1, "K of step-K: merge every K steps (1: every step).")
+    merge_seed: int = _arg(0, "Key of the DARE masks.")
+    ties_sign: str = _arg("unweighted", "OnTIES sign election: unweighted (published code) or weighted (Eq. 7).",
+                          ("unweighted", "weighted"))  # fmt: skip
+    momentum: float = _arg(0.0, "Momentum of OnlineMergingSGD.")
+    embedded_world: str = _arg(
+        "default", "Size of the embedded default world, when no model is named: default, or quick (tests, CI).",
+        ("default", "quick"),
+    )  # fmt: skip
+    compare_with_adamw: bool | None = _arg(
+        None,
+        "Also train the AdamW baseline with the same settings and print both. Empty: yes on the embedded "
+        "default, no otherwise.",
+    )
+
+    def __post_init__(self):
+        for item in fields(self):
+            choices = item.metadata.get("choices")
+            value = getattr(self, item.name)
+            if choices and value not in choices:
+                raise ValueError(f"Invalid recipe key {item.name!r}: {value!r} (expected one of {choices})")
+        if self.model_name_or_path is None and (self.base_model_name_or_path or self.task_vector_path):
+            raise ValueError("base_model_name_or_path/task_vector_path is set but model_name_or_path is not")
+        if self.base_model_name_or_path and self.task_vector_path:
+            raise ValueError("set one of base_model_name_or_path and task_vector_path, not both")
+        if (
+            self.merge != "none"
+            and self.model_name_or_path
+            and not (self.base_model_name_or_path or self.task_vector_path)
+        ):
+            raise ValueError(
+                f"merge={self.merge!r} needs τ = SFT − base: set base_model_name_or_path (or task_vector_path)"
+            )
+
+    @property
+    def embedded(self) -> bool:
+        """No model named: the run uses the embedded default world."""
+        return self.model_name_or_path is None
+
+
+def _config_class(trainer: str) -> type:
+    import trl
+
+    if trainer not in TRAINERS:
+        raise ValueError(f"Invalid recipe key 'trainer': {trainer!r} (expected one of {list(TRAINERS)})")
+    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig}[trainer]
+
+
+def recipe_parser(trainer: str = "dpo"):
+    """The ``HfArgumentParser`` of a recipe: :class:`RecipeArguments` and the trainer's TRL config."""
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser((RecipeArguments, _config_class(trainer)))
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[RecipeArguments, Any]:
+    """Read a recipe and apply ``--key value`` overrides; return ``(RecipeArguments, DPOConfig | KTOConfig)``.
+
+    Unknown keys, in the file or among the overrides, raise ``ValueError`` naming them and the valid keys.
+    """
+    path, values = Path(path), _read(path)
+    overrides = list(overrides)
+    trainer = _override(overrides, "trainer") or values.get("trainer", "dpo")
+    parser = recipe_parser(trainer)
+    valid = sorted({a.dest for a in parser._actions} - {"help"})
+    for key in values:
+        if key not in valid:
+            raise ValueError(f"{path}: unknown key {key!r}{_valid_keys_hint(key, valid, trainer)}")
+    parser.set_defaults(bf16=_bf16_available(), **values)
+    parser.exit_on_error = False  # a ValueError naming the key, not a usage dump
+    try:
+        recipe, config, unused = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
+    except (ValueError, argparse.ArgumentError) as error:
+        raise ValueError(f"{path}: {error}") from error
+    if unused:
+        key = unused[0].lstrip("-").split("=")[0]
+        raise ValueError(f"unknown override {unused[0]!r}{_valid_keys_hint(key, valid, trainer)}")
+    return recipe, config
+
+
+def recipe_help(path: str | Path, overrides: Sequence[str] = ()) -> str:
+    """Every key a recipe can hold, with its help: ours and those of the recipe's trainer config."""
+    values = _read(path) if Path(path).is_file() else {}
+    return recipe_parser(_override(list(overrides), "trainer") or values.get("trainer", "dpo")).format_help()
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {str(path)!r}")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of keys to values, got a {type(values).__name__}")
+    return values
+
+
+def _bf16_available() -> bool:
+    """TRL's configs default to bf16, which fails on a machine without a bf16 GPU: default to what works."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _override(overrides: list[str], key: str) -> str | None:
+    for i, item in enumerate(overrides):
+        if item == f"--{key}" and i + 1 < len(overrides):
+            return overrides[i + 1]
+        if item.startswith(f"--{key}="):
+            return item.split("=", 1)[1]
+    return None
+
+
+def _valid_keys_hint(key: str, valid: list[str], trainer: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=3)
+    ours = [f.name for f in fields(RecipeArguments)]
+    theirs = [k for k in valid if k not in ours]
+    listing = textwrap.fill(", ".join(theirs), width=118, initial_indent="  ", subsequent_indent="  ")
+    return (
+        f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    ) + f"\nvalid keys: {', '.join(ours)},\nand the fields of trl.{_config_class(trainer).__name__}:\n{listing}"

@@ -1,0 +1,168 @@
+"""Run a recipe: load the SFT model, τ and the data, train with TRL's DPO/KTO trainer, evaluate, summarise."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from online_merging.integrations.recipe import RecipeArguments
+from online_merging.integrations.trainer import build_optimizer
+
+__all__ = ["RunResult", "run_recipe"]
+
+TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+@dataclass
+class RunResult:
+    """One training run: where it went, how long it took, and its final figures."""
+
+    method: str
+    output_dir: str
+    steps: int
+    seconds: float
+    train_metrics: dict[str, float]
+    evaluation: dict[str, float] | None  # the embedded world's reward and ability figures, else None
+
+
+def method_name(recipe: RecipeArguments) -> str:
+    """``adamw`` for the trainer's own optimizer, else e.g. ``ondare``, ``sgd_onties``, ``ondare_k10``."""
+    if recipe.merge == "none":
+        return "adamw"
+    name = recipe.merge if recipe.optimizer == "adam" else f"{recipe.optimizer}_{recipe.merge}"
+    return name if recipe.merge_every == 1 else f"{name}_k{recipe.merge_every}"
+
+
+def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -> dict[str, Any]:
+    """Train as the recipe says (and the AdamW baseline when ``compare_with_adamw``); write and return a summary.
+
+    On the embedded default the summary holds the SFT model's reward and ability figures and each run's, so
+    that the runs can be compared; ``summary.json`` goes to ``config.output_dir``.
+    """
+    world = _embedded_world(recipe, progress)
+    runs = [(recipe, config)]
+    compare = recipe.embedded if recipe.compare_with_adamw is None else recipe.compare_with_adamw
+    if compare and recipe.merge != "none":
+        baseline = copy.copy(config)
+        baseline.output_dir = str(Path(config.output_dir) / "adamw_baseline")
+        runs.append((replace(recipe, merge="none"), baseline))
+    summary: dict[str, Any] = {"recipe": asdict(recipe), "runs": []}
+    if world is not None:
+        model, tokenizer = _load_model(recipe, world)
+        summary["sft"] = world.evaluate(model, tokenizer)
+        del model
+    for run_args, run_config in runs:
+        summary["runs"].append(asdict(_train(run_args, run_config, world)))
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _embedded_world(recipe: RecipeArguments, progress: bool):
+    if not recipe.embedded and recipe.dataset_name is not None:
+        return None
+    from online_merging.world import WorldConfig, build_world
+
+    config = WorldConfig.quick() if recipe.embedded_world == "quick" else WorldConfig()
+    return build_world(config, progress=progress)
+
+
+def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
+    import trl
+
+    model, tokenizer = _load_model(recipe, world)
+    dataset = _load_dataset(recipe, world)
+    optimizers = (None, None)
+    if recipe.merge != "none":
+        settings = {
+            "merge": recipe.merge,
+            "reserve_p": recipe.reserve_p,
+            "alpha": recipe.alpha,
+            "merge_every": recipe.merge_every,
+            "seed": recipe.merge_seed,
+            "ties_sign": recipe.ties_sign,
+        }
+        if recipe.optimizer == "sgd":
+            settings["momentum"] = recipe.momentum
+        base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
+        optimizer = build_optimizer(
+            model,
+            config,
+            base_model=base if recipe.task_vector_path is None else None,
+            task_vector=recipe.task_vector_path,
+            optimizer=recipe.optimizer,
+            **settings,
+        )
+        optimizers = (optimizer, None)
+    trainer_cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[recipe.trainer]
+    trainer = trainer_cls(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, optimizers=optimizers
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    seconds = time.perf_counter() - start
+    trainer.save_model(config.output_dir)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    metrics = {k: v for k, v in (logged[-1] if logged else {}).items() if k in TRL_METRICS}
+    evaluation = world.evaluate(model, tokenizer) if recipe.embedded else None
+    return RunResult(method_name(recipe), config.output_dir, trainer.state.global_step, seconds, metrics, evaluation)
+
+
+def _load_model(recipe: RecipeArguments, world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(world.sft_dir) if recipe.embedded else recipe.model_name_or_path
+    model = _from_hub_or_path(
+        lambda: AutoModelForCausalLM.from_pretrained(name, dtype=recipe.dtype), name, "model_name_or_path"
+    )
+    tokenizer = _from_hub_or_path(lambda: AutoTokenizer.from_pretrained(name), name, "model_name_or_path")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _load_dataset(recipe: RecipeArguments, world):
+    if recipe.dataset_name is None:
+        split = recipe.dataset_train_split
+        return world.kto_dataset(split) if recipe.trainer == "kto" else world.preference_dataset(split)
+    import datasets
+
+    name = recipe.dataset_name
+    path = Path(name)
+    builders = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+    if path.suffix in builders:
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset_name: no data file at {name!r}")
+
+        def load():
+            return datasets.load_dataset(builders[path.suffix], data_files=name, split="train")
+    else:
+
+        def load():
+            return datasets.load_dataset(name, recipe.dataset_config, split=recipe.dataset_train_split)
+
+    dataset = _from_hub_or_path(load, name, "dataset_name")
+    if recipe.trainer == "kto" and "chosen" in dataset.column_names:
+        from trl.data_utils import unpair_preference_dataset
+
+        dataset = unpair_preference_dataset(dataset)
+    return dataset
+
+
+def _from_hub_or_path(load, name: str, key: str):
+    """Call ``load``; when ``name`` is neither a local path nor reachable on the Hub, say how to fix it."""
+    try:
+        return load()
+    except (OSError, ConnectionError, FileNotFoundError) as error:
+        if Path(name).exists():
+            raise
+        raise OSError(
+            f"{key}: {name!r} is not a local path and could not be loaded from the Hugging Face Hub "
+            f"({type(error).__name__}). Offline, download it where there is a network "
+            f"(`hf download {name} --local-dir DIR`, with --repo-type dataset for data) and set {key}: DIR"
+        ) from error

@@ -1,0 +1,118 @@
+"""Hugging Face ``Trainer`` glue: τ for the model being trained, and the optimizer built the way Trainer builds AdamW.
+
+Works for every trainer built on ``transformers.Trainer`` (TRL's ``DPOTrainer``, ``KTOTrainer``, ...): pass
+``optimizers=(build_optimizer(model, args, base_model=...), None)`` and Trainer makes the LR scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from online_merging.merging import TaskVector, canonical_name
+from online_merging.merging.task_vector import WeightsSource
+from online_merging.optim import OnlineMergingAdam, OnlineMergingOptimizer, OnlineMergingSGD
+from online_merging.settings import MERGE_DEFAULTS
+
+__all__ = ["build_optimizer", "decay_parameter_names", "task_vector_for"]
+
+OPTIMIZERS: dict[str, type[OnlineMergingOptimizer]] = {"adam": OnlineMergingAdam, "sgd": OnlineMergingSGD}
+
+
+def task_vector_for(
+    model: nn.Module,
+    *,
+    base_model: WeightsSource | None = None,
+    task_vector: TaskVector | str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> TaskVector:
+    """τ = θ_model − θ_base for ``model`` at its SFT weights, or a saved τ checked against ``model``.
+
+    ``base_model`` is a module, state dict, safetensors file/directory or Hub id; from disk it is read one
+    tensor at a time and never built as a model. A base whose architecture, parameter names or shapes differ
+    from ``model`` raises ``ValueError`` naming the first mismatch, before any training.
+    """
+    if (base_model is None) == (task_vector is None):
+        raise ValueError("pass exactly one of base_model (to compute τ = model − base) and task_vector (a saved τ)")
+    if base_model is not None:
+        _check_same_architecture(model, base_model)
+        return TaskVector.from_models(base_model, model, dtype=dtype)
+    tau = task_vector if isinstance(task_vector, TaskVector) else TaskVector.load(task_vector)
+    shapes = {canonical_name(n): p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    for name, tensor in tau.items():
+        if name not in shapes:
+            raise ValueError(f"task vector entry {name!r} is not a parameter of the model (first mismatch)")
+        if tensor.shape != shapes[name]:
+            raise ValueError(
+                f"task vector entry {name!r} has shape {tuple(tensor.shape)}, the model's has {tuple(shapes[name])}"
+            )
+    return tau
+
+
+def _check_same_architecture(model: nn.Module, base_model: WeightsSource) -> None:
+    """Compare ``model_type`` and ``architectures`` of the two configs where both are known."""
+    ours = getattr(model, "config", None)
+    theirs = getattr(base_model, "config", None)
+    if theirs is None and isinstance(base_model, (str, os.PathLike)):
+        config_file = Path(base_model) / "config.json"
+        theirs = json.loads(config_file.read_text()) if config_file.is_file() else None
+    if ours is None or theirs is None:
+        return
+    ours = ours.to_dict()
+    theirs = theirs if isinstance(theirs, dict) else theirs.to_dict()
+    for field in ("model_type", "architectures"):
+        mine, base = ours.get(field), theirs.get(field)
+        if mine is not None and base is not None and mine != base:
+            raise ValueError(
+                f"base model does not match the model being trained: config field {field!r} is "
+                f"{base!r} in the base, {mine!r} in the model"
+            )
+
+
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """The names Trainer applies weight decay to (not biases, not norms): Trainer's own rule."""
+    from transformers import Trainer
+
+    return set(Trainer.get_decay_parameter_names(None, model))  # the method does not use self
+
+
+def build_optimizer(
+    model: nn.Module,
+    args: Any = None,
+    *,
+    base_model: WeightsSource | None = None,
+    task_vector: TaskVector | str | os.PathLike | None = None,
+    optimizer: str = "adam",
+    **settings: Any,
+) -> OnlineMergingOptimizer:
+    """An online-merging optimizer for ``model`` with Trainer's weight-decay groups.
+
+    ``lr``, ``betas``, ``eps`` and ``weight_decay`` come from ``args`` (``TrainingArguments``, ``DPOConfig``, ...)
+    when given; ``settings`` (``merge``, ``reserve_p``, ``alpha``, ``momentum``, ...) go to the optimizer and win
+    over ``args``. τ comes from ``base_model`` or a saved ``task_vector`` (see :func:`task_vector_for`), unless
+    ``merge=None``.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Invalid optimizer: {optimizer!r} (expected one of {sorted(OPTIMIZERS)})")
+    kwargs: dict[str, Any] = {}
+    if args is not None:
+        kwargs = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
+        if optimizer == "adam":
+            kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    kwargs.update(settings)
+    weight_decay = kwargs.pop("weight_decay", 0.0)
+    tau = None
+    if kwargs.get("merge", MERGE_DEFAULTS["merge"]) is not None:
+        tau = task_vector_for(model, base_model=base_model, task_vector=task_vector)
+    decay = decay_parameter_names(model)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [(n, p) for n, p in trainable if n in decay], "weight_decay": weight_decay},
+        {"params": [(n, p) for n, p in trainable if n not in decay], "weight_decay": 0.0},
+    ]
+    return OPTIMIZERS[optimizer]([g for g in groups if g["params"]], task_vector=tau, **kwargs)
