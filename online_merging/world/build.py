@@ -1,0 +1,182 @@
+"""Build a world once (pre-train, SFT, save) and load it from the cache afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from online_merging.world import evaluate as _evaluate
+from online_merging.world.config import WORLD_VERSION, WorldConfig
+from online_merging.world.skills import QA, SkillData, completion, make_skills, prompt
+from online_merging.world.tokenizer import build_tokenizer
+from online_merging.world.train import make_model, pretrain, sft
+
+__all__ = ["World", "build_world", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    """``$ONLINE_MERGING_CACHE``, else ``~/.cache/online_merging``."""
+    return Path(os.environ.get("ONLINE_MERGING_CACHE") or Path.home() / ".cache" / "online_merging")
+
+
+class World:
+    """A built world: its base and SFT models on disk, its data, and the evaluation of reward and ability."""
+
+    def __init__(self, config: WorldConfig, root: str | os.PathLike):
+        self.config = config
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"World({self.root})"
+
+    @property
+    def base_dir(self) -> Path:
+        """The pre-trained model and its tokenizer (``from_pretrained`` directory)."""
+        return self.root / "base"
+
+    @property
+    def sft_dir(self) -> Path:
+        """The SFT model, the starting point of alignment, and its tokenizer."""
+        return self.root / "sft"
+
+    @functools.cached_property
+    def data(self) -> dict[str, SkillData]:
+        cfg = self.config
+        return make_skills(
+            cfg.seed, cfg.skills, n_test=cfg.n_test_per_skill, n_train=cfg.n_train_per_skill, n_facts=cfg.n_facts
+        )
+
+    def tokenizer(self):
+        """The world's character-level ``PreTrainedTokenizerFast``."""
+        return build_tokenizer()
+
+    def probes(self, split: str = "test") -> dict[str, list[QA]]:
+        """Per skill, the (question, answer) pairs scored by ``evaluate``: held-out ones for ``"test"``, a draw of
+        training pairs for ``"train"``."""
+        if split == "test":
+            return {name: data.test for name, data in self.data.items()}
+        if split == "train":
+            rng = random.Random(f"{self.config.seed}/train-probes")
+            return {name: rng.sample(data.train, len(data.test)) for name, data in self.data.items()}
+        raise ValueError(f"Invalid split: {split!r} (expected 'train' or 'test')")
+
+    def _preference_pairs(self, split: str) -> list[QA]:
+        if split == "test":
+            return [pair for pairs in self.probes("test").values() for pair in pairs]
+        if split == "train":
+            rng, names = random.Random(f"{self.config.seed}/preference"), list(self.data)
+            return [rng.choice(self.data[names[i % len(names)]].train) for i in range(self.config.n_preference_pairs)]
+        raise ValueError(f"Invalid split: {split!r} (expected 'train' or 'test')")
+
+    def preference_dataset(self, split: str = "train"):
+        """TRL's standard preference format: ``prompt`` "Q: ... A:", ``chosen`` " sure, <answer>", ``rejected``
+        " <answer>"; the test split holds the evaluation probes."""
+        from datasets import Dataset
+
+        pairs = self._preference_pairs(split)
+        return Dataset.from_dict(
+            {
+                "prompt": [prompt(q) for q, _ in pairs],
+                "chosen": [completion(a, sure=True) for _, a in pairs],
+                "rejected": [completion(a) for _, a in pairs],
+            }
+        )
+
+    def kto_dataset(self, split: str = "train"):
+        """TRL's unpaired format, from the preference pairs: (prompt, chosen, ``label`` True) and (prompt, rejected,
+        False) in turn."""
+        from datasets import Dataset
+
+        pairs = self._preference_pairs(split)
+        return Dataset.from_dict(
+            {
+                "prompt": [prompt(q) for q, _ in pairs for _ in (True, False)],
+                "completion": [completion(a, sure=sure) for _, a in pairs for sure in (True, False)],
+                "label": [sure for _ in pairs for sure in (True, False)],
+            }
+        )
+
+    def evaluate(self, model: nn.Module, tokenizer=None, split: str = "test") -> dict[str, float]:
+        """``reward``, ``reward_greedy``, ``ability``, ``ability_greedy`` and per skill ``ability/<skill>``,
+        ``ability_greedy/<skill>`` (see ``online_merging.world.evaluate``); leaves the model's mode as it was."""
+        return _evaluate.evaluate(model, tokenizer or self.tokenizer(), self.probes(split))
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _no_transformers_progress_bars():
+    """``save_pretrained`` draws a bar per file; silence it for the duration."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+def _build_into(cfg: WorldConfig, root: Path, final: Path, progress: bool) -> None:
+    world, tokenizer, start = World(cfg, root), build_tokenizer(), time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = make_model(cfg)
+    _log(
+        f"Building the synthetic world ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M-parameter Llama, "
+        f"{cfg.pretrain_steps} pre-training and {cfg.sft_steps} SFT steps) into {final}",
+        progress,
+    )
+    pretrain(model, world.data, cfg, progress=progress)
+    for directory in (world.base_dir, world.sft_dir):
+        if directory == world.sft_dir:
+            sft(model, world.data, cfg, progress=progress)
+        with _no_transformers_progress_bars():
+            model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    metrics = world.evaluate(model, tokenizer)
+    seconds = round(time.perf_counter() - start, 1)
+    info = {"world_version": WORLD_VERSION, "config": cfg.to_dict(), "build_seconds": seconds, "sft_metrics": metrics}
+    (root / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+    summary = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("reward", "reward_greedy", "ability", "ability_greedy"))
+    _log(f"Built in {seconds} s; the SFT model scores {summary}", progress)
+
+
+def build_world(config: WorldConfig | None = None, cache_dir: str | os.PathLike | None = None, progress: bool = True):
+    """The world of ``config`` (default ``WorldConfig()``), built into ``<cache_dir>/world/<config.key()>/`` on
+    first use and loaded from there afterwards.
+
+    The build writes into a temporary sibling directory renamed into place at the end, so an interrupted build
+    leaves no partial world; it draws every random number from ``config.seed`` and leaves the caller's RNG as it was.
+    """
+    cfg = config or WorldConfig()
+    root = Path(cache_dir or default_cache_dir()) / "world" / cfg.key()
+    if root.is_dir():
+        return World(cfg, root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        _build_into(cfg, scratch, root, progress)
+        try:
+            scratch.rename(root)
+        except OSError:
+            if not root.is_dir():  # not a concurrent build that finished first
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return World(cfg, root)

@@ -1,0 +1,111 @@
+"""The world's model and its two plain training loops: pre-training on packed raw text, SFT on Q/A."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from online_merging.world.config import WorldConfig
+from online_merging.world.skills import QA, SkillData, completion, pretrain_text, prompt
+from online_merging.world.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, encode
+
+__all__ = ["make_model", "pretrain", "sft"]
+
+
+def make_model(cfg: WorldConfig):
+    """A freshly initialised ``LlamaForCausalLM`` of the config's size (uses the global torch RNG)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max(cfg.seq_len, 256),
+        tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def _sample(rng: random.Random, data: dict[str, SkillData]) -> QA:
+    """A training pair: a uniformly drawn skill, then a uniformly drawn pair of it."""
+    return rng.choice(data[rng.choice(sorted(data))].train)
+
+
+def _packed_rows(
+    rng: random.Random, data: dict[str, SkillData], batch_size: int, seq_len: int
+) -> Iterator[torch.Tensor]:
+    """Endless batches of raw documents "<bos>37+45 = 82<eos>" concatenated and cut into seq_len-token rows."""
+    stream: list[int] = []
+    while True:
+        while len(stream) < batch_size * seq_len:
+            stream += [*encode(pretrain_text(*_sample(rng, data))), EOS_ID]
+        rows, stream = stream[: batch_size * seq_len], stream[batch_size * seq_len :]
+        yield torch.tensor(rows).view(batch_size, seq_len)
+
+
+def _sft_batch(rng: random.Random, data: dict[str, SkillData], batch_size: int, sure_fraction: float):
+    """(input ids, labels) of Q/A examples, right-padded; labels are -100 outside the completion and its eos."""
+    ids, labels = [], []
+    for _ in range(batch_size):
+        question, answer = _sample(rng, data)
+        context = encode(prompt(question))
+        target = [*encode(completion(answer, sure=rng.random() < sure_fraction), bos=False), EOS_ID]
+        ids.append(context + target)
+        labels.append([-100] * len(context) + target)
+    width = max(map(len, ids))
+    ids = torch.tensor([row + [PAD_ID] * (width - len(row)) for row in ids])
+    labels = torch.tensor([row + [-100] * (width - len(row)) for row in labels])
+    return ids, labels
+
+
+def _schedule(step: int, steps: int) -> float:
+    """Linear warm-up over 5 % of the steps, then cosine decay to 10 %."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def _train(model: nn.Module, batches, steps: int, lr: float, progress: bool, desc: str) -> None:
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, steps))
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    for _ in bar:
+        ids, labels = next(batches)
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+def pretrain(model: nn.Module, data: dict[str, SkillData], cfg: WorldConfig, *, progress: bool = False) -> None:
+    """Next-token training on packed raw text of every skill (data order from ``cfg.seed``)."""
+    rows = _packed_rows(random.Random(f"{cfg.seed}/pretrain"), data, cfg.batch_size, cfg.seq_len)
+    _train(model, ((r, r) for r in rows), cfg.pretrain_steps, cfg.pretrain_lr, progress, "pre-training")
+
+
+def sft(model: nn.Module, data: dict[str, SkillData], cfg: WorldConfig, *, progress: bool = False) -> None:
+    """Supervised fine-tuning on Q/A, the loss on the completion only (data order from ``cfg.seed``)."""
+    rng = random.Random(f"{cfg.seed}/sft")
+    batches = iter(lambda: _sft_batch(rng, data, cfg.batch_size, cfg.sure_fraction), None)
+    _train(model, batches, cfg.sft_steps, cfg.sft_lr, progress, "SFT")
