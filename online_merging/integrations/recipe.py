@@ -2,7 +2,7 @@
 
 A recipe holds the keys of :class:`RecipeArguments` (model, base model, data, optimizer) and any field of
 ``trl.DPOConfig`` or ``trl.KTOConfig`` (chosen by ``trainer``). Command-line ``--key value`` pairs override it.
-Unlike TRL, ``bf16`` defaults to on only where a bf16-capable GPU is present, so one recipe runs anywhere.
+Unlike TRL, ``bf16`` and ``dataloader_pin_memory`` default to on only where a GPU is, so one recipe runs anywhere.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Recipe
     for key in values:
         if key not in valid:
             raise ValueError(f"{path}: unknown key {key!r}{_valid_keys_hint(key, valid, trainer)}")
-    parser.set_defaults(bf16=_bf16_available(), **values)
+    parser.set_defaults(**{**_machine_defaults(), **values})
     parser.exit_on_error = False  # a ValueError naming the key, not a usage dump
     try:
         recipe, config, unused = parser.parse_args_into_dataclasses(args=overrides, return_remaining_strings=True)
@@ -156,11 +156,12 @@ def _read(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def _bf16_available() -> bool:
-    """TRL's configs default to bf16, which fails on a machine without a bf16 GPU: default to what works."""
+def _machine_defaults() -> dict[str, bool]:
+    """TRL defaults to bf16 and pinned memory, which fail or warn without a GPU: default to what works here."""
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    gpu = torch.cuda.is_available()
+    return {"bf16": gpu and torch.cuda.is_bf16_supported(), "dataloader_pin_memory": gpu}
 
 
 def _override(overrides: list[str], key: str) -> str | None:

@@ -1,0 +1,141 @@
+"""Recipes parse, bad ones are refused with the key at fault, and `online-merging train` runs each of them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from trl import DPOConfig, KTOConfig
+
+from online_merging.cli import main
+from online_merging.integrations import load_recipe, run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+QUICK = ["--embedded_world", "quick", "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
+
+
+def test_the_four_recipes_exist():
+    assert {p.stem for p in RECIPES} >= {"dpo_ondare", "dpo_onties", "kto_ondare", "dpo_adamw"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_parses_with_the_paper_defaults(path):
+    recipe, config = load_recipe(path)
+    assert isinstance(config, {"dpo": DPOConfig, "kto": KTOConfig}[recipe.trainer])
+    assert path.stem.startswith(recipe.trainer)
+    assert config.beta == 0.1
+    if recipe.merge != "none":
+        assert path.stem.endswith(recipe.merge)
+        assert (recipe.reserve_p, recipe.alpha) == (0.01, 1e-7)
+    assert recipe.embedded  # runs offline as written
+    assert not config.bf16 or torch.cuda.is_available()
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_is_named_with_the_valid_keys(tmp_path):
+    path = write(tmp_path, "merge: ondare\nlearnin_rate: 1.0e-5\n")
+    with pytest.raises(ValueError, match=r"unknown key 'learnin_rate' \(did you mean 'learning_rate'\?\)") as error:
+        load_recipe(path)
+    assert "valid keys: trainer, model_name_or_path" in str(error.value)
+    assert "per_device_train_batch_size" in str(error.value)  # and the TRL config's fields
+
+
+def test_unknown_override_is_named(tmp_path):
+    path = write(tmp_path, "merge: ondare\n")
+    with pytest.raises(ValueError, match=r"unknown override '--alpah' \(did you mean 'alpha'"):
+        load_recipe(path, ["--alpah", "0.1"])
+
+
+def test_bad_values_name_the_key(tmp_path):
+    path = write(tmp_path, "merge: ondare\n")
+    with pytest.raises(ValueError, match=r"--merge: invalid choice: 'dare'"):
+        load_recipe(path, ["--merge", "dare"])
+    with pytest.raises(ValueError, match=r"--max_steps.*invalid int value: 'many'"):
+        load_recipe(path, ["--max_steps", "many"])
+    with pytest.raises(ValueError, match=r"'trainer': 'ppo'"):
+        load_recipe(write(tmp_path, "trainer: ppo\n"))
+    with pytest.raises(ValueError, match=r"a mapping of keys to values"):
+        load_recipe(write(tmp_path, "- merge\n"))
+
+
+def test_missing_recipe_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"recipe file not found: '.*nowhere\.yaml'"):
+        load_recipe(tmp_path / "nowhere.yaml")
+
+
+def test_overrides_win_and_trainer_picks_the_config(tmp_path):
+    path = write(tmp_path, "merge: ondare\nalpha: 1.0e-7\nlearning_rate: 1.0e-5\n")
+    recipe, config = load_recipe(path, ["--alpha", "0.5", "--learning_rate=3e-6", "--trainer", "kto"])
+    assert (recipe.alpha, config.learning_rate, type(config)) == (0.5, 3e-6, KTOConfig)
+
+
+def test_a_named_model_needs_a_base_for_merging(tmp_path):
+    path = write(tmp_path, "merge: ondare\nmodel_name_or_path: some/sft\n")
+    with pytest.raises(ValueError, match="needs τ = SFT − base: set base_model_name_or_path"):
+        load_recipe(path)
+
+
+def test_a_hub_model_offline_gets_an_error_that_says_how_to_use_a_local_path(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import: the env var is too late
+    path = write(tmp_path, "model_name_or_path: nobody/sft-model\nbase_model_name_or_path: nobody/base\n")
+    recipe, config = load_recipe(path, ["--output_dir", str(tmp_path / "out"), "--dataset_name", "nobody/data"])
+    with pytest.raises(OSError, match=r"model_name_or_path: 'nobody/sft-model' is not a local path.*--local-dir DIR"):
+        run_recipe(recipe, config)
+
+
+# -- the command on the embedded default (its quick world) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world_cache(tmp_path_factory):
+    """One quick world for the module, in its own cache."""
+    cache = tmp_path_factory.mktemp("world_cache")
+    os.environ["ONLINE_MERGING_CACHE"] = str(cache)
+    yield cache
+    del os.environ["ONLINE_MERGING_CACHE"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, world_cache, capsys):
+    out = tmp_path / "out"
+    assert main(["train", str(path), *QUICK, "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    recipe, _ = load_recipe(path)
+    methods = [run["method"] for run in summary["runs"]]
+    assert methods == ([recipe.merge, "adamw"] if recipe.merge != "none" else ["adamw"])
+    for run in summary["runs"]:
+        assert run["steps"] == 2
+        assert {"reward", "ability", "reward_greedy", "ability_greedy"} <= set(run["evaluation"])
+        assert (Path(run["output_dir"]) / "config.json").is_file()
+    assert summary["sft"]["ability"] >= 0
+    printed = capsys.readouterr().out
+    assert "retained" in printed and f"model saved in {out}" in printed
+
+
+def test_train_help_lists_every_key(capsys):
+    assert main(["train", str(ROOT / "recipes" / "kto_ondare.yaml"), "--help"]) == 0
+    printed = capsys.readouterr().out
+    assert "--reserve_p" in printed and "--desirable_weight" in printed
+
+
+def test_accelerate_launch_runs_a_recipe(tmp_path, world_cache):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "online_merging.cli", "train",
+        str(ROOT / "recipes" / "dpo_ondare.yaml"), *QUICK, "--compare_with_adamw", "false", "--output_dir", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ}, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [run["method"] for run in summary["runs"]] == ["ondare"]
+    assert summary["runs"][0]["steps"] == 2
