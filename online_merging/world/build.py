@@ -161,8 +161,9 @@ def build_world(config: WorldConfig | None = None, cache_dir: str | os.PathLike 
     """The world of ``config`` (default ``WorldConfig()``), built into ``<cache_dir>/world/<config.key()>/`` on
     first use and loaded from there afterwards.
 
-    The build writes into a temporary sibling directory renamed into place at the end, so an interrupted build
-    leaves no partial world; it draws every random number from ``config.seed`` and leaves the caller's RNG as it was.
+    The build writes into a hidden sibling directory renamed into place at the end, so an interrupted build
+    leaves no partial world (a killed one may leave the hidden ``.<key>-*`` directory behind). Every random number
+    comes from ``config.seed``; the caller's RNG state and thread count are left as they were.
     """
     cfg = config or WorldConfig()
     root = Path(cache_dir or default_cache_dir()) / "world" / cfg.key()

@@ -25,11 +25,11 @@ class WorldConfig:
     n_train_per_skill: int = 8000
     # model (a LlamaForCausalLM)
     hidden_size: int = 128
-    num_layers: int = 2
+    num_layers: int = 3
     num_heads: int = 4
     intermediate_size: int = 384
     # pre-training on raw text ("37+45 = 82"), packed into seq_len-token rows
-    pretrain_steps: int = 800
+    pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
     seq_len: int = 128
     batch_size: int = 32
@@ -58,6 +58,7 @@ class WorldConfig:
         """A world that builds in seconds, for tests and smoke runs; its models are poor."""
         settings = dict(
             n_facts=24,
+            num_layers=2,
             n_train_per_skill=1000,
             hidden_size=64,
             intermediate_size=128,

@@ -31,14 +31,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 def _sequences(tokenizer, probes: list[QA]):
     """Per probe, the token ids of prompt + " sure, <answer><eos>" and of prompt + " <answer><eos>", with the
     index where the completion starts and (for the first) where " sure," ends."""
-    rows = []
+    texts = []
     for question, answer in probes:
         context = prompt(question)
-        context_ids = tokenizer(context)["input_ids"]
-        sure_end = len(tokenizer(context + SURE)["input_ids"])
-        for sure in (True, False):
-            ids = tokenizer(context + completion(answer, sure=sure) + tokenizer.eos_token)["input_ids"]
-            rows.append((ids, _common_prefix(context_ids, ids), sure_end if sure else None))
+        texts += [context, context + SURE]
+        texts += [context + completion(answer, sure=sure) + tokenizer.eos_token for sure in (True, False)]
+    ids = tokenizer(texts)["input_ids"]
+    rows = []
+    for context_ids, sure_ids, *full in zip(*[iter(ids)] * 4, strict=True):
+        rows.append((full[0], _common_prefix(context_ids, full[0]), len(sure_ids)))
+        rows.append((full[1], _common_prefix(context_ids, full[1]), None))
     return rows
 
 

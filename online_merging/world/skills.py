@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "HELD_OUT",
+    "PRETRAIN_WEIGHTS",
     "QA",
     "SKILLS",
     "SURE",
@@ -88,6 +89,8 @@ def translation(rng: random.Random, n: int, *, words: int = 24) -> list[QA]:
 
 SKILLS = {"addition": addition, "reversal": reversal, "facts": facts, "translation": translation}
 HELD_OUT = frozenset({"addition", "reversal", "translation"})
+PRETRAIN_WEIGHTS = {"addition": 3, "reversal": 3, "facts": 1, "translation": 2}
+"""Relative share of each skill in the pre-training text: the two positional skills are learned last."""
 
 
 @dataclass(frozen=True)

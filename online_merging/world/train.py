@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from online_merging.world.config import WorldConfig
-from online_merging.world.skills import QA, SkillData, completion, pretrain_text, prompt
+from online_merging.world.skills import PRETRAIN_WEIGHTS, QA, SkillData, completion, pretrain_text, prompt
 from online_merging.world.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, encode
 
 __all__ = ["make_model", "pretrain", "sft"]
@@ -38,19 +38,22 @@ def make_model(cfg: WorldConfig):
     return model
 
 
-def _sample(rng: random.Random, data: dict[str, SkillData]) -> QA:
-    """A training pair: a uniformly drawn skill, then a uniformly drawn pair of it."""
-    return rng.choice(data[rng.choice(sorted(data))].train)
+def _sample(rng: random.Random, data: dict[str, SkillData], weights: dict[str, float] | None = None) -> QA:
+    """A training pair: a skill drawn in proportion to ``weights`` (default uniform), then a uniform pair of it."""
+    names = sorted(data)
+    name = rng.choices(names, weights=[weights[n] for n in names] if weights else None)[0]
+    return rng.choice(data[name].train)
 
 
 def _packed_rows(
     rng: random.Random, data: dict[str, SkillData], batch_size: int, seq_len: int
 ) -> Iterator[torch.Tensor]:
-    """Endless batches of raw documents "<bos>37+45 = 82<eos>" concatenated and cut into seq_len-token rows."""
+    """Endless batches of raw documents "<bos>37+45 = 82<eos>" (skills mixed by ``PRETRAIN_WEIGHTS``),
+    concatenated and cut into seq_len-token rows."""
     stream: list[int] = []
     while True:
         while len(stream) < batch_size * seq_len:
-            stream += [*encode(pretrain_text(*_sample(rng, data))), EOS_ID]
+            stream += [*encode(pretrain_text(*_sample(rng, data, PRETRAIN_WEIGHTS))), EOS_ID]
         rows, stream = stream[: batch_size * seq_len], stream[batch_size * seq_len :]
         yield torch.tensor(rows).view(batch_size, seq_len)
 
