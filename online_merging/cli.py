@@ -64,10 +64,8 @@ def format_summary(summary: dict) -> str:
             f"{'sft':<12} {'':>5} {'':>7} {'':>7} {'':>8} {sft['reward']:>7.3f} {sft['ability']:>7.3f} {1:>8.3f}"
         )
     for run in summary["runs"]:
-        margin, accuracy = (
-            run["train_metrics"].get(k, float("nan")) for k in ("rewards/margins", "rewards/accuracies")
-        )
-        line = f"{run['method']:<12} {run['steps']:>5} {run['seconds']:>6.0f}s {margin:>7.3f} {accuracy:>8.3f}"
+        margin, accuracy = (_figure(run["train_metrics"].get(k)) for k in ("rewards/margins", "rewards/accuracies"))
+        line = f"{run['method']:<12} {run['steps']:>5} {run['seconds']:>6.0f}s {margin:>7} {accuracy:>8}"
         if sft and run["evaluation"]:
             figures = run["evaluation"]
             line += f" {figures['reward']:>7.3f} {figures['ability']:>7.3f} {figures['ability'] / sft['ability']:>8.3f}"
@@ -77,9 +75,15 @@ def format_summary(summary: dict) -> str:
             "reward: P(the aligned style ' sure,') on held-out prompts; ability: P(the correct answer), mean over "
             "skills; retained: ability / SFT's ability."
         )
-    lines.append("margin, accuracy: TRL's rewards/margins and rewards/accuracies at the last logged step.")
+    lines.append(
+        "margin, accuracy: TRL's rewards/margins and rewards/accuracies at the last logged step (-: not logged)."
+    )
     lines.extend(f"{run['method']}: model saved in {run['output_dir']}" for run in summary["runs"])
     return "\n".join(lines)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -46,3 +48,16 @@ def random_grads(shapes: dict, steps: int, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     shapes = {n: tuple(s.shape) if isinstance(s, torch.Tensor) else s for n, s in shapes.items()}
     return [{n: torch.randn(s, generator=g) for n, s in shapes.items()} for _ in range(steps)]
+
+
+@pytest.fixture(scope="session")
+def world_cache(tmp_path_factory):
+    """A fresh cache for the embedded world, shared by the session; ``ONLINE_MERGING_CACHE`` points to it meanwhile."""
+    cache = tmp_path_factory.mktemp("world_cache")
+    previous = os.environ.get("ONLINE_MERGING_CACHE")
+    os.environ["ONLINE_MERGING_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ["ONLINE_MERGING_CACHE"]
+    else:
+        os.environ["ONLINE_MERGING_CACHE"] = previous

@@ -95,15 +95,6 @@ def test_a_hub_model_offline_gets_an_error_that_says_how_to_use_a_local_path(tmp
 # -- the command on the embedded default (its quick world) ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def world_cache(tmp_path_factory):
-    """One quick world for the module, in its own cache."""
-    cache = tmp_path_factory.mktemp("world_cache")
-    os.environ["ONLINE_MERGING_CACHE"] = str(cache)
-    yield cache
-    del os.environ["ONLINE_MERGING_CACHE"]
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, world_cache, capsys):
     out = tmp_path / "out"

@@ -23,9 +23,9 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def quick_world(tmp_path_factory) -> World:
+def quick_world(world_cache) -> World:
     """``WorldConfig.quick()`` built once per session (a few seconds)."""
-    return build_world(WorldConfig.quick(), cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    return build_world(WorldConfig.quick(), cache_dir=world_cache, progress=False)
 
 
 # --- skills -------------------------------------------------------------------------------------------------------
