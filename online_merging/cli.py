@@ -28,7 +28,7 @@ def _task_vector(args: argparse.Namespace) -> int:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     start = time.perf_counter()
     print(f"τ = {args.finetuned} − {args.base}, stored as {args.dtype} ...")
-    tau = TaskVector.from_models(args.base, args.finetuned, dtype=dtype)
+    tau = TaskVector.from_models(args.base, args.finetuned, dtype=dtype, progress=True)
     tau.save(args.out)
     print(f"{tau} written to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0

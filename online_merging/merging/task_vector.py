@@ -61,11 +61,13 @@ class TaskVector(Mapping[str, torch.Tensor]):
         *,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
+        progress: bool = False,
     ) -> TaskVector:
         """τ = finetuned − base over their floating-point tensors, computed in float32 and stored as ``dtype``.
 
         Both models must have the same tensor names and shapes (wrapper prefixes aside); large checkpoints
-        are read one tensor at a time, so the two models are never held in memory together.
+        are read one tensor at a time, so the two models are never held in memory together. ``progress`` draws
+        a progress bar over the tensors.
         """
         base_weights, ft_weights = _open_weights(base, "base"), _open_weights(finetuned, "finetuned")
         missing_in_ft = sorted(set(base_weights) - set(ft_weights))
@@ -76,7 +78,12 @@ class TaskVector(Mapping[str, torch.Tensor]):
                 f"only in base: {_preview(missing_in_ft)}; only in finetuned: {_preview(missing_in_base)}"
             )
         tensors = {}
-        for name in ft_weights:
+        names = list(ft_weights)
+        if progress:
+            from tqdm.auto import tqdm
+
+            names = tqdm(names, desc="τ = finetuned − base", unit="tensor")
+        for name in names:
             b, f = base_weights.get(name), ft_weights.get(name)
             if not f.is_floating_point():
                 continue
