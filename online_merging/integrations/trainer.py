@@ -14,8 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from online_merging.merging import TaskVector, canonical_name
-from online_merging.merging.task_vector import WeightsSource
+from online_merging.merging import TaskVector, WeightsSource, canonical_name
 from online_merging.optim import OnlineMergingAdam, OnlineMergingOptimizer, OnlineMergingSGD
 from online_merging.settings import MERGE_DEFAULTS
 

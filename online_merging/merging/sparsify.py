@@ -8,7 +8,7 @@ import torch
 
 from online_merging.rng import bernoulli_mask
 
-__all__ = ["num_kept", "random_keep", "topp_keep", "topp_mask"]
+__all__ = ["num_kept", "random_keep", "topk_mask", "topp_keep", "topp_mask"]
 
 
 def num_kept(p: float, numel: int) -> int:
@@ -27,16 +27,20 @@ def random_keep(
 
 
 def topp_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Boolean mask of the k = num_kept(p, n) largest |x|.
+    """Boolean mask of the k = num_kept(p, n) largest |x| (see :func:`topk_mask`)."""
+    return topk_mask(x, num_kept(p, x.numel()))
+
+
+def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest |x|.
 
     Exactly k elements are kept. Ties at the threshold magnitude are broken by flat index, lower first: the
     same elements as a stable descending sort of |x|. Runs in O(n) with ``kthvalue``; no full sort.
     """
     n = x.numel()
-    k = num_kept(p, n)
     if k >= n:
         return torch.ones_like(x, dtype=torch.bool)
-    if k == 0:
+    if k <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
     magnitude = x.detach().abs().reshape(-1)
     if magnitude.dtype in (torch.float16, torch.bfloat16):
