@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from online_merging.offline.merge import METHODS
 
 __all__ = ["main"]
 
@@ -32,6 +35,32 @@ def _task_vector(args: argparse.Namespace) -> int:
     tau.save(args.out)
     print(f"{tau} written to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import time
+
+    from online_merging.offline import MergeSpec, save_merged
+
+    alphas = args.alpha or [None]
+    if len(alphas) > 1 and args.method != "ma":
+        raise ValueError(f"--alpha: several values sweep MA only, not --method {args.method}")
+    for alpha in alphas:
+        spec = MergeSpec(args.method, alpha=alpha, ratios=args.ratios, weights=args.weights or (1.0, 1.0),
+                         density=args.density, seed=args.seed)  # fmt: skip
+        out = args.out if len(alphas) == 1 else f"{args.out}/ma-{alpha:g}"
+        start = time.perf_counter()
+        save_merged(spec, out, sft=args.sft, aligned=args.aligned, base=args.base)
+        print(f"{args.method} merge written to {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers, for argparse."""
+    try:
+        return tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -115,12 +144,38 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="a recipe YAML file, e.g. recipes/dpo_ondare.yaml")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the recipe's keys")
     train.set_defaults(run=_train)
+    merge = commands.add_parser(
+        "merge",
+        help="merge an SFT and an aligned checkpoint offline: MA, HMA, or mergekit's linear, DARE and TIES",
+        description="Merge tensor by tensor (one tensor of each model in memory at a time) into a checkpoint that "
+        "AutoModelForCausalLM.from_pretrained(OUT) loads, with the SFT model's config and tokenizer. "
+        "See docs/offline.md.",
+    )
+    merge.add_argument("--method", required=True, choices=METHODS, help="ma: α·aligned + (1−α)·sft; hma: one α per "
+                       "layer block; linear, dare, ties: mergekit's methods (dare = dare_linear)")  # fmt: skip
+    merge.add_argument("--sft", required=True, help="SFT checkpoint: directory of safetensors files, or a Hub id")
+    merge.add_argument("--aligned", required=True, help="aligned (DPO/KTO/RLHF) checkpoint, same architecture")
+    merge.add_argument("--base", help="base (pre-SFT) checkpoint: needed by dare and ties, which merge task vectors")
+    merge.add_argument("--out", required=True, help="output directory (MA sweeps: one subdirectory per α)")
+    merge.add_argument("--alpha", type=_numbers, help="MA's α in [0, 1]; several (0.2,0.5,0.8) sweep")
+    merge.add_argument("--ratios", type=_numbers, help="HMA's ratios in [0, 1], one per block from input to output")
+    merge.add_argument("--weights", type=_numbers, help="w_sft,w_aligned for linear, dare, ties (default 1,1)")
+    merge.add_argument("--density", type=float, default=1.0, help="fraction kept by dare and ties (default 1)")
+    merge.add_argument("--seed", type=int, default=0, help="key of dare's random masks (default 0)")
+    merge.set_defaults(run=_merge)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; bad input ends with one line naming what is wrong (ONLINE_MERGING_TRACEBACK=1: the traceback)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as error:  # FileNotFoundError is an OSError
+        if os.environ.get("ONLINE_MERGING_TRACEBACK"):
+            raise
+        print(f"online-merging {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
