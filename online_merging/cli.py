@@ -46,7 +46,7 @@ def _merge(args: argparse.Namespace) -> int:
     if len(alphas) > 1 and args.method != "ma":
         raise ValueError(f"--alpha: several values sweep MA only, not --method {args.method}")
     for alpha in alphas:
-        spec = MergeSpec(args.method, alpha=alpha, ratios=args.ratios, weights=args.weights or (1.0, 1.0),
+        spec = MergeSpec(args.method, alpha=alpha, ratios=args.ratios, weights=args.weights or MergeSpec.weights,
                          density=args.density, seed=args.seed)  # fmt: skip
         out = args.out if len(alphas) == 1 else f"{args.out}/ma-{alpha:g}"
         start = time.perf_counter()
@@ -159,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output directory (MA sweeps: one subdirectory per α)")
     merge.add_argument("--alpha", type=_numbers, help="MA's α in [0, 1]; several (0.2,0.5,0.8) sweep")
     merge.add_argument("--ratios", type=_numbers, help="HMA's ratios in [0, 1], one per block from input to output")
-    merge.add_argument("--weights", type=_numbers, help="w_sft,w_aligned for linear, dare, ties (default 1,1)")
+    merge.add_argument(
+        "--weights",
+        type=_numbers,
+        help="w_sft,w_aligned for linear, dare, ties (default 0.5,0.5; dare does not normalise them)",
+    )
     merge.add_argument("--density", type=float, default=1.0, help="fraction kept by dare and ties (default 1)")
     merge.add_argument("--seed", type=int, default=0, help="key of dare's random masks (default 0)")
     merge.set_defaults(run=_merge)

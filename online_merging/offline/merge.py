@@ -43,7 +43,7 @@ class MergeSpec:
     method: str
     alpha: float | None = None  # ma; hma's target mean when ratios are searched
     ratios: tuple[float, ...] | None = None  # hma, one per block, input to output
-    weights: tuple[float, float] = (1.0, 1.0)  # linear, dare, ties: (w_sft, w_aligned)
+    weights: tuple[float, float] = (0.5, 0.5)  # linear, dare, ties: (w_sft, w_aligned)
     density: float = 1.0  # dare, ties
     seed: int = 0  # dare
 
