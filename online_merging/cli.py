@@ -55,6 +55,25 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from online_merging.world import WorldConfig, build_world
+
+    world = build_world(WorldConfig.quick() if args.embedded_world == "quick" else WorldConfig())
+    tokenizer = world.tokenizer()
+    rows = [("sft", world.sft_dir), *((str(c), c) for c in args.checkpoints)]
+    sft_ability = None
+    print(f"{'checkpoint':<40} {'reward':>7} {'ability':>7} {'retained':>8}")
+    for label, path in rows:
+        figures = world.evaluate(AutoModelForCausalLM.from_pretrained(path), tokenizer)
+        sft_ability = sft_ability or figures["ability"]
+        print(
+            f"{label:<40} {figures['reward']:>7.3f} {figures['ability']:>7.3f} {figures['ability'] / sft_ability:>8.3f}"
+        )
+    return 0
+
+
 def _numbers(text: str) -> tuple[float, ...]:
     """A comma-separated list of numbers, for argparse."""
     try:
@@ -167,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--density", type=float, default=1.0, help="fraction kept by dare and ties (default 1)")
     merge.add_argument("--seed", type=int, default=0, help="key of dare's random masks (default 0)")
     merge.set_defaults(run=_merge)
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="reward and ability of checkpoints of the embedded default world (e.g. merges of its SFT and DPO models)",
+    )
+    evaluate.add_argument("checkpoints", nargs="+", help="from_pretrained directories of models of the embedded world")
+    evaluate.add_argument("--embedded_world", choices=["default", "quick"], default="default", help="which world")
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 
