@@ -108,11 +108,6 @@ def test_saved_merge_loads_with_transformers_in_one_or_several_shards(ckpt, tmp_
         _assert_equal(loaded, expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="save_merged leaves the shards of an earlier save in out: a stale model.safetensors beside a new "
-    "sharded index is what from_pretrained loads",
-)
 def test_saving_again_into_the_same_directory_replaces_the_weights(ckpt, tmp_path):
     models = {"sft": ckpt["sft"], "aligned": ckpt["aligned"]}
     save_merged(MergeSpec("ma", alpha=0.0), tmp_path, **models)

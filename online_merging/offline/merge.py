@@ -172,6 +172,8 @@ def save_merged(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # an earlier save's weights would be loaded instead of, or beside, ours
     written: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
     size = total = 0
