@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from online_merging.offline.merge import METHODS
 
@@ -52,6 +53,15 @@ def _merge(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         save_merged(spec, out, sft=args.sft, aligned=args.aligned, base=args.base)
         print(f"{args.method} merge written to {out} in {time.perf_counter() - start:.1f} s")
+        if args.mergekit_config:
+            import yaml
+
+            from online_merging.offline import mergekit_config
+
+            path = Path(out) / "mergekit.yaml"
+            config = mergekit_config(spec, sft=args.sft, aligned=args.aligned, base=args.base)
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            print(f"the same merge as a mergekit config: {path} (mergekit-yaml {path} OUT)")
     return 0
 
 
@@ -185,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--density", type=float, default=1.0, help="fraction kept by dare and ties (default 1)")
     merge.add_argument("--seed", type=int, default=0, help="key of dare's random masks (default 0)")
+    merge.add_argument("--mergekit-config", action="store_true",
+                       help="also write OUT/mergekit.yaml, the same merge for mergekit-yaml")  # fmt: skip
     merge.set_defaults(run=_merge)
     evaluate = commands.add_parser(
         "evaluate",

@@ -4,10 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM
 
 from online_merging.cli import main
-from online_merging.offline import METHODS, MergeSpec, merge
+from online_merging.offline import METHODS, MergeSpec, merge, mergekit_config
 from online_merging.world import WorldConfig, build_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +36,16 @@ def test_merge_command_writes_a_loadable_checkpoint_equal_to_the_in_memory_merge
     base, sft, aligned = checkpoints
     out = tmp_path / method
     args = ["merge", "--method", method, "--sft", str(sft), "--aligned", str(aligned), "--base", str(base)]
-    assert main([*args, "--out", str(out), *OPTIONS[method]]) == 0
+    assert main([*args, "--out", str(out), *OPTIONS[method], "--mergekit-config"]) == 0
     loaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
     expected = merge(SPECS[method], sft=sft, aligned=aligned, base=base)
     assert set(expected) <= set(loaded)
     for name, tensor in expected.items():
         assert torch.equal(loaded[name], tensor), name
     assert (out / "tokenizer.json").is_file()
+    assert yaml.safe_load((out / "mergekit.yaml").read_text()) == mergekit_config(
+        SPECS[method], sft=sft, aligned=aligned, base=base
+    )
 
 
 def test_an_alpha_sweep_writes_one_checkpoint_per_alpha(checkpoints, tmp_path):
