@@ -65,6 +65,48 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hma_search(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from online_merging.offline.hma_search import search_hma_ratios
+
+    if args.prompts is None:
+        from online_merging.world import WorldConfig, build_world
+
+        prompts = build_world(WorldConfig()).preference_dataset()["prompt"]
+        print("prompts: the embedded default world's")
+    else:
+        prompts = _read_prompts(args.prompts)
+    prompts = list(prompts)[: args.num_prompts]
+    tokenizer = AutoTokenizer.from_pretrained(args.sft)
+    print(f"proxy distillation over {args.blocks} block ratios with mean {args.alpha}, {len(prompts)} prompts ...")
+    result = search_hma_ratios(args.sft, args.aligned, tokenizer, prompts, alpha=args.alpha, blocks=args.blocks,
+                               steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                               progress=True)  # fmt: skip
+    result.save(args.out)
+    ratios = ",".join(f"{r:.4f}" for r in result.ratios)
+    print(f"ratios (input to output): {ratios}")
+    print(f"log-likelihood per response token: {result.log_likelihood_before:.5f} (MA) -> "
+          f"{result.log_likelihood_after:.5f} (HMA), {result.seconds:.0f} s; saved to {args.out}")  # fmt: skip
+    print(f"merge with: online-merging merge --method hma --ratios {ratios} --sft {args.sft} --aligned {args.aligned}")
+    return 0
+
+
+def _read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt file (one per line) or a .json/.jsonl file of records with a "prompt" field."""
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompts: no file at {path!r}")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".jsonl":
+        return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
+    if file.suffix == ".json":
+        return [record["prompt"] for record in json.loads(text)]
+    return [line for line in text.splitlines() if line.strip()]
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -198,6 +240,25 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--mergekit-config", action="store_true",
                        help="also write OUT/mergekit.yaml, the same merge for mergekit-yaml")  # fmt: skip
     merge.set_defaults(run=_merge)
+    search = commands.add_parser(
+        "hma-search",
+        help="find HMA's per-block ratios by proxy distillation (Lin et al.), for `merge --method hma --ratios`",
+        description="Sample responses from the aligned model, then maximise their log-likelihood under the "
+        "HMA-merged model over the block ratios only (mean fixed to --alpha). Prints and saves the ratios.",
+    )
+    search.add_argument("--sft", required=True, help="SFT checkpoint directory (its tokenizer is used)")
+    search.add_argument("--aligned", required=True, help="aligned checkpoint directory")
+    search.add_argument("--alpha", type=float, default=0.5, help="target mean of the ratios, in (0, 1) (default 0.5)")
+    search.add_argument("--blocks", type=int, default=3, help="K, number of blocks of layers (default 3)")
+    search.add_argument("--prompts", help="prompts: .txt (one per line) or .json/.jsonl with a 'prompt' field; "
+                        "default: the embedded default world's")  # fmt: skip
+    search.add_argument("--num-prompts", type=int, default=256, help="use at most this many prompts (default 256)")
+    search.add_argument("--steps", type=int, default=100, help="Adam steps on the ratios (default 100)")
+    search.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate (default 0.05)")
+    search.add_argument("--max-new-tokens", type=int, default=64, help="length of sampled responses (default 64)")
+    search.add_argument("--seed", type=int, default=0, help="seed of the sampled responses (default 0)")
+    search.add_argument("--out", default="hma_ratios.json", help="where to save the result (default hma_ratios.json)")
+    search.set_defaults(run=_hma_search)
     evaluate = commands.add_parser(
         "evaluate",
         help="reward and ability of checkpoints of the embedded default world (e.g. merges of its SFT and DPO models)",

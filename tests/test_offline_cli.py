@@ -8,7 +8,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from online_merging.cli import main
-from online_merging.offline import METHODS, MergeSpec, merge, mergekit_config
+from online_merging.offline import METHODS, HMAResult, MergeSpec, merge, mergekit_config
 from online_merging.world import WorldConfig, build_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +95,32 @@ def test_evaluate_prints_reward_and_ability_of_each_checkpoint(checkpoints, caps
     assert lines[0].split() == ["checkpoint", "reward", "ability", "retained"]
     assert lines[1].split()[0] == "sft" and lines[1].split()[-1] == "1.000"
     assert lines[2].split()[0] == str(aligned)
+
+
+def test_hma_search_command_saves_ratios_that_merge_accepts(checkpoints, tmp_path, capsys):
+    _, sft, aligned = checkpoints
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Q: 12+30 A:\nQ: reverse abcd A:\n")
+    out = tmp_path / "ratios.json"
+    args = ["hma-search", "--sft", str(sft), "--aligned", str(aligned), "--alpha", "0.4", "--blocks", "2"]
+    options = ["--prompts", str(prompts), "--steps", "3", "--max-new-tokens", "6", "--out", str(out)]
+    assert main([*args, *options]) == 0
+    result = HMAResult.load(out)
+    assert len(result.ratios) == 2 and sum(result.ratios) / 2 == pytest.approx(0.4, abs=1e-6)
+    suggested = capsys.readouterr().out.splitlines()[-1].removeprefix("merge with: online-merging ").split()
+    assert main([*suggested, "--out", str(tmp_path / "hma")]) == 0
+    assert (tmp_path / "hma" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--alpha", "1.5"], "alpha"), (["--blocks", "5"], "blocks"), (["--prompts", "nowhere.txt"], "nowhere.txt")],
+)
+def test_hma_search_bad_options_are_named(checkpoints, tmp_path, capsys, options, message):
+    _, sft, aligned = checkpoints
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Q: 1+2 A:\n")
+    args = ["hma-search", "--sft", str(sft), "--aligned", str(aligned), "--prompts", str(prompts), "--steps", "1"]
+    assert main([*args, *options, "--out", str(tmp_path / "r.json")]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
