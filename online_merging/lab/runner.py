@@ -1,0 +1,246 @@
+"""One lab run: DPO/KTO from a world's SFT model, evaluated every few steps; offline merges of its result.
+
+Each job is a pure function of a frozen config, cached on disk under ``<cache>/lab/<kind>/<key>.json`` so that a
+rerun resumes. Jobs run in worker processes of one thread each (``torch.set_num_threads(1)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from online_merging.world import WorldConfig, build_world, default_cache_dir
+
+__all__ = ["MergeJob", "RunConfig", "evaluate_merges", "lab_cache_dir", "model_path", "train_run"]
+
+LAB_VERSION = 1
+"""Bump when a code change changes what a cached job computes."""
+
+
+def lab_cache_dir() -> Path:
+    return default_cache_dir() / "lab"
+
+
+def _key(obj) -> str:
+    text = json.dumps({"version": LAB_VERSION, **dataclasses.asdict(obj)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A training run: trainer, optimizer and its merge settings, schedule, and which world and data order."""
+
+    world: WorldConfig
+    data_seed: int = 0
+    trainer: str = "dpo"  # dpo | kto
+    optimizer: str = "adamw"  # adamw: Trainer's own; adam, sgd: OnlineMergingAdam/SGD
+    merge: str | None = None  # ondare | onties (with adam/sgd)
+    lr: float = 3e-5
+    beta: float = 0.1
+    reserve_p: float = 1.0
+    alpha: float = 0.0
+    merge_every: int = 1
+    momentum: float = 0.0
+    ema: tuple[float, ...] = ()  # EMA coefficients c of θ_ema ← (1−c)·θ_ema + c·θ, tracked along the run
+    steps: int = 80
+    eval_every: int = 10
+    batch_size: int = 32
+    save_model: bool = False  # keep the final weights (for offline merges)
+
+    def key(self) -> str:
+        return _key(self)
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """Offline merges of a finished run with its SFT model: (name, spec fields) pairs, and HMA searches."""
+
+    run: RunConfig
+    specs: tuple[tuple[str, tuple[tuple[str, object], ...]], ...]  # (method, MergeSpec fields)
+    hma_alphas: tuple[float, ...] = ()
+    hma_prompts: int = 64
+    hma_steps: int = 30
+
+    def key(self) -> str:
+        return _key(self)
+
+
+def model_path(run: RunConfig) -> Path:
+    return lab_cache_dir() / "models" / f"{run.key()}.pt"
+
+
+def _cached(kind: str, key: str, compute):
+    """``compute()`` once; its JSON result is kept in ``<lab cache>/<kind>/<key>.json`` (written atomically)."""
+    path = lab_cache_dir() / kind / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(result, f)
+    os.replace(f.name, path)
+    return result
+
+
+def _load_sft(world):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(world.sft_dir, dtype=torch.float32)
+
+
+def world_metrics(config: WorldConfig) -> dict[str, float]:
+    """The SFT model's metrics: the start of every run and the reference of the ability axis."""
+
+    def compute():
+        world = build_world(config, progress=False)
+        return world.evaluate(_load_sft(world), world.tokenizer())
+
+    return _cached("sft", config.key(), compute)
+
+
+def train_run(run: RunConfig) -> dict:
+    """``{"points": [{"step", "variant", **metrics}], "seconds"}``; variant ``""`` is the model itself, ``ema=c``
+    its EMA. Step 0 (the SFT model) is not included."""
+    return _cached("runs", run.key(), lambda: _train(run))
+
+
+def _train(run: RunConfig) -> dict:
+    import trl
+    from transformers import TrainerCallback
+
+    from online_merging.integrations import build_optimizer
+
+    start = time.perf_counter()
+    world = build_world(run.world, progress=False)
+    tokenizer = world.tokenizer()
+    model = _load_sft(world)
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="lab-"),
+        learning_rate=run.lr,
+        beta=run.beta,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_steps=run.steps,
+        per_device_train_batch_size=run.batch_size,
+        max_length=128,
+        activation_checkpointing=False,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=run.data_seed,
+        data_seed=run.data_seed,
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        dataloader_pin_memory=False,
+    )
+    if run.trainer == "dpo":
+        args, dataset, trainer_cls = trl.DPOConfig(**common), world.preference_dataset(), trl.DPOTrainer
+    else:
+        args, dataset, trainer_cls = trl.KTOConfig(**common), world.kto_dataset(), trl.KTOTrainer
+    optimizers = (None, None)
+    if run.optimizer != "adamw":
+        settings = dict(merge=run.merge, reserve_p=run.reserve_p, alpha=run.alpha, merge_every=run.merge_every)
+        if run.optimizer == "sgd":
+            settings["momentum"] = run.momentum
+        optimizer = build_optimizer(model, args, base_model=str(world.base_dir), optimizer=run.optimizer, **settings)
+        optimizers = (optimizer, None)
+    points: list[dict] = []
+    emas = {c: {n: p.detach().clone() for n, p in model.named_parameters()} for c in run.ema}
+
+    class Evaluate(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            with torch.no_grad():
+                for c, average in emas.items():
+                    for n, p in model.named_parameters():
+                        average[n].lerp_(p, c)
+            if state.global_step % run.eval_every and state.global_step != run.steps:
+                return
+            step = state.global_step
+            points.append({"step": step, "variant": "", **world.evaluate(model, tokenizer)})
+            for c, average in emas.items():
+                with _swapped(model, average):
+                    points.append({"step": step, "variant": f"ema={c:g}", **world.evaluate(model, tokenizer)})
+
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        optimizers=optimizers,
+        callbacks=[Evaluate()],
+    )
+    trainer.train()
+    if run.save_model:
+        path = model_path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+    return {"points": points, "seconds": round(time.perf_counter() - start, 1)}
+
+
+class _swapped:
+    """Within the block the model's parameters hold ``state``; afterwards their own values again."""
+
+    def __init__(self, model, state):
+        self.model, self.state = model, state
+
+    def __enter__(self):
+        self.saved = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._load(self.state)
+
+    def __exit__(self, *exc):
+        self._load(self.saved)
+
+    def _load(self, state):
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(state[n])
+
+
+def evaluate_merges(job: MergeJob) -> dict:
+    """``{"points": [{"method", "setting", **metrics}], "seconds"}`` for every merge of the job's run."""
+    return _cached("merges", job.key(), lambda: _merges(job))
+
+
+def _merges(job: MergeJob) -> dict:
+    from online_merging.offline import MergeSpec, merge
+
+    start = time.perf_counter()
+    world = build_world(job.run.world, progress=False)
+    tokenizer = world.tokenizer()
+    sft, model = _load_sft(world), _load_sft(world)
+    aligned = torch.load(model_path(job.run), weights_only=True)
+    base = str(world.base_dir)
+    jobs = [(name, MergeSpec(**dict(fields))) for name, fields in job.specs]
+    if job.hma_alphas:
+        from online_merging.offline.hma_search import search_hma_ratios
+        from online_merging.world.skills import prompt
+
+        probes = [qa for pairs in world.probes("train").values() for qa in pairs][: job.hma_prompts]
+        aligned_model = _load_sft(world)
+        aligned_model.load_state_dict(aligned)
+        for alpha in job.hma_alphas:
+            found = search_hma_ratios(
+                sft,
+                aligned_model,
+                tokenizer,
+                [prompt(q) for q, _ in probes],
+                alpha=alpha,
+                blocks=min(3, job.run.world.num_layers),
+                steps=job.hma_steps,
+            )
+            jobs.append(("hma", found.spec))
+    points = []
+    for name, spec in jobs:
+        model.load_state_dict(merge(spec, sft=sft.state_dict(), aligned=aligned, base=base), strict=False)
+        setting = {k: v for k, v in dataclasses.asdict(spec).items() if k != "method" and v is not None}
+        points.append({"method": name, "setting": setting, **world.evaluate(model, tokenizer)})
+    return {"points": points, "seconds": round(time.perf_counter() - start, 1)}
