@@ -61,3 +61,20 @@ def world_cache(tmp_path_factory):
         del os.environ["ONLINE_MERGING_CACHE"]
     else:
         os.environ["ONLINE_MERGING_CACHE"] = previous
+
+
+def tiny_llama(*, layers: int = 2, hidden: int = 32, tie: bool = False, seed: int = 0):
+    """A random ``LlamaForCausalLM`` over the embedded world's vocabulary (pad 0, bos 1, eos 2); the global RNG is
+    left as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from online_merging.world.tokenizer import VOCAB
+
+    config = LlamaConfig(
+        vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)

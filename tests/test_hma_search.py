@@ -9,7 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from online_merging.offline import MergeSpec, merge
 from online_merging.offline.hma_search import HMAResult, _ratios, sample_responses, search_hma_ratios
-from online_merging.world.tokenizer import VOCAB, build_tokenizer
+from online_merging.world.tokenizer import build_tokenizer
+from tests.conftest import tiny_llama
 
 PROMPTS = ["Q: 12+7 A:", "Q: reverse abc A:", "Q: home of gada A:", "Q: translate kesi A:", "Q: 3+4 A:"]
 FAST = dict(steps=25, lr=0.1, regularization=0.0, max_new_tokens=8)
@@ -17,22 +18,9 @@ FAST = dict(steps=25, lr=0.1, regularization=0.0, max_new_tokens=8)
 
 def tiny_pair(tie: bool = True, layers: int = 4, seed: int = 0) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     """A random 4-layer Llama over the world's vocabulary and an "aligned" copy: the same plus noise."""
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    sft = tiny_llama(layers=layers, hidden=16, tie=tie, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        sft = LlamaForCausalLM(config)
         aligned = copy.deepcopy(sft)
         with torch.no_grad():
             for p in aligned.parameters():

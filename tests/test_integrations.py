@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
@@ -15,26 +15,10 @@ from online_merging.reference import ADAM_DEFAULTS, SGD_DEFAULTS, ReferenceOnlin
 from online_merging.settings import MERGE_DEFAULTS
 from online_merging.world.skills import addition, completion, prompt
 from online_merging.world.tokenizer import VOCAB, build_tokenizer
+from tests.conftest import tiny_llama
 
 LR = 1e-3
 STEPS = 4
-
-
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config)
 
 
 @pytest.fixture
