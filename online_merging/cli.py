@@ -107,6 +107,17 @@ def _read_prompts(path: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def _tax_lab(args: argparse.Namespace) -> int:
+    from online_merging.lab import run_lab
+
+    ints = {name: tuple(int(v) for v in value) if value else None for name, value in
+            (("seeds", args.seeds), ("data_orders", args.data_orders))}  # fmt: skip
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    run_lab(args.out, quick=args.quick, methods=methods, workers=args.workers, **ints)
+    print(f"results: {args.out}/results.json, {args.out}/results.md and the plots beside them")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -259,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0, help="seed of the sampled responses (default 0)")
     search.add_argument("--out", default="hma_ratios.json", help="where to save the result (default hma_ratios.json)")
     search.set_defaults(run=_hma_search)
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="benchmark", required=True)
+    lab = bench.add_parser(
+        "tax-lab",
+        help="the alignment-tax lab: reward gained per ability lost, every method, on the embedded world",
+        description="Train every method (AdamW, OnDARE, OnTIES, step-K, SGD, EMA, ChildTuning, KTO, and offline "
+        "MA/HMA/DARE/TIES merges of the AdamW run) on the embedded default world over seeds, and write the "
+        "reward/ability fronts, their areas with bootstrap intervals, a markdown table and plots. See docs/results.md.",
+    )
+    lab.add_argument("--quick", action="store_true", help="one seed, a smaller world, few points (≤ 10 min)")
+    lab.add_argument("--seeds", type=_numbers, help="model seeds, e.g. 0,1 (default: the mode's)")
+    lab.add_argument("--data-orders", type=_numbers, help="data-order seeds, e.g. 0,1 (default: the mode's)")
+    lab.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    lab.add_argument("--workers", type=int, default=2, help="parallel training processes, one thread each (default 2)")
+    lab.add_argument("--out", default="tax_lab", help="output directory (default tax_lab)")
+    lab.set_defaults(run=_tax_lab)
     evaluate = commands.add_parser(
         "evaluate",
         help="reward and ability of checkpoints of the embedded default world (e.g. merges of its SFT and DPO models)",
