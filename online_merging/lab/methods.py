@@ -29,7 +29,13 @@ _MERGE_SWEEP = ({"reserve_p": 0.01, "alpha": 1e-7}, {"reserve_p": 0.1, "alpha": 
 TRAINED: dict[str, Method] = {
     "adamw": Method("DPO with Trainer's AdamW", ({}, {"lr": 2 / 3})),
     "ondare": Method("DPO with OnDARE-Adam", tuple({**_ADAM, **s} for s in _MERGE_SWEEP)),
-    "onties": Method("DPO with OnTIES-Adam", tuple({**_ADAM, "merge": "onties", **s} for s in _MERGE_SWEEP)),
+    # OnTIES keeps the top-p update elements without rescaling: a larger learning rate to cover the front
+    "onties": Method(
+        "DPO with OnTIES-Adam",
+        tuple(
+            {**_ADAM, "merge": "onties", **s, "lr": lr} for s, lr in zip(_MERGE_SWEEP[::-1], (3.0, 10.0), strict=True)
+        ),
+    ),
     "ondare_k10": Method(
         "OnDARE-Adam merging every 10 steps (step-K)", tuple({**_ADAM, "merge_every": 10, **s} for s in _MERGE_SWEEP)
     ),

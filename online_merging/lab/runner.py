@@ -182,7 +182,7 @@ def _train(run: RunConfig) -> dict:
     if run.save_model:
         path = model_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+        torch.save(model.state_dict(), path)  # tied weights stay one tensor
     return {"points": points, "seconds": round(time.perf_counter() - start, 1)}
 
 
