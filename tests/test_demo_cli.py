@@ -44,3 +44,18 @@ def test_cli_task_vector_writes_the_difference(tmp_path, capsys):
     for name in base:
         torch.testing.assert_close(tau[name], sft[name] - base[name])
     assert "written to" in capsys.readouterr().out
+
+
+def test_bench_tax_lab_passes_its_options_to_the_lab(monkeypatch, tmp_path):
+    import online_merging.lab
+
+    calls = []
+    monkeypatch.setattr(online_merging.lab, "run_lab", lambda out, **kwargs: calls.append((out, kwargs)))
+    args = ["bench", "tax-lab", "--quick", "--seeds", "0,3", "--methods", "adamw,ondare", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert calls == [
+        (
+            str(tmp_path),
+            {"quick": True, "methods": ("adamw", "ondare"), "workers": 2, "seeds": (0, 3), "data_orders": None},
+        )
+    ]
