@@ -43,11 +43,18 @@ def _collect(config, sft: dict, runs: list, merges: list) -> dict:
                 continue
             setting = planned.setting if not p["variant"] else f"{planned.setting}, {p['variant']}"
             points[name][replicate].append(_point(p, sft[planned.seed], setting=setting, step=p["step"]))
+    merged = {p.run.key(): p for p, _ in runs if p.run.save_model}
+    finals = {p.run.key(): [x for x in r["points"] if not x["variant"]][-1] for p, r in runs if p.run.save_model}
     for seed, order, result in merges:
         replicate = f"seed{seed}/order{order}"
+        # each merge family ends at the model it merges with SFT (MA at α = 1): the AdamW run's final point
+        aligned = next(k for k, p in merged.items() if (p.seed, p.order) == (seed, order))
+        for name in {p["method"] for p in result["points"]}:
+            end = _point(finals[aligned], sft[seed], setting="aligned (AdamW final)", step=finals[aligned]["step"])
+            points[name][replicate].append(end)
         for p in result["points"]:
             setting = ", ".join(f"{k}={v}" for k, v in p["setting"].items())
-            points[p["method"]][f"seed{seed}/order{order}"].append(_point(p, sft[seed], setting=setting, step=None))
+            points[p["method"]][replicate].append(_point(p, sft[seed], setting=setting, step=None))
     for name in points:
         for replicate in points[name]:
             seed = int(replicate.split("/")[0][4:])
@@ -134,7 +141,11 @@ def write_report(results: dict, out: Path) -> None:
     run = results.get("run", {})
     text = "# Alignment-tax lab\n\n" + markdown_table(results)
     if run:
-        text += f"\n{len(results['replicates'])} replicates (seed × data order), {run['seconds']:.0f} s wall time.\n"
+        text += (
+            f"\n{len(results['replicates'])} replicates (seed × data order); this invocation {run['seconds']:.0f} s wall "
+            f"time with {run['workers']} workers (cached jobs are not rerun); the jobs took {run['computed_seconds']:.0f} "
+            "s of one core each, summed.\n"
+        )
     (out / "results.md").write_text(text)
     _plots(results, out)
 
