@@ -37,12 +37,19 @@ class LabConfig:
 
     @classmethod
     def quick(cls, **overrides) -> LabConfig:
-        """One seed and data order, a world that builds in about a minute, one setting per method."""
-        world = WorldConfig.quick(
-            pretrain_steps=300, sft_steps=150, n_train_per_skill=2000, n_preference_pairs=1000, n_eval_probes=120
+        """One seed and data order, a 2-layer world that builds in about two minutes, 20 steps, one setting per
+        method."""
+        world = WorldConfig(
+            num_layers=2,
+            intermediate_size=256,
+            pretrain_steps=500,
+            sft_steps=200,
+            n_train_per_skill=4000,
+            n_facts=60,
+            n_preference_pairs=1000,
+            n_eval_probes=200,
         )
-        settings = dict(world=world, seeds=(0,), data_orders=(0,), steps=20, eval_every=5, batch_size=16, lr=2e-4)
-        settings["sweep"] = 1
+        settings = dict(world=world, seeds=(0,), data_orders=(0,), steps=20, eval_every=5, lr=9e-5, sweep=1)
         return cls(**{**settings, **overrides})
 
     def __post_init__(self):

@@ -141,10 +141,10 @@ def write_report(results: dict, out: Path) -> None:
     run = results.get("run", {})
     text = "# Alignment-tax lab\n\n" + markdown_table(results)
     if run:
+        replicates, seconds, jobs = len(results["replicates"]), run["seconds"], run["computed_seconds"]
         text += (
-            f"\n{len(results['replicates'])} replicates (seed × data order); this invocation {run['seconds']:.0f} s wall "
-            f"time with {run['workers']} workers (cached jobs are not rerun); the jobs took {run['computed_seconds']:.0f} "
-            "s of one core each, summed.\n"
+            f"\n{replicates} replicates (seed × data order); this invocation {seconds:.0f} s wall time with "
+            f"{run['workers']} workers (cached jobs are not rerun); the jobs took {jobs:.0f} s of one core, summed.\n"
         )
     (out / "results.md").write_text(text)
     _plots(results, out)
