@@ -20,14 +20,19 @@ MATCHED_REWARDS = (0.5, 0.8)
 """Reward levels at which the best ability kept is reported."""
 
 
+def _kept(metrics: dict, sft: dict, key: str) -> float:
+    """The fraction of the SFT value kept; 1 where the SFT model had none (there was nothing to lose)."""
+    return metrics[key] / sft[key] if sft[key] > 0 else 1.0
+
+
 def _point(metrics: dict, sft: dict, **extra) -> dict:
     skills = [k.split("/", 1)[1] for k in sft if k.startswith("ability/")]
     point = {
         "reward": metrics["reward"],
-        "ability": metrics["ability"] / sft["ability"],
+        "ability": _kept(metrics, sft, "ability"),
         "reward_greedy": metrics["reward_greedy"],
-        "ability_greedy": metrics["ability_greedy"] / sft["ability_greedy"],
-        "skills": {s: metrics[f"ability/{s}"] / sft[f"ability/{s}"] for s in skills},
+        "ability_greedy": _kept(metrics, sft, "ability_greedy"),
+        "skills": {s: _kept(metrics, sft, f"ability/{s}") for s in skills},
     }
     return {**point, **extra}
 
