@@ -108,12 +108,13 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def _tax_lab(args: argparse.Namespace) -> int:
-    from online_merging.lab import run_lab
+    from online_merging.lab import LabConfig, run_lab
 
     ints = {name: tuple(int(v) for v in value) if value else None for name, value in
             (("seeds", args.seeds), ("data_orders", args.data_orders))}  # fmt: skip
     methods = tuple(args.methods.split(",")) if args.methods else None
-    run_lab(args.out, quick=args.quick, methods=methods, workers=args.workers, **ints)
+    config = (LabConfig.quick() if args.quick else LabConfig()).with_settings(args.set)
+    run_lab(args.out, quick=args.quick, methods=methods, workers=args.workers, config=config, **ints)
     print(f"results: {args.out}/results.json, {args.out}/results.md and the plots beside them")
     return 0
 
@@ -284,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     lab.add_argument("--workers", type=int, default=2, help="parallel training processes, one thread each (default 2)")
     lab.add_argument("--out", default="tax_lab", help="output directory (default tax_lab)")
+    lab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="change the plan: steps=60, lr=3e-5, world.skills=addition,facts, world.num_layers=2, ... "
+                     "(repeatable; fields of LabConfig and, prefixed world., of WorldConfig)")  # fmt: skip
     lab.set_defaults(run=_tax_lab)
     evaluate = commands.add_parser(
         "evaluate",

@@ -3,6 +3,7 @@ import sys
 
 from online_merging.cli import main
 from online_merging.demo import run_demo
+from online_merging.lab import LabConfig
 
 
 def test_demo_runs_every_optimizer_and_reports_finite_numbers():
@@ -52,10 +53,16 @@ def test_bench_tax_lab_passes_its_options_to_the_lab(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(online_merging.lab, "run_lab", lambda out, **kwargs: calls.append((out, kwargs)))
     args = ["bench", "tax-lab", "--quick", "--seeds", "0,3", "--methods", "adamw,ondare", "--out", str(tmp_path)]
-    assert main(args) == 0
-    assert calls == [
-        (
-            str(tmp_path),
-            {"quick": True, "methods": ("adamw", "ondare"), "workers": 2, "seeds": (0, 3), "data_orders": None},
-        )
-    ]
+    settings = ["--set", "steps=7", "--set", "world.skills=addition,facts", "--set", "world.num_layers=1"]
+    assert main([*args, *settings]) == 0
+    ((out, kwargs),) = calls
+    config = kwargs.pop("config")
+    expected = {"quick": True, "methods": ("adamw", "ondare"), "workers": 2, "seeds": (0, 3), "data_orders": None}
+    assert (out, kwargs) == (str(tmp_path), expected)
+    assert (config.steps, config.world.skills, config.world.num_layers) == (7, ("addition", "facts"), 1)
+    assert config.lr == LabConfig.quick().lr  # the rest of the quick plan is kept
+
+
+def test_bench_tax_lab_refuses_an_unknown_setting(capsys):
+    assert main(["bench", "tax-lab", "--set", "world.layers=2"]) == 2
+    assert "Invalid setting 'world.layers=2'" in capsys.readouterr().err

@@ -60,6 +60,25 @@ class LabConfig:
         if not self.seeds or not self.data_orders:
             raise ValueError("the lab needs at least one seed and one data order")
 
+    def with_settings(self, items: list[str]) -> LabConfig:
+        """This plan with ``KEY=VALUE`` settings: a field of the plan (``steps=60``, ``lr=3e-5``) or, prefixed
+        ``world.``, of its world (``world.skills=addition,facts``, ``world.num_layers=2``); lists comma-separated."""
+        config = self
+        for item in items:
+            key, sep, text = item.partition("=")
+            target, name = (config.world, key[len("world.") :]) if key.startswith("world.") else (config, key)
+            known = {f.name for f in dataclasses.fields(target)}
+            if not sep or name not in known:
+                prefix = "world." if target is config.world else ""
+                raise ValueError(f"Invalid setting {item!r} (expected KEY=VALUE, KEY one of: "
+                                 f"{', '.join(prefix + k for k in sorted(known))})")  # fmt: skip
+            value = _parse_like(getattr(target, name), text, item)
+            if target is config.world:
+                config = replace(config, world=replace(config.world, **{name: value}))
+            else:
+                config = replace(config, **{name: value})
+        return config
+
     def worlds(self) -> dict[int, WorldConfig]:
         return {seed: replace(self.world, seed=seed) for seed in self.seeds}
 
@@ -75,6 +94,19 @@ class LabConfig:
             **fields,
             **extra,
         )
+
+
+def _parse_like(current, text: str, item: str):
+    """``text`` as a value of the type of ``current``: tuples comma-separated, numbers, booleans, strings."""
+    try:
+        if isinstance(current, tuple):
+            kind = type(current[0]) if current else str
+            return tuple(kind(part) for part in text.split(","))
+        if isinstance(current, bool):
+            return {"true": True, "false": False}[text.lower()]
+        return type(current)(text)
+    except (ValueError, KeyError):
+        raise ValueError(f"Invalid setting {item!r}: {text!r} is not a {type(current).__name__}") from None
 
 
 @dataclass(frozen=True)
