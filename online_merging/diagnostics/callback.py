@@ -14,7 +14,8 @@ __all__ = ["GradientEntanglementCallback"]
 
 class GradientEntanglementCallback(TrainerCallback):
     """Every ``every_n_steps`` optimizer steps (and when training begins), :func:`gradient_entanglement` on the probe
-    pairs; the figures go into ``state.log_history`` as ``entanglement/...`` and into :attr:`trajectory`.
+    pairs; the figures go into ``state.log_history`` as ``entanglement/...`` entries of their own (a callback cannot
+    reach ``report_to`` integrations) and into :attr:`trajectory`.
 
     It warns once per run when, compared with the first probe, the margin rose while the chosen log-probability
     fell or the rejected one rose, and at the end writes ``entanglement.png`` (log-probabilities, margin, cosine)
