@@ -141,7 +141,7 @@ def test_callback_leaves_training_unchanged_and_logs_and_plots(tmp_path, tokeniz
     assert (tmp_path / "watched" / "entanglement.png").stat().st_size > 0
 
 
-def test_warns_once_when_the_chosen_log_prob_falls_while_the_margin_rises(tokenizer):
+def test_warns_once_per_episode_when_the_chosen_log_prob_falls_while_the_margin_rises(tokenizer):
     model = tiny_llama().eval()
     # an LM head with a bias: shifting a token's logit is then the same at every position
     head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
@@ -166,7 +166,13 @@ def test_warns_once_when_the_chosen_log_prob_falls_while_the_margin_rises(tokeni
         step(2, 0.5, -1.0)  # chosen up, rejected down: healthy
         assert not caught
         third = step(3, -1.5, -4.0)  # both fall, the rejected faster: the margin still rises
-        step(4, -0.5, -2.0)
+        step(4, -0.5, -2.0)  # the same episode: no second warning
+        step(5, 1.0, -1.0)  # healthy again: the episode ends
+        step(6, 0.0, 1.0)  # the rejected rises (the margin falls): not entangled
+        step(7, -0.2, -1.0)  # a new episode
     assert third.logp_chosen < first.logp_chosen and third.margin > first.margin
-    assert len(caught) == 1 and "step 3" in str(caught[0].message)
-    assert monitor.warned_at == 3
+    assert [str(w.message).split(":")[0] for w in caught] == [
+        "gradient entanglement at step 3",
+        "gradient entanglement at step 7",
+    ]
+    assert monitor.episodes == [3, 7]

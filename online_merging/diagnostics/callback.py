@@ -17,8 +17,9 @@ class GradientEntanglementCallback(TrainerCallback):
     pairs; the figures go into ``state.log_history`` as ``entanglement/...`` entries of their own (a callback cannot
     reach ``report_to`` integrations) and into :attr:`trajectory`.
 
-    It warns once per run when, compared with the first probe, the margin rose while the chosen log-probability
-    fell or the rejected one rose, and at the end writes ``entanglement.png`` (log-probabilities, margin, cosine)
+    It warns once per episode: the first probe at which, since the previous probe, the margin rose while the chosen
+    log-probability fell or the rejected one rose (an episode lasts while that holds from probe to probe; its start
+    steps are in :attr:`episodes`). At the end it writes ``entanglement.png`` (log-probabilities, margin, cosine)
     into ``args.output_dir``. Cost: two forward and two backward passes over the probe pairs every N steps; the
     training step's gradients, the modules' modes and the RNG are untouched, so training is unchanged.
 
@@ -42,24 +43,28 @@ class GradientEntanglementCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.processing_class = processing_class
         self.trajectory: list[tuple[int, EntanglementReport]] = []
-        self.warned_at: int | None = None
+        self.episodes: list[int] = []
+        self._entangled = False
 
     def probe(self, step: int, model, tokenizer) -> EntanglementReport:
         """Compute, record and check the report at ``step``."""
         report = gradient_entanglement(model, tokenizer, self.prompt, self.chosen, self.rejected)
         self.trajectory.append((step, report))
-        first = self.trajectory[0][1]
-        entangled = report.margin > first.margin and (
-            report.logp_chosen < first.logp_chosen or report.logp_rejected > first.logp_rejected
-        )
-        if entangled and self.warned_at is None:
-            self.warned_at = step
-            warnings.warn(
-                f"gradient entanglement at step {step}: the probe margin rose ({first.margin:.4g} → "
-                f"{report.margin:.4g}) while log π(chosen) went {first.logp_chosen:.4g} → {report.logp_chosen:.4g} "
-                f"and log π(rejected) {first.logp_rejected:.4g} → {report.logp_rejected:.4g}",
-                stacklevel=2,
+        if len(self.trajectory) > 1:
+            before = self.trajectory[-2][1]
+            entangled = report.margin > before.margin and (
+                report.logp_chosen < before.logp_chosen or report.logp_rejected > before.logp_rejected
             )
+            if entangled and not self._entangled:
+                self.episodes.append(step)
+                warnings.warn(
+                    f"gradient entanglement at step {step}: the probe margin rose ({before.margin:.4g} → "
+                    f"{report.margin:.4g}) while log π(chosen) went {before.logp_chosen:.4g} → "
+                    f"{report.logp_chosen:.4g} and log π(rejected) {before.logp_rejected:.4g} → "
+                    f"{report.logp_rejected:.4g}",
+                    stacklevel=2,
+                )
+            self._entangled = entangled
         return report
 
     def _probe_and_log(self, state, kwargs) -> None:
@@ -70,7 +75,7 @@ class GradientEntanglementCallback(TrainerCallback):
         state.log_history.append({**report.metrics(), "step": state.global_step})
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trajectory, self.warned_at = [], None
+        self.trajectory, self.episodes, self._entangled = [], [], False
         self._probe_and_log(state, kwargs)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -99,9 +104,9 @@ class GradientEntanglementCallback(TrainerCallback):
         margin.set(title="margin", xlabel="step")
         cosine.plot(steps, [r.cosine for r in reports], marker=".")
         cosine.set(title="cos(g_w, g_l)", xlabel="step")
-        if self.warned_at is not None:
+        for start in self.episodes:
             for axis in (logp, margin, cosine):
-                axis.axvline(self.warned_at, color="red", linestyle=":")
+                axis.axvline(start, color="red", linestyle=":")
         figure.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
