@@ -112,6 +112,14 @@ def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, 
     assert "retained" in printed and f"model saved in {out}" in printed
 
 
+@pytest.mark.filterwarnings("ignore:gradient entanglement")  # may fire on the tiny run; tested in test_diagnostics
+def test_one_flag_turns_on_the_entanglement_monitor(tmp_path, world_cache):
+    out = tmp_path / "out"
+    recipe = ["train", str(ROOT / "recipes" / "kto_ondare.yaml"), *QUICK, "--compare_with_adamw", "false"]
+    assert main([*recipe, "--entanglement_every", "1", "--output_dir", str(out)]) == 0
+    assert (out / "entanglement.png").stat().st_size > 0
+
+
 def test_train_help_lists_every_key(capsys):
     assert main(["train", str(ROOT / "recipes" / "kto_ondare.yaml"), "--help"]) == 0
     printed = capsys.readouterr().out

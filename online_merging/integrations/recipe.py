@@ -67,6 +67,12 @@ class RecipeArguments:
         "default", "Size of the embedded default world, when no model is named: default, or quick (tests, CI).",
         ("default", "quick"),
     )  # fmt: skip
+    entanglement_every: int = _arg(
+        0,
+        "Monitor gradient entanglement every N steps on 16 preference pairs (held-out ones on the embedded world): "
+        "entanglement/... in the logs, entanglement.png in output_dir, a warning when the chosen log-probability "
+        "falls while the margin rises. Two backward passes over the pairs per probe. 0: off.",
+    )
     compare_with_adamw: bool | None = _arg(
         None,
         "Also train the AdamW baseline with the same settings and print both. Empty: yes on the embedded "

@@ -100,8 +100,14 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
         )
         optimizers = (optimizer, None)
     trainer_cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[recipe.trainer]
+    callbacks = [_entanglement_monitor(recipe, world, dataset)] if recipe.entanglement_every else []
     trainer = trainer_cls(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, optimizers=optimizers
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        optimizers=optimizers,
+        callbacks=callbacks,
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
@@ -111,6 +117,15 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
     metrics = {k: v for k, v in (logged[-1] if logged else {}).items() if k in TRL_METRICS}
     evaluation = world.evaluate(model, tokenizer) if recipe.embedded else None
     return RunResult(method_name(recipe), config.output_dir, trainer.state.global_step, seconds, metrics, evaluation)
+
+
+def _entanglement_monitor(recipe: RecipeArguments, world, dataset):
+    from online_merging.diagnostics import GradientEntanglementCallback
+
+    probe = world.preference_dataset("test") if world is not None else dataset
+    if not {"prompt", "chosen", "rejected"} <= set(probe.column_names):
+        raise ValueError("entanglement_every needs preference pairs (prompt/chosen/rejected) in dataset_name")
+    return GradientEntanglementCallback(probe, every_n_steps=recipe.entanglement_every)
 
 
 def _load_model(recipe: RecipeArguments, world):
