@@ -78,3 +78,21 @@ def tiny_llama(*, layers: int = 2, hidden: int = 32, tie: bool = False, seed: in
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
+
+
+def preference_data(n: int = 32):
+    """``n`` addition pairs of the embedded world in TRL's format: chosen " sure, <answer>", rejected " <answer>"."""
+    import random
+
+    from datasets import Dataset
+
+    from online_merging.world.skills import addition, completion, prompt
+
+    pairs = addition(random.Random(0), n)
+    return Dataset.from_dict(
+        {
+            "prompt": [prompt(q) for q, _ in pairs],
+            "chosen": [completion(a, sure=True) for _, a in pairs],
+            "rejected": [completion(a) for _, a in pairs],
+        }
+    )

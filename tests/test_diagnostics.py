@@ -1,7 +1,6 @@
 """Gradient entanglement: the figures against a hand computation, and a monitor that leaves training unchanged."""
 
 import copy
-import random
 import warnings
 
 import pytest
@@ -10,25 +9,13 @@ from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from online_merging.diagnostics import GradientEntanglementCallback, gradient_entanglement, response_log_probs
-from online_merging.world.skills import addition, completion, prompt
 from online_merging.world.tokenizer import build_tokenizer
-from tests.conftest import tiny_llama
+from tests.conftest import preference_data, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer()
-
-
-def preference_data(n: int = 16) -> Dataset:
-    pairs = addition(random.Random(0), n)
-    return Dataset.from_dict(
-        {
-            "prompt": [prompt(q) for q, _ in pairs],
-            "chosen": [completion(a, sure=True) for _, a in pairs],
-            "rejected": [completion(a) for _, a in pairs],
-        }
-    )
 
 
 def hand_log_prob(model, tokenizer, prompt_text: str, response: str) -> torch.Tensor:

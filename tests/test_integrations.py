@@ -13,9 +13,9 @@ from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
 from online_merging.integrations import build_optimizer, decay_parameter_names, task_vector_for
 from online_merging.reference import ADAM_DEFAULTS, SGD_DEFAULTS, ReferenceOnlineMerging
 from online_merging.settings import MERGE_DEFAULTS
-from online_merging.world.skills import addition, completion, prompt
+from online_merging.world.skills import addition
 from online_merging.world.tokenizer import VOCAB, build_tokenizer
-from tests.conftest import tiny_llama
+from tests.conftest import preference_data, tiny_llama
 
 LR = 1e-3
 STEPS = 4
@@ -31,17 +31,6 @@ def sft_and_base():
         for param in base.parameters():
             param.add_(0.05 * torch.randn(param.shape, generator=generator))
     return sft, base
-
-
-def preference_data(n: int = 32) -> Dataset:
-    pairs = addition(random.Random(0), n)
-    return Dataset.from_dict(
-        {
-            "prompt": [prompt(q) for q, _ in pairs],
-            "chosen": [completion(a, sure=True) for _, a in pairs],
-            "rejected": [completion(a) for _, a in pairs],
-        }
-    )
 
 
 def kto_data(n: int = 32) -> Dataset:

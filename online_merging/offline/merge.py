@@ -33,7 +33,6 @@ from online_merging.rng import STREAM_UPDATE, tensor_key
 __all__ = ["METHODS", "MergeSpec", "merge", "merged_tensors", "save_merged"]
 
 METHODS = ("ma", "hma", "linear", "dare", "ties")
-_NEEDS_BASE = ("dare", "ties")
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,15 @@ class MergeSpec:
     density: float = 1.0  # dare, ties
     seed: int = 0  # dare
 
-    def check(self) -> None:
+    @property
+    def merges_task_vectors(self) -> bool:
+        """``dare`` and ``ties`` merge θ − θ_base: they need the base model."""
+        return self.method in ("dare", "ties")
+
+    def check(self, *, base: object = None) -> None:
+        """Raise ``ValueError`` naming the field at fault, or the missing ``base`` of a task-vector method."""
+        if self.merges_task_vectors and base is None:
+            raise ValueError(f"method {self.method!r} merges task vectors: it needs the base model")
         if self.method not in METHODS:
             raise ValueError(f"Invalid method: {self.method!r} (expected one of {', '.join(METHODS)})")
         if self.method == "ma":
@@ -83,11 +90,9 @@ def merged_tensors(
     The models must have the same tensor names and shapes; this is checked for every name before the first
     tensor is merged.
     """
-    spec.check()
-    if spec.method in _NEEDS_BASE and base is None:
-        raise ValueError(f"method {spec.method!r} merges task vectors: it needs the base model")
+    spec.check(base=base)
     models = {"sft": open_weights(sft, "sft"), "aligned": open_weights(aligned, "aligned")}
-    if spec.method in _NEEDS_BASE:
+    if spec.merges_task_vectors:
         models["base"] = open_weights(base, "base")
     names = list(models["sft"])
     for role, weights in models.items():

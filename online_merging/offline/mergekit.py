@@ -26,10 +26,8 @@ def mergekit_config(spec: MergeSpec, *, sft: str | Path, aligned: str | Path, ba
     The models are local checkpoint directories or Hub ids, as mergekit takes them; HMA reads the SFT tensor
     names to write one filter per layer, then one per tensor outside the layers.
     """
-    spec.check()
-    task_vectors = spec.method in ("ties", "dare")
-    if task_vectors and base is None:
-        raise ValueError(f"method {spec.method!r} merges task vectors: it needs the base model")
+    spec.check(base=base)
+    task_vectors = spec.merges_task_vectors
     if spec.method == "ma":
         weights = (1 - spec.alpha, spec.alpha)
     elif spec.method == "hma":
