@@ -120,6 +120,17 @@ def test_one_flag_turns_on_the_entanglement_monitor(tmp_path, world_cache):
     assert (out / "entanglement.png").stat().st_size > 0
 
 
+def test_one_flag_turns_on_pairwise_normalized_dpo(tmp_path, world_cache):
+    out = tmp_path / "out"
+    recipe = ["train", str(ROOT / "recipes" / "dpo_ondare.yaml"), *QUICK, "--compare_with_adamw", "false"]
+    assert main([*recipe, "--pairwise_normalized", "true", "--output_dir", str(out)]) == 0
+    (run,) = json.loads((out / "summary.json").read_text())["runs"]
+    assert run["method"] == "ondare_normalized"
+    assert run["train_metrics"]["normalized/norm_chosen"] > 0  # logged by PairwiseNormalizedDPOTrainer
+    with pytest.raises(ValueError, match="pairwise_normalized needs trainer: dpo"):
+        load_recipe(ROOT / "recipes" / "kto_ondare.yaml", ["--pairwise_normalized", "true"])
+
+
 def test_train_help_lists_every_key(capsys):
     assert main(["train", str(ROOT / "recipes" / "kto_ondare.yaml"), "--help"]) == 0
     printed = capsys.readouterr().out

@@ -113,7 +113,8 @@ def response_log_probs(model, tokenizer, prompt: str | Sequence[str], response: 
         input_ids[row, : len(ids)] = torch.tensor(ids, device=device)
         attention[row, : len(ids)] = 1
         response_mask[row, start : len(ids)] = True
-    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+    logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 up, float64 kept
     token_logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return (token_logp * response_mask[:, 1:]).sum(-1)
 

@@ -1,6 +1,7 @@
 """Glue to training frameworks: HF Trainer and TRL (``build_optimizer``), recipes and running them.
 
-Importing this package does not import transformers or trl; its functions do, when called.
+Importing this package does not import transformers or trl; its functions do, when called, and so does reading
+``PairwiseNormalizedDPOTrainer`` (a ``trl.DPOTrainer`` subclass).
 """
 
 from online_merging.integrations.recipe import RecipeArguments, load_recipe
@@ -8,6 +9,7 @@ from online_merging.integrations.run import RunResult, run_recipe
 from online_merging.integrations.trainer import build_optimizer, decay_parameter_names, task_vector_for
 
 __all__ = [
+    "PairwiseNormalizedDPOTrainer",
     "RecipeArguments",
     "RunResult",
     "build_optimizer",
@@ -16,3 +18,11 @@ __all__ = [
     "run_recipe",
     "task_vector_for",
 ]
+
+
+def __getattr__(name: str):
+    if name == "PairwiseNormalizedDPOTrainer":
+        from online_merging.integrations.normalized_dpo import PairwiseNormalizedDPOTrainer
+
+        return PairwiseNormalizedDPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

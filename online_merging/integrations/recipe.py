@@ -73,6 +73,12 @@ class RecipeArguments:
         "entanglement/... in the logs, entanglement.png in output_dir, a warning when the chosen log-probability "
         "falls while the margin rises. Two backward passes over the pairs per probe. 0: off.",
     )
+    pairwise_normalized: bool = _arg(
+        False,
+        "Pairwise-normalised DPO (Yuan et al.): the chosen and rejected parts of the gradient are scaled to the same "
+        "length, so that, to first order, the chosen log-probability cannot fall nor the rejected one rise. "
+        "DPO only; two backward passes per step.",
+    )
     compare_with_adamw: bool | None = _arg(
         None,
         "Also train the AdamW baseline with the same settings and print both. Empty: yes on the embedded "
@@ -87,6 +93,8 @@ class RecipeArguments:
                 raise ValueError(f"Invalid recipe key {item.name!r}: {value!r} (expected one of {choices})")
         if self.model_name_or_path is None and (self.base_model_name_or_path or self.task_vector_path):
             raise ValueError("base_model_name_or_path/task_vector_path is set but model_name_or_path is not")
+        if self.pairwise_normalized and self.trainer != "dpo":
+            raise ValueError(f"pairwise_normalized needs trainer: dpo (paired data), not {self.trainer!r}")
         if self.base_model_name_or_path and self.task_vector_path:
             raise ValueError("set one of base_model_name_or_path and task_vector_path, not both")
         if (

@@ -30,11 +30,14 @@ class RunResult:
 
 
 def method_name(recipe: RecipeArguments) -> str:
-    """``adamw`` for the trainer's own optimizer, else e.g. ``ondare``, ``sgd_onties``, ``ondare_k10``."""
+    """``adamw`` for the trainer's own optimizer, else e.g. ``ondare``, ``sgd_onties``, ``ondare_k10``; with
+    ``_normalized`` for pairwise-normalised DPO."""
     if recipe.merge == "none":
-        return "adamw"
-    name = recipe.merge if recipe.optimizer == "adam" else f"{recipe.optimizer}_{recipe.merge}"
-    return name if recipe.merge_every == 1 else f"{name}_k{recipe.merge_every}"
+        name = "adamw"
+    else:
+        name = recipe.merge if recipe.optimizer == "adam" else f"{recipe.optimizer}_{recipe.merge}"
+        name = name if recipe.merge_every == 1 else f"{name}_k{recipe.merge_every}"
+    return f"{name}_normalized" if recipe.pairwise_normalized else name
 
 
 def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -> dict[str, Any]:
@@ -100,6 +103,10 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
         )
         optimizers = (optimizer, None)
     trainer_cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[recipe.trainer]
+    if recipe.pairwise_normalized:
+        from online_merging.integrations.normalized_dpo import PairwiseNormalizedDPOTrainer
+
+        trainer_cls = PairwiseNormalizedDPOTrainer
     callbacks = [_entanglement_monitor(recipe, world, dataset)] if recipe.entanglement_every else []
     trainer = trainer_cls(
         model=model,
@@ -114,7 +121,8 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
     seconds = time.perf_counter() - start
     trainer.save_model(config.output_dir)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    metrics = {k: v for k, v in (logged[-1] if logged else {}).items() if k in TRL_METRICS}
+    last = logged[-1] if logged else {}
+    metrics = {k: v for k, v in last.items() if k in TRL_METRICS or k.startswith("normalized/")}
     evaluation = world.evaluate(model, tokenizer) if recipe.embedded else None
     return RunResult(method_name(recipe), config.output_dir, trainer.state.global_step, seconds, metrics, evaluation)
 
