@@ -110,7 +110,8 @@ def test_trainer_step_equals_the_formula(tokenizer, tmp_path):
                 data["prompt"], data["chosen"], data["rejected"], strict=True)]
         )  # fmt: skip
     expected = formula_gradient(start, tokenizer, data, ref_margins)
-    moved = torch.cat([(a.double() - b).reshape(-1) for a, b in zip(model.parameters(), start.parameters(), strict=True)])
+    pairs = zip(model.parameters(), start.parameters(), strict=True)
+    moved = torch.cat([(a.double() - b).reshape(-1) for a, b in pairs])
     torch.testing.assert_close(moved / -lr, expected, rtol=1e-3, atol=2e-5)
     logged = trainer.state.log_history[0]
     assert logged["normalized/norm_chosen"] > 0 and logged["normalized/norm_rejected"] > 0

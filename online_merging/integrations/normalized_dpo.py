@@ -23,9 +23,9 @@ class PairwiseNormalizedDPOTrainer(trl.DPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError("PairwiseNormalizedDPOTrainer does not run under DeepSpeed or FSDP: use one process or DDP")
+            raise ValueError("PairwiseNormalizedDPOTrainer runs in one process or DDP, not DeepSpeed or FSDP")
         if self.aux_loss_enabled:
-            raise ValueError("PairwiseNormalizedDPOTrainer: the router auxiliary loss (MoE) is not a chosen/rejected term")
+            raise ValueError("PairwiseNormalizedDPOTrainer: a MoE router loss is neither a chosen nor a rejected term")
         self._halves: tuple[torch.Tensor, torch.Tensor] | None = None
         self.accelerator.unwrap_model(self.model).register_forward_hook(self._split_log_probs)
 
