@@ -1,14 +1,16 @@
+import dataclasses
 import json
 import time
 
 import pytest
 
 from online_merging.lab import LabConfig, ability_at_reward, bootstrap_ci, hypervolume, pareto_front, run_lab
-from online_merging.lab.methods import METHODS, TRAINED
+from online_merging.lab.methods import ENTANGLEMENT_PROBED, METHODS, TRAINED
+from online_merging.lab.runner import RunConfig, train_run
 from online_merging.world import WorldConfig
 
 REQUIRED = ("adamw", "ondare", "onties", "ondare_k10", "sgd_ondare", "ema", "childtuning", "ma", "ties", "dare", "hma")
-REQUIRED += ("kto_adamw", "kto_ondare")
+REQUIRED += ("kto_adamw", "kto_ondare", "dpo_normalized", "dpo_normalized_ondare")
 
 
 def test_pareto_front_drops_dominated_points_and_sorts_by_reward():
@@ -85,7 +87,24 @@ def test_lab_smoke_end_to_end(world_cache, tmp_path):
     trained = saved["methods"]["adamw"]["per_seed"]["seed0/order0"]["points"]
     assert [p["step"] for p in trained] == [0, 1, 2]
     assert "| `ondare` |" in (out / "results.md").read_text()
+    # the entanglement probe: a trajectory per probed method, from step 0, in the table and the plot
+    assert list(saved["entanglement"]) == list(ENTANGLEMENT_PROBED)
+    for name, e in saved["entanglement"].items():
+        (trajectory,) = e["per_seed"].values()
+        assert [p["step"] for p in trajectory] == [0, 1, 2], name
+        assert -1 <= e["cosine"] <= 1 and 0 <= e["warned_intervals"] <= 1
+    assert "| `dpo_normalized` |" in (out / "results.md").read_text().split("Gradient entanglement")[1]
+    assert (out / "entanglement.png").stat().st_size > 0
     start = time.perf_counter()
     again = run_lab(tmp_path / "again", config=_smoke_config(), workers=1, progress=False)
     assert time.perf_counter() - start < 30
     assert again["methods"]["ondare"]["area"] == results["methods"]["ondare"]["area"]
+
+
+def test_the_entanglement_probe_does_not_change_training(world_cache):
+    config = _smoke_config()
+    run = config.run_config(0, 0, {}, probe_entanglement=True)
+    probed, plain = train_run(run), train_run(dataclasses.replace(run, probe_entanglement=False))
+    assert "entanglement" in probed and "entanglement" not in plain
+    assert probed["points"] == plain["points"]
+    assert RunConfig(world=config.world).key() == RunConfig(world=config.world, pairwise_normalized=False).key()

@@ -52,9 +52,7 @@ class GradientEntanglementCallback(TrainerCallback):
         self.trajectory.append((step, report))
         if len(self.trajectory) > 1:
             before = self.trajectory[-2][1]
-            entangled = report.margin > before.margin and (
-                report.logp_chosen < before.logp_chosen or report.logp_rejected > before.logp_rejected
-            )
+            entangled = report.moved_together_since(before)
             if entangled and not self._entangled:
                 self.episodes.append(step)
                 warnings.warn(

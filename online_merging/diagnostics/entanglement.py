@@ -53,6 +53,18 @@ class EntanglementReport:
         """⟨g_w, g_l⟩ > ‖g_l‖²: a margin step raises the rejected log-probability."""
         return self.inner > self.norm2_rejected
 
+    def moved_together_since(self, before: EntanglementReport) -> bool:
+        """Since ``before`` the margin rose while the chosen log-probability fell or the rejected one rose."""
+        return self.margin > before.margin and (
+            self.logp_chosen < before.logp_chosen or self.logp_rejected > before.logp_rejected
+        )
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float], prefix: str = "") -> EntanglementReport:
+        """The report back from :meth:`metrics` (without the per-layer figures)."""
+        names = ("logp_chosen", "logp_rejected", "inner", "norm2_chosen", "norm2_rejected")
+        return cls(*(metrics[prefix + name] for name in names))
+
     def metrics(self, prefix: str = "entanglement/") -> dict[str, float]:
         """Flat ``{prefix + name: value}`` for a Trainer's logs; the conditions as 0.0 / 1.0."""
         values = {

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from online_merging.lab import runner
-from online_merging.lab.methods import EMA, HMA_ALPHAS, MERGES, METHODS, OFFLINE, TRAINED, setting_label
+from online_merging.lab.methods import (
+    EMA,
+    ENTANGLEMENT_PROBED,
+    HMA_ALPHAS,
+    MERGES,
+    METHODS,
+    OFFLINE,
+    TRAINED,
+    setting_label,
+)
 from online_merging.world import WorldConfig, build_world
 
 __all__ = ["LabConfig", "run_lab"]
@@ -129,9 +138,9 @@ def _plan(config: LabConfig) -> tuple[list[_Planned], list[tuple[int, int, runne
                 if name not in wanted and not (name == "adamw" and needs_adamw):
                     continue
                 for i, overrides in enumerate(method.settings[: config.sweep]):
-                    extra = {}
+                    extra = {"probe_entanglement": i == 0 and name in ENTANGLEMENT_PROBED}
                     if name == "adamw":
-                        extra = {"ema": EMA if "ema" in wanted else (), "save_model": i == 0}
+                        extra |= {"ema": EMA if "ema" in wanted else (), "save_model": i == 0}
                     run = config.run_config(seed, order, overrides, **extra)
                     runs.append(_Planned(name, setting_label(overrides), seed, order, run))
             offline = [name for name in ("ma", "dare", "ties") if name in wanted]

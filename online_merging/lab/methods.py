@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["EMA", "HMA_ALPHAS", "MERGES", "METHODS", "OFFLINE", "TRAINED", "Method", "setting_label"]
+__all__ = [
+    "EMA",
+    "ENTANGLEMENT_PROBED",
+    "HMA_ALPHAS",
+    "MERGES",
+    "METHODS",
+    "OFFLINE",
+    "TRAINED",
+    "Method",
+    "setting_label",
+]
 
 
 @dataclass(frozen=True)
@@ -48,9 +58,20 @@ TRAINED: dict[str, Method] = {
         tuple({**_ADAM, "reserve_p": s["reserve_p"], "alpha": 0.0} for s in _MERGE_SWEEP),
     ),
     "kl_beta": Method("AdamW with a stronger KL (DPO β)", ({"beta": 0.3}, {"beta": 1.0})),
+    "dpo_normalized": Method(
+        "pairwise-normalised DPO (Yuan et al.) with Trainer's AdamW",
+        ({"pairwise_normalized": True}, {"pairwise_normalized": True, "lr": 2 / 3}),
+    ),
+    "dpo_normalized_ondare": Method(
+        "pairwise-normalised DPO with OnDARE-Adam",
+        tuple({**_ADAM, "pairwise_normalized": True, **s} for s in _MERGE_SWEEP),
+    ),
     "kto_adamw": Method("KTO with Trainer's AdamW", ({"trainer": "kto"}, {"trainer": "kto", "lr": 2 / 3})),
     "kto_ondare": Method("KTO with OnDARE-Adam", tuple({"trainer": "kto", **_ADAM, **s} for s in _MERGE_SWEEP)),
 }
+
+ENTANGLEMENT_PROBED = ("adamw", "ondare", "dpo_normalized", "dpo_normalized_ondare")
+"""Methods whose first setting is also run with the gradient-entanglement probe (the report's trajectories)."""
 
 EMA = (0.05, 0.2)
 """EMA coefficients tracked along the AdamW runs (the ``ema`` row)."""
@@ -76,6 +97,6 @@ METHODS: dict[str, Method] = {**TRAINED, **OFFLINE}
 
 def setting_label(overrides: dict) -> str:
     """``"lr×0.667, beta=0.3"``; ``"default"`` for no overrides."""
-    shown = {k: v for k, v in overrides.items() if k not in ("optimizer", "trainer")}
+    shown = {k: v for k, v in overrides.items() if k not in ("optimizer", "trainer", "pairwise_normalized")}
     parts = [f"lr×{v:.3g}" if k == "lr" else f"{k}={v}" for k, v in shown.items()]
     return ", ".join(parts) or "default"

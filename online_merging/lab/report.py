@@ -6,11 +6,13 @@ ability kept (P(correct), greedy check: exact match). Every method's points incl
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
+from online_merging.diagnostics import EntanglementReport
 from online_merging.lab.fronts import ability_at_reward, bootstrap_ci, hypervolume, pareto_front
 from online_merging.lab.methods import METHODS
 
@@ -111,7 +113,38 @@ def summarize(config, sft: dict, runs: list, merges: list) -> dict:
             }
         methods[name] = entry
     sft_summary = {str(s): {k: v for k, v in m.items()} for s, m in sft.items()}
-    return {"methods": methods, "sft": sft_summary, "replicates": replicates, "matched_rewards": list(MATCHED_REWARDS)}
+    return {
+        "methods": methods,
+        "entanglement": _entanglement(config, runs),
+        "sft": sft_summary,
+        "replicates": replicates,
+        "matched_rewards": list(MATCHED_REWARDS),
+    }
+
+
+def _entanglement(config, runs: list) -> dict:
+    """Per probed method: the probe trajectories per replicate, and their means over replicates of the change of
+    the chosen and rejected log-probabilities and margin, the mean cosine, and the share of probe-to-probe
+    intervals in which the monitor would warn (the margin rose while the chosen fell or the rejected rose)."""
+    found: dict = defaultdict(dict)
+    for planned, result in runs:
+        if "entanglement" in result and planned.method in config.methods:
+            found[planned.method][f"seed{planned.seed}/order{planned.order}"] = result["entanglement"]
+    summary = {}
+    for name in [m for m in METHODS if m in found]:
+        per_replicate = found[name]
+        figures = defaultdict(list)
+        for trajectory in per_replicate.values():
+            first, last = trajectory[0], trajectory[-1]
+            for key in ("logp_chosen", "logp_rejected", "margin"):
+                figures[f"delta_{key}"].append(last[key] - first[key])
+            figures["cosine"].append(sum(p["cosine"] for p in trajectory) / len(trajectory))
+            reports = [EntanglementReport.from_metrics(p) for p in trajectory]
+            warned = [after.moved_together_since(before) for before, after in itertools.pairwise(reports)]
+            figures["warned_intervals"].append(sum(warned) / max(1, len(warned)))
+        means = {key: sum(values) / len(values) for key, values in figures.items()}
+        summary[name] = {**means, "per_seed": per_replicate}
+    return summary
 
 
 def _fmt_ci(value: float, ci: list[float], signed: bool = False) -> str:
@@ -139,6 +172,17 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def entanglement_table(results: dict) -> str:
+    """One row per probed method: the changes of the probe's log-probabilities, the mean cosine, the warnings."""
+    head = ["method", "Δ log π(chosen)", "Δ log π(rejected)", "Δ margin", "mean cos(g_w, g_l)", "intervals warned"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in results.get("entanglement", {}).items():
+        row = [f"`{name}`", *(f"{e[k]:+.2f}" for k in ("delta_logp_chosen", "delta_logp_rejected", "delta_margin"))]
+        row += [f"{e['cosine']:.3f}", f"{e['warned_intervals']:.0%}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(results: dict, out: Path) -> None:
     """``results.json``, ``results.md`` (the table) and the PNG plots, into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +195,37 @@ def write_report(results: dict, out: Path) -> None:
             f"\n{replicates} replicates (seed × data order); this invocation {seconds:.0f} s wall time with "
             f"{run['workers']} workers (cached jobs are not rerun); the jobs took {jobs:.0f} s of one core, summed.\n"
         )
+    if results.get("entanglement"):
+        text += "\n## Gradient entanglement on held-out pairs (first setting of each probed method)\n\n"
+        text += entanglement_table(results)
     (out / "results.md").write_text(text)
     _plots(results, out)
+    if results.get("entanglement"):
+        _entanglement_plot(results["entanglement"], out / "entanglement.png")
+
+
+def _entanglement_plot(entanglement: dict, path: Path) -> None:
+    """Mean over replicates of the probe's log-probabilities, margin and cosine, against the DPO step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("logp_chosen", "log π(chosen)"), ("logp_rejected", "log π(rejected)"), ("margin", "margin"),
+              ("cosine", "cos(g_w, g_l)"))  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for name, e in entanglement.items():
+        trajectories = list(e["per_seed"].values())
+        steps = [p["step"] for p in trajectories[0]]
+        for ax, (key, label) in zip(axes, panels, strict=True):
+            mean = [sum(t[i][key] for t in trajectories) / len(trajectories) for i in range(len(steps))]
+            ax.plot(steps, mean, "-o", ms=3, label=name)
+            ax.set(xlabel="DPO step", title=label)
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _plots(results: dict, out: Path) -> None:

@@ -23,14 +23,24 @@ __all__ = ["MergeJob", "RunConfig", "evaluate_merges", "lab_cache_dir", "model_p
 
 LAB_VERSION = 1
 """Bump when a code change changes what a cached job computes."""
+PROBE_PAIRS = 16
 
 
 def lab_cache_dir() -> Path:
     return default_cache_dir() / "lab"
 
 
+_LATER_FIELDS = ("pairwise_normalized", "probe_entanglement")
+"""Fields added after version 1: in the key only when set, so that earlier results stay valid."""
+
+
 def _key(obj) -> str:
-    text = json.dumps({"version": LAB_VERSION, **dataclasses.asdict(obj)}, sort_keys=True)
+    fields = dataclasses.asdict(obj)
+    for config in (fields, fields.get("run", {})):  # a MergeJob holds its RunConfig
+        for name in _LATER_FIELDS:
+            if name in config and not config[name]:
+                del config[name]
+    text = json.dumps({"version": LAB_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -49,11 +59,13 @@ class RunConfig:
     alpha: float = 0.0
     merge_every: int = 1
     momentum: float = 0.0
+    pairwise_normalized: bool = False  # DPO with PairwiseNormalizedDPOTrainer
     ema: tuple[float, ...] = ()  # EMA coefficients c of θ_ema ← (1−c)·θ_ema + c·θ, tracked along the run
     steps: int = 80
     eval_every: int = 10
     batch_size: int = 32
     save_model: bool = False  # keep the final weights (for offline merges)
+    probe_entanglement: bool = False  # gradient_entanglement on held-out pairs at step 0 and every evaluation
 
     def key(self) -> str:
         return _key(self)
@@ -108,7 +120,9 @@ def world_metrics(config: WorldConfig) -> dict[str, float]:
 
 def train_run(run: RunConfig) -> dict:
     """``{"points": [{"step", "variant", **metrics}], "seconds"}``; variant ``""`` is the model itself, ``ema=c``
-    its EMA. Step 0 (the SFT model) is not included."""
+    its EMA. Step 0 (the SFT model) is not included. With ``probe_entanglement`` also ``"entanglement"``: the
+    figures of :func:`~online_merging.diagnostics.gradient_entanglement` on ``PROBE_PAIRS`` held-out pairs at
+    step 0 and at every evaluation."""
     return _cached("runs", run.key(), lambda: _train(run))
 
 
@@ -116,6 +130,7 @@ def _train(run: RunConfig) -> dict:
     import trl
     from transformers import TrainerCallback
 
+    from online_merging.diagnostics import gradient_entanglement
     from online_merging.integrations import build_optimizer
 
     start = time.perf_counter()
@@ -144,6 +159,10 @@ def _train(run: RunConfig) -> dict:
     )
     if run.trainer == "dpo":
         args, dataset, trainer_cls = trl.DPOConfig(**common), world.preference_dataset(), trl.DPOTrainer
+        if run.pairwise_normalized:
+            from online_merging.integrations import PairwiseNormalizedDPOTrainer
+
+            trainer_cls = PairwiseNormalizedDPOTrainer
     else:
         args, dataset, trainer_cls = trl.KTOConfig(**common), world.kto_dataset(), trl.KTOTrainer
     optimizers = (None, None)
@@ -155,8 +174,20 @@ def _train(run: RunConfig) -> dict:
         optimizers = (optimizer, None)
     points: list[dict] = []
     emas = {c: {n: p.detach().clone() for n, p in model.named_parameters()} for c in run.ema}
+    probes: list[dict] = []
+    held_out = world.preference_dataset("test")  # grouped by skill: take pairs spread over all of them
+    probe_pairs = held_out.select(range(0, len(held_out), max(1, len(held_out) // PROBE_PAIRS)))[:PROBE_PAIRS]
+
+    def probe(step: int) -> None:
+        if run.probe_entanglement:
+            pairs = (probe_pairs[key] for key in ("prompt", "chosen", "rejected"))
+            report = gradient_entanglement(model, tokenizer, *pairs)
+            probes.append({"step": step, **report.metrics(prefix="")})
 
     class Evaluate(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            probe(0)
+
         def on_step_end(self, args, state, control, **kwargs):
             with torch.no_grad():
                 for c, average in emas.items():
@@ -166,6 +197,7 @@ def _train(run: RunConfig) -> dict:
                 return
             step = state.global_step
             points.append({"step": step, "variant": "", **world.evaluate(model, tokenizer)})
+            probe(step)
             for c, average in emas.items():
                 with _swapped(model, average):
                     points.append({"step": step, "variant": f"ema={c:g}", **world.evaluate(model, tokenizer)})
@@ -183,7 +215,8 @@ def _train(run: RunConfig) -> dict:
         path = model_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)  # tied weights stay one tensor
-    return {"points": points, "seconds": round(time.perf_counter() - start, 1)}
+    result = {"points": points, "seconds": round(time.perf_counter() - start, 1)}
+    return {**result, "entanglement": probes} if run.probe_entanglement else result
 
 
 class _swapped:
