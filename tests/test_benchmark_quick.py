@@ -77,3 +77,13 @@ def test_failing_provider_is_skipped_one_at_a_time(tmp_path, monkeypatch):
     assert rows["broken"]["error"] == "RuntimeError: backend not built"
     assert rows["adamw_fused"]["mode"] == "sequential"
     assert rows["adamw_fused"]["ratio_to_adamw_fused"] == 1.0
+
+
+def test_normalized_dpo_cost_quick_mode(tmp_path, world_cache):
+    spec = importlib.util.spec_from_file_location("normalized_dpo_cost", SCRIPT.parent / "normalized_dpo_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--quick", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "normalized_dpo_cost.json").read_text())
+    assert written["ratio"] == result["ratio"] > 0
+    assert all(len(values) == 3 and min(values) > 0 for values in written["seconds"].values())

@@ -1,9 +1,20 @@
+import itertools
 import math
 
 import pytest
 import torch
 
-from online_merging.merging import elect_sign, linear, num_kept, random_keep, sign_consensus, topp_keep, topp_mask
+from online_merging.merging import (
+    cut_mask,
+    elect_sign,
+    linear,
+    num_kept,
+    random_keep,
+    sign_consensus,
+    topk_cut,
+    topp_keep,
+    topp_mask,
+)
 from online_merging.rng import tensor_key
 
 
@@ -39,6 +50,18 @@ def test_topp_ties_are_broken_by_lower_index():
     quantized = torch.randint(-3, 4, (5000,)).float()  # many ties and zeros
     for p in (0.01, 0.2, 0.61):
         assert torch.equal(topp_mask(quantized, p), _topp_by_sort(quantized, p))
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 23, 40])
+def test_a_cut_applies_to_the_pieces_of_a_tensor(k):
+    """The whole tensor's cut, applied piece by piece with each piece's offset, keeps what it keeps whole."""
+    x = torch.randint(-3, 4, (40,)).float()  # many ties
+    whole = cut_mask(x, topk_cut(x, k))
+    assert int(whole.sum()) == k
+    assert torch.equal(whole, torch.sort(x.abs(), descending=True, stable=True).indices[:k].bincount(minlength=40) > 0)
+    bounds = [0, 7, 8, 25, 40]
+    pieces = [cut_mask(x[a:b], topk_cut(x, k), offset=a) for a, b in itertools.pairwise(bounds)]
+    assert torch.equal(torch.cat(pieces), whole)
 
 
 def test_topp_keep_zeroes_the_rest_without_rescaling():

@@ -8,7 +8,19 @@ import torch
 
 from online_merging.rng import bernoulli_mask
 
-__all__ = ["num_kept", "random_keep", "topk_mask", "topp_keep", "topp_mask"]
+__all__ = [
+    "KEEP_ALL",
+    "KEEP_NONE",
+    "Cut",
+    "cut_mask",
+    "magnitude_bits",
+    "num_kept",
+    "random_keep",
+    "topk_cut",
+    "topk_mask",
+    "topp_keep",
+    "topp_mask",
+]
 
 
 def num_kept(p: float, numel: int) -> int:
@@ -37,20 +49,45 @@ def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     Exactly k elements are kept. Ties at the threshold magnitude are broken by flat index, lower first: the
     same elements as a stable descending sort of |x|. Runs in O(n) with ``kthvalue``; no full sort.
     """
+    return cut_mask(x, topk_cut(x, k))
+
+
+def magnitude_bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of |x|, flat, as int64, which order as the magnitudes do: float64's own, else float32's
+    (half types upcast exactly)."""
+    if x.dtype == torch.float64:
+        return x.detach().abs().reshape(-1).view(torch.int64)
+    return x.detach().float().abs().reshape(-1).view(torch.int32).to(torch.int64)
+
+
+Cut = tuple[int, int]
+"""(T, cutoff) of a top-k selection: keep element i iff bits(|x_i|) > T, or == T and its flat index i ≤ cutoff."""
+
+KEEP_ALL: Cut = (-1, 0)
+KEEP_NONE: Cut = (2**63 - 1, -1)
+
+
+def topk_cut(x: torch.Tensor, k: int) -> Cut:
+    """The :data:`Cut` of the k largest |x|, ties broken by flat index (lower first)."""
     n = x.numel()
     if k >= n:
-        return torch.ones_like(x, dtype=torch.bool)
+        return KEEP_ALL
     if k <= 0:
-        return torch.zeros_like(x, dtype=torch.bool)
-    magnitude = x.detach().abs().reshape(-1)
-    if magnitude.dtype in (torch.float16, torch.bfloat16):
-        magnitude = magnitude.float()  # exact; kthvalue has no half kernels on every device
-    threshold = magnitude.kthvalue(n - k + 1).values
-    above = magnitude > threshold
-    at = magnitude == threshold
-    room = k - above.sum()
-    keep = above | (at & (torch.cumsum(at, 0) <= room))
-    return keep.reshape(x.shape)
+        return KEEP_NONE
+    bits = magnitude_bits(x)
+    threshold = int(bits.kthvalue(n - k + 1).values)
+    room = k - int((bits > threshold).sum())
+    cutoff = int((bits == threshold).nonzero()[room - 1])
+    return threshold, cutoff
+
+
+def cut_mask(x: torch.Tensor, cut: Cut, *, offset: int = 0) -> torch.Tensor:
+    """Boolean mask of the elements a :data:`Cut` keeps; element i (row-major) has flat index ``offset + i``, so a
+    piece of a larger tensor takes the whole tensor's cut."""
+    threshold, cutoff = cut
+    bits = magnitude_bits(x)
+    index = torch.arange(offset, offset + bits.numel(), device=bits.device)
+    return ((bits > threshold) | ((bits == threshold) & (index <= cutoff))).reshape(x.shape)
 
 
 def topp_keep(x: torch.Tensor, p: float) -> torch.Tensor:
