@@ -2,9 +2,10 @@
 
 OnDARE, step-K and plain steps read and write each element once. OnTIES makes three passes: the update into
 a float32 scratch, an exact radix selection of the top-p threshold, and the merge. τ's threshold is cached
-per (τ tensor, p), since τ does not change. float32 parameters (with float32 or bfloat16 τ) run fused; other
-dtypes and non-contiguous tensors fall back to the eager backend. Set ``ONLINE_MERGING_PORTABLE=1`` to
-compile without ``-march=native``.
+per (τ tensor, p), since τ does not change. A piece of a larger tensor (``offset``, ``update_cut``, ``tau_cut``:
+see ``eager``) takes the whole tensor's cuts, shifted to its own indices; τ's from ``tau_cut`` is not cached.
+float32 parameters (with float32 or bfloat16 τ) run fused; other dtypes and non-contiguous tensors fall back to
+the eager backend. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 import torch
 
 from online_merging.kernels import eager
+from online_merging.kernels.eager import CutFn
 from online_merging.kernels.plan import dare_keys, plan
-from online_merging.merging import num_kept
-from online_merging.rng import keep_threshold
+from online_merging.merging import Cut, num_kept
+from online_merging.rng import MASK32, keep_threshold
 from online_merging.settings import MergeSettings
 
 __all__ = ["adam_step", "sgd_step"]
@@ -75,13 +77,13 @@ def _mode(tau, merge_buffer, settings: MergeSettings, step: int) -> int:
     return _MODES[plan(tau, merge_buffer, step, settings)]
 
 
-def _merge_args(settings: MergeSettings, step: int, name: str | None) -> tuple:
-    """(update_scale, alpha, tau_scale, clamp, threshold, keys), the trailing arguments of the C++ passes."""
+def _merge_args(settings: MergeSettings, step: int, name: str | None, offset: int) -> tuple:
+    """(update_scale, alpha, tau_scale, clamp, threshold, keys, offset), the trailing arguments of the C++ passes."""
     p, alpha = settings.reserve_p, settings.alpha
     scale = 1.0 / p if settings.dare_rescale and p < 1.0 else 1.0
     keys = [0, 0, 0, 0] if name is None else [k for key in dare_keys(settings, step, name) for k in key]
     threshold = keep_threshold(p) if p < 1.0 else 2**32
-    return (1.0 - alpha) * scale, alpha, scale, settings.tau_clamp or 0.0, threshold, keys
+    return (1.0 - alpha) * scale, alpha, scale, settings.tau_clamp or 0.0, threshold, keys, offset
 
 
 def _cut(x: torch.Tensor, p: float) -> list[int]:
@@ -100,23 +102,36 @@ def _tau_cut(tau: torch.Tensor, p: float) -> list[int]:
     return cached[3]
 
 
-def _ties(param, merge_buffer, total, tau, settings: MergeSettings, decay: float) -> None:
-    _ext.ties_merge(
-        param, merge_buffer, total, tau, _cut(total, settings.reserve_p), _tau_cut(tau, settings.reserve_p),
-        decay, settings.alpha, settings.ties_sign == "weighted",
-    )  # fmt: skip
+def _local(cut: Cut, offset: int, n: int) -> list[int]:
+    """A whole tensor's :data:`Cut` in the C++ convention for the piece [offset, offset + n): a uint32 threshold, a
+    local cutoff in [-1, n]."""
+    threshold, cutoff = cut
+    if threshold < 0:  # KEEP_ALL
+        return [0, n]
+    return [min(threshold, MASK32), min(max(cutoff - offset, -1), n)]
+
+
+def _ties(
+    param, merge_buffer, total, tau, settings: MergeSettings, decay: float, offset: int, update_cut: CutFn | None,
+    tau_cut: CutFn | None,
+) -> None:  # fmt: skip
+    p, n = settings.reserve_p, param.numel()
+    update = _cut(total, p) if update_cut is None else _local(update_cut(total), offset, n)
+    task = _tau_cut(tau, p) if tau_cut is None else _local(tau_cut(tau.reshape(-1)), offset, n)
+    weighted = settings.ties_sign == "weighted"
+    _ext.ties_merge(param, merge_buffer, total, tau, update, task, decay, settings.alpha, weighted)
 
 
 def adam_step(
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, *, step, name, lr, beta1, beta2, eps,
-    weight_decay, amsgrad, maximize, settings,
+    weight_decay, amsgrad, maximize, settings, offset=0, update_cut=None, tau_cut=None,
 ) -> None:  # fmt: skip
     """Same contract as :func:`online_merging.kernels.eager.adam_step`."""
     if not _fusable(param, tau, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer):
         return eager.adam_step(
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, step=step, name=name, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            settings=settings,
+            settings=settings, offset=offset, update_cut=update_cut, tau_cut=tau_cut,
         )  # fmt: skip
     mode = _mode(tau, merge_buffer, settings, step)
     decay = 1.0 - lr * weight_decay
@@ -124,27 +139,28 @@ def adam_step(
     _ext.adam_pass(
         mode, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, merge_buffer, tau, total,
         beta1, beta2, -lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, eps, maximize, decay,
-        *_merge_args(settings, step, name),
+        *_merge_args(settings, step, name, offset),
     )  # fmt: skip
     if mode >= WRITE_TOTAL:
-        _ties(param, merge_buffer, total, tau, settings, decay)
+        _ties(param, merge_buffer, total, tau, settings, decay, offset, update_cut, tau_cut)
 
 
 def sgd_step(
     param, grad, momentum_buffer, merge_buffer, tau, *, step, name, lr, momentum, dampening, nesterov, weight_decay,
-    maximize, settings,
+    maximize, settings, offset=0, update_cut=None, tau_cut=None,
 ) -> None:  # fmt: skip
     """Same contract as :func:`online_merging.kernels.eager.sgd_step`."""
     if not _fusable(param, tau, grad, momentum_buffer, merge_buffer):
         return eager.sgd_step(
             param, grad, momentum_buffer, merge_buffer, tau, step=step, name=name, lr=lr, momentum=momentum,
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
+            offset=offset, update_cut=update_cut, tau_cut=tau_cut,
         )  # fmt: skip
     mode = _mode(tau, merge_buffer, settings, step)
     total = _scratch_for(param) if mode >= WRITE_TOTAL else None
     _ext.sgd_pass(
         mode, param, grad, momentum_buffer if momentum != 0.0 else None, merge_buffer, tau, total, lr, momentum,
-        dampening, weight_decay, nesterov, step == 1, maximize, *_merge_args(settings, step, name),
+        dampening, weight_decay, nesterov, step == 1, maximize, *_merge_args(settings, step, name, offset),
     )  # fmt: skip
     if mode >= WRITE_TOTAL:
-        _ties(param, merge_buffer, total, tau, settings, 1.0)
+        _ties(param, merge_buffer, total, tau, settings, 1.0, offset, update_cut, tau_cut)

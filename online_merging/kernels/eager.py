@@ -3,34 +3,63 @@
 Every backend module (``eager``, ``cpu``, ``triton``) exposes ``adam_step`` and ``sgd_step`` with these
 signatures; the others fuse the same math into one pass. Parameters and state are written back in their own
 dtype. ``step`` is the tensor's step count after this step (1 on the first).
+
+A tensor may be a piece of a named parameter (ZeRO, FSDP): ``offset`` is the flat index of its element 0 in the
+whole, ``tau`` the matching piece of τ. DARE draws use the global index. OnTIES's top-p is a :data:`Cut` of the
+whole: ``update_cut(total)`` and ``tau_cut(tau)`` (flat, called once per merge step, may be collectives) return
+it; without them the cut is the piece's own top-p. Stepping every piece then equals stepping the whole, bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from online_merging.kernels.plan import dare_keys, plan
-from online_merging.merging import linear, random_keep, sign_consensus, topp_keep
+from online_merging.merging import Cut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
 from online_merging.settings import MergeSettings
 
-__all__ = ["adam_step", "apply_update", "merge_update", "sgd_step"]
+__all__ = ["CutFn", "adam_step", "apply_update", "merge_update", "sgd_step", "trim_mask"]
+
+CutFn = Callable[[torch.Tensor], Cut]
+"""Given a piece's flat tensor, the :data:`Cut` (global flat indices) of the whole tensor's top-p."""
 
 
-def merge_update(delta: torch.Tensor, tau: torch.Tensor, step: int, name: str, settings: MergeSettings) -> torch.Tensor:
+def trim_mask(x: torch.Tensor, p: float, cut: CutFn | None, offset: int) -> torch.Tensor:
+    """OnTIES's keep-mask of ``x``: the whole tensor's ``cut(x flat)`` at global ``offset``, else x's own top-p."""
+    if cut is None:
+        return cut_mask(x, topk_cut(x, num_kept(p, x.numel())))
+    return cut_mask(x, cut(x.reshape(-1)), offset=offset)
+
+
+def merge_update(
+    delta: torch.Tensor,
+    tau: torch.Tensor,
+    step: int,
+    name: str,
+    settings: MergeSettings,
+    *,
+    offset: int = 0,
+    update_cut: CutFn | None = None,
+    tau_cut: CutFn | None = None,
+) -> torch.Tensor:
     """F(Δθ) ⊕ F(τ) of one tensor at one step (Lu et al. 2024, Eq. 3–7), as configured by ``settings``."""
     p, alpha = settings.reserve_p, settings.alpha
     if settings.merge == "ondare":
         update_key, tau_key = dare_keys(settings, step, name)
-        update = random_keep(delta, p, update_key, rescale=settings.dare_rescale)
+        update = random_keep(delta, p, update_key, rescale=settings.dare_rescale, offset=offset)
         if alpha == 0.0:
             return update
-        task = random_keep(tau.float(), p, tau_key, rescale=settings.dare_rescale)
+        task = random_keep(tau.float(), p, tau_key, rescale=settings.dare_rescale, offset=offset)
         if settings.tau_clamp is not None:
             task = task.clamp(-settings.tau_clamp, settings.tau_clamp)
         return linear([update, task], [1.0 - alpha, alpha])
     if settings.merge == "onties":
+        update = torch.where(trim_mask(delta, p, update_cut, offset), delta, 0.0)
+        task = torch.where(trim_mask(tau, p, tau_cut, offset), tau.float(), 0.0)
         return sign_consensus(
-            [topp_keep(delta, p), topp_keep(tau.float(), p)],
+            [update, task],
             [1.0 - alpha, alpha],
             weighted_election=settings.ties_sign == "weighted",
         )
@@ -47,6 +76,9 @@ def apply_update(
     name: str | None,
     settings: MergeSettings,
     decay: float = 1.0,
+    offset: int = 0,
+    update_cut: CutFn | None = None,
+    tau_cut: CutFn | None = None,
 ) -> None:
     """θ ← decay·θ + (merged) Δθ, with step-K (Lu et al. 2024, Alg. 2) when ``settings.merge_every`` > 1.
 
@@ -54,6 +86,7 @@ def apply_update(
     ``merge_buffer`` (Δc); on every K-th step θ is rolled back by Δc and F(Δc + Δθ) ⊕ F(τ) is applied.
     """
     merge, carry = plan(tau, merge_buffer, step, settings)
+    pieces = {"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut}
     target = param.float()
     if decay != 1.0:
         target.mul_(decay)
@@ -62,10 +95,10 @@ def apply_update(
         if carry == "accumulate":
             merge_buffer.add_(delta)
     elif carry is None:
-        target.add_(merge_update(delta, tau, step, name, settings))
+        target.add_(merge_update(delta, tau, step, name, settings, **pieces))
     else:
         total = merge_buffer.float() + delta
-        target.sub_(merge_buffer).add_(merge_update(total, tau, step, name, settings))
+        target.sub_(merge_buffer).add_(merge_update(total, tau, step, name, settings, **pieces))
         merge_buffer.zero_()
     if target is not param:
         param.copy_(target)
@@ -90,6 +123,9 @@ def adam_step(
     amsgrad: bool,
     maximize: bool,
     settings: MergeSettings,
+    offset: int = 0,
+    update_cut: CutFn | None = None,
+    tau_cut: CutFn | None = None,
 ) -> None:
     """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) followed by the online merge."""
     grad = grad.float()
@@ -116,6 +152,9 @@ def adam_step(
         name=name,
         settings=settings,
         decay=1.0 - lr * weight_decay,
+        offset=offset,
+        update_cut=update_cut,
+        tau_cut=tau_cut,
     )
 
 
@@ -135,6 +174,9 @@ def sgd_step(
     weight_decay: float,
     maximize: bool,
     settings: MergeSettings,
+    offset: int = 0,
+    update_cut: CutFn | None = None,
+    tau_cut: CutFn | None = None,
 ) -> None:
     """SGD exactly as ``torch.optim.SGD`` (weight decay added to the gradient), then the online merge.
 
@@ -153,7 +195,18 @@ def sgd_step(
             buf.mul_(momentum).add_(grad, alpha=1.0 - dampening)
         _write_back(momentum_buffer, buf)
         grad = grad.add(buf, alpha=momentum) if nesterov else buf
-    apply_update(param, grad * -lr, tau=tau, merge_buffer=merge_buffer, step=step, name=name, settings=settings)
+    apply_update(
+        param,
+        grad * -lr,
+        tau=tau,
+        merge_buffer=merge_buffer,
+        step=step,
+        name=name,
+        settings=settings,
+        offset=offset,
+        update_cut=update_cut,
+        tau_cut=tau_cut,
+    )
 
 
 def _write_back(stored: torch.Tensor, value: torch.Tensor) -> None:

@@ -4,8 +4,8 @@
 // decision from the counter-based hash (online_merging/rng.py), the merge with τ, weight decay and step-K.
 // OnTIES needs the top-p threshold of the whole update first, so it runs as: a pass that writes the update
 // to a scratch buffer, an exact radix selection of the threshold, and a pass that merges.
-// Element i's random bits:
-//   bits(i) = lowbias32(lo32(i) ^ k),  k = lowbias32(hi32(i) ^ k2) ^ k1,  kept iff bits < threshold.
+// Element i's random bits, with g = offset + i its index in the whole parameter (the tensor may be a piece):
+//   bits(g) = lowbias32(lo32(g) ^ k),  k = lowbias32(hi32(g) ^ k2) ^ k1,  kept iff bits < threshold.
 // The loops are branch-free (modes and flags are template parameters) so that the compiler vectorises them.
 
 #include <torch/extension.h>
@@ -59,6 +59,7 @@ struct Merge {
   uint32_t threshold;
   bool keep_all;
   uint32_t k1u, k2u, k1t, k2t;  // keys of the update's and τ's draws
+  int64_t offset;                // global flat index of element 0
 };
 
 // Adam: updates the moments of element i and returns Δ_i.
@@ -117,13 +118,15 @@ void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restric
     const float clamp = mg.clamp;
     const uint32_t threshold = mg.threshold;
     const bool keep_all = mg.keep_all;
+    const int64_t offset = mg.offset;
     for (int64_t lo = begin; lo < end;) {
-      const uint32_t hi = static_cast<uint32_t>(lo >> 32);
-      // Ranges stay inside one 2**32 block (one key) and below 2**31 elements (a 32-bit loop counter).
-      const int64_t range_end = std::min({end, (static_cast<int64_t>(hi) + 1) << 32, lo + (int64_t(1) << 31)});
+      const uint32_t hi = static_cast<uint32_t>((offset + lo) >> 32);
+      // Ranges stay inside one 2**32 block of global indices (one key) and below 2**31 elements (32-bit counter).
+      const int64_t block_end = ((static_cast<int64_t>(hi) + 1) << 32) - offset;
+      const int64_t range_end = std::min({end, block_end, lo + (int64_t(1) << 31)});
       const uint32_t ku = mix32(hi ^ mg.k2u) ^ mg.k1u;
       const uint32_t kt = mix32(hi ^ mg.k2t) ^ mg.k1t;
-      const uint32_t base = static_cast<uint32_t>(lo);
+      const uint32_t base = static_cast<uint32_t>(offset + lo);
       const uint32_t count = static_cast<uint32_t>(range_end - lo);
       // The counter is 32-bit because the hash needs the 32-bit index: converting an int64 index blocks SIMD.
 #pragma omp simd
@@ -269,7 +272,8 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
 }
 
 // θ ← decay·θ − Δc + (1−α)·a' + α·b', with a = T(total), b = T(τ) and a', b' their elements that agree with the
-// elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass.
+// elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass. The cuts are in local indices: a piece's caller
+// shifts the whole tensor's cutoff by the piece's offset and clamps it to [-1, n].
 template <bool BUFFER, typename T>
 void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const float* __restrict__ total,
                const T* __restrict__ tau, float decay, float alpha, std::array<int64_t, 2> update_cut,
@@ -340,14 +344,15 @@ void run_mode(int64_t mode, const Rule& rule, const torch::Tensor& param, const 
 }
 
 Merge merge_of(double decay, double update_scale, double alpha, double tau_scale, double clamp, int64_t threshold,
-               const std::vector<int64_t>& keys) {
+               const std::vector<int64_t>& keys, int64_t offset) {
+  TORCH_CHECK(offset >= 0, "offset must be >= 0");
   TORCH_CHECK(keys.size() == 4, "keys must be (k1, k2) of the update then of tau");
   const bool keep_all = threshold >= (int64_t(1) << 32);
   return Merge{static_cast<float>(decay), static_cast<float>(update_scale), static_cast<float>(alpha),
                static_cast<float>(tau_scale), clamp > 0 ? static_cast<float>(clamp) : INFINITY,
                keep_all ? 0u : static_cast<uint32_t>(threshold), keep_all,
                static_cast<uint32_t>(keys[0]), static_cast<uint32_t>(keys[1]), static_cast<uint32_t>(keys[2]),
-               static_cast<uint32_t>(keys[3])};
+               static_cast<uint32_t>(keys[3]), offset};
 }
 
 void check(const torch::Tensor& t, const torch::Tensor& param, const char* what) {
@@ -362,12 +367,13 @@ void adam_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, torch::Ten
                c10::optional<torch::Tensor> max_exp_avg_sq, c10::optional<torch::Tensor> merge_buffer,
                c10::optional<torch::Tensor> tau, c10::optional<torch::Tensor> scratch, double beta1, double beta2,
                double step_size, double bc2_sqrt, double eps, bool maximize, double decay, double update_scale,
-               double alpha, double tau_scale, double clamp, int64_t threshold, std::vector<int64_t> keys) {
+               double alpha, double tau_scale, double clamp, int64_t threshold, std::vector<int64_t> keys,
+               int64_t offset) {
   check(param, param, "param");
   check(grad, param, "grad");
   check(exp_avg, param, "exp_avg");
   check(exp_avg_sq, param, "exp_avg_sq");
-  const Merge mg = merge_of(decay, update_scale, alpha, tau_scale, clamp, threshold, keys);
+  const Merge mg = merge_of(decay, update_scale, alpha, tau_scale, clamp, threshold, keys, offset);
   // 1 − β in double, then rounded: what torch does with its Python-float scalars
   const float f[7] = {static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
                       static_cast<float>(step_size), static_cast<float>(bc2_sqrt), static_cast<float>(eps),
@@ -387,10 +393,10 @@ void sgd_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, c10::option
               c10::optional<torch::Tensor> merge_buffer, c10::optional<torch::Tensor> tau,
               c10::optional<torch::Tensor> scratch, double lr, double momentum, double dampening, double weight_decay,
               bool nesterov, bool first, bool maximize, double update_scale, double alpha, double tau_scale,
-              double clamp, int64_t threshold, std::vector<int64_t> keys) {
+              double clamp, int64_t threshold, std::vector<int64_t> keys, int64_t offset) {
   check(param, param, "param");
   check(grad, param, "grad");
-  const Merge mg = merge_of(1.0, update_scale, alpha, tau_scale, clamp, threshold, keys);
+  const Merge mg = merge_of(1.0, update_scale, alpha, tau_scale, clamp, threshold, keys, offset);
   const float f[5] = {static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                       static_cast<float>(weight_decay), maximize ? -1.f : 1.f};
   if (momentum_buffer) {
@@ -418,6 +424,11 @@ void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   check(total, param, "total");
   TORCH_CHECK(tau.is_contiguous() && tau.numel() == param.numel(), "tau must be contiguous, shaped like param");
   float* buf = merge_buffer ? merge_buffer->data_ptr<float>() : nullptr;
+  TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");
+  for (const auto& cut : {update_cut, tau_cut}) {
+    TORCH_CHECK(cut[0] >= 0 && cut[0] <= 0xFFFFFFFFll, "cut threshold must be a uint32 bit pattern");
+    TORCH_CHECK(cut[1] >= -1 && cut[1] <= param.numel(), "cut cutoff must be a local index in [-1, numel]");
+  }
   const std::array<int64_t, 2> uc{update_cut[0], update_cut[1]}, tc{tau_cut[0], tau_cut[1]};
   const float d = static_cast<float>(decay), a = static_cast<float>(alpha);
   auto run = [&](const auto* t) {

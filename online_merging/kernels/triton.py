@@ -10,7 +10,10 @@ because its ``@jit`` helpers (``tl.zeros`` ...) stay compiled when ``triton`` wa
 
 OnTIES needs the exact top-p of the whole tensor, which one elementwise pass cannot know: the first kernel
 updates the optimizer state and writes Δθ (plus the step-K buffer) to a float32 scratch tensor, torch computes
-the top-p masks of it and of τ (``topp_mask``), and a second kernel does the sign consensus and writes θ.
+the top-p masks of it and of τ (``eager.trim_mask``), and a second kernel does the sign consensus and writes θ.
+
+A tensor may be a piece of a larger one (``offset``, ``update_cut``, ``tau_cut``; see ``eager``): DARE hashes the
+global index ``offset + i``, and OnTIES keeps what the whole tensor's cuts keep.
 """
 
 from __future__ import annotations
@@ -25,20 +28,20 @@ try:
 except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
+from online_merging.kernels.eager import CutFn, trim_mask
 from online_merging.kernels.plan import dare_keys, plan
-from online_merging.merging import topp_mask
 from online_merging.rng import keep_threshold
 from online_merging.settings import MergeSettings
 
 __all__ = ["adam_step", "sgd_step"]
 
 _BLOCK = 1024
-"""Elements per program; a power of two, so no block straddles a multiple of 2**32 (see ``_dare_keep``)."""
+"""Elements per program."""
 # torch rounds every op on its own except where its kernels fuse (the explicit tl.fma calls): no contraction.
 # Asking explicitly also keeps Triton 3.9 from warning that its default will change.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
 # Per-step integers: specialising on them (== 1, divisible by 16) would only add compiled variants.
-_NO_SPECIALIZE = ["upd_k1", "upd_k2", "tau_k1", "tau_k2", "threshold"]
+_NO_SPECIALIZE = ["upd_k1", "upd_k2", "tau_k1", "tau_k2", "threshold", "offset"]
 
 
 @triton.jit
@@ -56,23 +59,27 @@ def _lowbias32(x):
 
 
 @triton.jit
-def _dare_keep(offs, block_start, k1, k2, threshold):
+def _dare_keep(index, first, k1, k2, threshold):
     """DARE keep mask: lowbias32(lo32(i) ^ k) < threshold, k = lowbias32(hi32(i) ^ k2) ^ k1 (``rng.random_bits``).
 
-    hi32(i) is taken from the block's first index: BLOCK divides 2**32, so it is the same for the whole block.
+    ``index`` are int64 global indices, ``first`` the block's lowest: a block (< 2**32 elements) spans at most two
+    2**32 ranges, so two scalar keys serve it, selected by hi32(i).
     """
-    key = _lowbias32((block_start >> 32).to(tl.uint32) ^ k2.to(tl.uint32)) ^ k1.to(tl.uint32)
-    return _lowbias32(offs.to(tl.uint32) ^ key) < threshold.to(tl.uint32)
+    hi = (first >> 32).to(tl.uint32)
+    key = _lowbias32(hi ^ k2.to(tl.uint32)) ^ k1.to(tl.uint32)
+    next_key = _lowbias32((hi + 1) ^ k2.to(tl.uint32)) ^ k1.to(tl.uint32)
+    key = tl.where((index >> 32).to(tl.uint32) == hi, key, next_key)
+    return _lowbias32(index.to(tl.uint32) ^ key) < threshold.to(tl.uint32)
 
 
 @triton.jit
 def _finish(
     param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
-    upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr,
 ):  # fmt: skip
-    """Apply Δ to θ (fp32 ``param``) as ``eager.apply_update``:
+    """Apply Δ to θ (fp32 ``param``) as ``eager.apply_update`` (DARE draws at global indices ``offset + offs``):
 
     plain:       θ ← decay·θ + Δ
     OnDARE:      θ ← decay·θ + (1−α)·keep_u(Δ)·s + α·clamp(keep_τ(τ)·s, ±c),  s = 1/p if RESCALE else 1
@@ -90,14 +97,15 @@ def _finish(
         param = param * decay
         if DARE:
             update = delta
+            index, first = offset + offs, offset + block_start
             if DROP:
-                update = tl.where(_dare_keep(offs, block_start, upd_k1, upd_k2, threshold), delta, 0.0)
+                update = tl.where(_dare_keep(index, first, upd_k1, upd_k2, threshold), delta, 0.0)
                 if RESCALE:
                     update = tl.div_rn(update, p)
             if WITH_TAU:
                 task = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
                 if DROP:
-                    task = tl.where(_dare_keep(offs, block_start, tau_k1, tau_k2, threshold), task, 0.0)
+                    task = tl.where(_dare_keep(index, first, tau_k1, tau_k2, threshold), task, 0.0)
                     if RESCALE:
                         task = tl.div_rn(task, p)
                 if CLAMP:
@@ -120,7 +128,7 @@ def _finish(
 def _adam_kernel(
     param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, buffer_ptr, tau_ptr, scratch_ptr, n,
     lerp_weight, beta2, one_minus_beta2, eps, step_size, sqrt_bias2, decay,
-    upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, BLOCK: tl.constexpr,
@@ -152,7 +160,7 @@ def _adam_kernel(
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     _finish(
         param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
-        upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+        offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
         DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
     )  # fmt: skip
 
@@ -161,7 +169,7 @@ def _adam_kernel(
 def _sgd_kernel(
     param_ptr, grad_ptr, momentum_ptr, buffer_ptr, tau_ptr, scratch_ptr, n,
     neg_lr, momentum, one_minus_dampening, weight_decay, decay,
-    upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
@@ -191,7 +199,7 @@ def _sgd_kernel(
         grad = tl.fma(momentum, buf, grad) if NESTEROV else buf
     _finish(
         param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
-        upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+        offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
         DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
     )  # fmt: skip
 
@@ -249,6 +257,9 @@ def adam_step(
     amsgrad: bool,
     maximize: bool,
     settings: MergeSettings,
+    offset: int = 0,
+    update_cut: CutFn | None = None,
+    tau_cut: CutFn | None = None,
 ) -> None:
     """AdamW (decoupled weight decay) followed by the online merge; see ``eager.adam_step``."""
     _run(
@@ -261,6 +272,7 @@ def adam_step(
         step=step,
         name=name,
         settings=settings,
+        pieces={"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut},
         decay=1.0 - lr * weight_decay,
         scalars={
             "lerp_weight": 1.0 - beta1,
@@ -290,6 +302,9 @@ def sgd_step(
     weight_decay: float,
     maximize: bool,
     settings: MergeSettings,
+    offset: int = 0,
+    update_cut: CutFn | None = None,
+    tau_cut: CutFn | None = None,
 ) -> None:
     """SGD as ``torch.optim.SGD`` followed by the online merge; see ``eager.sgd_step``."""
     _run(
@@ -302,6 +317,7 @@ def sgd_step(
         step=step,
         name=name,
         settings=settings,
+        pieces={"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut},
         decay=1.0,
         scalars={
             "neg_lr": -lr,
@@ -319,16 +335,19 @@ def sgd_step(
     )
 
 
-def _run(kernel, param, grad, state, merge_buffer, tau, *, step, name, settings, decay, scalars, flags) -> None:
+def _run(kernel, param, grad, state, merge_buffer, tau, *, step, name, settings, pieces, decay, scalars, flags) -> None:
     """Launch ``kernel`` over one tensor: the whole step, or for OnTIES its first pass, the top-p and the merge.
 
     ``state`` holds the kernel's state tensors in order (``None`` for one it does not use). Tensors are
     processed flat and contiguous; non-contiguous ones are copied, and the written ones copied back.
+    ``pieces`` holds ``offset``, ``update_cut`` and ``tau_cut``.
     """
     n = param.numel()
-    if n == 0:
-        return
     merge, carry = plan(tau, merge_buffer, step, settings)
+    if n == 0:
+        if merge == "onties":  # the cuts may be collectives, which empty pieces take part in too
+            _keep_masks(param.new_empty(0, dtype=torch.float32), tau.reshape(-1), settings.reserve_p, **pieces)
+        return
     if merge is None:
         tau = None
     if carry is None:
@@ -343,23 +362,30 @@ def _run(kernel, param, grad, state, merge_buffer, tau, *, step, name, settings,
     with device:
         kernel[grid](
             param_c, grad, *state_c, buffer_c, tau, scratch, n,
-            **scalars, decay=decay, **_merge_args(merge, carry, step, name, settings), **flags,
+            **scalars, decay=decay, offset=pieces["offset"], **_merge_args(merge, carry, step, name, settings), **flags,
             BLOCK=_BLOCK, **_LAUNCH,
         )  # fmt: skip
         if merge == "onties":
-            p, alpha = settings.reserve_p, settings.alpha
-            trim = p < 1.0
-            # the masks are bool; the kernel reads their bytes
-            update_keep = topp_mask(scratch, p).view(torch.uint8) if trim else None
-            tau_keep = topp_mask(tau.reshape(-1), p).view(torch.uint8) if trim else None
+            alpha = settings.alpha
+            update_keep, tau_keep = _keep_masks(scratch, tau.reshape(-1), settings.reserve_p, **pieces)
             _onties_kernel[grid](
                 param_c, scratch, tau, update_keep, tau_keep, buffer_c, n, decay, 1.0 - alpha, alpha,
-                TRIM=trim, WEIGHTED=settings.ties_sign == "weighted", ROLL_BACK=carry == "roll_back",
+                TRIM=update_keep is not None, WEIGHTED=settings.ties_sign == "weighted", ROLL_BACK=carry == "roll_back",
                 BLOCK=_BLOCK, **_LAUNCH,
             )  # fmt: skip
     for original, copy in zip(written, work, strict=True):
         if copy is not original:
             original.copy_(copy)
+
+
+def _keep_masks(
+    total: torch.Tensor, tau: torch.Tensor, p: float, *, offset: int, update_cut: CutFn | None, tau_cut: CutFn | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """OnTIES's keep-masks of the flat Δ total and τ as bytes (the kernel reads them), or ``None`` when all is kept."""
+    if p >= 1.0 and update_cut is None and tau_cut is None:
+        return None, None
+    masks = trim_mask(total, p, update_cut, offset), trim_mask(tau, p, tau_cut, offset)
+    return masks[0].view(torch.uint8), masks[1].view(torch.uint8)
 
 
 def _merge_args(merge: str | None, carry: str | None, step: int, name: str | None, settings: MergeSettings) -> dict:

@@ -1,6 +1,8 @@
 """Functional cores of the optimizers: one step over lists of tensors, dispatched to a backend per tensor.
 
-:class:`OnlineMergingAdam` and :class:`OnlineMergingSGD` gather their state into lists and call these.
+:class:`OnlineMergingAdam` and :class:`OnlineMergingSGD` gather their state into lists and call these. A tensor may
+be a piece of a named parameter: ``offsets``, ``update_cuts`` and ``tau_cuts`` (per tensor, default 0 and ``None``)
+go to the backend's ``offset``, ``update_cut`` and ``tau_cut`` (see :mod:`online_merging.kernels.eager`).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from online_merging.kernels import get_backend
+from online_merging.kernels.eager import CutFn
 from online_merging.settings import MergeSettings
 
 __all__ = ["adam", "sgd"]
@@ -33,14 +36,18 @@ def adam(
     maximize: bool,
     settings: MergeSettings,
     backend: str | None = None,
+    offsets: list[int] | None = None,
+    update_cuts: list[CutFn | None] | None = None,
+    tau_cuts: list[CutFn | None] | None = None,
 ) -> None:
     """AdamW followed by the online merge; ``steps`` are incremented in place."""
+    pieces = _pieces(len(params), offsets, update_cuts, tau_cuts)
     for i, param in enumerate(params):
         steps[i] += 1
         get_backend(backend, param.device).adam_step(
             param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i], merge_buffers[i], taus[i],
             step=int(steps[i]), name=names[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, settings=settings,
+            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, settings=settings, **pieces[i],
         )  # fmt: skip
 
 
@@ -61,12 +68,28 @@ def sgd(
     maximize: bool,
     settings: MergeSettings,
     backend: str | None = None,
+    offsets: list[int] | None = None,
+    update_cuts: list[CutFn | None] | None = None,
+    tau_cuts: list[CutFn | None] | None = None,
 ) -> None:
     """SGD (as ``torch.optim.SGD``) followed by the online merge; ``steps`` are incremented in place."""
+    pieces = _pieces(len(params), offsets, update_cuts, tau_cuts)
     for i, param in enumerate(params):
         steps[i] += 1
         get_backend(backend, param.device).sgd_step(
             param, grads[i], momentum_buffers[i], merge_buffers[i], taus[i],
             step=int(steps[i]), name=names[i], lr=lr, momentum=momentum, dampening=dampening,
-            nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
+            nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings, **pieces[i],
         )  # fmt: skip
+
+
+def _pieces(
+    n: int, offsets: list[int] | None, update_cuts: list[CutFn | None] | None, tau_cuts: list[CutFn | None] | None
+) -> list[dict]:
+    """The backend's piece arguments of each of ``n`` tensors."""
+    return [
+        {"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut}
+        for offset, update_cut, tau_cut in zip(
+            offsets or [0] * n, update_cuts or [None] * n, tau_cuts or [None] * n, strict=True
+        )
+    ]

@@ -1,0 +1,197 @@
+"""Stepping the pieces of a tensor (ZeRO, FSDP: contiguous ranges of its flat elements) equals stepping it whole."""
+
+import importlib
+import itertools
+
+import pytest
+import torch
+
+from online_merging.kernels import eager
+from online_merging.kernels.plan import dare_keys
+from online_merging.merging import num_kept, topk_cut
+from online_merging.optim import functional
+from online_merging.rng import bernoulli_mask, keep_threshold, random_bits
+from online_merging.settings import MERGE_DEFAULTS, MergeSettings
+
+torch.set_num_threads(1)
+
+SHAPE = (40, 25)
+BOUNDS = (0, 333, 333, 334, 1000)  # pieces [0, 333), [333, 333) (empty), [333, 334), [334, 1000)
+NAME = "layers.0.w"
+ADAM = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "amsgrad": True, "maximize": False}
+SGD = {"lr": 0.05, "momentum": 0.9, "dampening": 0.1, "nesterov": True, "weight_decay": 0.01, "maximize": False}
+MERGES = {
+    "ondare": {"merge": "ondare", "reserve_p": 0.3, "alpha": 0.3, "tau_clamp": 0.1},
+    "onties": {"merge": "onties", "reserve_p": 0.3, "alpha": 0.3},
+    "onties-weighted": {"merge": "onties", "reserve_p": 0.05, "alpha": 0.3, "ties_sign": "weighted"},
+    "stepK-ondare": {"merge": "ondare", "reserve_p": 0.3, "alpha": 0.3, "merge_every": 3},
+    "stepK-onties": {"merge": "onties", "reserve_p": 0.3, "alpha": 0.3, "merge_every": 3},
+}
+
+
+def _cpu():
+    try:
+        return importlib.import_module("online_merging.kernels.cpu")
+    except (ImportError, RuntimeError, OSError) as error:
+        pytest.skip(f"the C++ extension does not build: {error}")
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with pytest.MonkeyPatch.context() as patch:  # as tests/test_kernels_triton.py: interpret the kernels
+        patch.setenv("TRITON_INTERPRET", "1")
+        module = importlib.import_module("online_merging.kernels.triton")
+        if not isinstance(module._adam_kernel, InterpretedFunction):
+            module = importlib.reload(module)
+    return module
+
+
+@pytest.fixture(scope="module", params=["eager", "cpu", "triton"])
+def backend(request):
+    return {"eager": lambda: eager, "cpu": _cpu, "triton": _triton}[request.param]()
+
+
+def settings_of(overrides) -> MergeSettings:
+    settings = MergeSettings(**{**MERGE_DEFAULTS, **overrides})
+    settings.check()
+    return settings
+
+
+def initial_state(opt, settings, gen) -> dict:
+    """Whole-tensor state; Adam starts warm so that |Δ| has no ties."""
+    state = {"param": torch.randn(SHAPE, generator=gen)}
+    if opt == "adam":
+        state["exp_avg"] = 0.1 * torch.randn(SHAPE, generator=gen)
+        state["exp_avg_sq"] = 0.01 * torch.rand(SHAPE, generator=gen)
+        state["max_exp_avg_sq"] = 0.02 * torch.rand(SHAPE, generator=gen)
+    else:
+        state["momentum_buffer"] = torch.zeros(SHAPE)
+    if settings.merge_every > 1:
+        state["merge_buffer"] = torch.zeros(SHAPE)
+    return state
+
+
+def step(module, opt, state, grad, tau, t, settings, **pieces):
+    common = {"step": t, "name": NAME, "settings": settings, **pieces}
+    if opt == "adam":
+        module.adam_step(
+            state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"],
+            state.get("merge_buffer"), tau, **common, **ADAM,
+        )  # fmt: skip
+    else:
+        module.sgd_step(state["param"], grad, state["momentum_buffer"], state.get("merge_buffer"), tau, **common, **SGD)
+
+
+def is_merge_step(settings, t) -> bool:
+    return settings.merge == "onties" and t % settings.merge_every == 0
+
+
+@pytest.mark.parametrize("tau_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+@pytest.mark.parametrize("merge", list(MERGES))
+def test_pieces_equal_the_whole(backend, merge, opt, tau_dtype):
+    settings = settings_of(MERGES[merge])
+    p, steps = settings.reserve_p, 4
+    gen = torch.Generator().manual_seed(5)
+    start = initial_state(opt, settings, gen)
+    tau = (0.025 * torch.randint(-4, 5, SHAPE, generator=gen)).to(tau_dtype)  # ties at the top-p threshold
+    grads = [torch.randn(SHAPE, generator=gen) for _ in range(steps)]
+
+    # the whole tensor, once as today and once through recording cut callables: identical
+    plain = {key: value.clone() for key, value in start.items()}
+    whole = {key: value.clone() for key, value in start.items()}
+    cuts = {"update": {}, "tau": {}}
+
+    def recorder(kind, t):
+        def cut(x):
+            assert x.dtype == (torch.float32 if kind == "update" else tau_dtype) and x.dim() == 1
+            assert t not in cuts[kind], "called twice in one step"
+            cuts[kind][t] = topk_cut(x, num_kept(p, x.numel()))
+            return cuts[kind][t]
+
+        return cut
+
+    for t, grad in enumerate(grads, 1):
+        step(backend, opt, plain, grad, tau, t, settings)
+        step(backend, opt, whole, grad, tau, t, settings, update_cut=recorder("update", t), tau_cut=recorder("tau", t))
+    merge_steps = {t for t in range(1, steps + 1) if is_merge_step(settings, t)}
+    assert set(cuts["update"]) == set(cuts["tau"]) == merge_steps
+    for key, value in whole.items():
+        assert torch.equal(value, plain[key]), key
+
+    # the pieces, each with its own state slices, offset, τ slice and the whole tensor's cuts
+    for lo, hi in itertools.pairwise(BOUNDS):
+        piece = {key: value.reshape(-1)[lo:hi].clone() for key, value in start.items()}
+        tau_piece = tau.reshape(-1)[lo:hi].clone()
+        calls = []
+
+        def replay(kind, t, n=hi - lo, calls=calls):
+            def cut(x):
+                assert x.numel() == n and x.dim() == 1
+                calls.append((kind, t))
+                return cuts[kind][t]
+
+            return cut
+
+        for t, grad in enumerate(grads, 1):
+            pieces = {"offset": lo, "update_cut": replay("update", t), "tau_cut": replay("tau", t)}
+            step(backend, opt, piece, grad.reshape(-1)[lo:hi].clone(), tau_piece, t, settings, **pieces)
+        assert sorted(calls) == sorted((kind, t) for t in merge_steps for kind in ("update", "tau"))
+        for key, value in piece.items():
+            assert torch.equal(value, whole[key].reshape(-1)[lo:hi]), (key, lo, hi)
+
+
+@pytest.mark.parametrize("offset", [2**32 - 20, 2**32 + 5, 3 * 2**32 - 1000])
+def test_dare_piece_past_2_32_uses_the_high_word(backend, offset):
+    """With SGD, θ = 0, g = 1 and τ = 1000, θ's new value tells which of the two draws kept the element."""
+    settings = settings_of({"reserve_p": 0.5, "alpha": 0.5, "dare_rescale": False, "tau_clamp": None})
+    n, t = 64, 2
+    param = torch.zeros(n)
+    hyper = {**SGD, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False, "lr": 1.0}
+    backend.sgd_step(
+        param, torch.ones(n), None, None, torch.full((n,), 1000.0), step=t, name=NAME, settings=settings,
+        offset=offset, **hyper,
+    )  # fmt: skip
+    update_key, tau_key = dare_keys(settings, t, NAME)
+    keep_tau = param > 100
+    keep_update = (param != 0) & (param != 500)
+    assert torch.equal(keep_update, bernoulli_mask(update_key, 0.5, (n,), offset=offset))
+    assert torch.equal(keep_tau, bernoulli_mask(tau_key, 0.5, (n,), offset=offset))
+    low_word_only = random_bits(update_key, torch.arange(offset, offset + n) % 2**32) < keep_threshold(0.5)
+    assert not torch.equal(keep_update, low_word_only)
+
+
+def test_functional_passes_the_pieces_on():
+    """``functional.sgd`` with ``offsets``, ``update_cuts`` and ``tau_cuts``: a list of pieces equals the whole."""
+    settings = settings_of(MERGES["stepK-onties"])
+    gen = torch.Generator().manual_seed(9)
+    whole, tau = torch.randn(1000, generator=gen), 0.025 * torch.randint(-4, 5, (1000,), generator=gen)
+    flat = whole.clone()
+    k, bounds, cuts = num_kept(settings.reserve_p, 1000), [(0, 334), (334, 1000)], {}
+    cuts["tau"] = topk_cut(tau, k)
+
+    def record(x):
+        cuts["update"] = topk_cut(x, k)
+        return cuts["update"]
+
+    def zeros(sizes):
+        return [torch.zeros(size) for size in sizes]
+
+    lists = {"whole": [[1000]], "pieces": [[hi - lo for lo, hi in bounds]]}
+    for key, (sizes,) in lists.items():
+        lists[key] = {"momentum": zeros(sizes), "buffers": zeros(sizes), "steps": [torch.tensor(0.0) for _ in sizes]}
+    for _ in range(3):
+        grad = torch.randn(1000, generator=gen)
+        functional.sgd(
+            [whole], [grad], lists["whole"]["momentum"], lists["whole"]["steps"], lists["whole"]["buffers"], [tau],
+            [NAME], settings=settings, backend="eager", update_cuts=[record], tau_cuts=[lambda x: cuts["tau"]], **SGD,
+        )  # fmt: skip
+        functional.sgd(
+            [flat[lo:hi] for lo, hi in bounds], [grad[lo:hi] for lo, hi in bounds], lists["pieces"]["momentum"],
+            lists["pieces"]["steps"], lists["pieces"]["buffers"], [tau[lo:hi] for lo, hi in bounds], [NAME] * 2,
+            settings=settings, backend="eager", offsets=[lo for lo, _ in bounds],
+            update_cuts=[lambda x: cuts["update"]] * 2, tau_cuts=[lambda x: cuts["tau"]] * 2, **SGD,
+        )  # fmt: skip
+    assert torch.equal(whole, flat)
