@@ -1,0 +1,92 @@
+"""Exact top-k magnitude selection over a tensor split into contiguous pieces held by different ranks.
+
+Radix select over :func:`~online_merging.merging.sparsify.magnitude_bits`: each round fixes the next ``DIGIT_BITS``
+bits of the threshold T from one ``all_reduce(SUM)`` of a batched histogram ``[n_tensors, 2**DIGIT_BITS]``; then
+the tie cutoff (the r-th lowest global index among elements with bits == T) takes one ``all_gather`` of per-rank tie
+counts and piece offsets and one ``all_reduce(MAX)``. The collectives depend only on the number of tensors and their
+dtypes, never on the data or the piece sizes, so every rank issues the same ones in the same order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE, Cut, magnitude_bits
+
+__all__ = ["DIGIT_BITS", "distributed_topk_cut", "distributed_topk_cuts", "radix_rounds"]
+
+DIGIT_BITS = 11
+"""Bits of the threshold fixed per round: a histogram row has 2**11 bins."""
+
+
+def radix_rounds(dtypes: list[torch.dtype]) -> int:
+    """Radix rounds of one call: 3 for float32 bit patterns (< 2**31), 6 if any tensor is float64 (< 2**63)."""
+    width = 63 if torch.float64 in dtypes else 31
+    return math.ceil(width / DIGIT_BITS) if dtypes else 0
+
+
+def distributed_topk_cut(piece: torch.Tensor, offset: int, k: int, group=None) -> Cut:
+    """:func:`distributed_topk_cuts` for one tensor."""
+    return distributed_topk_cuts([piece], [offset], [k], group)[0]
+
+
+def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: list[int], group=None) -> list[Cut]:
+    """The :data:`~online_merging.merging.sparsify.Cut` of the k largest |x| of each sharded tensor, on every rank.
+
+    Every rank of ``group`` (default: the world) passes, for each tensor in the same order, its piece (any shape,
+    flattened row-major, possibly empty but of the tensor's dtype), the piece's global flat offset, and the global k.
+    The result equals ``topk_cut(whole_tensor, k)`` exactly and is the same on every rank. Issues
+    ``radix_rounds(dtypes) + 2`` collectives and one host synchronisation; none when there are no tensors.
+    """
+    if not len(pieces) == len(offsets) == len(ks):
+        raise ValueError(f"{len(pieces)} pieces, {len(offsets)} offsets and {len(ks)} ks: one of each per tensor")
+    if not pieces:
+        return []
+    device = pieces[0].device
+    bins = 1 << DIGIT_BITS
+    rounds = radix_rounds([p.dtype for p in pieces])
+    k = torch.tensor(ks, dtype=torch.int64, device=device)
+    need = k.clone()  # rank, from the top, of the k-th largest among the elements matching the prefix so far
+    prefix = torch.zeros_like(k)  # the threshold's bits fixed so far
+    rows = torch.arange(len(pieces), device=device)
+    numel = None
+    for r in range(rounds):
+        shift = (rounds - 1 - r) * DIGIT_BITS
+        hist = torch.zeros(len(pieces), bins + 1, dtype=torch.int64, device=device)  # last bin: not matching
+        for t, piece in enumerate(pieces):
+            bits = magnitude_bits(piece).to(device)
+            digit = (bits >> shift) & (bins - 1)
+            if r > 0:
+                digit = torch.where((bits >> (shift + DIGIT_BITS)) == prefix[t], digit, bins)
+            hist[t].scatter_add_(0, digit, torch.ones_like(digit))
+        hist = hist[:, :bins].contiguous()
+        dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)
+        if numel is None:
+            numel = hist.sum(1)  # every element matches the empty prefix
+        at_least = hist.flip(1).cumsum(1).flip(1)  # at_least[t, d]: matching elements with digit >= d
+        digit = ((at_least >= need[:, None]).sum(1) - 1).clamp(min=0)
+        need = need - (at_least[rows, digit] - hist[rows, digit])
+        prefix = (prefix << DIGIT_BITS) | digit
+    threshold, room = prefix, need  # room = k - #(bits > T), the ties to keep, lowest global index first
+
+    is_tie = [magnitude_bits(p).to(device) == threshold[t] for t, p in enumerate(pieces)]
+    ties = torch.stack([m.sum() for m in is_tie])
+    local = torch.stack([ties, torch.tensor(offsets, dtype=torch.int64, device=device)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    gathered = torch.stack(gathered)  # [ranks, (ties, offset), tensors]
+    ranks = torch.arange(len(gathered), device=device)[:, None]
+    other_offset, my_offset = gathered[:, 1], local[1]
+    earlier = (other_offset < my_offset) | ((other_offset == my_offset) & (ranks < dist.get_rank(group)))
+    j = room - (gathered[:, 0] * earlier).sum(0)  # the wanted tie's 1-based position among this piece's ties
+    position = torch.stack([(m.cumsum(0) < j[t]).sum() for t, m in enumerate(is_tie)])  # its index in the piece
+    cutoff = torch.where((j >= 1) & (j <= ties), my_offset + position, -1)
+    dist.all_reduce(cutoff, op=dist.ReduceOp.MAX, group=group)
+
+    cuts = []
+    for n, kk, th, c in zip(*torch.stack([numel, k, threshold, cutoff]).tolist(), strict=True):
+        cuts.append(KEEP_ALL if kk >= n else KEEP_NONE if kk <= 0 else (th, c))
+    return cuts
