@@ -20,15 +20,20 @@ from online_merging.distributed.zero import Fragment, _stage_1_2_from_hp_mapping
 
 WORLD = 2
 
-# (stage, extra zero_optimization fields, two param groups?, bf16?)
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
+# (stage, extra zero_optimization fields, two param groups?, bf16?, model built under deepspeed.zero.Init?)
 VARIANTS = [
-    (1, {}, False, False),
-    (2, {}, True, False),
-    (2, {"round_robin_gradients": True}, True, False),
-    (1, {"round_robin_gradients": True, "parameter_alignment": True}, False, False),
-    (2, {}, False, True),
-    (3, {}, False, False),
-    (3, {"sub_group_size": 8}, True, False),
+    (1, {}, False, False, False),
+    (2, {}, True, False, False),
+    (2, {"round_robin_gradients": True}, True, False, False),
+    (1, {"round_robin_gradients": True, "parameter_alignment": True}, False, False, False),
+    (2, {}, False, True, False),
+    (2, OFFLOAD, True, False, False),
+    (3, {}, False, False, False),
+    (3, {"sub_group_size": 8}, True, False, False),
+    (3, {}, False, True, False),
+    (3, {"sub_group_size": 8, **OFFLOAD, "offload_param": {"device": "cpu"}}, True, False, False),
+    (3, {"sub_group_size": 8}, True, False, True),
 ]
 
 
@@ -52,37 +57,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_variant(rank, stage, zero_extra, two_groups, bf16):
+def _param_groups(model):
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
+    others = [p for name, p in model.named_parameters() if not name.endswith("weight")]
+    return [{"params": weights}, {"params": others, "lr": 1e-3}]
+
+
+def _check_variant(rank, stage, zero_extra, two_groups, bf16, zero_init):
     import deepspeed
     import deepspeed.comm as dist
 
-    model = tiny_model()
-    full = {name: p.detach().clone() for name, p in model.named_parameters()}
+    full = {name: p.detach().clone() for name, p in tiny_model().named_parameters()}
     if bf16:
         full = {name: v.to(torch.bfloat16).float() for name, v in full.items()}
-    if two_groups:
-        weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
-        others = [p for name, p in model.named_parameters() if not name.endswith("weight")]
-        groups = [{"params": weights}, {"params": others, "lr": 1e-3}]
-    else:
-        groups = model.parameters()
-    client = torch.optim.AdamW(groups, lr=1e-2)
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # keep the client optimizer when offloading
         "zero_optimization": {"stage": stage, **zero_extra},
     }
     if bf16:
         config["bf16"] = {"enabled": True}
     assert zero_setup(config).stage == stage
+    if zero_init:  # parameters partitioned as they are created (how HF loads large models under ZeRO-3)
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = tiny_model()
+        assert all(hasattr(p, "ds_tensor") for p in model.parameters())
+    else:
+        model = tiny_model()
+    client = torch.optim.AdamW(_param_groups(model) if two_groups else model.parameters(), lr=1e-2)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
     setup = zero_setup(engine)
     assert setup.stage == stage and setup.flat_partitions
     assert setup.dtype == ("bf16" if bf16 else "fp32")
+    assert setup.offload_optimizer == ("cpu" if "offload_optimizer" in zero_extra else "none")
 
     frags = zero_fragments(engine)
-    label = f"stage {stage} {zero_extra} two_groups={two_groups} bf16={bf16}"
+    label = f"stage {stage} {zero_extra} two_groups={two_groups} bf16={bf16} zero_init={zero_init}"
     assert frags, label
     if stage in (1, 2):
         # the keys are exactly what the client optimizer holds in its param_groups
@@ -217,6 +229,7 @@ def test_zero_setup_accepts_cpu_offload_with_force_off():
         ),
         ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}, "zero_optimization.stage"),
         ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
+        ({"zero_optimization": {"stage": 2, "elastic_checkpoint": True}}, "zero_optimization.elastic_checkpoint"),
         ({"zero_optimization": {"stage": 2, "zenflow": {"topk_ratio": 0.1}}}, "zero_optimization.zenflow"),
     ],
 )

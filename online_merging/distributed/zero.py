@@ -165,6 +165,12 @@ def zero_setup(config_or_engine: Any, *, client_optimizer: bool = True) -> ZeroS
     for field in ("super_offload",):
         if offload_opt.get(field):
             raise ValueError(f"DeepSpeed config field 'zero_optimization.offload_optimizer.{field}' is not supported")
+    if zero.get("elastic_checkpoint"):
+        raise ValueError(
+            "DeepSpeed config field 'zero_optimization.elastic_checkpoint' is not supported: elastic checkpoints "
+            "bypass the client optimizer's state_dict()/load_state_dict() and cut every tensor state to the "
+            "unpadded flat length"
+        )
     if zero.get("zenflow"):
         raise ValueError(
             "DeepSpeed config field 'zero_optimization.zenflow' is not supported: ZenFlow steps its own "
