@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
             model=model, ref_model=copy.deepcopy(model), args=config,
             train_dataset=world.preference_dataset(), processing_class=world.tokenizer(),
         )  # fmt: skip
+        trainers[name].current_gradient_accumulation_steps = 1  # set by train(), which we do not call
     batch = next(iter(trainers["dpo"].get_train_dataloader()))
     seconds: dict[str, list[float]] = {name: [] for name in trainers}
     for round_ in range(warmup + rounds):
@@ -78,8 +79,9 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "normalized_dpo_cost.json").write_text(json.dumps(result, indent=1) + "\n")
     print(
-        f"median step: DPO {medians['dpo'] * 1e3:.0f} ms, pairwise-normalised {medians['pairwise_normalized'] * 1e3:.0f}"
-        f" ms, ratio {result['ratio']:.2f} ({rounds} rounds, batch {args.batch}, {args.threads} thread(s))"
+        f"median step: DPO {medians['dpo'] * 1e3:.0f} ms, "
+        f"pairwise-normalised {medians['pairwise_normalized'] * 1e3:.0f} ms, ratio {result['ratio']:.2f} "
+        f"({rounds} rounds, batch {args.batch}, {args.threads} thread(s))"
     )
     return result
 
