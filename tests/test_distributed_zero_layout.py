@@ -107,14 +107,17 @@ def _check_variant(rank, stage, zero_extra, two_groups, bf16, zero_init):
     else:
         assert all(g["params"] == [] for g in client.param_groups), label
 
-    mine = []
+    mine, names_in_order = [], []
     for flat, fragments in frags.items():
         assert flat.dim() == 1 and flat.dtype == torch.float32, label
         covered = torch.zeros(flat.numel(), dtype=torch.bool)
         last_end = 0
+        names_in_order.append([f.name for f in fragments])
         for f in fragments:
             assert isinstance(f, Fragment)
-            assert f.numel > 0 and f.start >= last_end and f.start + f.numel <= flat.numel(), (label, f)
+            if f.numel == 0:  # a parameter of the group this rank holds none of
+                continue
+            assert f.start >= last_end and f.start + f.numel <= flat.numel(), (label, f)
             last_end = f.start + f.numel
             assert f.shape == tuple(full[f.name].shape), (label, f)
             expected = full[f.name].flatten()[f.offset : f.offset + f.numel]
@@ -126,6 +129,9 @@ def _check_variant(rank, stage, zero_extra, two_groups, bf16, zero_init):
         if stage in (1, 2):
             assert torch.all(flat.detach()[~covered] == 0), label
 
+    orders = [None] * WORLD
+    dist.all_gather_object(orders, names_in_order)
+    assert all(order == orders[0] for order in orders), label  # every rank lists the same parameters, in order
     gathered = [None] * WORLD
     dist.all_gather_object(gathered, mine)
     counts = {name: torch.zeros(v.numel(), dtype=torch.int64) for name, v in full.items()}

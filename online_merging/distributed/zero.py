@@ -195,13 +195,20 @@ def _zero_optimizer_and_module(engine_or_zero_optimizer: Any) -> tuple[Any, Any]
     return obj, getattr(obj, "module", None)
 
 
-def _names(module: Any, zero_optimizer: Any) -> dict[int, str]:
+def _names(module: Any, zero_optimizer: Any, names: Mapping[torch.Tensor, str] | None = None) -> dict[int, str]:
+    if names is not None:
+        return {id(p): name for p, name in names.items()}
     if module is not None:
         return {id(p): name for name, p in module.named_parameters()}
     param_names = getattr(zero_optimizer, "param_names", None)  # stage 1/2: {param: name}
     if isinstance(param_names, Mapping) and param_names:
         return {id(p): name for p, name in param_names.items()}
     raise ValueError("cannot name the parameters: pass the DeepSpeedEngine (or module=...) rather than its optimizer")
+
+
+def _empty(name: str, shape) -> Fragment:
+    """A parameter of the partition's group of which this rank holds no element."""
+    return Fragment(name=name, start=0, numel=0, offset=0, shape=tuple(shape))
 
 
 def _name_of(names: dict[int, str], param: torch.Tensor) -> str:
@@ -237,6 +244,7 @@ def _stage_1_2(zero_optimizer: Any, names: dict[int, str]) -> dict[torch.Tensor,
             begin = max(param_start, partition_start)
             end = min(param_start + meta.numel(), partition_end)
             if end <= begin:
+                fragments.append(_empty(_name_of(names, param), meta.shape))
                 continue
             fragments.append(
                 Fragment(
@@ -247,7 +255,7 @@ def _stage_1_2(zero_optimizer: Any, names: dict[int, str]) -> dict[torch.Tensor,
                     shape=tuple(meta.shape),
                 )
             )
-        if fragments and fragments[-1].start + fragments[-1].numel > flat.numel():
+        if any(f.start + f.numel > flat.numel() for f in fragments):
             raise AssertionError(f"fragments of group {g} overrun its flat partition of {flat.numel()} elements")
         out[flat] = fragments
     return out
@@ -262,11 +270,10 @@ def _stage_1_2_from_hp_mapping(zero_optimizer: Any, names: dict[int, str]) -> di
         fragments = []
         for param in zero_optimizer.bit16_groups[g]:
             mapping = getattr(param, "_hp_mapping", None)
-            if mapping is None:
-                continue  # no element of this parameter in this rank's partition
-            hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-            if hp.numel <= 0:
+            if mapping is None or mapping.hp_fragment_address.numel <= 0:  # none of it in this rank's partition
+                fragments.append(_empty(_name_of(names, param), param.shape))
                 continue
+            hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
             fragments.append(
                 Fragment(
                     name=_name_of(names, param),
@@ -276,7 +283,6 @@ def _stage_1_2_from_hp_mapping(zero_optimizer: Any, names: dict[int, str]) -> di
                     shape=tuple(param.shape),
                 )
             )
-        fragments.sort(key=lambda f: f.start)
         out[flat] = fragments
     return out
 
@@ -294,8 +300,9 @@ def _stage_3(zero_optimizer: Any, names: dict[int, str]) -> dict[torch.Tensor, l
             rank = dist.get_rank(group=zero_optimizer._get_param_partition_group(param))
             offset = rank * partition_numel
             numel = min(partition_numel, param.ds_numel - offset)
-            if numel <= 0:
-                continue  # this rank's piece of the parameter is all padding
+            if numel <= 0:  # this rank's piece of the parameter is all padding
+                fragments.append(_empty(_name_of(names, param), param.ds_shape))
+                continue
             fragments.append(
                 Fragment(
                     name=_name_of(names, param),
@@ -309,17 +316,21 @@ def _stage_3(zero_optimizer: Any, names: dict[int, str]) -> dict[torch.Tensor, l
     return out
 
 
-def zero_fragments(engine_or_zero_optimizer: Any, module: Any = None) -> dict[torch.Tensor, list[Fragment]]:
+def zero_fragments(
+    engine_or_zero_optimizer: Any, module: Any = None, *, names: Mapping[torch.Tensor, str] | None = None
+) -> dict[torch.Tensor, list[Fragment]]:
     """For every flat fp32 partition the client optimizer will step, the parameter fragments it holds.
 
     Keys are the partition tensors themselves (``optimizer.param_groups[g]["params"][0]`` during
-    ``step()``); values list the fragments in order of ``start``.  Elements of a partition not
-    covered by any fragment are padding.  Names are those of ``module.named_parameters()``
-    (``engine.module`` when an engine is given).  The mapping is tied to tensor identity:
-    rebuild it after anything that re-creates the partitions.
+    ``step()``); values list one fragment per parameter of the partition's group, in the group's
+    order, which is the same on every rank: ``numel == 0`` where this rank holds none of the
+    parameter (so that per-parameter collectives line up).  Elements of a partition not covered
+    by any fragment are padding.  Names are ``names[param]`` when given, else those of
+    ``module.named_parameters()`` (``engine.module`` when an engine is given).  The mapping is tied
+    to tensor identity: rebuild it after anything that re-creates the partitions.
     """
     zero_optimizer, own_module = _zero_optimizer_and_module(engine_or_zero_optimizer)
-    names = _names(module if module is not None else own_module, zero_optimizer)
+    names = _names(module if module is not None else own_module, zero_optimizer, names)
     if hasattr(zero_optimizer, "fp32_partitioned_groups_flat") and hasattr(zero_optimizer, "grad_position"):
         return _stage_3(zero_optimizer, names)
     if hasattr(zero_optimizer, "single_partition_of_fp32_groups") and hasattr(zero_optimizer, "bit16_groups"):

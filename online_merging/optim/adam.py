@@ -124,18 +124,15 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             max_exp_avg_sqs.append(state.get("max_exp_avg_sq"))
             steps.append(state["step"])
-        taus, buffers, names = self._merge_inputs(params, settings)
+        grads = [p.grad for p in params]
+        inputs = self._kernel_inputs([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps, settings)
         beta1, beta2 = group["betas"]
         functional.adam(
-            params,
-            [p.grad for p in params],
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            steps,
-            buffers,
-            taus,
-            names,
+            *inputs["columns"],
+            inputs["steps"],
+            inputs["buffers"],
+            inputs["taus"],
+            inputs["names"],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -145,4 +142,8 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             maximize=group["maximize"],
             settings=settings,
             backend=self.backend,
+            offsets=inputs["offsets"],
+            update_cuts=inputs["update_cuts"],
+            tau_cuts=inputs["tau_cuts"],
         )
+        self._count_steps(params, steps)

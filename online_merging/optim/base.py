@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 
 from online_merging.kernels import BACKENDS
 from online_merging.merging import TaskVector, canonical_name
+from online_merging.optim.pieces import DTensor, Piece, calling_zero_optimizer, dtensor_pieces, zero_pieces
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
 
 __all__ = ["OnlineMergingOptimizer"]
@@ -26,6 +27,10 @@ class OnlineMergingOptimizer(Optimizer):
     or, for unnamed params as HF ``Trainer`` passes them, from ``module``. τ is not part of the optimizer
     state: ``state_dict()`` records its fingerprint and ``load_state_dict()`` refuses a checkpoint made with
     another τ. Subclasses implement :meth:`_check_group` and :meth:`_step_group`.
+
+    Under DeepSpeed ZeRO (flat fp32 partitions) and FSDP2 (DTensor shards) a stepped tensor holds pieces of named
+    parameters (:mod:`online_merging.optim.pieces`): FSDP2 shards are bound when the optimizer is built, ZeRO
+    partitions at their first step (and again whenever DeepSpeed hands over partitions it has not seen).
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class OnlineMergingOptimizer(Optimizer):
                 self._aliases.setdefault(param, []).append(canonical_name(name))
         self._names: dict[torch.Tensor, str | None] = {}
         self._taus: dict[torch.Tensor, torch.Tensor] = {}
+        self._pieces: dict[torch.Tensor, list[Piece]] = {}
         self._constructed = False
         super().__init__(params, defaults)
         self._constructed = True
@@ -83,7 +89,14 @@ class OnlineMergingOptimizer(Optimizer):
             candidates = [canonical_name(given)] if given is not None else self._aliases.get(param, [])
             name = next((n for n in candidates if self.task_vector is not None and n in self.task_vector), None)
             self._names[param] = name or (candidates[0] if candidates else None)
-            if name is not None:
+            if isinstance(param, DTensor) and self._names[param] is not None:
+                self._pieces[param] = dtensor_pieces(self._names[param], param, self.task_vector)
+                if name is not None and tuple(self.task_vector[name].shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"task vector entry {name!r} has shape {tuple(self.task_vector[name].shape)} "
+                        f"but {where} has shape {tuple(param.shape)}"
+                    )
+            elif name is not None:
                 tau = self.task_vector[name]
                 if tau.shape != param.shape:
                     raise ValueError(
@@ -103,7 +116,13 @@ class OnlineMergingOptimizer(Optimizer):
                 )
 
     def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
-        missing = [self._names[p] for g in groups if g["merge"] is not None for p in g["params"] if p not in self._taus]
+        missing = [
+            self._names[p]
+            for g in groups
+            if g["merge"] is not None
+            for p in g["params"]
+            if p not in self._taus and not any(piece.tau is not None for piece in self._pieces.get(p, ()))
+        ]
         if missing:
             shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             warnings.warn(
@@ -128,6 +147,7 @@ class OnlineMergingOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = []
+        self._bind_zero_partitions()
         for index, group in enumerate(self.param_groups):
             settings = self._check_group(group, f"param_groups[{index}] ")
             params = [p for p in group["params"] if p.grad is not None]
@@ -140,6 +160,20 @@ class OnlineMergingOptimizer(Optimizer):
             if params:
                 self._step_group(group, settings, params)
         return loss
+
+    def _bind_zero_partitions(self) -> None:
+        """Bind the flat partitions DeepSpeed ZeRO put in our param groups to the pieces of parameters they hold."""
+        unknown = [p for g in self.param_groups for p in g["params"] if p not in self._names and p not in self._pieces]
+        if not unknown:
+            return
+        zero_optimizer = calling_zero_optimizer(self)
+        if zero_optimizer is None:
+            raise RuntimeError(
+                f"{len(unknown)} tensor(s) in param_groups were not given to this optimizer and no DeepSpeed ZeRO "
+                "optimizer is stepping it: add parameters with add_param_group()"
+            )
+        names = {p: n for p, n in self._names.items() if n is not None}
+        self._pieces.update(zero_pieces(zero_optimizer, names, self.task_vector))
 
     def _check_grad(self, param: torch.Tensor, index: int) -> None:
         grad = param.grad
@@ -172,20 +206,50 @@ class OnlineMergingOptimizer(Optimizer):
         name = self._names.get(param)
         return f"parameter {name!r}" if name else f"an unnamed parameter of param_groups[{index}]"
 
-    def _merge_inputs(self, group_params: list[torch.Tensor], settings: MergeSettings):
-        """τ, step-K buffer and name of each parameter, creating buffers when step-K needs them."""
-        taus, buffers, names = [], [], []
-        for param in group_params:
-            tau = self._taus.get(param)
-            if tau is not None and tau.device != param.device:  # the model moved after the optimizer was built
-                tau = self._taus[param] = tau.to(param.device)
+    def _kernel_inputs(self, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings):
+        """Per stepped piece: the views of each column (tensors shaped like the params: param, grad, states), the
+        step counter, step-K buffer, τ, name, global offset and OnTIES cut callables, as ``functional`` takes them.
+
+        A whole parameter is one piece. A ZeRO partition or FSDP2 shard holds several: they get copies of the
+        tensor's step counter, which :meth:`_count_steps` then advances once.
+        """
+        params = columns[0]
+        keys = ("steps", "buffers", "taus", "names", "offsets", "update_cuts", "tau_cuts")
+        out = {"columns": [[] for _ in columns], **{key: [] for key in keys}}
+        for i, param in enumerate(params):
             state = self.state[param]
-            if tau is not None and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
+            pieces = self._pieces.get(param)
+            has_tau = param in self._taus or any(piece.tau is not None for piece in pieces or ())
+            if has_tau and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            taus.append(tau)
-            buffers.append(state.get("merge_buffer"))
-            names.append(self._names.get(param))
-        return taus, buffers, names
+            buffer = state.get("merge_buffer")
+            if pieces is None:
+                tau = self._taus.get(param)
+                if tau is not None and tau.device != param.device:  # the model moved after the optimizer was built
+                    tau = self._taus[param] = tau.to(param.device)
+                for column, values in zip(out["columns"], columns, strict=True):
+                    column.append(values[i])
+                entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None)]
+            else:
+                for column, values in zip(out["columns"], columns, strict=True):
+                    column.extend(piece.view(values[i]) for piece in pieces)
+                ties = settings.merge == "onties"
+                entries = [
+                    (steps[i].clone(), piece.view(buffer), piece.tau, piece.name, piece.offset,
+                     piece.update_cut(settings.reserve_p) if ties else None,
+                     piece.tau_cut(settings.reserve_p) if ties else None)
+                    for piece in pieces
+                ]  # fmt: skip
+            for entry in entries:
+                for key, value in zip(keys, entry, strict=True):
+                    out[key].append(value)
+        return out
+
+    def _count_steps(self, params: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
+        """Advance the step counters of the tensors stepped piece by piece (the others count in ``functional``)."""
+        for param, step in zip(params, steps, strict=True):
+            if param in self._pieces:
+                step += 1
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 

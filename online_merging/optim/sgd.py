@@ -92,15 +92,14 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
                 state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             momentum_buffers.append(state.get("momentum_buffer"))
             steps.append(state["step"])
-        taus, buffers, names = self._merge_inputs(params, settings)
+        grads = [p.grad for p in params]
+        inputs = self._kernel_inputs([params, grads, momentum_buffers], steps, settings)
         functional.sgd(
-            params,
-            [p.grad for p in params],
-            momentum_buffers,
-            steps,
-            buffers,
-            taus,
-            names,
+            *inputs["columns"],
+            inputs["steps"],
+            inputs["buffers"],
+            inputs["taus"],
+            inputs["names"],
             lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
@@ -109,4 +108,8 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             maximize=group["maximize"],
             settings=settings,
             backend=self.backend,
+            offsets=inputs["offsets"],
+            update_cuts=inputs["update_cuts"],
+            tau_cuts=inputs["tau_cuts"],
         )
+        self._count_steps(params, steps)

@@ -1,0 +1,126 @@
+"""Stepping tensors that hold pieces of named parameters (DeepSpeed ZeRO partitions, FSDP2 shards).
+
+A :class:`Piece` is a contiguous run of one parameter's row-major elements inside the tensor the optimizer steps.
+Each piece is stepped as the whole parameter would be: DARE draws by the element's global index, OnTIES keeps the
+top-p of the whole parameter, selected exactly across the ranks that hold its pieces
+(:func:`~online_merging.distributed.distributed_topk_cut`). Every rank lists every parameter of a partition in the
+same order, with empty pieces for those it holds none of, so that these collectives line up.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from online_merging.distributed import distributed_topk_cut
+from online_merging.merging import Cut, TaskVector, num_kept
+
+__all__ = ["DTensor", "Piece", "calling_zero_optimizer", "dtensor_pieces", "local", "zero_pieces"]
+
+
+@dataclass
+class Piece:
+    """``numel`` elements of parameter ``name`` at ``start`` of the stepped tensor; global index ``offset`` on."""
+
+    name: str
+    start: int
+    numel: int
+    offset: int
+    full_numel: int
+    tau: torch.Tensor | None  # the piece's τ elements, flat; None when τ has no entry for the parameter
+    group: Any = None  # process group of the ranks holding the parameter's pieces (None: the default group)
+    _tau_cuts: dict[float, Cut] = field(default_factory=dict)
+
+    def view(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """The piece's elements of ``tensor`` (shaped like the stepped tensor), as a flat view."""
+        return None if tensor is None else local(tensor).view(-1)[self.start : self.start + self.numel]
+
+    def update_cut(self, p: float) -> Callable[[torch.Tensor], Cut]:
+        """The whole parameter's top-p cut of an update, from this piece's part of it (a collective)."""
+        k = num_kept(p, self.full_numel)
+        return lambda total: distributed_topk_cut(total, self.offset, k, self.group)
+
+    def tau_cut(self, p: float) -> Callable[[torch.Tensor], Cut]:
+        """The whole τ's top-p cut: one collective the first time for each p, then cached."""
+
+        def cut(tau: torch.Tensor) -> Cut:
+            if p not in self._tau_cuts:
+                self._tau_cuts[p] = distributed_topk_cut(tau, self.offset, num_kept(p, self.full_numel), self.group)
+            return self._tau_cuts[p]
+
+        return cut
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (sharing its storage), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _tau_piece(task_vector: TaskVector | None, name: str, offset: int, numel: int, like: torch.Tensor):
+    if task_vector is None or name not in task_vector:
+        return None
+    tau = task_vector[name]
+    return tau.reshape(-1)[offset : offset + numel].to(like.device)
+
+
+def zero_pieces(
+    zero_optimizer: Any, names: Mapping[torch.Tensor, str], task_vector: TaskVector | None
+) -> dict[torch.Tensor, list[Piece]]:
+    """The pieces of every flat fp32 partition of a DeepSpeed ZeRO-1/2/3 optimizer, with their slices of τ."""
+    from online_merging.distributed.zero import zero_fragments
+
+    group = getattr(zero_optimizer, "dp_process_group", None)
+    layouts = {}
+    for flat, fragments in zero_fragments(zero_optimizer, names=names).items():
+        layouts[flat] = [
+            Piece(
+                name=f.name,
+                start=f.start,
+                numel=f.numel,
+                offset=f.offset,
+                full_numel=_numel(f.shape),
+                tau=_tau_piece(task_vector, f.name, f.offset, f.numel, flat),
+                group=group,
+            )
+            for f in fragments
+        ]
+    return layouts
+
+
+def dtensor_pieces(name: str, param: torch.Tensor, task_vector: TaskVector | None) -> list[Piece]:
+    """The one piece of a DTensor parameter (FSDP2) held by this rank."""
+    from online_merging.distributed.fsdp import dtensor_fragment, fragment_group
+
+    f = dtensor_fragment(name, param)
+    shard = local(param)
+    tau = _tau_piece(task_vector, name, f.offset, f.numel, shard)
+    return [Piece(name, f.start, f.numel, f.offset, _numel(f.shape), tau, fragment_group(param))]
+
+
+def calling_zero_optimizer(optimizer: Any) -> Any:
+    """The DeepSpeed ZeRO optimizer whose ``step()`` is calling ``optimizer.step()`` right now, or None.
+
+    DeepSpeed gives the client optimizer flat partitions without saying whose pieces they are; the ZeRO optimizer
+    that owns them is the ``self`` of a calling frame whose ``.optimizer`` is ours.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if getattr(owner, "optimizer", None) is optimizer and (
+            hasattr(owner, "single_partition_of_fp32_groups") or hasattr(owner, "fp32_partitioned_groups_flat")
+        ):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n

@@ -1,0 +1,110 @@
+"""Sharding invariance: under DeepSpeed ZeRO-1/2/3 (2 CPU ranks) the optimizers update every parameter exactly as
+one process does, for OnDARE, OnTIES and step-K, on parameters whose sizes do not divide by the world size."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
+from tests.distributed import run_distributed
+
+WORLD = 2
+STEPS = 4
+CASES = {  # label: (optimizer class, settings)
+    "ondare": (OnlineMergingAdam, {"merge": "ondare", "reserve_p": 0.3, "alpha": 0.2}),
+    "onties": (OnlineMergingAdam, {"merge": "onties", "reserve_p": 0.3, "alpha": 0.2}),
+    "onties_k2_sgd": (
+        OnlineMergingSGD,
+        {"merge": "onties", "reserve_p": 0.2, "alpha": 0.3, "merge_every": 2, "momentum": 0.9},
+    ),
+    "ondare_k3": (OnlineMergingAdam, {"merge": "ondare", "reserve_p": 0.5, "alpha": 0.1, "merge_every": 3}),
+}
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+
+
+class BiasOnly(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return x + self.bias
+
+
+def tiny_model() -> nn.Module:
+    """Identical on every rank; 35, 5, 15, 3 and 3 elements: none divides by 2."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), BiasOnly(3))
+
+
+def task_vector() -> TaskVector:
+    generator = torch.Generator().manual_seed(1)
+    # quantised: many ties at OnTIES's top-p threshold, so the tie-breaking across ranks matters
+    return TaskVector(
+        {n: torch.randint(-3, 4, p.shape, generator=generator) * 0.01 for n, p in tiny_model().named_parameters()}
+    )
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randn(4, 7, generator=torch.Generator().manual_seed(100 + step))
+
+
+def optimizer(label: str, model: nn.Module):
+    cls, settings = CASES[label]
+    return cls(model.named_parameters(), lr=0.05, task_vector=task_vector(), seed=7, backend="eager", **settings)
+
+
+def single_process(label: str) -> dict[str, torch.Tensor]:
+    model = tiny_model()
+    opt = optimizer(label, model)
+    for step in range(STEPS):
+        opt.zero_grad()
+        model(batch(step)).pow(2).sum().backward()
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _zero_run(stage: int) -> dict[str, dict[str, torch.Tensor]]:
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=os.environ["RANK"], LOCAL_SIZE=os.environ["WORLD_SIZE"])
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "steps_per_print": 10**9,
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
+        "zero_optimization": {"stage": stage},
+    }
+    results = {}
+    for label in CASES:
+        model = tiny_model()
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(label, model), config=config)
+        for step in range(STEPS):  # the same batch on every rank: the averaged gradient is one process's
+            engine.backward(engine(batch(step)).pow(2).sum())
+            engine.step()
+        params = list(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            results[label] = {n: p.detach().clone() for n, p in params}
+        engine.destroy()
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_updates_equal_one_process(stage):
+    ranks = run_distributed(_zero_run, WORLD, stage, timeout=240.0)
+    for label in CASES:
+        expected = single_process(label)
+        for rank, results in enumerate(ranks):
+            for name, value in expected.items():
+                torch.testing.assert_close(
+                    results[label][name], value, rtol=0, atol=1e-6, msg=f"{label}, {name}, rank {rank}"
+                )
