@@ -56,7 +56,7 @@ def batch(step: int) -> torch.Tensor:
 
 def optimizer(label: str, model: nn.Module):
     cls, settings = CASES[label]
-    return cls(model.named_parameters(), lr=0.05, task_vector=task_vector(), seed=7, backend="eager", **settings)
+    return cls(model.named_parameters(), lr=0.05, task_vector=task_vector(), seed=7, **settings)
 
 
 def single_process(label: str) -> dict[str, torch.Tensor]:
@@ -69,7 +69,8 @@ def single_process(label: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _zero_run(stage: int) -> dict[str, dict[str, torch.Tensor]]:
+def _zero_run(stage: int, zero_extra: dict, checkpoint_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
+    """Every case under ZeRO ``stage``; with ``checkpoint_dir``, saved after 2 steps and resumed in a new engine."""
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=os.environ["RANK"], LOCAL_SIZE=os.environ["WORLD_SIZE"])
     import deepspeed
 
@@ -78,14 +79,24 @@ def _zero_run(stage: int) -> dict[str, dict[str, torch.Tensor]]:
         "train_micro_batch_size_per_gpu": 4,
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offloaded: keep our optimizer (on the CPU), not DeepSpeedCPUAdam
         "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **zero_extra},
     }
+
+    def engine_for(label):
+        model = tiny_model()
+        return deepspeed.initialize(model=model, optimizer=optimizer(label, model), config=config)[0]
+
     results = {}
     for label in CASES:
-        model = tiny_model()
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer(label, model), config=config)
+        engine = engine_for(label)
         for step in range(STEPS):  # the same batch on every rank: the averaged gradient is one process's
+            if checkpoint_dir is not None and step == STEPS // 2:
+                engine.save_checkpoint(checkpoint_dir, tag=label)
+                engine.destroy()
+                engine = engine_for(label)  # new partitions, a new optimizer: bound again at its first step
+                engine.load_checkpoint(checkpoint_dir, tag=label)
             engine.backward(engine(batch(step)).pow(2).sum())
             engine.step()
         params = list(engine.module.named_parameters())
@@ -95,12 +106,28 @@ def _zero_run(stage: int) -> dict[str, dict[str, torch.Tensor]]:
     return results
 
 
+OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_updates_equal_one_process(stage):
-    ranks = run_distributed(_zero_run, WORLD, stage, timeout=240.0)
+@pytest.mark.parametrize(
+    ("stage", "zero_extra", "resume"),
+    [
+        (1, {}, False),
+        (2, {}, False),
+        (3, {}, False),
+        (2, OFFLOAD, False),  # the step runs on the CPU: the fused CPU backend
+        (3, {**OFFLOAD, "offload_param": {"device": "cpu"}}, False),
+        (1, {}, True),
+        (2, {}, True),
+        (3, {}, True),
+    ],
+    ids=["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "zero1_resume", "zero2_resume", "zero3_resume"],
+)
+def test_zero_updates_equal_one_process(stage, zero_extra, resume, tmp_path):
+    ranks = run_distributed(_zero_run, WORLD, stage, zero_extra, str(tmp_path) if resume else None, timeout=300.0)
     for label in CASES:
         expected = single_process(label)
         for rank, results in enumerate(ranks):
