@@ -1,5 +1,6 @@
-"""Sharding invariance: under DeepSpeed ZeRO-1/2/3 (2 CPU ranks) the optimizers update every parameter exactly as
-one process does, for OnDARE, OnTIES and step-K, on parameters whose sizes do not divide by the world size."""
+"""Sharding invariance: under DeepSpeed ZeRO-1/2/3 and FSDP2 (2 CPU ranks, gloo) the optimizers update every
+parameter exactly as one process does, for OnDARE, OnTIES and step-K, on parameters whose sizes do not divide by the
+world size; and a run resumed from the engine's checkpoint continues exactly."""
 
 from __future__ import annotations
 
@@ -128,6 +129,58 @@ OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
 )
 def test_zero_updates_equal_one_process(stage, zero_extra, resume, tmp_path):
     ranks = run_distributed(_zero_run, WORLD, stage, zero_extra, str(tmp_path) if resume else None, timeout=300.0)
+    for label in CASES:
+        expected = single_process(label)
+        for rank, results in enumerate(ranks):
+            for name, value in expected.items():
+                torch.testing.assert_close(
+                    results[label][name], value, rtol=0, atol=1e-6, msg=f"{label}, {name}, rank {rank}"
+                )
+
+
+def _fsdp_run(checkpoint_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
+    """Every case under FSDP2 (``fully_shard`` per layer and at the root); with ``checkpoint_dir``, saved with DCP
+    after 2 steps and resumed into a new model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+
+    def build(label):
+        model = tiny_model()
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, optimizer(label, model)  # built from the DTensor parameters, as FSDP2 asks
+
+    results = {}
+    for label in CASES:
+        model, opt = build(label)
+        for step in range(STEPS):
+            if checkpoint_dir is not None and step == STEPS // 2:
+                path = os.path.join(checkpoint_dir, label)
+                model_state, optim_state = get_state_dict(model, opt)
+                dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+                model, opt = build(label)
+                model_state, optim_state = get_state_dict(model, opt)  # steps once at lr 0 to create the state
+                state = {"model": model_state, "optim": optim_state}
+                dcp.load(state, checkpoint_id=path)
+                set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            opt.zero_grad()
+            model(batch(step)).pow(2).sum().backward()  # the same batch on every rank
+            opt.step()
+        results[label] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("resume", [False, True], ids=["fsdp2", "fsdp2_resume"])
+def test_fsdp2_updates_equal_one_process(resume, tmp_path):
+    ranks = run_distributed(_fsdp_run, WORLD, str(tmp_path) if resume else None, timeout=300.0)
     for label in CASES:
         expected = single_process(label)
         for rank, results in enumerate(ranks):

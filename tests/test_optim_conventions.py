@@ -101,6 +101,20 @@ def test_zero_grad_and_params_without_grad(tiny_setup):
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("merge", ["ondare", "onties"])
+def test_a_step_at_lr_zero_leaves_the_weights_as_they_are(tiny_setup, merge):
+    """As AdamW at lr 0 (a warm-up's first step, DCP creating a fresh optimizer's state): τ is not merged either,
+    while the moments, the step count and the step-K buffer are created and move on."""
+    model, tv = tiny_setup
+    opt = OnlineMergingAdam(model.named_parameters(), lr=0.0, task_vector=tv, merge=merge, alpha=0.5, merge_every=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, opt, 3)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    state = opt.state[model.embed.weight]
+    assert int(state["step"]) == 3 and "merge_buffer" in state and state["exp_avg"].abs().sum() > 0
+
+
 def test_lr_scheduler_drives_lr_as_with_adamw():
     params = [nn.Parameter(torch.randn(9, 4)) for _ in range(2)]
     twins = [nn.Parameter(p.detach().clone()) for p in params]

@@ -125,7 +125,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             max_exp_avg_sqs.append(state.get("max_exp_avg_sq"))
             steps.append(state["step"])
         grads = [p.grad for p in params]
-        inputs = self._kernel_inputs([params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps, settings)
+        inputs = self._kernel_inputs(group, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps, settings)
         beta1, beta2 = group["betas"]
         functional.adam(
             *inputs["columns"],
@@ -140,7 +140,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             weight_decay=group["weight_decay"],
             amsgrad=group["amsgrad"],
             maximize=group["maximize"],
-            settings=settings,
+            settings=inputs["settings"],
             backend=self.backend,
             offsets=inputs["offsets"],
             update_cuts=inputs["update_cuts"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -12,7 +13,7 @@ from torch.optim import Optimizer
 
 from online_merging.kernels import BACKENDS
 from online_merging.merging import TaskVector, canonical_name
-from online_merging.optim.pieces import DTensor, Piece, calling_zero_optimizer, dtensor_pieces, zero_pieces
+from online_merging.optim.pieces import Piece, calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
 
 __all__ = ["OnlineMergingOptimizer"]
@@ -89,7 +90,7 @@ class OnlineMergingOptimizer(Optimizer):
             candidates = [canonical_name(given)] if given is not None else self._aliases.get(param, [])
             name = next((n for n in candidates if self.task_vector is not None and n in self.task_vector), None)
             self._names[param] = name or (candidates[0] if candidates else None)
-            if isinstance(param, DTensor) and self._names[param] is not None:
+            if is_dtensor(param) and self._names[param] is not None:
                 self._pieces[param] = dtensor_pieces(self._names[param], param, self.task_vector)
                 if name is not None and tuple(self.task_vector[name].shape) != tuple(param.shape):
                     raise ValueError(
@@ -206,9 +207,11 @@ class OnlineMergingOptimizer(Optimizer):
         name = self._names.get(param)
         return f"parameter {name!r}" if name else f"an unnamed parameter of param_groups[{index}]"
 
-    def _kernel_inputs(self, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings):
+    def _kernel_inputs(self, group, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings):
         """Per stepped piece: the views of each column (tensors shaped like the params: param, grad, states), the
-        step counter, step-K buffer, τ, name, global offset and OnTIES cut callables, as ``functional`` takes them.
+        step counter, step-K buffer, τ, name, global offset and OnTIES cut callables, as ``functional`` takes them;
+        and the settings to step with: no merge at lr 0, which leaves θ as it is, τ included (DCP creates the
+        state of a fresh optimizer by a step at lr 0).
 
         A whole parameter is one piece. A ZeRO partition or FSDP2 shard holds several: they get copies of the
         tensor's step counter, which :meth:`_count_steps` then advances once.
@@ -216,6 +219,7 @@ class OnlineMergingOptimizer(Optimizer):
         params = columns[0]
         keys = ("steps", "buffers", "taus", "names", "offsets", "update_cuts", "tau_cuts")
         out = {"columns": [[] for _ in columns], **{key: [] for key in keys}}
+        out["settings"] = dataclasses.replace(settings, merge=None) if group["lr"] == 0 else settings
         for i, param in enumerate(params):
             state = self.state[param]
             pieces = self._pieces.get(param)
@@ -233,7 +237,7 @@ class OnlineMergingOptimizer(Optimizer):
             else:
                 for column, values in zip(out["columns"], columns, strict=True):
                     column.extend(piece.view(values[i]) for piece in pieces)
-                ties = settings.merge == "onties"
+                ties = out["settings"].merge == "onties"
                 entries = [
                     (steps[i].clone(), piece.view(buffer), piece.tau, piece.name, piece.offset,
                      piece.update_cut(settings.reserve_p) if ties else None,

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from online_merging.distributed import distributed_topk_cut
+from online_merging.distributed.fsdp import dtensor_fragment, fragment_group, is_dtensor, local_tensor
 from online_merging.merging import Cut, TaskVector, num_kept
 
-__all__ = ["DTensor", "Piece", "calling_zero_optimizer", "dtensor_pieces", "local", "zero_pieces"]
+__all__ = ["Piece", "calling_zero_optimizer", "dtensor_pieces", "is_dtensor", "zero_pieces"]
 
 
 @dataclass
@@ -38,15 +38,24 @@ class Piece:
 
     def view(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """The piece's elements of ``tensor`` (shaped like the stepped tensor), as a flat view."""
-        return None if tensor is None else local(tensor).view(-1)[self.start : self.start + self.numel]
+        return None if tensor is None else local_tensor(tensor).view(-1)[self.start : self.start + self.numel]
 
-    def update_cut(self, p: float) -> Callable[[torch.Tensor], Cut]:
+    @property
+    def whole(self) -> bool:
+        """This rank holds all of the parameter (a replicated DTensor): no collective is needed."""
+        return self.group is None and self.numel == self.full_numel
+
+    def update_cut(self, p: float) -> Callable[[torch.Tensor], Cut] | None:
         """The whole parameter's top-p cut of an update, from this piece's part of it (a collective)."""
+        if self.whole:
+            return None
         k = num_kept(p, self.full_numel)
         return lambda total: distributed_topk_cut(total, self.offset, k, self.group)
 
-    def tau_cut(self, p: float) -> Callable[[torch.Tensor], Cut]:
+    def tau_cut(self, p: float) -> Callable[[torch.Tensor], Cut] | None:
         """The whole τ's top-p cut: one collective the first time for each p, then cached."""
+        if self.whole:
+            return None
 
         def cut(tau: torch.Tensor) -> Cut:
             if p not in self._tau_cuts:
@@ -54,11 +63,6 @@ class Piece:
             return self._tau_cuts[p]
 
         return cut
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (sharing its storage), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _tau_piece(task_vector: TaskVector | None, name: str, offset: int, numel: int, like: torch.Tensor):
@@ -94,10 +98,8 @@ def zero_pieces(
 
 def dtensor_pieces(name: str, param: torch.Tensor, task_vector: TaskVector | None) -> list[Piece]:
     """The one piece of a DTensor parameter (FSDP2) held by this rank."""
-    from online_merging.distributed.fsdp import dtensor_fragment, fragment_group
-
     f = dtensor_fragment(name, param)
-    shard = local(param)
+    shard = local_tensor(param)
     tau = _tau_piece(task_vector, name, f.offset, f.numel, shard)
     return [Piece(name, f.start, f.numel, f.offset, _numel(f.shape), tau, fragment_group(param))]
 

@@ -93,7 +93,7 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             momentum_buffers.append(state.get("momentum_buffer"))
             steps.append(state["step"])
         grads = [p.grad for p in params]
-        inputs = self._kernel_inputs([params, grads, momentum_buffers], steps, settings)
+        inputs = self._kernel_inputs(group, [params, grads, momentum_buffers], steps, settings)
         functional.sgd(
             *inputs["columns"],
             inputs["steps"],
@@ -106,7 +106,7 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             nesterov=group["nesterov"],
             weight_decay=group["weight_decay"],
             maximize=group["maximize"],
-            settings=settings,
+            settings=inputs["settings"],
             backend=self.backend,
             offsets=inputs["offsets"],
             update_cuts=inputs["update_cuts"],
