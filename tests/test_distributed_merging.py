@@ -159,6 +159,8 @@ def _fsdp_run(checkpoint_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
     results = {}
     for label in CASES:
         model, opt = build(label)
+        for pieces in opt._pieces.values():  # each rank keeps only its slices of τ
+            assert all(p.tau.untyped_storage().nbytes() == p.numel * p.tau.element_size() for p in pieces)
         for step in range(STEPS):
             if checkpoint_dir is not None and step == STEPS // 2:
                 path = os.path.join(checkpoint_dir, label)

@@ -108,3 +108,17 @@ def test_optimizer_does_not_keep_the_base_model():
     gc.collect()
     OnlineMergingAdam(sft.named_parameters(), task_vector=tv)
     assert ref() is None
+
+
+def test_a_lazy_load_reads_tensors_on_demand_and_equals_an_eager_one(tmp_path):
+    tv = TaskVector.from_models(*_models())
+    path = tmp_path / "tau.safetensors"
+    tv.save(path)
+    lazy = TaskVector.load(path, lazy=True)
+    assert sorted(lazy) == sorted(tv) and len(lazy) == len(tv) and f"module.{next(iter(tv))}" in lazy
+    for name in tv:
+        assert torch.equal(lazy[name], tv[name])
+    assert lazy.fingerprint() == tv.fingerprint()
+    save_file({"w": torch.tensor([1.0, float("nan")])}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="'w' has 1 NaN/inf"):
+        TaskVector.load(tmp_path / "bad.safetensors", lazy=True)

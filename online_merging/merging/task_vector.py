@@ -78,14 +78,25 @@ class TaskVector(Mapping[str, torch.Tensor]):
         return cls(tensors)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> TaskVector:
-        """Load a task vector saved with :meth:`save` (a safetensors file)."""
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu", lazy: bool = False) -> TaskVector:
+        """Load a task vector saved with :meth:`save` (a safetensors file).
+
+        ``lazy``: check every tensor once, then read each from the file only when it is asked for. Under ZeRO or
+        FSDP2 the optimizer keeps just this rank's slices, so τ costs 1/world of its size per rank.
+        """
         from safetensors.torch import load_file
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no task vector file at {str(path)!r}")
-        return cls(load_file(str(path), device=str(device)))
+        if not lazy:
+            return cls(load_file(str(path), device=str(device)))
+        tensors = _FileTensors(path, device)
+        for name in tensors:
+            cls({name: tensors[name]})  # the checks of one entry, one tensor in memory at a time
+        vector = cls({})
+        vector._tensors = tensors
+        return vector
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the task vector as one safetensors file."""
@@ -139,3 +150,25 @@ class TaskVector(Mapping[str, torch.Tensor]):
     def __repr__(self) -> str:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in self._tensors.values()})
         return f"TaskVector({len(self)} tensors, {self.numel():,} elements, {'/'.join(dtypes) or 'empty'})"
+
+
+class _FileTensors(Mapping[str, torch.Tensor]):
+    """The tensors of a safetensors file by canonical name, each read when it is asked for."""
+
+    def __init__(self, path: Path, device: torch.device | str):
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt", device=str(device))
+        self._keys = {canonical_name(key): key for key in self._file.keys()}  # noqa: SIM118 (not a dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._file.get_tensor(self._keys[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -68,8 +68,8 @@ class Piece:
 def _tau_piece(task_vector: TaskVector | None, name: str, offset: int, numel: int, like: torch.Tensor):
     if task_vector is None or name not in task_vector:
         return None
-    tau = task_vector[name]
-    return tau.reshape(-1)[offset : offset + numel].to(like.device)
+    tau = task_vector[name]  # read from the file when the task vector is lazy
+    return tau.reshape(-1)[offset : offset + numel].to(like.device, copy=True)  # only the slice stays in memory
 
 
 def zero_pieces(
