@@ -98,6 +98,10 @@ def build_optimizer(
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"Invalid optimizer: {optimizer!r} (expected one of {sorted(OPTIMIZERS)})")
+    # DeepSpeed (args.deepspeed, accelerate's DeepSpeed plugin): refuse configs where ours would not step
+    from online_merging.integrations.deepspeed import check_deepspeed_config, require_engine_steps
+
+    zero = check_deepspeed_config(args)
     kwargs: dict[str, Any] = {}
     if args is not None:
         kwargs = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
@@ -114,4 +118,7 @@ def build_optimizer(
         {"params": [(n, p) for n, p in trainable if n in decay], "weight_decay": weight_decay},
         {"params": [(n, p) for n, p in trainable if n not in decay], "weight_decay": 0.0},
     ]
-    return OPTIMIZERS[optimizer]([g for g in groups if g["params"]], task_vector=tau, **kwargs)
+    built = OPTIMIZERS[optimizer]([g for g in groups if g["params"]], task_vector=tau, **kwargs)
+    if zero is not None and zero.flat_partitions:
+        require_engine_steps(model, built)  # Trainer(optimizers=(built, None)) is ignored under DeepSpeed
+    return built
