@@ -155,11 +155,15 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     recipe, config = load_recipe(args.recipe, args.overrides)
     where = "the embedded default world" if recipe.embedded else recipe.model_name_or_path
-    print(
-        f"{args.recipe}: {recipe.trainer.upper()} with merge={recipe.merge} on {where}, output in {config.output_dir}"
-    )
+    first = int(os.environ.get("RANK", "0")) == 0  # print once per multi-process launch (torchrun, accelerate)
+    if first:
+        print(
+            f"{args.recipe}: {recipe.trainer.upper()} with merge={recipe.merge} on {where}, output in "
+            f"{config.output_dir}"
+        )
     summary = run_recipe(recipe, config)
-    print(format_summary(summary))
+    if first:
+        print(format_summary(summary))
     return 0
 
 

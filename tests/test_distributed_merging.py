@@ -134,7 +134,7 @@ def test_zero_updates_equal_one_process(stage, zero_extra, resume, tmp_path):
         for rank, results in enumerate(ranks):
             for name, value in expected.items():
                 torch.testing.assert_close(
-                    results[label][name], value, rtol=0, atol=1e-6, msg=f"{label}, {name}, rank {rank}"
+                    results[label][name], value, rtol=0, atol=0, msg=f"{label}, {name}, rank {rank}"
                 )
 
 
@@ -188,5 +188,5 @@ def test_fsdp2_updates_equal_one_process(resume, tmp_path):
         for rank, results in enumerate(ranks):
             for name, value in expected.items():
                 torch.testing.assert_close(
-                    results[label][name], value, rtol=0, atol=1e-6, msg=f"{label}, {name}, rank {rank}"
+                    results[label][name], value, rtol=0, atol=0, msg=f"{label}, {name}, rank {rank}"
                 )

@@ -14,6 +14,8 @@ import importlib.util
 import json
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 import torch
 
 from online_merging.integrations.deepspeed import check_deepspeed_config, deepspeed_config_of
+from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
@@ -397,3 +400,27 @@ def test_use_online_merging_optimizer_refuses_a_trainer_with_an_optimizer():
     trainer = use_online_merging_optimizer(SimpleNamespace(optimizer=None, args=args), merge=None)
     factory, kwargs = trainer.optimizer_cls_and_kwargs
     assert factory is OnlineMergingOptimizerFactory and kwargs == {"args": args, "merge": None}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(("recipe", "ds_config"), [("dpo_ondare", "ds_zero2"), ("dpo_onties", "ds_zero3_offload")])
+def test_a_recipe_trains_under_deepspeed_on_two_ranks(recipe, ds_config, tmp_path, world_cache):
+    """``torchrun --nproc_per_node 2 -m online_merging.cli train RECIPE --deepspeed ds.json`` on the quick world:
+    ZeRO-2, and ZeRO-3 with the model partitioned as it loads (τ read from the SFT checkpoint) and CPU offload; our
+    optimizer steps (the guard would raise otherwise), the world is built and evaluated, the output is saved."""
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "online_merging.cli", "train",
+        str(ROOT / "recipes" / f"{recipe}.yaml"),
+        "--deepspeed", str(CONFIGS / f"{ds_config}.json"), "--use_cpu", "true", "--embedded_world", "quick",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+        "--compare_with_adamw", "false", "--output_dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (run,) = json.loads((out / "summary.json").read_text())["runs"]
+    assert run["steps"] == 2 and {"reward", "ability"} <= set(run["evaluation"])
+    assert done.stdout.count("model saved in") == 1  # the summary is printed once, by rank 0

@@ -1,5 +1,21 @@
-"""Running the optimizers on sharded parameters: exact distributed top-k selection (and, later, engine bindings)."""
+"""Running the optimizers on sharded parameters: exact distributed top-k selection, and which piece of which
+parameter each tensor holds under DeepSpeed ZeRO (:mod:`.zero`) and FSDP2 (:mod:`.fsdp`)."""
 
+from online_merging.distributed.fsdp import dtensor_fragment, fragment_group, is_dtensor, local_tensor
 from online_merging.distributed.topk import DIGIT_BITS, distributed_topk_cut, distributed_topk_cuts, radix_rounds
+from online_merging.distributed.zero import Fragment, ZeroSetup, zero_fragments, zero_setup
 
-__all__ = ["DIGIT_BITS", "distributed_topk_cut", "distributed_topk_cuts", "radix_rounds"]
+__all__ = [
+    "DIGIT_BITS",
+    "Fragment",
+    "ZeroSetup",
+    "distributed_topk_cut",
+    "distributed_topk_cuts",
+    "dtensor_fragment",
+    "fragment_group",
+    "is_dtensor",
+    "local_tensor",
+    "radix_rounds",
+    "zero_fragments",
+    "zero_setup",
+]

@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from online_merging.integrations.deepspeed import use_online_merging_optimizer
 from online_merging.integrations.recipe import RecipeArguments
-from online_merging.integrations.trainer import build_optimizer
 
 __all__ = ["RunResult", "run_recipe"]
 
@@ -56,7 +56,7 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     summary: dict[str, Any] = {"recipe": asdict(recipe), "runs": []}
     if world is not None:
         model, tokenizer = _load_model(recipe, world)
-        summary["sft"] = world.evaluate(model, tokenizer)
+        summary["sft"] = _evaluate(world, model, tokenizer)
         del model
     for run_args, run_config in runs:
         summary["runs"].append(asdict(_train(run_args, run_config, world)))
@@ -80,7 +80,15 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
 
     model, tokenizer = _load_model(recipe, world)
     dataset = _load_dataset(recipe, world)
-    optimizers = (None, None)
+    trainer_cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[recipe.trainer]
+    if recipe.pairwise_normalized:
+        from online_merging.integrations.normalized_dpo import PairwiseNormalizedDPOTrainer
+
+        trainer_cls = PairwiseNormalizedDPOTrainer
+    callbacks = [_entanglement_monitor(recipe, world, dataset)] if recipe.entanglement_every else []
+    trainer = trainer_cls(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+    )
     if recipe.merge != "none":
         settings = {
             "merge": recipe.merge,
@@ -93,29 +101,14 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
         if recipe.optimizer == "sgd":
             settings["momentum"] = recipe.momentum
         base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
-        optimizer = build_optimizer(
-            model,
-            config,
+        # Trainer builds it (the way that also works under DeepSpeed, where optimizers=(...) is ignored)
+        use_online_merging_optimizer(
+            trainer,
             base_model=base if recipe.task_vector_path is None else None,
             task_vector=recipe.task_vector_path,
             optimizer=recipe.optimizer,
             **settings,
         )
-        optimizers = (optimizer, None)
-    trainer_cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[recipe.trainer]
-    if recipe.pairwise_normalized:
-        from online_merging.integrations.normalized_dpo import PairwiseNormalizedDPOTrainer
-
-        trainer_cls = PairwiseNormalizedDPOTrainer
-    callbacks = [_entanglement_monitor(recipe, world, dataset)] if recipe.entanglement_every else []
-    trainer = trainer_cls(
-        model=model,
-        args=config,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        optimizers=optimizers,
-        callbacks=callbacks,
-    )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     seconds = time.perf_counter() - start
@@ -123,8 +116,18 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logged[-1] if logged else {}
     metrics = {k: v for k, v in last.items() if k in TRL_METRICS or k.startswith("normalized/")}
-    evaluation = world.evaluate(model, tokenizer) if recipe.embedded else None
+    evaluation = _evaluate(world, model, tokenizer) if recipe.embedded else None
     return RunResult(method_name(recipe), config.output_dir, trainer.state.global_step, seconds, metrics, evaluation)
+
+
+def _evaluate(world, model, tokenizer) -> dict[str, float]:
+    """The world's figures of ``model``, its parameters gathered first if ZeRO-3 partitions them."""
+    if not any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        return world.evaluate(model, tokenizer)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return world.evaluate(model, tokenizer)
 
 
 def _entanglement_monitor(recipe: RecipeArguments, world, dataset):

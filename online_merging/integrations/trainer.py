@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from online_merging.distributed import is_dtensor
 from online_merging.merging import TaskVector, WeightsSource, canonical_name
 from online_merging.optim import OnlineMergingAdam, OnlineMergingOptimizer, OnlineMergingSGD
 from online_merging.settings import MERGE_DEFAULTS
@@ -38,11 +39,15 @@ def task_vector_for(
     """
     if (base_model is None) == (task_vector is None):
         raise ValueError("pass exactly one of base_model (to compute τ = model − base) and task_vector (a saved τ)")
+    # loaded under ZeRO-3's zero.Init, or sharded by FSDP2: the SFT weights are read from where the model came from
+    partitioned = any(hasattr(p, "ds_shape") or is_dtensor(p) for p in model.parameters())
     if base_model is not None:
         _check_same_architecture(model, base_model)
-        return TaskVector.from_models(base_model, model, dtype=dtype)
+        return TaskVector.from_models(base_model, _sft_weights(model) if partitioned else model, dtype=dtype)
     tau = task_vector if isinstance(task_vector, TaskVector) else TaskVector.load(task_vector)
-    shapes = {canonical_name(n): p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    shapes = {
+        canonical_name(n): getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters(remove_duplicate=False)
+    }
     for name, tensor in tau.items():
         if name not in shapes:
             raise ValueError(f"task vector entry {name!r} is not a parameter of the model (first mismatch)")
@@ -51,6 +56,17 @@ def task_vector_for(
                 f"task vector entry {name!r} has shape {tuple(tensor.shape)}, the model's has {tuple(shapes[name])}"
             )
     return tau
+
+
+def _sft_weights(model: nn.Module) -> str:
+    """Where a model whose parameters ZeRO-3 partitioned at load time was loaded from: its SFT weights."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not source:
+        raise ValueError(
+            "the model's parameters are partitioned by ZeRO-3 and it was not loaded from a checkpoint: pass "
+            "task_vector= (a saved τ) instead of base_model="
+        )
+    return source
 
 
 def _check_same_architecture(model: nn.Module, base_model: WeightsSource) -> None:

@@ -63,7 +63,8 @@ class OnlineMergingOptimizer(Optimizer):
             for name, param in module.named_parameters(remove_duplicate=False):
                 self._aliases.setdefault(param, []).append(canonical_name(name))
         self._names: dict[torch.Tensor, str | None] = {}
-        self._taus: dict[torch.Tensor, torch.Tensor] = {}
+        self._tau_names: dict[torch.Tensor, str] = {}  # the τ entry of each parameter that has one
+        self._taus: dict[torch.Tensor, torch.Tensor] = {}  # τ on the parameter's device, made at its first step
         self._pieces: dict[torch.Tensor, list[Piece]] = {}
         self._constructed = False
         super().__init__(params, defaults)
@@ -90,27 +91,20 @@ class OnlineMergingOptimizer(Optimizer):
             candidates = [canonical_name(given)] if given is not None else self._aliases.get(param, [])
             name = next((n for n in candidates if self.task_vector is not None and n in self.task_vector), None)
             self._names[param] = name or (candidates[0] if candidates else None)
+            if name is not None:
+                tau_shape = tuple(self.task_vector[name].shape)
+                shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 may partition params at load
+                if tau_shape != shape:
+                    raise ValueError(f"task vector entry {name!r} has shape {tau_shape} but {where} has shape {shape}")
+                self._tau_names[param] = name
             if is_dtensor(param) and self._names[param] is not None:
                 self._pieces[param] = dtensor_pieces(self._names[param], param, self.task_vector)
-                if name is not None and tuple(self.task_vector[name].shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"task vector entry {name!r} has shape {tuple(self.task_vector[name].shape)} "
-                        f"but {where} has shape {tuple(param.shape)}"
-                    )
-            elif name is not None:
-                tau = self.task_vector[name]
-                if tau.shape != param.shape:
-                    raise ValueError(
-                        f"task vector entry {name!r} has shape {tuple(tau.shape)} "
-                        f"but {where} has shape {tuple(param.shape)}"
-                    )
-                self._taus[param] = tau.to(param.device)
-            elif group["merge"] is not None and self.task_vector is None:
+            elif name is None and group["merge"] is not None and self.task_vector is None:
                 raise ValueError(
                     f"param_groups[{index}] has merge={group['merge']!r} but no task_vector was given; pass "
                     "task_vector=TaskVector.from_models(base, sft), or merge=None for plain updates"
                 )
-            elif group["merge"] is not None and not candidates:
+            elif name is None and group["merge"] is not None and not candidates:
                 raise ValueError(
                     f"{where} has no name to match the task vector with: pass model.named_parameters(), or "
                     "module=the module being trained"
@@ -122,7 +116,7 @@ class OnlineMergingOptimizer(Optimizer):
             for g in groups
             if g["merge"] is not None
             for p in g["params"]
-            if p not in self._taus and not any(piece.tau is not None for piece in self._pieces.get(p, ()))
+            if p not in self._tau_names and not any(piece.tau is not None for piece in self._pieces.get(p, ()))
         ]
         if missing:
             shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
@@ -223,14 +217,14 @@ class OnlineMergingOptimizer(Optimizer):
         for i, param in enumerate(params):
             state = self.state[param]
             pieces = self._pieces.get(param)
-            has_tau = param in self._taus or any(piece.tau is not None for piece in pieces or ())
+            has_tau = param in self._tau_names or any(piece.tau is not None for piece in pieces or ())
             if has_tau and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             buffer = state.get("merge_buffer")
             if pieces is None:
                 tau = self._taus.get(param)
-                if tau is not None and tau.device != param.device:  # the model moved after the optimizer was built
-                    tau = self._taus[param] = tau.to(param.device)
+                if has_tau and (tau is None or tau.device != param.device):  # first step, or the model moved
+                    tau = self._taus[param] = self.task_vector[self._tau_names[param]].to(param.device)
                 for column, values in zip(out["columns"], columns, strict=True):
                     column.append(values[i])
                 entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -162,22 +163,32 @@ def build_world(config: WorldConfig | None = None, cache_dir: str | os.PathLike 
     first use and loaded from there afterwards.
 
     The build writes into a hidden sibling directory renamed into place at the end, so an interrupted build
-    leaves no partial world (a killed one may leave the hidden ``.<key>-*`` directory behind). Every random number
-    comes from ``config.seed``; the caller's RNG state and thread count are left as they were.
+    leaves no partial world (a killed one may leave the hidden ``.<key>-*`` directory behind). Concurrent builds
+    wait for one another under a file lock; in a multi-process launch (torch.distributed initialised) rank 0 builds
+    while the others wait at a barrier, as ``save_pretrained`` writes on rank 0 only. Every random number comes
+    from ``config.seed``; the caller's RNG state and thread count are left as they were.
     """
     cfg = config or WorldConfig()
     root = Path(cache_dir or default_cache_dir()) / "world" / cfg.key()
     if root.is_dir():
         return World(cfg, root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    try:
-        _build_into(cfg, scratch, root, progress)
-        try:
-            scratch.rename(root)
-        except OSError:
-            if not root.is_dir():  # not a concurrent build that finished first
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        _build_once(cfg, root, progress)
+    if distributed:
+        torch.distributed.barrier()
     return World(cfg, root)
+
+
+def _build_once(cfg: WorldConfig, root: Path, progress: bool) -> None:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if root.is_dir():  # another process built it while this one waited
+            return
+        scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+        try:
+            _build_into(cfg, scratch, root, progress)
+            scratch.rename(root)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
