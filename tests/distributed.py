@@ -1,4 +1,5 @@
-"""Run a function on N gloo processes on this machine (loopback) and collect what each rank returns."""
+"""Run a function on N gloo processes on this machine (loopback) and collect what each rank returns; the small
+model the distributed tests shard."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import traceback
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 
 def free_port() -> int:
@@ -99,3 +101,18 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 60.0) -> list:
         report = "\n".join(f"--- rank {r}: {failures[r]}" for r in sorted(failures))
         raise RuntimeError(f"{len(failures)} of {world_size} ranks failed:\n{report}")
     return [returned[r] for r in range(world_size)]
+
+
+class BiasOnly(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(n))
+
+    def forward(self, x):
+        return x + self.bias
+
+
+def tiny_model() -> nn.Module:
+    """Identical on every rank (seeded); tensors of 35, 5, 15, 3 and 3 elements: none divides by 2."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), BiasOnly(3))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed, tiny_model
 
 WORLD = 2
 STEPS = 4
@@ -26,21 +26,6 @@ CASES = {  # label: (optimizer class, settings)
     "ondare_k3": (OnlineMergingAdam, {"merge": "ondare", "reserve_p": 0.5, "alpha": 0.1, "merge_every": 3}),
 }
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
-
-
-class BiasOnly(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.bias = nn.Parameter(torch.randn(n))
-
-    def forward(self, x):
-        return x + self.bias
-
-
-def tiny_model() -> nn.Module:
-    """Identical on every rank; 35, 5, 15, 3 and 3 elements: none divides by 2."""
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), BiasOnly(3))
 
 
 def task_vector() -> TaskVector:
@@ -68,6 +53,17 @@ def single_process(label: str) -> dict[str, torch.Tensor]:
         model(batch(step)).pow(2).sum().backward()
         opt.step()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_equal_to_one_process(ranks: list[dict[str, dict[str, torch.Tensor]]]) -> None:
+    """Every rank's final parameters, for every case, equal one process's bit for bit."""
+    for label in CASES:
+        expected = single_process(label)
+        for rank, results in enumerate(ranks):
+            for name, value in expected.items():
+                torch.testing.assert_close(
+                    results[label][name], value, rtol=0, atol=0, msg=f"{label}, {name}, rank {rank}"
+                )
 
 
 def _zero_run(stage: int, zero_extra: dict, checkpoint_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
@@ -129,13 +125,7 @@ OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
 )
 def test_zero_updates_equal_one_process(stage, zero_extra, resume, tmp_path):
     ranks = run_distributed(_zero_run, WORLD, stage, zero_extra, str(tmp_path) if resume else None, timeout=300.0)
-    for label in CASES:
-        expected = single_process(label)
-        for rank, results in enumerate(ranks):
-            for name, value in expected.items():
-                torch.testing.assert_close(
-                    results[label][name], value, rtol=0, atol=0, msg=f"{label}, {name}, rank {rank}"
-                )
+    assert_equal_to_one_process(ranks)
 
 
 def _fsdp_run(checkpoint_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
@@ -183,10 +173,4 @@ def _fsdp_run(checkpoint_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("resume", [False, True], ids=["fsdp2", "fsdp2_resume"])
 def test_fsdp2_updates_equal_one_process(resume, tmp_path):
     ranks = run_distributed(_fsdp_run, WORLD, str(tmp_path) if resume else None, timeout=300.0)
-    for label in CASES:
-        expected = single_process(label)
-        for rank, results in enumerate(ranks):
-            for name, value in expected.items():
-                torch.testing.assert_close(
-                    results[label][name], value, rtol=0, atol=0, msg=f"{label}, {name}, rank {rank}"
-                )
+    assert_equal_to_one_process(ranks)

@@ -14,9 +14,9 @@ import tempfile
 
 import pytest
 import torch
-from torch import nn
 
 from online_merging.distributed.zero import Fragment, _stage_1_2_from_hp_mapping, zero_fragments, zero_setup
+from tests.distributed import tiny_model
 
 WORLD = 2
 
@@ -35,20 +35,6 @@ VARIANTS = [
     (3, {"sub_group_size": 8, **OFFLOAD, "offload_param": {"device": "cpu"}}, True, False, False),
     (3, {"sub_group_size": 8}, True, False, True),
 ]
-
-
-class BiasOnly(nn.Module):
-    def __init__(self, n: int):
-        super().__init__()
-        self.bias = nn.Parameter(torch.randn(n))
-
-    def forward(self, x):
-        return x + self.bias
-
-
-def tiny_model() -> nn.Module:
-    torch.manual_seed(0)  # identical on every rank
-    return nn.Sequential(nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3), BiasOnly(3))
 
 
 def _free_port() -> int:

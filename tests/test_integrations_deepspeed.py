@@ -10,6 +10,7 @@ only with ``"zero_force_ds_cpu_optimizer": false``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -27,6 +28,26 @@ from tests.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate_configs"
+
+
+@contextlib.contextmanager
+def counting_steps():
+    """The ids of the OnlineMergingAdam instances whose ``step()`` is called within the block, one per call."""
+    from online_merging import OnlineMergingAdam
+
+    calls, original = [], OnlineMergingAdam.step
+
+    def counting(self, *args, **kwargs):
+        calls.append(id(self))
+        return original(self, *args, **kwargs)
+
+    OnlineMergingAdam.step = counting
+    try:
+        yield calls
+    finally:
+        OnlineMergingAdam.step = original
+
+
 WORLD = 2
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
@@ -92,27 +113,16 @@ def _train_with_factory(out_dir: str, ds_config: dict) -> dict:
     """Our optimizer through optimizer_cls_and_kwargs: count the engine's calls of its step()."""
     from transformers import Trainer
 
-    from online_merging import OnlineMergingAdam
     from online_merging.integrations.deepspeed import engine_client_optimizer, trainer_optimizer
 
     model, data = _model_and_data()
     args = _args(out_dir, ds_config)
-    calls = []
-    original_step = OnlineMergingAdam.step
-
-    def counting_step(self, *a, **k):
-        calls.append(id(self))
-        return original_step(self, *a, **k)
-
-    OnlineMergingAdam.step = counting_step
-    try:
+    with counting_steps() as calls:
         trainer = Trainer(
             model=model, args=args, train_dataset=data, optimizer_cls_and_kwargs=trainer_optimizer(args, merge=None)
         )
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         trainer.train()
-    finally:
-        OnlineMergingAdam.step = original_step
     client = engine_client_optimizer(trainer.model_wrapped)
     import deepspeed
 
@@ -159,7 +169,6 @@ def _dpo_with_use_online_merging_optimizer(out_dir: str) -> dict:
 
     from trl import DPOConfig, DPOTrainer
 
-    from online_merging import OnlineMergingAdam
     from online_merging.integrations.deepspeed import use_online_merging_optimizer
     from online_merging.world.tokenizer import build_tokenizer
     from tests.conftest import preference_data, tiny_llama
@@ -175,18 +184,8 @@ def _dpo_with_use_online_merging_optimizer(out_dir: str) -> dict:
         processing_class=build_tokenizer(),
     )  # fmt: skip
     use_online_merging_optimizer(trainer, merge=None)
-    calls = []
-    original_step = OnlineMergingAdam.step
-
-    def counting_step(self, *a, **k):
-        calls.append(id(self))
-        return original_step(self, *a, **k)
-
-    OnlineMergingAdam.step = counting_step
-    try:
+    with counting_steps() as calls:
         trainer.train()
-    finally:
-        OnlineMergingAdam.step = original_step
     client = trainer.model_wrapped.optimizer.optimizer
     return {"chain": _chain(trainer), "calls": len(calls), "groups": len(client.param_groups)}
 

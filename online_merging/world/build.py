@@ -182,13 +182,19 @@ def build_world(config: WorldConfig | None = None, cache_dir: str | os.PathLike 
 
 def _build_once(cfg: WorldConfig, root: Path, progress: bool) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
+    lock_path = root.parent / f".{root.name}.lock"
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if root.is_dir():  # another process built it while this one waited
             return
         scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
         try:
             _build_into(cfg, scratch, root, progress)
-            scratch.rename(root)
+            try:
+                scratch.rename(root)
+            except OSError:
+                if not root.is_dir():  # not a build that finished first (after a lock file was removed)
+                    raise
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+            lock_path.unlink(missing_ok=True)
