@@ -24,6 +24,19 @@ CASES = {  # label: (optimizer class, settings)
         {"merge": "onties", "reserve_p": 0.2, "alpha": 0.3, "merge_every": 2, "momentum": 0.9},
     ),
     "ondare_k3": (OnlineMergingAdam, {"merge": "ondare", "reserve_p": 0.5, "alpha": 0.1, "merge_every": 3}),
+    "masked_onties_k2": (  # masked updates: rows of "0.weight", elements of "3.bias"
+        OnlineMergingAdam,
+        {
+            "merge": "onties",
+            "reserve_p": 0.3,
+            "alpha": 0.2,
+            "merge_every": 2,
+            "neuron_mask": {
+                "0.weight": torch.tensor([True, False, True, True, False]),
+                "3.bias": torch.tensor([False, True, True]),
+            },
+        },
+    ),
 }
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
 

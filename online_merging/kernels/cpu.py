@@ -4,6 +4,7 @@ OnDARE, step-K and plain steps read and write each element once. OnTIES makes th
 a float32 scratch, an exact radix selection of the top-p threshold, and the merge. τ's threshold is cached
 per (τ tensor, p), since τ does not change. A piece of a larger tensor (``offset``, ``update_cut``, ``tau_cut``:
 see ``eager``) takes the whole tensor's cuts, shifted to its own indices; τ's from ``tau_cut`` is not cached.
+A ``mask`` (masked updates, see ``eager``) is one more input of the same passes, read as one bool per element.
 float32 parameters (with float32 or bfloat16 τ) run fused; other dtypes and non-contiguous tensors fall back to
 the eager backend. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
 """
@@ -55,8 +56,10 @@ def _scratch_for(param: torch.Tensor) -> torch.Tensor:
     return scratch[: param.numel()]
 
 
-def _fusable(param: torch.Tensor, tau: torch.Tensor | None, *state: torch.Tensor | None) -> bool:
+def _fusable(param: torch.Tensor, tau: torch.Tensor | None, mask: torch.Tensor | None, *state) -> bool:
     if param.dtype != torch.float32 or param.numel() == 0 or not param.is_contiguous():
+        return False
+    if mask is not None and (mask.dtype != torch.bool or not mask.is_contiguous()):
         return False
     if tau is not None and (tau.dtype not in (torch.float32, torch.bfloat16) or not tau.is_contiguous()):
         return False
@@ -113,25 +116,25 @@ def _local(cut: Cut, offset: int, n: int) -> list[int]:
 
 def _ties(
     param, merge_buffer, total, tau, settings: MergeSettings, decay: float, offset: int, update_cut: CutFn | None,
-    tau_cut: CutFn | None,
+    tau_cut: CutFn | None, mask: torch.Tensor | None,
 ) -> None:  # fmt: skip
     p, n = settings.reserve_p, param.numel()
     update = _cut(total, p) if update_cut is None else _local(update_cut(total), offset, n)
     task = _tau_cut(tau, p) if tau_cut is None else _local(tau_cut(tau.reshape(-1)), offset, n)
     weighted = settings.ties_sign == "weighted"
-    _ext.ties_merge(param, merge_buffer, total, tau, update, task, decay, settings.alpha, weighted)
+    _ext.ties_merge(param, merge_buffer, total, tau, update, task, decay, settings.alpha, weighted, mask)
 
 
 def adam_step(
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, *, step, name, lr, beta1, beta2, eps,
-    weight_decay, amsgrad, maximize, settings, offset=0, update_cut=None, tau_cut=None,
+    weight_decay, amsgrad, maximize, settings, offset=0, update_cut=None, tau_cut=None, mask=None,
 ) -> None:  # fmt: skip
     """Same contract as :func:`online_merging.kernels.eager.adam_step`."""
-    if not _fusable(param, tau, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer):
+    if not _fusable(param, tau, mask, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer):
         return eager.adam_step(
             param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, step=step, name=name, lr=lr,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-            settings=settings, offset=offset, update_cut=update_cut, tau_cut=tau_cut,
+            settings=settings, offset=offset, update_cut=update_cut, tau_cut=tau_cut, mask=mask,
         )  # fmt: skip
     mode = _mode(tau, merge_buffer, settings, step)
     decay = 1.0 - lr * weight_decay
@@ -139,28 +142,28 @@ def adam_step(
     _ext.adam_pass(
         mode, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, merge_buffer, tau, total,
         beta1, beta2, -lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, eps, maximize, decay,
-        *_merge_args(settings, step, name, offset),
+        *_merge_args(settings, step, name, offset), mask,
     )  # fmt: skip
     if mode >= WRITE_TOTAL:
-        _ties(param, merge_buffer, total, tau, settings, decay, offset, update_cut, tau_cut)
+        _ties(param, merge_buffer, total, tau, settings, decay, offset, update_cut, tau_cut, mask)
 
 
 def sgd_step(
     param, grad, momentum_buffer, merge_buffer, tau, *, step, name, lr, momentum, dampening, nesterov, weight_decay,
-    maximize, settings, offset=0, update_cut=None, tau_cut=None,
+    maximize, settings, offset=0, update_cut=None, tau_cut=None, mask=None,
 ) -> None:  # fmt: skip
     """Same contract as :func:`online_merging.kernels.eager.sgd_step`."""
-    if not _fusable(param, tau, grad, momentum_buffer, merge_buffer):
+    if not _fusable(param, tau, mask, grad, momentum_buffer, merge_buffer):
         return eager.sgd_step(
             param, grad, momentum_buffer, merge_buffer, tau, step=step, name=name, lr=lr, momentum=momentum,
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
-            offset=offset, update_cut=update_cut, tau_cut=tau_cut,
+            offset=offset, update_cut=update_cut, tau_cut=tau_cut, mask=mask,
         )  # fmt: skip
     mode = _mode(tau, merge_buffer, settings, step)
     total = _scratch_for(param) if mode >= WRITE_TOTAL else None
     _ext.sgd_pass(
         mode, param, grad, momentum_buffer if momentum != 0.0 else None, merge_buffer, tau, total, lr, momentum,
-        dampening, weight_decay, nesterov, step == 1, maximize, *_merge_args(settings, step, name, offset),
+        dampening, weight_decay, nesterov, step == 1, maximize, *_merge_args(settings, step, name, offset), mask,
     )  # fmt: skip
     if mode >= WRITE_TOTAL:
-        _ties(param, merge_buffer, total, tau, settings, 1.0, offset, update_cut, tau_cut)
+        _ties(param, merge_buffer, total, tau, settings, 1.0, offset, update_cut, tau_cut, mask)

@@ -8,6 +8,10 @@ A tensor may be a piece of a named parameter (ZeRO, FSDP): ``offset`` is the fla
 whole, ``tau`` the matching piece of τ. DARE draws use the global index. OnTIES's top-p is a :data:`Cut` of the
 whole: ``update_cut(total)`` and ``tau_cut(tau)`` (flat, called once per merge step, may be collectives) return
 it; without them the cut is the piece's own top-p. Stepping every piece then equals stepping the whole, bit for bit.
+
+``mask`` (ALLO's masked updates; ``None``: every element is updated) is a bool tensor of the tensor's numel
+elements, row-major: where it is False the element keeps its value and its state (moments, momentum, step-K
+buffer) exactly, its Δθ counts as 0 in OnTIES's top-p, and τ is not merged into it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from online_merging.merging import Cut, cut_mask, linear, num_kept, random_keep,
 from online_merging.settings import MergeSettings
 
 __all__ = ["CutFn", "adam_step", "apply_update", "merge_update", "sgd_step", "trim_mask"]
+
+Saved = list[tuple[torch.Tensor, torch.Tensor]]
 
 CutFn = Callable[[torch.Tensor], Cut]
 """Given a piece's flat tensor, the :data:`Cut` (global flat indices) of the whole tensor's top-p."""
@@ -79,14 +85,20 @@ def apply_update(
     offset: int = 0,
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """θ ← decay·θ + (merged) Δθ, with step-K (Lu et al. 2024, Alg. 2) when ``settings.merge_every`` > 1.
 
     Step-K: on steps that are not a multiple of K the plain Δθ is applied and accumulated in
     ``merge_buffer`` (Δc); on every K-th step θ is rolled back by Δc and F(Δc + Δθ) ⊕ F(τ) is applied.
+    With ``mask``, masked-out elements of Δθ (and of Δc + Δθ) are 0, and θ and Δc keep their values there.
     """
     merge, carry = plan(tau, merge_buffer, step, settings)
     pieces = {"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut}
+    if mask is not None:
+        mask = mask.reshape(param.shape)
+        delta = torch.where(mask, delta, 0.0)
+        saved = _save(param, merge_buffer)
     target = param.float()
     if decay != 1.0:
         target.mul_(decay)
@@ -98,10 +110,14 @@ def apply_update(
         target.add_(merge_update(delta, tau, step, name, settings, **pieces))
     else:
         total = merge_buffer.float() + delta
+        if mask is not None:
+            total = torch.where(mask, total, 0.0)
         target.sub_(merge_buffer).add_(merge_update(total, tau, step, name, settings, **pieces))
         merge_buffer.zero_()
     if target is not param:
         param.copy_(target)
+    if mask is not None:
+        _restore(saved, mask)
 
 
 def adam_step(
@@ -126,8 +142,10 @@ def adam_step(
     offset: int = 0,
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) followed by the online merge."""
+    saved = None if mask is None else _save(exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None)
     grad = grad.float()
     if maximize:
         grad = -grad
@@ -143,6 +161,8 @@ def adam_step(
     delta = (m * (-lr / (1.0 - beta1**step))) / denom
     _write_back(exp_avg, m)
     _write_back(exp_avg_sq, v)
+    if saved is not None:
+        _restore(saved, mask)
     apply_update(
         param,
         delta,
@@ -155,6 +175,7 @@ def adam_step(
         offset=offset,
         update_cut=update_cut,
         tau_cut=tau_cut,
+        mask=mask,
     )
 
 
@@ -177,11 +198,13 @@ def sgd_step(
     offset: int = 0,
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """SGD exactly as ``torch.optim.SGD`` (weight decay added to the gradient), then the online merge.
 
     ``momentum_buffer`` is a zero tensor before the first step when momentum is used, else ``None``.
     """
+    saved = None if mask is None else _save(momentum_buffer if momentum != 0.0 else None)
     grad = grad.float()
     if maximize:
         grad = -grad
@@ -195,6 +218,8 @@ def sgd_step(
             buf.mul_(momentum).add_(grad, alpha=1.0 - dampening)
         _write_back(momentum_buffer, buf)
         grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    if saved is not None:
+        _restore(saved, mask)
     apply_update(
         param,
         grad * -lr,
@@ -206,7 +231,19 @@ def sgd_step(
         offset=offset,
         update_cut=update_cut,
         tau_cut=tau_cut,
+        mask=mask,
     )
+
+
+def _save(*tensors: torch.Tensor | None) -> Saved:
+    """Copies of the given tensors, to restore their masked-out elements after an in-place update."""
+    return [(t, t.clone()) for t in tensors if t is not None]
+
+
+def _restore(saved: Saved, mask: torch.Tensor) -> None:
+    """Put back the saved values where ``mask`` is False."""
+    for tensor, old in saved:
+        tensor.copy_(torch.where(mask.reshape(tensor.shape), tensor, old))
 
 
 def _write_back(stored: torch.Tensor, value: torch.Tensor) -> None:

@@ -7,6 +7,9 @@
 // Element i's random bits, with g = offset + i its index in the whole parameter (the tensor may be a piece):
 //   bits(g) = lowbias32(lo32(g) ^ k),  k = lowbias32(hi32(g) ^ k2) ^ k1,  kept iff bits < threshold.
 // The loops are branch-free (modes and flags are template parameters) so that the compiler vectorises them.
+// Masked updates (ALLO): with an element mask `keep` (bool per element, MASKED template flag), an element whose
+// keep is false keeps θ and every state value (moments, momentum, step-K buffer) and counts as Δ = 0 in OnTIES's
+// top-p; without one (MASKED = false) `on` is the constant true and the loops are the unmasked ones.
 
 #include <torch/extension.h>
 
@@ -73,18 +76,22 @@ struct AdamRule {
 
   // The same operations in the same order as torch's AdamW (lerp, addcmul, sqrt / bc2 + eps), so that with
   // -ffp-contract=off the update is bit-identical to the eager backend's.
-  inline float operator()(int64_t i, float) const {
+  // Masked out (on = false): the moments keep their values and Δ = 0.
+  inline float operator()(int64_t i, float, bool on) const {
     const float g = grad[i] * grad_sign;
     const float m_old = exp_avg[i];
     const float m = m_old + one_minus_beta1 * (g - m_old);
-    float v = exp_avg_sq[i] * beta2 + one_minus_beta2 * g * g;
-    exp_avg[i] = m;
-    exp_avg_sq[i] = v;
+    const float v_old = exp_avg_sq[i];
+    float v = v_old * beta2 + one_minus_beta2 * g * g;
+    exp_avg[i] = on ? m : m_old;
+    exp_avg_sq[i] = on ? v : v_old;
     if (AMSGRAD) {
-      v = std::max(v, max_exp_avg_sq[i]);
-      max_exp_avg_sq[i] = v;
+      const float max_old = max_exp_avg_sq[i];
+      v = std::max(v, max_old);
+      max_exp_avg_sq[i] = on ? v : max_old;
     }
-    return m * step_size / (std::sqrt(v) / bc2_sqrt + eps);
+    const float delta = m * step_size / (std::sqrt(v) / bc2_sqrt + eps);
+    return on ? delta : 0.f;
   }
 };
 
@@ -96,21 +103,21 @@ struct SgdRule {
   float* __restrict__ momentum_buffer;
   float lr, momentum, one_minus_dampening, weight_decay, grad_sign, nesterov, first;
 
-  inline float operator()(int64_t i, float theta) const {
+  inline float operator()(int64_t i, float theta, bool on) const {
     float g = grad[i] * grad_sign + weight_decay * theta;
     if (MOMENTUM) {
       const float previous = momentum_buffer[i];
       const float b = g * first + (previous * momentum + one_minus_dampening * g) * (1.f - first);
-      momentum_buffer[i] = b;
+      momentum_buffer[i] = on ? b : previous;
       g = (g + momentum * b) * nesterov + b * (1.f - nesterov);
     }
-    return -lr * g;
+    return on ? -lr * g : 0.f;
   }
 };
 
-template <int MODE, typename Rule, typename T>
+template <int MODE, bool MASKED, typename Rule, typename T>
 void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restrict__ tau, float* __restrict__ buffer,
-                float* __restrict__ scratch, const Merge& mg, int64_t n) {
+                float* __restrict__ scratch, const bool* __restrict__ keep, const Merge& mg, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     // Local copies: loop invariants the compiler can keep in registers (stores to param could alias mg).
     const Rule rule = rule_;
@@ -134,29 +141,33 @@ void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restric
         const int64_t i = lo + j;
         const uint32_t index = base + j;
         const float old = param[i];
-        const float delta = rule(i, old);
+        const bool on = !MASKED || keep[i];
+        const float delta = rule(i, old, on);
         if (MODE == kWriteTotal || MODE == kWriteTotalMerge) {
-          scratch[i] = MODE == kWriteTotalMerge ? buffer[i] + delta : delta;
+          scratch[i] = MODE == kWriteTotalMerge ? (on ? buffer[i] + delta : 0.f) : delta;
           continue;
         }
         float theta = old * decay;
         if (MODE == kPlain || MODE == kAccumulate) {
           theta += delta;
-          if (MODE == kAccumulate) buffer[i] += delta;
+          if (MODE == kAccumulate) {
+            const float accumulated = buffer[i];
+            buffer[i] = on ? accumulated + delta : accumulated;
+          }
         } else {
           float total = delta;
           if (MODE == kDareMerge) {
             const float accumulated = buffer[i];
             theta -= accumulated;
             total += accumulated;
-            buffer[i] = 0.f;
+            buffer[i] = on ? 0.f : accumulated;
           }
           const bool keep_update = (mix32(index ^ ku) < threshold) | keep_all;
           const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
           const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
           theta += (keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f);
         }
-        param[i] = theta;
+        param[i] = on ? theta : old;
       }
       lo = range_end;
     }
@@ -274,9 +285,10 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
 // θ ← decay·θ − Δc + (1−α)·a' + α·b', with a = T(total), b = T(τ) and a', b' their elements that agree with the
 // elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass. The cuts are in local indices: a piece's caller
 // shifts the whole tensor's cutoff by the piece's offset and clamps it to [-1, n].
-template <bool BUFFER, typename T>
+template <bool BUFFER, bool MASKED, typename T>
 void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const float* __restrict__ total,
-               const T* __restrict__ tau, float decay, float alpha, std::array<int64_t, 2> update_cut,
+               const T* __restrict__ tau, const bool* __restrict__ keep, float decay, float alpha,
+               std::array<int64_t, 2> update_cut,
                std::array<int64_t, 2> tau_cut, bool weighted, int64_t n) {
   const uint32_t update_threshold = static_cast<uint32_t>(update_cut[0]);
   const uint32_t tau_threshold = static_cast<uint32_t>(tau_cut[0]);
@@ -302,45 +314,56 @@ void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const floa
         const float b = keep_t ? t : 0.f;
         const float s = sign(wa * a + wb * b);
         const float merged = (1.f - alpha) * (sign(a) == s ? a : 0.f) + alpha * (sign(b) == s ? b : 0.f);
-        float theta = param[i] * decay + merged;
+        const bool on = !MASKED || keep[i];
+        const float old = param[i];
+        float theta = old * decay + merged;
         if (BUFFER) {
-          theta -= buffer[i];
-          buffer[i] = 0.f;
+          const float accumulated = buffer[i];
+          theta -= accumulated;
+          buffer[i] = on ? 0.f : accumulated;
         }
-        param[i] = theta;
+        param[i] = on ? theta : old;
       }
       lo = range_end;
     }
   });
 }
 
-template <typename Rule>
+template <bool MASKED, typename Rule>
 void run_mode(int64_t mode, const Rule& rule, const torch::Tensor& param, const c10::optional<torch::Tensor>& tau,
               const c10::optional<torch::Tensor>& buffer, const c10::optional<torch::Tensor>& scratch,
-              const Merge& mg) {
+              const bool* keep, const Merge& mg) {
   const int64_t n = param.numel();
   float* p = param.data_ptr<float>();
   float* buf = buffer ? buffer->data_ptr<float>() : nullptr;
   float* out = scratch ? scratch->data_ptr<float>() : nullptr;
   const float* none = nullptr;
   switch (mode) {
-    case kPlain: return fused_pass<kPlain>(rule, p, none, buf, out, mg, n);
-    case kAccumulate: return fused_pass<kAccumulate>(rule, p, none, buf, out, mg, n);
-    case kWriteTotal: return fused_pass<kWriteTotal>(rule, p, none, buf, out, mg, n);
-    case kWriteTotalMerge: return fused_pass<kWriteTotalMerge>(rule, p, none, buf, out, mg, n);
+    case kPlain: return fused_pass<kPlain, MASKED>(rule, p, none, buf, out, keep, mg, n);
+    case kAccumulate: return fused_pass<kAccumulate, MASKED>(rule, p, none, buf, out, keep, mg, n);
+    case kWriteTotal: return fused_pass<kWriteTotal, MASKED>(rule, p, none, buf, out, keep, mg, n);
+    case kWriteTotalMerge: return fused_pass<kWriteTotalMerge, MASKED>(rule, p, none, buf, out, keep, mg, n);
     case kDare:
     case kDareMerge: {
       TORCH_CHECK(tau.has_value(), "DARE modes need tau");
-      const bool merge = mode == kDareMerge;
-      if (tau->scalar_type() == at::kFloat) {
-        const float* t = tau->data_ptr<float>();
-        return merge ? fused_pass<kDareMerge>(rule, p, t, buf, out, mg, n) : fused_pass<kDare>(rule, p, t, buf, out, mg, n);
-      }
-      const c10::BFloat16* t = tau->data_ptr<c10::BFloat16>();
-      return merge ? fused_pass<kDareMerge>(rule, p, t, buf, out, mg, n) : fused_pass<kDare>(rule, p, t, buf, out, mg, n);
+      auto run = [&](const auto* t) {
+        if (mode == kDareMerge) return fused_pass<kDareMerge, MASKED>(rule, p, t, buf, out, keep, mg, n);
+        fused_pass<kDare, MASKED>(rule, p, t, buf, out, keep, mg, n);
+      };
+      if (tau->scalar_type() == at::kFloat) return run(tau->data_ptr<float>());
+      return run(tau->data_ptr<c10::BFloat16>());
     }
     default: TORCH_CHECK(false, "unknown mode ", mode);
   }
+}
+
+// The rule's pass, masked when `keep` (a bool tensor of the parameter's elements) is given.
+template <typename Rule>
+void run_rule(int64_t mode, const Rule& rule, const torch::Tensor& param, const c10::optional<torch::Tensor>& tau,
+              const c10::optional<torch::Tensor>& buffer, const c10::optional<torch::Tensor>& scratch,
+              const c10::optional<torch::Tensor>& keep, const Merge& mg) {
+  if (keep) return run_mode<true>(mode, rule, param, tau, buffer, scratch, keep->data_ptr<bool>(), mg);
+  run_mode<false>(mode, rule, param, tau, buffer, scratch, nullptr, mg);
 }
 
 Merge merge_of(double decay, double update_scale, double alpha, double tau_scale, double clamp, int64_t threshold,
@@ -355,10 +378,10 @@ Merge merge_of(double decay, double update_scale, double alpha, double tau_scale
                static_cast<uint32_t>(keys[3]), offset};
 }
 
-void check(const torch::Tensor& t, const torch::Tensor& param, const char* what) {
+void check(const torch::Tensor& t, const torch::Tensor& param, const char* what, at::ScalarType type = at::kFloat) {
   TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), what, " must be a contiguous CPU tensor");
   TORCH_CHECK(t.numel() == param.numel(), what, " has ", t.numel(), " elements, the parameter ", param.numel());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, what, " must be float32");
+  TORCH_CHECK(t.scalar_type() == type, what, " must be ", type);
 }
 
 }  // namespace
@@ -368,9 +391,10 @@ void adam_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, torch::Ten
                c10::optional<torch::Tensor> tau, c10::optional<torch::Tensor> scratch, double beta1, double beta2,
                double step_size, double bc2_sqrt, double eps, bool maximize, double decay, double update_scale,
                double alpha, double tau_scale, double clamp, int64_t threshold, std::vector<int64_t> keys,
-               int64_t offset) {
+               int64_t offset, c10::optional<torch::Tensor> keep) {
   check(param, param, "param");
   check(grad, param, "grad");
+  if (keep) check(*keep, param, "keep", at::kBool);
   check(exp_avg, param, "exp_avg");
   check(exp_avg_sq, param, "exp_avg_sq");
   const Merge mg = merge_of(decay, update_scale, alpha, tau_scale, clamp, threshold, keys, offset);
@@ -382,20 +406,22 @@ void adam_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, torch::Ten
     check(*max_exp_avg_sq, param, "max_exp_avg_sq");
     const AdamRule<true> rule{grad.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
                               max_exp_avg_sq->data_ptr<float>(), f[0], f[1], f[2], f[3], f[4], f[5], f[6]};
-    return run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
+    return run_rule(mode, rule, param, tau, merge_buffer, scratch, keep, mg);
   }
   const AdamRule<false> rule{grad.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), nullptr,
                              f[0], f[1], f[2], f[3], f[4], f[5], f[6]};
-  run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
+  run_rule(mode, rule, param, tau, merge_buffer, scratch, keep, mg);
 }
 
 void sgd_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, c10::optional<torch::Tensor> momentum_buffer,
               c10::optional<torch::Tensor> merge_buffer, c10::optional<torch::Tensor> tau,
               c10::optional<torch::Tensor> scratch, double lr, double momentum, double dampening, double weight_decay,
               bool nesterov, bool first, bool maximize, double update_scale, double alpha, double tau_scale,
-              double clamp, int64_t threshold, std::vector<int64_t> keys, int64_t offset) {
+              double clamp, int64_t threshold, std::vector<int64_t> keys, int64_t offset,
+              c10::optional<torch::Tensor> keep) {
   check(param, param, "param");
   check(grad, param, "grad");
+  if (keep) check(*keep, param, "keep", at::kBool);
   const Merge mg = merge_of(1.0, update_scale, alpha, tau_scale, clamp, threshold, keys, offset);
   const float f[5] = {static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
                       static_cast<float>(weight_decay), maximize ? -1.f : 1.f};
@@ -403,10 +429,10 @@ void sgd_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, c10::option
     check(*momentum_buffer, param, "momentum_buffer");
     const SgdRule<true> rule{grad.data_ptr<float>(), momentum_buffer->data_ptr<float>(), f[0], f[1], f[2], f[3], f[4],
                              nesterov ? 1.f : 0.f, first ? 1.f : 0.f};
-    return run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
+    return run_rule(mode, rule, param, tau, merge_buffer, scratch, keep, mg);
   }
   const SgdRule<false> rule{grad.data_ptr<float>(), nullptr, f[0], f[1], f[2], f[3], f[4], 0.f, 0.f};
-  run_mode(mode, rule, param, tau, merge_buffer, scratch, mg);
+  run_rule(mode, rule, param, tau, merge_buffer, scratch, keep, mg);
 }
 
 std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k) {
@@ -419,9 +445,11 @@ std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k) {
 
 void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
                 std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double alpha,
-                bool weighted) {
+                bool weighted, c10::optional<torch::Tensor> keep) {
   check(param, param, "param");
   check(total, param, "total");
+  if (keep) check(*keep, param, "keep", at::kBool);
+  const bool* k = keep ? keep->data_ptr<bool>() : nullptr;
   TORCH_CHECK(tau.is_contiguous() && tau.numel() == param.numel(), "tau must be contiguous, shaped like param");
   float* buf = merge_buffer ? merge_buffer->data_ptr<float>() : nullptr;
   TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");
@@ -434,8 +462,13 @@ void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   auto run = [&](const auto* t) {
     float* p = param.data_ptr<float>();
     const float* x = total.data_ptr<float>();
-    if (buf) return ties_pass<true>(p, buf, x, t, d, a, uc, tc, weighted, param.numel());
-    ties_pass<false>(p, buf, x, t, d, a, uc, tc, weighted, param.numel());
+    const int64_t n = param.numel();
+    if (k) {
+      if (buf) return ties_pass<true, true>(p, buf, x, t, k, d, a, uc, tc, weighted, n);
+      return ties_pass<false, true>(p, buf, x, t, k, d, a, uc, tc, weighted, n);
+    }
+    if (buf) return ties_pass<true, false>(p, buf, x, t, k, d, a, uc, tc, weighted, n);
+    ties_pass<false, false>(p, buf, x, t, k, d, a, uc, tc, weighted, n);
   };
   if (tau.scalar_type() == at::kFloat) {
     run(tau.data_ptr<float>());

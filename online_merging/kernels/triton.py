@@ -14,6 +14,10 @@ the top-p masks of it and of τ (``eager.trim_mask``), and a second kernel does 
 
 A tensor may be a piece of a larger one (``offset``, ``update_cut``, ``tau_cut``; see ``eager``): DARE hashes the
 global index ``offset + i``, and OnTIES keeps what the whole tensor's cuts keep.
+
+A ``mask`` (masked updates, see ``eager``) is one more input, one byte per element (``MASKED``): every store of
+θ and state is masked by it as well as by the bounds, so masked-out elements are read but never written, and
+their Δ is written to the OnTIES scratch as 0. Without one, ``keep`` is the bounds mask and nothing changes.
 """
 
 from __future__ import annotations
@@ -74,10 +78,10 @@ def _dare_keep(index, first, k1, k2, threshold):
 
 @triton.jit
 def _finish(
-    param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
+    param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
     offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
-    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr,
+    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     """Apply Δ to θ (fp32 ``param``) as ``eager.apply_update`` (DARE draws at global indices ``offset + offs``):
 
@@ -87,11 +91,15 @@ def _finish(
     ACCUMULATE:  θ ← decay·θ + Δ,  Δc ← Δc + Δ                 (step-K, not a merge step)
     ROLL_BACK:   θ ← decay·θ − Δc + merge(Δc + Δ),  Δc ← 0      (step-K merge step)
     TO_SCRATCH:  scratch ← Δ [+ Δc]; θ and Δc are left to ``_onties_kernel``.
+
+    θ and Δc are stored where ``keep`` (the bounds, and the element mask when MASKED); the scratch holds 0 elsewhere.
     """
     if ROLL_BACK:
         carried = tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
         delta = carried + delta
     if TO_SCRATCH:
+        if MASKED:
+            delta = tl.where(keep, delta, 0.0)
         tl.store(scratch_ptr + offs, delta, mask=in_bounds)
     else:
         param = param * decay
@@ -115,23 +123,24 @@ def _finish(
             update = delta
         if ROLL_BACK:
             param = param - carried + update
-            tl.store(buffer_ptr + offs, tl.full(delta.shape, 0, buffer_ptr.dtype.element_ty), mask=in_bounds)
+            tl.store(buffer_ptr + offs, tl.full(delta.shape, 0, buffer_ptr.dtype.element_ty), mask=keep)
         else:
             param = param + update
         if ACCUMULATE:
             carried = tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-            tl.store(buffer_ptr + offs, (carried + delta).to(buffer_ptr.dtype.element_ty), mask=in_bounds)
-        tl.store(param_ptr + offs, param.to(param_ptr.dtype.element_ty), mask=in_bounds)
+            tl.store(buffer_ptr + offs, (carried + delta).to(buffer_ptr.dtype.element_ty), mask=keep)
+        tl.store(param_ptr + offs, param.to(param_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _adam_kernel(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, buffer_ptr, tau_ptr, scratch_ptr, n,
+    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, buffer_ptr, tau_ptr, scratch_ptr, mask_ptr, n,
     lerp_weight, beta2, one_minus_beta2, eps, step_size, sqrt_bias2, decay,
     offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
-    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, BLOCK: tl.constexpr,
+    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """AdamW and the online merge of one block (``eager.adam_step``):
 
@@ -141,6 +150,9 @@ def _adam_kernel(
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = block_start + tl.arange(0, BLOCK)
     in_bounds = offs < n
+    keep = in_bounds
+    if MASKED:
+        keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
     grad = tl.load(grad_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     if MAXIMIZE:
         grad = -grad
@@ -152,28 +164,29 @@ def _adam_kernel(
     second = v
     if AMSGRAD:
         second = tl.maximum(tl.load(max_exp_avg_sq_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32), v)
-        tl.store(max_exp_avg_sq_ptr + offs, second.to(max_exp_avg_sq_ptr.dtype.element_ty), mask=in_bounds)
+        tl.store(max_exp_avg_sq_ptr + offs, second.to(max_exp_avg_sq_ptr.dtype.element_ty), mask=keep)
     denom = tl.div_rn(tl.sqrt_rn(second), sqrt_bias2) + eps
     delta = tl.div_rn(m * step_size, denom)
-    tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=in_bounds)
-    tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=in_bounds)
+    tl.store(exp_avg_ptr + offs, m.to(exp_avg_ptr.dtype.element_ty), mask=keep)
+    tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=keep)
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     _finish(
-        param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
+        param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
         offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
-        DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
+        DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED,
     )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _sgd_kernel(
-    param_ptr, grad_ptr, momentum_ptr, buffer_ptr, tau_ptr, scratch_ptr, n,
+    param_ptr, grad_ptr, momentum_ptr, buffer_ptr, tau_ptr, scratch_ptr, mask_ptr, n,
     neg_lr, momentum, one_minus_dampening, weight_decay, decay,
     offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
-    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, BLOCK: tl.constexpr,
+    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """SGD as ``torch.optim.SGD`` and the online merge of one block (``eager.sgd_step``):
 
@@ -183,6 +196,9 @@ def _sgd_kernel(
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = block_start + tl.arange(0, BLOCK)
     in_bounds = offs < n
+    keep = in_bounds
+    if MASKED:
+        keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     grad = tl.load(grad_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     if MAXIMIZE:
@@ -195,12 +211,12 @@ def _sgd_kernel(
         else:
             buf = tl.load(momentum_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
             buf = tl.fma(one_minus_dampening, grad, buf * momentum)
-        tl.store(momentum_ptr + offs, buf.to(momentum_ptr.dtype.element_ty), mask=in_bounds)
+        tl.store(momentum_ptr + offs, buf.to(momentum_ptr.dtype.element_ty), mask=keep)
         grad = tl.fma(momentum, buf, grad) if NESTEROV else buf
     _finish(
-        param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, block_start, decay,
+        param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
         offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
-        DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
+        DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED,
     )  # fmt: skip
 
 
@@ -212,18 +228,22 @@ def _sign(x):
 
 @triton.jit
 def _onties_kernel(
-    param_ptr, total_ptr, tau_ptr, update_keep_ptr, tau_keep_ptr, buffer_ptr, n, decay, w_update, w_tau,
-    TRIM: tl.constexpr, WEIGHTED: tl.constexpr, ROLL_BACK: tl.constexpr, BLOCK: tl.constexpr,
+    param_ptr, total_ptr, tau_ptr, update_keep_ptr, tau_keep_ptr, buffer_ptr, mask_ptr, n, decay, w_update, w_tau,
+    TRIM: tl.constexpr, WEIGHTED: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """OnTIES merge of one block (Lu et al. 2024, Eq. 7; ``consensus.sign_consensus``), given the top-p masks:
 
     a = keep_u·Δ (Δ = Δc + Δθ on a ROLL_BACK step, from ``total_ptr``),  b = keep_τ·τ  (TRIM: p < 1),
     s = sign((1−α)·a + α·b) if WEIGHTED else sign(a + b),
-    θ ← decay·θ [− Δc] + (1−α)·a·[sign(a) = s] + α·b·[sign(b) = s],  Δc ← 0 (ROLL_BACK).
+    θ ← decay·θ [− Δc] + (1−α)·a·[sign(a) = s] + α·b·[sign(b) = s],  Δc ← 0 (ROLL_BACK); θ and Δc stored only
+    where the element mask keeps them (MASKED).
     """
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = block_start + tl.arange(0, BLOCK)
     in_bounds = offs < n
+    keep = in_bounds
+    if MASKED:
+        keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
     a = tl.load(total_ptr + offs, mask=in_bounds, other=0.0)
     b = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     if TRIM:
@@ -234,8 +254,8 @@ def _onties_kernel(
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32) * decay
     if ROLL_BACK:
         param = param - tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-        tl.store(buffer_ptr + offs, tl.full(a.shape, 0, buffer_ptr.dtype.element_ty), mask=in_bounds)
-    tl.store(param_ptr + offs, (param + update).to(param_ptr.dtype.element_ty), mask=in_bounds)
+        tl.store(buffer_ptr + offs, tl.full(a.shape, 0, buffer_ptr.dtype.element_ty), mask=keep)
+    tl.store(param_ptr + offs, (param + update).to(param_ptr.dtype.element_ty), mask=keep)
 
 
 def adam_step(
@@ -260,6 +280,7 @@ def adam_step(
     offset: int = 0,
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """AdamW (decoupled weight decay) followed by the online merge; see ``eager.adam_step``."""
     _run(
@@ -273,6 +294,7 @@ def adam_step(
         name=name,
         settings=settings,
         pieces={"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut},
+        mask=mask,
         decay=1.0 - lr * weight_decay,
         scalars={
             "lerp_weight": 1.0 - beta1,
@@ -305,6 +327,7 @@ def sgd_step(
     offset: int = 0,
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
+    mask: torch.Tensor | None = None,
 ) -> None:
     """SGD as ``torch.optim.SGD`` followed by the online merge; see ``eager.sgd_step``."""
     _run(
@@ -318,6 +341,7 @@ def sgd_step(
         name=name,
         settings=settings,
         pieces={"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut},
+        mask=mask,
         decay=1.0,
         scalars={
             "neg_lr": -lr,
@@ -335,7 +359,9 @@ def sgd_step(
     )
 
 
-def _run(kernel, param, grad, state, merge_buffer, tau, *, step, name, settings, pieces, decay, scalars, flags) -> None:
+def _run(
+    kernel, param, grad, state, merge_buffer, tau, *, step, name, settings, pieces, mask, decay, scalars, flags
+) -> None:  # fmt: skip
     """Launch ``kernel`` over one tensor: the whole step, or for OnTIES its first pass, the top-p and the merge.
 
     ``state`` holds the kernel's state tensors in order (``None`` for one it does not use). Tensors are
@@ -355,23 +381,24 @@ def _run(kernel, param, grad, state, merge_buffer, tau, *, step, name, settings,
     written = [param, *state, merge_buffer]
     work = [_contiguous(t) for t in written]
     grad, tau = _contiguous(grad), _contiguous(tau)
+    keep = None if mask is None else _contiguous(mask.reshape(-1)).view(torch.uint8)
     param_c, *state_c, buffer_c = work
     scratch = torch.empty(n, dtype=torch.float32, device=param.device) if merge == "onties" else None
     grid = (triton.cdiv(n, _BLOCK),)
     device = torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
     with device:
         kernel[grid](
-            param_c, grad, *state_c, buffer_c, tau, scratch, n,
+            param_c, grad, *state_c, buffer_c, tau, scratch, keep, n,
             **scalars, decay=decay, offset=pieces["offset"], **_merge_args(merge, carry, step, name, settings), **flags,
-            BLOCK=_BLOCK, **_LAUNCH,
+            MASKED=keep is not None, BLOCK=_BLOCK, **_LAUNCH,
         )  # fmt: skip
         if merge == "onties":
             alpha = settings.alpha
             update_keep, tau_keep = _keep_masks(scratch, tau.reshape(-1), settings.reserve_p, **pieces)
             _onties_kernel[grid](
-                param_c, scratch, tau, update_keep, tau_keep, buffer_c, n, decay, 1.0 - alpha, alpha,
+                param_c, scratch, tau, update_keep, tau_keep, buffer_c, keep, n, decay, 1.0 - alpha, alpha,
                 TRIM=update_keep is not None, WEIGHTED=settings.ties_sign == "weighted", ROLL_BACK=carry == "roll_back",
-                BLOCK=_BLOCK, **_LAUNCH,
+                MASKED=keep is not None, BLOCK=_BLOCK, **_LAUNCH,
             )  # fmt: skip
     for original, copy in zip(written, work, strict=True):
         if copy is not original:

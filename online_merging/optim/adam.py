@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -52,6 +52,10 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             change) or ``"skip"`` (that parameter keeps its value and moments; see ``nonfinite_skips``).
         backend: ``"eager"``, ``"cpu"`` (fused C++), ``"triton"`` (CUDA) or ``None``: the fastest for each
             parameter's device.
+        neuron_mask: masked updates (ALLO, arXiv 2406.12606): parameter name → bool mask of its rows (shape
+            ``(shape[0],)``, a linear layer's output neurons) or of its full shape. Masked-out elements, and their
+            optimizer state, keep their values exactly; see :class:`~online_merging.optim.base.OnlineMergingOptimizer`.
+            A setting, like τ: not saved in ``state_dict()``.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         ties_sign: str = MERGE_DEFAULTS["ties_sign"],
         nonfinite_grads: str | None = None,
         backend: str | None = None,
+        neuron_mask: Mapping[str, torch.Tensor] | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -96,7 +101,13 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             ties_sign=ties_sign,
         )
         super().__init__(
-            params, defaults, task_vector=task_vector, module=module, nonfinite_grads=nonfinite_grads, backend=backend
+            params,
+            defaults,
+            task_vector=task_vector,
+            module=module,
+            nonfinite_grads=nonfinite_grads,
+            backend=backend,
+            neuron_mask=neuron_mask,
         )
 
     def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:
@@ -145,5 +156,6 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             offsets=inputs["offsets"],
             update_cuts=inputs["update_cuts"],
             tau_cuts=inputs["tau_cuts"],
+            masks=inputs["masks"],
         )
         self._count_steps(params, steps)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -32,6 +32,16 @@ class OnlineMergingOptimizer(Optimizer):
     Under DeepSpeed ZeRO (flat fp32 partitions) and FSDP2 (DTensor shards) a stepped tensor holds pieces of named
     parameters (:mod:`online_merging.optim.pieces`): FSDP2 shards are bound when the optimizer is built, ZeRO
     partitions at their first step (and again whenever DeepSpeed hands over partitions it has not seen).
+
+    ``neuron_mask`` (masked updates, as ALLO, arXiv 2406.12606) maps canonical parameter names to bool masks, of
+    the parameter's rows (shape ``(shape[0],)``: row r is every element of output row r, a linear layer's output
+    neuron r; a 1-D parameter's elements) or of its whole shape. Where a mask is False the element keeps its value
+    exactly (no update, no weight decay, no merge with τ) and so do its Adam moments, SGD momentum and step-K
+    buffer; OnTIES's top-p is taken over the masked update (Δ = 0 there); step counts advance as usual. Unlisted
+    parameters are updated normally. Names and shapes are checked when the optimizer is built (``ValueError``).
+    Like τ, the mask is a setting of the optimizer, not part of its state: ``state_dict()`` does not record it and
+    a checkpoint resumes under whatever mask the new optimizer has (the saved state is valid under any mask, and
+    changing the mask between runs, unfreezing neurons say, is legitimate).
     """
 
     def __init__(
@@ -43,6 +53,7 @@ class OnlineMergingOptimizer(Optimizer):
         module: nn.Module | None,
         nonfinite_grads: str | None,
         backend: str | None,
+        neuron_mask: Mapping[str, torch.Tensor] | None = None,
     ):
         if task_vector is not None and not isinstance(task_vector, TaskVector):
             raise TypeError(f"task_vector must be an online_merging.TaskVector, got {type(task_vector).__name__}")
@@ -66,9 +77,19 @@ class OnlineMergingOptimizer(Optimizer):
         self._tau_names: dict[torch.Tensor, str] = {}  # the τ entry of each parameter that has one
         self._taus: dict[torch.Tensor, torch.Tensor] = {}  # τ on the parameter's device, made at its first step
         self._pieces: dict[torch.Tensor, list[Piece]] = {}
+        self.neuron_mask = _neuron_masks(neuron_mask)
+        self._masks: dict[torch.Tensor, torch.Tensor] = {}  # each masked parameter's flat bool element mask
+        self._masks_by_name: dict[str, torch.Tensor] = {}  # the same, by the parameter's name (for ZeRO pieces)
+        self._masked_names: set[str] = set()  # the neuron_mask names that matched a parameter
         self._constructed = False
         super().__init__(params, defaults)
         self._constructed = True
+        unknown = sorted(set(self.neuron_mask) - self._masked_names)
+        if unknown:
+            raise ValueError(
+                f"neuron_mask names {', '.join(map(repr, unknown))}, which match no parameter of this optimizer "
+                "(names are canonical parameter names, as model.named_parameters() gives them)"
+            )
         self._warn_without_tau(self.param_groups)
 
     # -- param groups and τ -------------------------------------------------------------------------------
@@ -97,8 +118,9 @@ class OnlineMergingOptimizer(Optimizer):
                 if tau_shape != shape:
                     raise ValueError(f"task vector entry {name!r} has shape {tau_shape} but {where} has shape {shape}")
                 self._tau_names[param] = name
+            mask = self._bind_mask(param, candidates, where)
             if is_dtensor(param) and self._names[param] is not None:
-                self._pieces[param] = dtensor_pieces(self._names[param], param, self.task_vector)
+                self._pieces[param] = dtensor_pieces(self._names[param], param, self.task_vector, mask)
             elif name is None and group["merge"] is not None and self.task_vector is None:
                 raise ValueError(
                     f"param_groups[{index}] has merge={group['merge']!r} but no task_vector was given; pass "
@@ -109,6 +131,31 @@ class OnlineMergingOptimizer(Optimizer):
                     f"{where} has no name to match the task vector with: pass model.named_parameters(), or "
                     "module=the module being trained"
                 )
+
+    def _bind_mask(self, param: torch.Tensor, candidates: list[str], where: str) -> torch.Tensor | None:
+        """Check and record ``param``'s ``neuron_mask`` entry, if it has one: its flat bool element mask."""
+        names = [n for n in candidates if n in self.neuron_mask]
+        if not names:
+            return None
+        self._masked_names.update(names)
+        name = names[0]
+        mask = self.neuron_mask[name]
+        shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 may partition params at load
+        if mask.dtype != torch.bool:
+            raise ValueError(f"neuron_mask[{name!r}] has dtype {mask.dtype}; it must be torch.bool")
+        rows = shape[:1]
+        if tuple(mask.shape) not in (shape, rows):
+            raise ValueError(
+                f"neuron_mask[{name!r}] has shape {tuple(mask.shape)} but {where} ({name}) has shape {shape}: "
+                f"expected its rows {rows} or its full shape"
+            )
+        if tuple(mask.shape) != shape:  # a row mask: every element of row r takes mask[r]
+            mask = mask.reshape(rows + (1,) * (len(shape) - 1)).expand(shape)
+        device = param.device if param.device.type != "meta" else torch.device("cpu")
+        element_mask = mask.reshape(-1).to(device, copy=True).contiguous()
+        self._masks[param] = element_mask
+        self._masks_by_name[self._names[param] or name] = element_mask
+        return element_mask
 
     def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
         missing = [
@@ -168,7 +215,7 @@ class OnlineMergingOptimizer(Optimizer):
                 "optimizer is stepping it: add parameters with add_param_group()"
             )
         names = {p: n for p, n in self._names.items() if n is not None}
-        self._pieces.update(zero_pieces(zero_optimizer, names, self.task_vector))
+        self._pieces.update(zero_pieces(zero_optimizer, names, self.task_vector, self._masks_by_name))
 
     def _check_grad(self, param: torch.Tensor, index: int) -> None:
         grad = param.grad
@@ -203,7 +250,8 @@ class OnlineMergingOptimizer(Optimizer):
 
     def _kernel_inputs(self, group, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings):
         """Per stepped piece: the views of each column (tensors shaped like the params: param, grad, states), the
-        step counter, step-K buffer, τ, name, global offset and OnTIES cut callables, as ``functional`` takes them;
+        step counter, step-K buffer, τ, name, global offset, OnTIES cut callables and element mask (``None``: not
+        masked), as ``functional`` takes them;
         and the settings to step with: no merge at lr 0, which leaves θ as it is, τ included (DCP creates the
         state of a fresh optimizer by a step at lr 0).
 
@@ -211,7 +259,7 @@ class OnlineMergingOptimizer(Optimizer):
         tensor's step counter, which :meth:`_count_steps` then advances once.
         """
         params = columns[0]
-        keys = ("steps", "buffers", "taus", "names", "offsets", "update_cuts", "tau_cuts")
+        keys = ("steps", "buffers", "taus", "names", "offsets", "update_cuts", "tau_cuts", "masks")
         out = {"columns": [[] for _ in columns], **{key: [] for key in keys}}
         out["settings"] = dataclasses.replace(settings, merge=None) if group["lr"] == 0 else settings
         for i, param in enumerate(params):
@@ -227,7 +275,10 @@ class OnlineMergingOptimizer(Optimizer):
                     tau = self._taus[param] = self.task_vector[self._tau_names[param]].to(param.device)
                 for column, values in zip(out["columns"], columns, strict=True):
                     column.append(values[i])
-                entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None)]
+                mask = self._masks.get(param)
+                if mask is not None and mask.device != param.device:  # the model moved
+                    mask = self._masks[param] = mask.to(param.device)
+                entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None, mask)]
             else:
                 for column, values in zip(out["columns"], columns, strict=True):
                     column.extend(piece.view(values[i]) for piece in pieces)
@@ -235,7 +286,7 @@ class OnlineMergingOptimizer(Optimizer):
                 entries = [
                     (steps[i].clone(), piece.view(buffer), piece.tau, piece.name, piece.offset,
                      piece.update_cut(settings.reserve_p) if ties else None,
-                     piece.tau_cut(settings.reserve_p) if ties else None)
+                     piece.tau_cut(settings.reserve_p) if ties else None, piece.mask)
                     for piece in pieces
                 ]  # fmt: skip
             for entry in entries:
@@ -272,6 +323,20 @@ class OnlineMergingOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in MERGE_DEFAULTS.items():
                 group.setdefault(key, value)
+
+
+def _neuron_masks(neuron_mask: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """``neuron_mask`` by canonical name, its entries checked to be tensors."""
+    if neuron_mask is None:
+        return {}
+    if not isinstance(neuron_mask, Mapping):
+        raise TypeError(f"neuron_mask must map parameter names to bool tensors, got {type(neuron_mask).__name__}")
+    masks = {}
+    for name, mask in neuron_mask.items():
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"neuron_mask[{name!r}] must be a bool tensor, got {type(mask).__name__}")
+        masks[canonical_name(name)] = mask.detach()
+    return masks
 
 
 def _summary(fingerprint: dict | None) -> str:

@@ -3,6 +3,7 @@
 :class:`OnlineMergingAdam` and :class:`OnlineMergingSGD` gather their state into lists and call these. A tensor may
 be a piece of a named parameter: ``offsets``, ``update_cuts`` and ``tau_cuts`` (per tensor, default 0 and ``None``)
 go to the backend's ``offset``, ``update_cut`` and ``tau_cut`` (see :mod:`online_merging.kernels.eager`).
+``masks`` (per tensor, default ``None``) are the bool element masks of masked updates: the backend's ``mask``.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ def adam(
     offsets: list[int] | None = None,
     update_cuts: list[CutFn | None] | None = None,
     tau_cuts: list[CutFn | None] | None = None,
+    masks: list[torch.Tensor | None] | None = None,
 ) -> None:
     """AdamW followed by the online merge; ``steps`` are incremented in place."""
-    pieces = _pieces(len(params), offsets, update_cuts, tau_cuts)
+    pieces = _pieces(len(params), offsets, update_cuts, tau_cuts, masks)
     for i, param in enumerate(params):
         steps[i] += 1
         get_backend(backend, param.device).adam_step(
@@ -71,9 +73,10 @@ def sgd(
     offsets: list[int] | None = None,
     update_cuts: list[CutFn | None] | None = None,
     tau_cuts: list[CutFn | None] | None = None,
+    masks: list[torch.Tensor | None] | None = None,
 ) -> None:
     """SGD (as ``torch.optim.SGD``) followed by the online merge; ``steps`` are incremented in place."""
-    pieces = _pieces(len(params), offsets, update_cuts, tau_cuts)
+    pieces = _pieces(len(params), offsets, update_cuts, tau_cuts, masks)
     for i, param in enumerate(params):
         steps[i] += 1
         get_backend(backend, param.device).sgd_step(
@@ -84,12 +87,16 @@ def sgd(
 
 
 def _pieces(
-    n: int, offsets: list[int] | None, update_cuts: list[CutFn | None] | None, tau_cuts: list[CutFn | None] | None
+    n: int,
+    offsets: list[int] | None,
+    update_cuts: list[CutFn | None] | None,
+    tau_cuts: list[CutFn | None] | None,
+    masks: list[torch.Tensor | None] | None,
 ) -> list[dict]:
-    """The backend's piece arguments of each of ``n`` tensors."""
+    """The backend's piece (and mask) arguments of each of ``n`` tensors."""
     return [
-        {"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut}
-        for offset, update_cut, tau_cut in zip(
-            offsets or [0] * n, update_cuts or [None] * n, tau_cuts or [None] * n, strict=True
+        {"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut, "mask": mask}
+        for offset, update_cut, tau_cut, mask in zip(
+            offsets or [0] * n, update_cuts or [None] * n, tau_cuts or [None] * n, masks or [None] * n, strict=True
         )
     ]

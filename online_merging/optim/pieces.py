@@ -3,7 +3,8 @@
 A :class:`Piece` is a contiguous run of one parameter's row-major elements inside the tensor the optimizer steps.
 Each piece is stepped as the whole parameter would be: DARE draws by the element's global index, OnTIES keeps the
 top-p of the whole parameter, selected exactly across the ranks that hold its pieces
-(:func:`~online_merging.distributed.distributed_topk_cut`). Every rank lists every parameter of a partition in the
+(:func:`~online_merging.distributed.distributed_topk_cut`). A masked parameter's piece holds its slice of the
+element mask (``neuron_mask``), as it holds its slice of τ. Every rank lists every parameter of a partition in the
 same order, with empty pieces for those it holds none of, so that these collectives line up.
 """
 
@@ -34,6 +35,7 @@ class Piece:
     full_numel: int
     tau: torch.Tensor | None  # the piece's τ elements, flat; None when τ has no entry for the parameter
     group: Any = None  # process group of the ranks holding the parameter's pieces (None: the default group)
+    mask: torch.Tensor | None = None  # the piece's bool element mask, flat; None when the parameter is not masked
     _tau_cuts: dict[float, Cut] = field(default_factory=dict)
 
     def view(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -72,10 +74,21 @@ def _tau_piece(task_vector: TaskVector | None, name: str, offset: int, numel: in
     return tau.reshape(-1)[offset : offset + numel].to(like.device, copy=True)  # only the slice stays in memory
 
 
+def _mask_piece(masks: Mapping[str, torch.Tensor] | None, name: str, offset: int, numel: int, like: torch.Tensor):
+    """The piece's slice of the parameter's element mask (global range [offset, offset + numel)), or None."""
+    if not masks or name not in masks:
+        return None
+    return masks[name].reshape(-1)[offset : offset + numel].to(like.device, copy=True)
+
+
 def zero_pieces(
-    zero_optimizer: Any, names: Mapping[torch.Tensor, str], task_vector: TaskVector | None
+    zero_optimizer: Any,
+    names: Mapping[torch.Tensor, str],
+    task_vector: TaskVector | None,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[torch.Tensor, list[Piece]]:
-    """The pieces of every flat fp32 partition of a DeepSpeed ZeRO-1/2/3 optimizer, with their slices of τ."""
+    """The pieces of every flat fp32 partition of a DeepSpeed ZeRO-1/2/3 optimizer, with their slices of τ and of
+    the element masks ``masks`` (by parameter name; see ``neuron_mask``)."""
     from online_merging.distributed.zero import zero_fragments
 
     group = getattr(zero_optimizer, "dp_process_group", None)
@@ -90,18 +103,22 @@ def zero_pieces(
                 full_numel=_numel(f.shape),
                 tau=_tau_piece(task_vector, f.name, f.offset, f.numel, flat),
                 group=group,
+                mask=_mask_piece(masks, f.name, f.offset, f.numel, flat),
             )
             for f in fragments
         ]
     return layouts
 
 
-def dtensor_pieces(name: str, param: torch.Tensor, task_vector: TaskVector | None) -> list[Piece]:
-    """The one piece of a DTensor parameter (FSDP2) held by this rank."""
+def dtensor_pieces(
+    name: str, param: torch.Tensor, task_vector: TaskVector | None, mask: torch.Tensor | None = None
+) -> list[Piece]:
+    """The one piece of a DTensor parameter (FSDP2) held by this rank; ``mask``: the parameter's element mask."""
     f = dtensor_fragment(name, param)
     shard = local_tensor(param)
     tau = _tau_piece(task_vector, name, f.offset, f.numel, shard)
-    return [Piece(name, f.start, f.numel, f.offset, _numel(f.shape), tau, fragment_group(param))]
+    mask = _mask_piece(None if mask is None else {name: mask}, name, f.offset, f.numel, shard)
+    return [Piece(name, f.start, f.numel, f.offset, _numel(f.shape), tau, fragment_group(param), mask=mask)]
 
 
 def calling_zero_optimizer(optimizer: Any) -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -24,8 +24,8 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
         \theta_t = \theta_{t-1} + F(\Delta\theta_t) \oplus F(\tau)
 
     where :math:`b_t` is torch's (Nesterov) momentum buffer of :math:`g_t + \lambda\theta_{t-1}`: weight decay
-    is coupled, as in :class:`torch.optim.SGD`, so it is part of Δθ and merged with it. The merge arguments
-    are those of :class:`~online_merging.OnlineMergingAdam`.
+    is coupled, as in :class:`torch.optim.SGD`, so it is part of Δθ and merged with it. The merge arguments,
+    ``neuron_mask`` (masked updates) included, are those of :class:`~online_merging.OnlineMergingAdam`.
     """
 
     def __init__(
@@ -51,6 +51,7 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
         ties_sign: str = MERGE_DEFAULTS["ties_sign"],
         nonfinite_grads: str | None = None,
         backend: str | None = None,
+        neuron_mask: Mapping[str, torch.Tensor] | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -70,7 +71,13 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             ties_sign=ties_sign,
         )
         super().__init__(
-            params, defaults, task_vector=task_vector, module=module, nonfinite_grads=nonfinite_grads, backend=backend
+            params,
+            defaults,
+            task_vector=task_vector,
+            module=module,
+            nonfinite_grads=nonfinite_grads,
+            backend=backend,
+            neuron_mask=neuron_mask,
         )
 
     def _check_group(self, group: dict[str, Any], where: str) -> MergeSettings:
@@ -111,5 +118,6 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             offsets=inputs["offsets"],
             update_cuts=inputs["update_cuts"],
             tau_cuts=inputs["tau_cuts"],
+            masks=inputs["masks"],
         )
         self._count_steps(params, steps)
