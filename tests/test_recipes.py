@@ -1,5 +1,6 @@
 """Recipes parse, bad ones are refused with the key at fault, and `online-merging train` runs each of them."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from trl import DPOConfig, KTOConfig
 
 from online_merging.cli import main
 from online_merging.integrations import load_recipe, run_recipe
+from online_merging.integrations.run import method_name
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -43,7 +45,7 @@ def write(tmp_path, text: str) -> Path:
 
 def test_unknown_key_is_named_with_the_valid_keys(tmp_path):
     path = write(tmp_path, "merge: ondare\nlearnin_rate: 1.0e-5\n")
-    with pytest.raises(ValueError, match=r"unknown key 'learnin_rate' \(did you mean 'learning_rate'\?\)") as error:
+    with pytest.raises(ValueError, match=r"unknown key 'learnin_rate' \(did you mean 'learning_rate'") as error:
         load_recipe(path)
     assert "valid keys: trainer, model_name_or_path" in str(error.value)
     assert "per_device_train_batch_size" in str(error.value)  # and the TRL config's fields
@@ -102,7 +104,9 @@ def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, 
     summary = json.loads((out / "summary.json").read_text())
     recipe, _ = load_recipe(path)
     methods = [run["method"] for run in summary["runs"]]
-    assert methods == ([recipe.merge, "adamw"] if recipe.merge != "none" else ["adamw"])
+    allo = {"neuron_k": 0.0, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
+    plain = dataclasses.replace(recipe, merge="none", **allo)
+    assert methods == [method_name(recipe), *(["adamw"] if plain != recipe else [])]
     for run in summary["runs"]:
         assert run["steps"] == 2
         assert {"reward", "ability", "reward_greedy", "ability_greedy"} <= set(run["evaluation"])

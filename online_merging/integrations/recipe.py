@@ -79,6 +79,28 @@ class RecipeArguments:
         "length, so that, to first order, the chosen log-probability cannot fall nor the rejected one rise. "
         "DPO only; two backward passes per step.",
     )
+    neuron_k: float = _arg(
+        0.0,
+        "ALLO: train only the top k fraction of neurons (rows of the weights), located first by a short DPO probe "
+        "on a copy of the model; the masks are saved as neuron_masks.safetensors in output_dir. 0: every neuron.",
+    )
+    neuron_scope: str = _arg(
+        "global", "Rank the neurons over the whole model or within each layer.", ("global", "layer")
+    )
+    neuron_probe_steps: int = _arg(20, "DPO steps of the localisation probe (at the recipe's learning rate).")
+    neuron_mask_path: str | None = _arg(None, "Neuron masks saved before (.safetensors), used instead of a probe.")
+    unlearn_steps: int = _arg(
+        0, "ALLO stage 2: NPO steps on the rejected responses before the DPO steps (same optimizer and masks). 0: none."
+    )
+    npo_token_weights: str = _arg(
+        "log_ratio",
+        "NPO's per-token weights: log_ratio (the policy/reference log-ratio, a stand-in for ALLO's token-level "
+        "reward model) or uniform (plain NPO).",
+        ("log_ratio", "uniform"),
+    )
+    noisy_token_percentile: float = _arg(
+        0.0, "ALLO stage 3: DPO ignores the tokens whose implicit reward is in this top fraction. 0: plain DPO."
+    )
     compare_with_adamw: bool | None = _arg(
         None,
         "Also train the AdamW baseline with the same settings and print both. Empty: yes on the embedded "
@@ -93,6 +115,18 @@ class RecipeArguments:
                 raise ValueError(f"Invalid recipe key {item.name!r}: {value!r} (expected one of {choices})")
         if self.model_name_or_path is None and (self.base_model_name_or_path or self.task_vector_path):
             raise ValueError("base_model_name_or_path/task_vector_path is set but model_name_or_path is not")
+        if not 0.0 <= self.neuron_k <= 1.0:
+            raise ValueError(f"Invalid recipe key 'neuron_k': {self.neuron_k!r} (expected a fraction in [0, 1])")
+        if not 0.0 <= self.noisy_token_percentile < 1.0:
+            raise ValueError(
+                f"Invalid recipe key 'noisy_token_percentile': {self.noisy_token_percentile!r} (expected [0, 1))"
+            )
+        for key in ("neuron_probe_steps", "unlearn_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"Invalid recipe key {key!r}: {getattr(self, key)!r} (expected ≥ 0)")
+        allo = self.unlearn_steps or self.noisy_token_percentile
+        if allo and (self.trainer != "dpo" or self.pairwise_normalized):
+            raise ValueError("unlearn_steps/noisy_token_percentile (ALLO) need trainer: dpo, not pairwise_normalized")
         if self.pairwise_normalized and self.trainer != "dpo":
             raise ValueError(f"pairwise_normalized needs trainer: dpo (paired data), not {self.trainer!r}")
         if self.base_model_name_or_path and self.task_vector_path:
@@ -105,6 +139,11 @@ class RecipeArguments:
             raise ValueError(
                 f"merge={self.merge!r} needs τ = SFT − base: set base_model_name_or_path (or task_vector_path)"
             )
+
+    @property
+    def masked(self) -> bool:
+        """Training only key neurons (ALLO): located by a probe, or loaded."""
+        return self.neuron_k > 0 or self.neuron_mask_path is not None
 
     @property
     def embedded(self) -> bool:

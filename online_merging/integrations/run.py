@@ -31,12 +31,16 @@ class RunResult:
 
 def method_name(recipe: RecipeArguments) -> str:
     """``adamw`` for the trainer's own optimizer, else e.g. ``ondare``, ``sgd_onties``, ``ondare_k10``; with
-    ``_normalized`` for pairwise-normalised DPO."""
+    ``_normalized`` for pairwise-normalised DPO, ``_keyneurons`` for key neurons only, ``allo_`` for ALLO's stages."""
     if recipe.merge == "none":
         name = "adamw"
     else:
         name = recipe.merge if recipe.optimizer == "adam" else f"{recipe.optimizer}_{recipe.merge}"
         name = name if recipe.merge_every == 1 else f"{name}_k{recipe.merge_every}"
+    if recipe.masked:
+        name = f"{name}_keyneurons"
+    if recipe.unlearn_steps or recipe.noisy_token_percentile:
+        name = f"allo_{name}"
     return f"{name}_normalized" if recipe.pairwise_normalized else name
 
 
@@ -49,10 +53,12 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     world = _embedded_world(recipe, progress)
     runs = [(recipe, config)]
     compare = recipe.embedded if recipe.compare_with_adamw is None else recipe.compare_with_adamw
-    if compare and recipe.merge != "none":
+    allo = {"neuron_k": 0.0, "neuron_mask_path": None, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
+    plain = replace(recipe, merge="none", **allo)  # the trainer's own AdamW, the rest of the recipe as it is
+    if compare and plain != recipe:
         baseline = copy.copy(config)
         baseline.output_dir = str(Path(config.output_dir) / "adamw_baseline")
-        runs.append((replace(recipe, merge="none"), baseline))
+        runs.append((plain, baseline))
     summary: dict[str, Any] = {"recipe": asdict(recipe), "runs": []}
     if world is not None:
         model, tokenizer = _load_model(recipe, world)
@@ -80,35 +86,25 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
 
     model, tokenizer = _load_model(recipe, world)
     dataset = _load_dataset(recipe, world)
-    trainer_cls = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[recipe.trainer]
+    masks = _neuron_masks(recipe, config, model, dataset, tokenizer, world) if recipe.masked else None
+    if recipe.unlearn_steps:
+        _unlearn(recipe, config, model, dataset, tokenizer, world, masks)
+    trainer_cls, extra = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[recipe.trainer], {}
     if recipe.pairwise_normalized:
         from online_merging.integrations.normalized_dpo import PairwiseNormalizedDPOTrainer
 
         trainer_cls = PairwiseNormalizedDPOTrainer
+    if recipe.noisy_token_percentile:
+        from online_merging.integrations.allo_trainers import TokenWeightedDPOTrainer
+
+        trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": recipe.noisy_token_percentile}
     callbacks = [_entanglement_monitor(recipe, world, dataset)] if recipe.entanglement_every else []
     trainer = trainer_cls(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks, **extra
     )
-    if recipe.merge != "none":
-        settings = {
-            "merge": recipe.merge,
-            "reserve_p": recipe.reserve_p,
-            "alpha": recipe.alpha,
-            "merge_every": recipe.merge_every,
-            "seed": recipe.merge_seed,
-            "ties_sign": recipe.ties_sign,
-        }
-        if recipe.optimizer == "sgd":
-            settings["momentum"] = recipe.momentum
-        base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
+    if recipe.merge != "none" or masks is not None:
         # Trainer builds it (the way that also works under DeepSpeed, where optimizers=(...) is ignored)
-        use_online_merging_optimizer(
-            trainer,
-            base_model=base if recipe.task_vector_path is None else None,
-            task_vector=recipe.task_vector_path,
-            optimizer=recipe.optimizer,
-            **settings,
-        )
+        use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     seconds = time.perf_counter() - start
@@ -118,6 +114,65 @@ def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
     metrics = {k: v for k, v in last.items() if k in TRL_METRICS or k.startswith("normalized/")}
     evaluation = _evaluate(world, model, tokenizer) if recipe.embedded else None
     return RunResult(method_name(recipe), config.output_dir, trainer.state.global_step, seconds, metrics, evaluation)
+
+
+def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]:
+    """``build_optimizer``'s arguments for the recipe: the merge, τ's source, the neuron masks."""
+    if recipe.merge == "none":  # key neurons only: OnlineMergingAdam without a merge is AdamW
+        settings = {"merge": None, "optimizer": recipe.optimizer}
+    else:
+        base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
+        settings = {
+            "merge": recipe.merge,
+            "reserve_p": recipe.reserve_p,
+            "alpha": recipe.alpha,
+            "merge_every": recipe.merge_every,
+            "seed": recipe.merge_seed,
+            "ties_sign": recipe.ties_sign,
+            "base_model": base if recipe.task_vector_path is None else None,
+            "task_vector": recipe.task_vector_path,
+            "optimizer": recipe.optimizer,
+        }
+    if recipe.optimizer == "sgd":
+        settings["momentum"] = recipe.momentum
+    if masks is not None:
+        settings["neuron_mask"] = masks
+    return settings
+
+
+def _neuron_masks(recipe: RecipeArguments, config: Any, model, dataset, tokenizer, world):
+    """ALLO's key neurons: loaded from ``neuron_mask_path``, or located by a DPO probe and saved in output_dir."""
+    from online_merging.neurons import load_neuron_masks, locate_key_neurons, save_neuron_masks
+
+    if recipe.neuron_mask_path is not None:
+        return load_neuron_masks(recipe.neuron_mask_path)
+    pairs = world.preference_dataset() if world is not None else dataset
+    if not {"prompt", "chosen", "rejected"} <= set(pairs.column_names):
+        raise ValueError("neuron_k locates key neurons by a DPO probe: dataset_name needs prompt/chosen/rejected pairs")
+    masks = locate_key_neurons(
+        model, pairs, tokenizer, k=recipe.neuron_k, scope=recipe.neuron_scope, steps=recipe.neuron_probe_steps,
+        learning_rate=config.learning_rate, beta=config.beta, batch_size=config.per_device_train_batch_size,
+        seed=config.seed,
+    )  # fmt: skip
+    path = Path(config.output_dir) / "neuron_masks.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_neuron_masks(masks, path, k=recipe.neuron_k, scope=recipe.neuron_scope)
+    return masks
+
+
+def _unlearn(recipe: RecipeArguments, config: Any, model, dataset, tokenizer, world, masks) -> None:
+    """ALLO stage 2: NPO on the rejected responses, ``unlearn_steps`` steps, with the run's optimizer and masks."""
+    from online_merging.integrations.allo_trainers import NPOTrainer
+
+    stage = copy.copy(config)
+    stage.max_steps, stage.save_strategy = recipe.unlearn_steps, "no"
+    stage.output_dir = str(Path(config.output_dir) / "unlearn")
+    trainer = NPOTrainer(
+        model=model, args=stage, train_dataset=dataset, processing_class=tokenizer,
+        token_weights=recipe.npo_token_weights,
+    )  # fmt: skip
+    use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
+    trainer.train()
 
 
 def _evaluate(world, model, tokenizer) -> dict[str, float]:

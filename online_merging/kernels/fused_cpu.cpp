@@ -47,6 +47,24 @@ inline float to_float(c10::BFloat16 x) {
 }
 inline float sign(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
 
+// a where the bit mask `on` is all ones, b where it is 0: a branch-free blend of the bit patterns, exact for every
+// value (-0, inf, NaN). With `on` the constant ~0u (unmasked passes) it folds to a. The mask is read as bytes
+// (on_bits): with bool loads GCC does not vectorise the loops.
+inline float pick(uint32_t on, float a, float b) {
+  uint32_t x, y;
+  std::memcpy(&x, &a, sizeof x);
+  std::memcpy(&y, &b, sizeof y);
+  x = (x & on) | (y & ~on);
+  float r;
+  std::memcpy(&r, &x, sizeof r);
+  return r;
+}
+template <bool MASKED>
+inline uint32_t on_bits(const uint8_t* keep, int64_t i) {
+  if (MASKED) return 0u - static_cast<uint32_t>(keep[i]);
+  return ~0u;
+}
+
 // What happens once the update Δ of an element is known.
 enum Mode : int {
   kPlain = 0,            // θ ← decay·θ + Δ
@@ -76,22 +94,22 @@ struct AdamRule {
 
   // The same operations in the same order as torch's AdamW (lerp, addcmul, sqrt / bc2 + eps), so that with
   // -ffp-contract=off the update is bit-identical to the eager backend's.
-  // Masked out (on = false): the moments keep their values and Δ = 0.
-  inline float operator()(int64_t i, float, bool on) const {
+  // Masked out (on = 0): the moments keep their values and Δ = 0.
+  inline float operator()(int64_t i, float, uint32_t on) const {
     const float g = grad[i] * grad_sign;
     const float m_old = exp_avg[i];
     const float m = m_old + one_minus_beta1 * (g - m_old);
     const float v_old = exp_avg_sq[i];
     float v = v_old * beta2 + one_minus_beta2 * g * g;
-    exp_avg[i] = on ? m : m_old;
-    exp_avg_sq[i] = on ? v : v_old;
+    exp_avg[i] = pick(on, m, m_old);
+    exp_avg_sq[i] = pick(on, v, v_old);
     if (AMSGRAD) {
       const float max_old = max_exp_avg_sq[i];
       v = std::max(v, max_old);
-      max_exp_avg_sq[i] = on ? v : max_old;
+      max_exp_avg_sq[i] = pick(on, v, max_old);
     }
     const float delta = m * step_size / (std::sqrt(v) / bc2_sqrt + eps);
-    return on ? delta : 0.f;
+    return pick(on, delta, 0.f);
   }
 };
 
@@ -103,21 +121,21 @@ struct SgdRule {
   float* __restrict__ momentum_buffer;
   float lr, momentum, one_minus_dampening, weight_decay, grad_sign, nesterov, first;
 
-  inline float operator()(int64_t i, float theta, bool on) const {
+  inline float operator()(int64_t i, float theta, uint32_t on) const {
     float g = grad[i] * grad_sign + weight_decay * theta;
     if (MOMENTUM) {
       const float previous = momentum_buffer[i];
       const float b = g * first + (previous * momentum + one_minus_dampening * g) * (1.f - first);
-      momentum_buffer[i] = on ? b : previous;
+      momentum_buffer[i] = pick(on, b, previous);
       g = (g + momentum * b) * nesterov + b * (1.f - nesterov);
     }
-    return on ? -lr * g : 0.f;
+    return pick(on, -lr * g, 0.f);
   }
 };
 
 template <int MODE, bool MASKED, typename Rule, typename T>
 void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restrict__ tau, float* __restrict__ buffer,
-                float* __restrict__ scratch, const bool* __restrict__ keep, const Merge& mg, int64_t n) {
+                float* __restrict__ scratch, const uint8_t* __restrict__ keep, const Merge& mg, int64_t n) {
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     // Local copies: loop invariants the compiler can keep in registers (stores to param could alias mg).
     const Rule rule = rule_;
@@ -141,10 +159,10 @@ void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restric
         const int64_t i = lo + j;
         const uint32_t index = base + j;
         const float old = param[i];
-        const bool on = !MASKED || keep[i];
+        const uint32_t on = on_bits<MASKED>(keep, i);
         const float delta = rule(i, old, on);
         if (MODE == kWriteTotal || MODE == kWriteTotalMerge) {
-          scratch[i] = MODE == kWriteTotalMerge ? (on ? buffer[i] + delta : 0.f) : delta;
+          scratch[i] = MODE == kWriteTotalMerge ? pick(on, buffer[i] + delta, 0.f) : delta;
           continue;
         }
         float theta = old * decay;
@@ -152,7 +170,7 @@ void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restric
           theta += delta;
           if (MODE == kAccumulate) {
             const float accumulated = buffer[i];
-            buffer[i] = on ? accumulated + delta : accumulated;
+            buffer[i] = pick(on, accumulated + delta, accumulated);
           }
         } else {
           float total = delta;
@@ -160,14 +178,14 @@ void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restric
             const float accumulated = buffer[i];
             theta -= accumulated;
             total += accumulated;
-            buffer[i] = on ? 0.f : accumulated;
+            buffer[i] = pick(on, 0.f, accumulated);
           }
           const bool keep_update = (mix32(index ^ ku) < threshold) | keep_all;
           const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
           const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
           theta += (keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f);
         }
-        param[i] = on ? theta : old;
+        param[i] = pick(on, theta, old);
       }
       lo = range_end;
     }
@@ -287,7 +305,7 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
 // shifts the whole tensor's cutoff by the piece's offset and clamps it to [-1, n].
 template <bool BUFFER, bool MASKED, typename T>
 void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const float* __restrict__ total,
-               const T* __restrict__ tau, const bool* __restrict__ keep, float decay, float alpha,
+               const T* __restrict__ tau, const uint8_t* __restrict__ keep, float decay, float alpha,
                std::array<int64_t, 2> update_cut,
                std::array<int64_t, 2> tau_cut, bool weighted, int64_t n) {
   const uint32_t update_threshold = static_cast<uint32_t>(update_cut[0]);
@@ -314,15 +332,15 @@ void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const floa
         const float b = keep_t ? t : 0.f;
         const float s = sign(wa * a + wb * b);
         const float merged = (1.f - alpha) * (sign(a) == s ? a : 0.f) + alpha * (sign(b) == s ? b : 0.f);
-        const bool on = !MASKED || keep[i];
+        const uint32_t on = on_bits<MASKED>(keep, i);
         const float old = param[i];
         float theta = old * decay + merged;
         if (BUFFER) {
           const float accumulated = buffer[i];
           theta -= accumulated;
-          buffer[i] = on ? 0.f : accumulated;
+          buffer[i] = pick(on, 0.f, accumulated);
         }
-        param[i] = on ? theta : old;
+        param[i] = pick(on, theta, old);
       }
       lo = range_end;
     }
@@ -332,7 +350,7 @@ void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const floa
 template <bool MASKED, typename Rule>
 void run_mode(int64_t mode, const Rule& rule, const torch::Tensor& param, const c10::optional<torch::Tensor>& tau,
               const c10::optional<torch::Tensor>& buffer, const c10::optional<torch::Tensor>& scratch,
-              const bool* keep, const Merge& mg) {
+              const uint8_t* keep, const Merge& mg) {
   const int64_t n = param.numel();
   float* p = param.data_ptr<float>();
   float* buf = buffer ? buffer->data_ptr<float>() : nullptr;
@@ -362,7 +380,10 @@ template <typename Rule>
 void run_rule(int64_t mode, const Rule& rule, const torch::Tensor& param, const c10::optional<torch::Tensor>& tau,
               const c10::optional<torch::Tensor>& buffer, const c10::optional<torch::Tensor>& scratch,
               const c10::optional<torch::Tensor>& keep, const Merge& mg) {
-  if (keep) return run_mode<true>(mode, rule, param, tau, buffer, scratch, keep->data_ptr<bool>(), mg);
+  if (keep) {
+    const auto* k = reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>());
+    return run_mode<true>(mode, rule, param, tau, buffer, scratch, k, mg);
+  }
   run_mode<false>(mode, rule, param, tau, buffer, scratch, nullptr, mg);
 }
 
@@ -449,7 +470,7 @@ void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   check(param, param, "param");
   check(total, param, "total");
   if (keep) check(*keep, param, "keep", at::kBool);
-  const bool* k = keep ? keep->data_ptr<bool>() : nullptr;
+  const uint8_t* k = keep ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
   TORCH_CHECK(tau.is_contiguous() && tau.numel() == param.numel(), "tau must be contiguous, shaped like param");
   float* buf = merge_buffer ? merge_buffer->data_ptr<float>() : nullptr;
   TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");

@@ -92,7 +92,9 @@ class LabConfig:
         return {seed: replace(self.world, seed=seed) for seed in self.seeds}
 
     def run_config(self, seed: int, order: int, overrides: dict, **extra) -> runner.RunConfig:
-        fields = {k: v for k, v in overrides.items() if k != "lr"}
+        fields = {k: v for k, v in overrides.items() if k not in ("lr", "unlearn_fraction")}
+        if "unlearn_fraction" in overrides:  # ALLO's NPO stage: a share of the same step budget
+            fields["unlearn_steps"] = max(1, round(overrides["unlearn_fraction"] * self.steps))
         return runner.RunConfig(
             world=self.worlds()[seed],
             data_seed=order,

@@ -32,6 +32,7 @@ class Method:
 
 
 _ADAM = {"optimizer": "adam", "merge": "ondare"}
+_KEY = {"optimizer": "adam", "merge": None}  # OnlineMergingAdam without a merge: AdamW that takes neuron masks
 _SGD_LR = 50.0  # OnlineMergingSGD (momentum 0.9) learning rate, as a multiple of the Adam one (measured)
 # (reserve_p, alpha): the published default first, then a merge strong enough to matter in 40 steps
 _MERGE_SWEEP = ({"reserve_p": 0.01, "alpha": 1e-7}, {"reserve_p": 0.1, "alpha": 1e-3})
@@ -66,6 +67,25 @@ TRAINED: dict[str, Method] = {
         "pairwise-normalised DPO with OnDARE-Adam",
         tuple({**_ADAM, "pairwise_normalized": True, **s} for s in _MERGE_SWEEP),
     ),
+    **{
+        name: Method(
+            f"DPO on ALLO's top {k:.0%} key neurons (AdamW: OnlineMergingAdam without a merge)",
+            ({**_KEY, "neuron_k": k}, {**_KEY, "neuron_k": k, "lr": 3.0}),
+        )
+        for name, k in (("allo_mask", 0.10), ("allo_mask_k05", 0.05), ("allo_mask_k15", 0.15), ("allo_mask_k20", 0.20))
+    },
+    "allo_ondare": Method(
+        "DPO on the top 10 % key neurons with OnDARE-Adam (mask, then merge)",
+        tuple({**_ADAM, "neuron_k": 0.10, **s} for s in _MERGE_SWEEP),
+    ),
+    "allo_full": Method(
+        "ALLO's three stages: top 10 % key neurons, NPO for a quarter of the steps, then DPO without the top 5 % "
+        "noisy tokens",
+        tuple(
+            {**_KEY, "neuron_k": 0.10, "unlearn_fraction": 0.25, "noisy_token_percentile": 0.05, **lr}
+            for lr in ({}, {"lr": 3.0})
+        ),
+    ),
     "kto_adamw": Method("KTO with Trainer's AdamW", ({"trainer": "kto"}, {"trainer": "kto", "lr": 2 / 3})),
     "kto_ondare": Method("KTO with OnDARE-Adam", tuple({"trainer": "kto", **_ADAM, **s} for s in _MERGE_SWEEP)),
 }
@@ -97,6 +117,7 @@ METHODS: dict[str, Method] = {**TRAINED, **OFFLINE}
 
 def setting_label(overrides: dict) -> str:
     """``"lr×0.667, beta=0.3"``; ``"default"`` for no overrides."""
-    shown = {k: v for k, v in overrides.items() if k not in ("optimizer", "trainer", "pairwise_normalized")}
+    hidden = ("optimizer", "trainer", "pairwise_normalized", "neuron_k", "unlearn_fraction", "noisy_token_percentile")
+    shown = {k: v for k, v in overrides.items() if k not in hidden and not (k == "merge" and v is None)}
     parts = [f"lr×{v:.3g}" if k == "lr" else f"{k}={v}" for k, v in shown.items()]
     return ", ".join(parts) or "default"

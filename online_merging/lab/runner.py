@@ -24,13 +24,14 @@ __all__ = ["MergeJob", "RunConfig", "evaluate_merges", "lab_cache_dir", "model_p
 LAB_VERSION = 1
 """Bump when a code change changes what a cached job computes."""
 PROBE_PAIRS = 16
+NEURON_PROBE_STEPS = 20
 
 
 def lab_cache_dir() -> Path:
     return default_cache_dir() / "lab"
 
 
-_LATER_FIELDS = ("pairwise_normalized", "probe_entanglement")
+_LATER_FIELDS = ("pairwise_normalized", "probe_entanglement", "neuron_k", "unlearn_steps", "noisy_token_percentile")
 """Fields added after version 1: in the key only when set, so that earlier results stay valid."""
 
 
@@ -60,6 +61,9 @@ class RunConfig:
     merge_every: int = 1
     momentum: float = 0.0
     pairwise_normalized: bool = False  # DPO with PairwiseNormalizedDPOTrainer
+    neuron_k: float = 0.0  # ALLO: train only the top k fraction of neurons, located by a NEURON_PROBE_STEPS probe
+    unlearn_steps: int = 0  # ALLO stage 2: NPO steps on the rejected responses, counted in ``steps``
+    noisy_token_percentile: float = 0.0  # ALLO stage 3: DPO without the tokens of the top implicit rewards
     ema: tuple[float, ...] = ()  # EMA coefficients c of θ_ema ← (1−c)·θ_ema + c·θ, tracked along the run
     steps: int = 80
     eval_every: int = 10
@@ -143,7 +147,6 @@ def _train(run: RunConfig) -> dict:
         beta=run.beta,
         lr_scheduler_type="constant",
         warmup_steps=0,
-        max_steps=run.steps,
         per_device_train_batch_size=run.batch_size,
         max_length=128,
         activation_checkpointing=False,
@@ -157,21 +160,43 @@ def _train(run: RunConfig) -> dict:
         bf16=False,
         dataloader_pin_memory=False,
     )
-    if run.trainer == "dpo":
-        args, dataset, trainer_cls = trl.DPOConfig(**common), world.preference_dataset(), trl.DPOTrainer
-        if run.pairwise_normalized:
-            from online_merging.integrations import PairwiseNormalizedDPOTrainer
+    config_cls, dataset = (trl.DPOConfig, world.preference_dataset()) if run.trainer == "dpo" else (
+        trl.KTOConfig, world.kto_dataset())  # fmt: skip
+    trainer_cls, extra = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[run.trainer], {}
+    if run.pairwise_normalized:
+        from online_merging.integrations import PairwiseNormalizedDPOTrainer
 
-            trainer_cls = PairwiseNormalizedDPOTrainer
-    else:
-        args, dataset, trainer_cls = trl.KTOConfig(**common), world.kto_dataset(), trl.KTOTrainer
-    optimizers = (None, None)
-    if run.optimizer != "adamw":
+        trainer_cls = PairwiseNormalizedDPOTrainer
+    if run.noisy_token_percentile:
+        from online_merging.integrations.allo_trainers import TokenWeightedDPOTrainer
+
+        trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": run.noisy_token_percentile}
+    masks = None
+    if run.neuron_k:
+        from online_merging.neurons import locate_key_neurons
+
+        masks = locate_key_neurons(
+            model, world.preference_dataset(), tokenizer, k=run.neuron_k, steps=NEURON_PROBE_STEPS,
+            learning_rate=run.lr, beta=run.beta, batch_size=run.batch_size, seed=run.data_seed,
+        )  # fmt: skip
+
+    def optimizers(args):
+        if run.optimizer == "adamw":
+            return None, None
         settings = dict(merge=run.merge, reserve_p=run.reserve_p, alpha=run.alpha, merge_every=run.merge_every)
         if run.optimizer == "sgd":
             settings["momentum"] = run.momentum
-        optimizer = build_optimizer(model, args, base_model=str(world.base_dir), optimizer=run.optimizer, **settings)
-        optimizers = (optimizer, None)
+        if masks is not None:
+            settings["neuron_mask"] = masks
+        return build_optimizer(model, args, base_model=str(world.base_dir), optimizer=run.optimizer, **settings), None
+
+    if not 0 <= run.unlearn_steps < run.steps:
+        raise ValueError(f"Invalid unlearn_steps: {run.unlearn_steps} (expected fewer than steps, {run.steps})")
+    stages = [(trainer_cls, run.steps - run.unlearn_steps, extra, run.unlearn_steps)]  # (class, steps, kwargs, offset)
+    if run.unlearn_steps:
+        from online_merging.integrations.allo_trainers import NPOTrainer
+
+        stages.insert(0, (NPOTrainer, run.unlearn_steps, {"token_weights": "log_ratio"}, 0))
     points: list[dict] = []
     emas = {c: {n: p.detach().clone() for n, p in model.named_parameters()} for c in run.ema}
     probes: list[dict] = []
@@ -185,32 +210,39 @@ def _train(run: RunConfig) -> dict:
             probes.append({"step": step, **report.metrics(prefix="")})
 
     class Evaluate(TrainerCallback):
+        def __init__(self, offset: int):
+            self.offset = offset  # steps of the earlier stages
+
         def on_train_begin(self, args, state, control, **kwargs):
-            probe(0)
+            if self.offset == 0:
+                probe(0)
 
         def on_step_end(self, args, state, control, **kwargs):
             with torch.no_grad():
                 for c, average in emas.items():
                     for n, p in model.named_parameters():
                         average[n].lerp_(p, c)
-            if state.global_step % run.eval_every and state.global_step != run.steps:
+            step = state.global_step + self.offset
+            if step % run.eval_every and step != run.steps:
                 return
-            step = state.global_step
             points.append({"step": step, "variant": "", **world.evaluate(model, tokenizer)})
             probe(step)
             for c, average in emas.items():
                 with _swapped(model, average):
                     points.append({"step": step, "variant": f"ema={c:g}", **world.evaluate(model, tokenizer)})
 
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        optimizers=optimizers,
-        callbacks=[Evaluate()],
-    )
-    trainer.train()
+    for cls, steps, kwargs, offset in stages:
+        args = config_cls(**{**common, "max_steps": steps})
+        trainer = cls(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            optimizers=optimizers(args),
+            callbacks=[Evaluate(offset)],
+            **kwargs,
+        )
+        trainer.train()
     if run.save_model:
         path = model_path(run)
         path.parent.mkdir(parents=True, exist_ok=True)
