@@ -4,4 +4,24 @@ from online_merging.merging import TaskVector
 from online_merging.optim import LambdaSchedule, OnlineMergingAdam, OnlineMergingSGD
 
 __version__ = "0.1.0"
-__all__ = ["LambdaSchedule", "OnlineMergingAdam", "OnlineMergingSGD", "TaskVector", "__version__"]
+__all__ = [
+    "LambdaSchedule",
+    "OnlineMergingAdam",
+    "OnlineMergingSGD",
+    "TaskVector",
+    "__version__",
+    "key_neuron_masks",
+    "load_neuron_masks",
+    "locate_key_neurons",
+    "save_neuron_masks",
+]
+
+_NEURONS = ("key_neuron_masks", "load_neuron_masks", "locate_key_neurons", "save_neuron_masks")
+
+
+def __getattr__(name: str):
+    if name in _NEURONS:  # imports transformers: only when asked for
+        from online_merging import neurons
+
+        return getattr(neurons, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

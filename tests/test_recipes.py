@@ -69,6 +69,18 @@ def test_bad_values_name_the_key(tmp_path):
         load_recipe(write(tmp_path, "- merge\n"))
 
 
+def test_bad_allo_keys_are_named(tmp_path):
+    path = write(tmp_path, "merge: none\n")
+    with pytest.raises(ValueError, match="'neuron_k': 1.5"):
+        load_recipe(path, ["--neuron_k", "1.5"])
+    with pytest.raises(ValueError, match="'noisy_token_percentile': 5.0"):
+        load_recipe(path, ["--noisy_token_percentile", "5"])
+    with pytest.raises(ValueError, match="'unlearn_steps': -1"):
+        load_recipe(path, ["--unlearn_steps", "-1"])
+    with pytest.raises(ValueError, match="need trainer: dpo"):
+        load_recipe(path, ["--trainer", "kto", "--unlearn_steps", "5"])
+
+
 def test_missing_recipe_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"recipe file not found: '.*nowhere\.yaml'"):
         load_recipe(tmp_path / "nowhere.yaml")
