@@ -75,8 +75,8 @@ TRAINED: dict[str, Method] = {
         for name, k in (("allo_mask", 0.10), ("allo_mask_k05", 0.05), ("allo_mask_k15", 0.15), ("allo_mask_k20", 0.20))
     },
     "allo_ondare": Method(
-        "DPO on the top 10 % key neurons with OnDARE-Adam (mask, then merge)",
-        tuple({**_ADAM, "neuron_k": 0.10, **s} for s in _MERGE_SWEEP),
+        "DPO on the top 10 % key neurons with OnDARE-Adam (mask, then merge), the published merge; allo_mask's lrs",
+        tuple({**_ADAM, "neuron_k": 0.10, **_MERGE_SWEEP[0], **lr} for lr in ({}, {"lr": 3.0})),
     ),
     "allo_full": Method(
         "ALLO's three stages: top 10 % key neurons, NPO for a quarter of the steps, then DPO without the top 5 % "
