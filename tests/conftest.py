@@ -96,3 +96,12 @@ def preference_data(n: int = 32):
             "rejected": [completion(a) for _, a in pairs],
         }
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and lose much to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -28,13 +28,7 @@ def tiny_pair(tie: bool = True, layers: int = 4, seed: int = 0) -> tuple[LlamaFo
     return sft, aligned
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and lose much to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

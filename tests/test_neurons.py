@@ -22,13 +22,7 @@ from online_merging.neurons import (
 from online_merging.world.tokenizer import build_tokenizer
 from tests.conftest import preference_data, tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -71,9 +71,9 @@ def test_bad_values_name_the_key(tmp_path):
 
 def test_bad_allo_keys_are_named(tmp_path):
     path = write(tmp_path, "merge: none\n")
-    with pytest.raises(ValueError, match="'neuron_k': 1.5"):
+    with pytest.raises(ValueError, match=r"'neuron_k': 1\.5"):
         load_recipe(path, ["--neuron_k", "1.5"])
-    with pytest.raises(ValueError, match="'noisy_token_percentile': 5.0"):
+    with pytest.raises(ValueError, match=r"'noisy_token_percentile': 5\.0"):
         load_recipe(path, ["--noisy_token_percentile", "5"])
     with pytest.raises(ValueError, match="'unlearn_steps': -1"):
         load_recipe(path, ["--unlearn_steps", "-1"])
