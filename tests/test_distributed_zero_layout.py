@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import tempfile
 
 import pytest
 import torch
 
 from online_merging.distributed.zero import Fragment, _stage_1_2_from_hp_mapping, zero_fragments, zero_setup
-from tests.distributed import tiny_model
+from tests.distributed import free_port, tiny_model
 
 WORLD = 2
 
@@ -35,12 +34,6 @@ VARIANTS = [
     (3, {"sub_group_size": 8, **OFFLOAD, "offload_param": {"device": "cpu"}}, True, False, False),
     (3, {"sub_group_size": 8}, True, False, True),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _param_groups(model):
@@ -173,7 +166,7 @@ def test_zero_fragments_cover_every_parameter_once_on_two_ranks():
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
         for rank in range(WORLD):
             with open(os.path.join(out_dir, f"rank{rank}.txt")) as f:
                 assert len(f.read().splitlines()) == len(VARIANTS)

@@ -14,7 +14,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,12 +52,6 @@ HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
 FORCE_OFF = {"zero_force_ds_cpu_optimizer": False}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ds_config(stage: int, zero_extra: dict | None = None, **top) -> dict:
@@ -236,7 +229,7 @@ def _run(scenario: str) -> list[dict]:
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(_free_port(), out_dir, scenario), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_port(), out_dir, scenario), nprocs=WORLD, join=True)
         return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -114,7 +114,7 @@ class OnlineMergingOptimizer(Optimizer):
             self._names[param] = name or (candidates[0] if candidates else None)
             if name is not None:
                 tau_shape = tuple(self.task_vector[name].shape)
-                shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 may partition params at load
+                shape = _full_shape(param)
                 if tau_shape != shape:
                     raise ValueError(f"task vector entry {name!r} has shape {tau_shape} but {where} has shape {shape}")
                 self._tau_names[param] = name
@@ -140,7 +140,7 @@ class OnlineMergingOptimizer(Optimizer):
         self._masked_names.update(names)
         name = names[0]
         mask = self.neuron_mask[name]
-        shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 may partition params at load
+        shape = _full_shape(param)
         if mask.dtype != torch.bool:
             raise ValueError(f"neuron_mask[{name!r}] has dtype {mask.dtype}; it must be torch.bool")
         rows = shape[:1]
@@ -270,14 +270,11 @@ class OnlineMergingOptimizer(Optimizer):
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             buffer = state.get("merge_buffer")
             if pieces is None:
-                tau = self._taus.get(param)
-                if has_tau and (tau is None or tau.device != param.device):  # first step, or the model moved
-                    tau = self._taus[param] = self.task_vector[self._tau_names[param]].to(param.device)
+                if has_tau and param not in self._taus:  # the first step: τ comes to the parameter's device now
+                    self._taus[param] = self.task_vector[self._tau_names[param]].to(param.device)
+                tau, mask = (_follow(cache, param) for cache in (self._taus, self._masks))
                 for column, values in zip(out["columns"], columns, strict=True):
                     column.append(values[i])
-                mask = self._masks.get(param)
-                if mask is not None and mask.device != param.device:  # the model moved
-                    mask = self._masks[param] = mask.to(param.device)
                 entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None, mask)]
             else:
                 for column, values in zip(out["columns"], columns, strict=True):
@@ -341,3 +338,16 @@ def _neuron_masks(neuron_mask: Mapping[str, torch.Tensor] | None) -> dict[str, t
 
 def _summary(fingerprint: dict | None) -> str:
     return "none" if fingerprint is None else f"{fingerprint['tensors']} tensors summing to {fingerprint['sum']:.6g}"
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's shape, also when ZeRO-3 partitioned it at load time (``ds_shape``)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def _follow(cache: dict[torch.Tensor, torch.Tensor], param: torch.Tensor) -> torch.Tensor | None:
+    """``cache[param]`` on the parameter's device, moved (and kept) there if the model moved since."""
+    value = cache.get(param)
+    if value is not None and value.device != param.device:
+        value = cache[param] = value.to(param.device)
+    return value
