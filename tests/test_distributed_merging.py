@@ -136,6 +136,7 @@ OFFLOAD = {"offload_optimizer": {"device": "cpu"}}
     ],
     ids=["zero1", "zero2", "zero3", "zero2_offload", "zero3_offload", "zero1_resume", "zero2_resume", "zero3_resume"],
 )
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_zero_updates_equal_one_process(stage, zero_extra, resume, tmp_path):
     ranks = run_distributed(_zero_run, WORLD, stage, zero_extra, str(tmp_path) if resume else None, timeout=300.0)
     assert_equal_to_one_process(ranks)

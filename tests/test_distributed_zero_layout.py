@@ -162,6 +162,7 @@ def _worker(rank: int, port: int, out_dir: str):
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed")
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_zero_fragments_cover_every_parameter_once_on_two_ranks():
     import torch.multiprocessing as mp
 

@@ -236,6 +236,7 @@ def _run(scenario: str) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed")
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_trainer_and_dpo_zero2_step_our_optimizer_and_ignored_optimizers_are_refused():
     for rank, results in enumerate(_run("zero2")):
         factory = results["factory"]
@@ -257,6 +258,7 @@ def test_trainer_and_dpo_zero2_step_our_optimizer_and_ignored_optimizers_are_ref
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed")
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_trainer_zero2_offload_needs_force_ds_cpu_optimizer_off():
     for rank, results in enumerate(_run("offload")):
         refusals = results["refusals"]
@@ -397,6 +399,7 @@ def test_use_online_merging_optimizer_refuses_a_trainer_with_an_optimizer():
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize(("recipe", "ds_config"), [("dpo_ondare", "ds_zero2"), ("dpo_onties", "ds_zero3_offload")])
+@pytest.mark.usefixtures("deepspeed_ops")
 def test_a_recipe_trains_under_deepspeed_on_two_ranks(recipe, ds_config, tmp_path, world_cache):
     """``torchrun --nproc_per_node 2 -m online_merging.cli train RECIPE --deepspeed ds.json`` on the quick world:
     ZeRO-2, and ZeRO-3 with the model partitioned as it loads (τ read from the SFT checkpoint) and CPU offload; our
