@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def deepspeed_ops():
+def _deepspeed_shm_op():
     """DeepSpeed's CPU communication op, compiled once in this process before tests spawn ranks: ranks compiling it
     at once under a test timeout can be killed holding the build lock, which then blocks every later build."""
     pytest.importorskip("deepspeed")
@@ -116,3 +117,16 @@ def deepspeed_ops():
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     ShareMemCommBuilder().load()
+
+
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture
+def deepspeed_ops(_deepspeed_shm_op):
+    """The compiled op, and /dev/shm as the test found it: each DeepSpeed CPU launch leaves a 69 MB shared-memory
+    buffer per rank there (DeepSpeed 0.19.8 never unlinks it), which, a test run after another, fills the RAM."""
+    before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    for buffer in set(SHM.glob("deepspeed_allreduce_buffer_*")) - before:
+        buffer.unlink(missing_ok=True)

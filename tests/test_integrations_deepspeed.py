@@ -223,6 +223,7 @@ def _worker(rank: int, port: int, out_dir: str, scenario: str):
         results["offload"] = _train_with_factory(out_dir, _ds_config(2, OFFLOAD, **FORCE_OFF))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f)
+    os._exit(0)  # results are written; DeepSpeed's native threads sometimes abort the interpreter's teardown
 
 
 def _run(scenario: str) -> list[dict]:
