@@ -1,6 +1,7 @@
 """Running the optimizers on sharded parameters: exact distributed top-k selection, and which piece of which
 parameter each tensor holds under DeepSpeed ZeRO (:mod:`.zero`) and FSDP2 (:mod:`.fsdp`)."""
 
+from online_merging.distributed.collectives import all_true, collective_device
 from online_merging.distributed.fsdp import dtensor_fragment, fragment_group, is_dtensor, local_tensor
 from online_merging.distributed.topk import DIGIT_BITS, distributed_topk_cut, distributed_topk_cuts, radix_rounds
 from online_merging.distributed.zero import Fragment, ZeroSetup, zero_fragments, zero_setup
@@ -9,6 +10,8 @@ __all__ = [
     "DIGIT_BITS",
     "Fragment",
     "ZeroSetup",
+    "all_true",
+    "collective_device",
     "distributed_topk_cut",
     "distributed_topk_cuts",
     "dtensor_fragment",

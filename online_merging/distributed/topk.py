@@ -14,6 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from online_merging.distributed.collectives import collective_device
 from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE, Cut, magnitude_bits
 
 __all__ = ["DIGIT_BITS", "distributed_topk_cut", "distributed_topk_cuts", "radix_rounds"]
@@ -45,7 +46,7 @@ def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: li
         raise ValueError(f"{len(pieces)} pieces, {len(offsets)} offsets and {len(ks)} ks: one of each per tensor")
     if not pieces:
         return []
-    device = pieces[0].device
+    device = collective_device(group, pieces[0].device)
     bins = 1 << DIGIT_BITS
     rounds = radix_rounds([p.dtype for p in pieces])
     k = torch.tensor(ks, dtype=torch.int64, device=device)

@@ -121,7 +121,9 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         check_range(where, "weight_decay", group["weight_decay"], 0.0, float("inf"), high_open=True)
         return MergeSettings.from_group(group, where)
 
-    def _step_group(self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor]) -> None:
+    def _step_group(
+        self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor], skip: dict
+    ) -> None:
         exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
         for param in params:
             state = self.state[param]
@@ -136,7 +138,9 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             max_exp_avg_sqs.append(state.get("max_exp_avg_sq"))
             steps.append(state["step"])
         grads = [p.grad for p in params]
-        inputs = self._kernel_inputs(group, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps, settings)
+        inputs = self._kernel_inputs(
+            group, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps, settings, skip
+        )
         beta1, beta2 = group["betas"]
         functional.adam(
             *inputs["columns"],

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from online_merging.distributed.collectives import all_true
 from online_merging.kernels import BACKENDS
 from online_merging.merging import TaskVector, canonical_name
 from online_merging.optim.pieces import Piece, calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
@@ -176,7 +177,10 @@ class OnlineMergingOptimizer(Optimizer):
         """Check one group's hyper-parameters (names ``where`` in errors); return its merge settings."""
         raise NotImplementedError
 
-    def _step_group(self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor]) -> None:
+    def _step_group(
+        self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor], skip: dict
+    ) -> None:
+        """Step ``params``; ``skip``: pieces not to step, for :meth:`_kernel_inputs`."""
         raise NotImplementedError
 
     # -- stepping ------------------------------------------------------------------------------------------
@@ -195,12 +199,12 @@ class OnlineMergingOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for param in params:
                 self._check_grad(param, index)
-            if self.nonfinite_grads is not None:
-                params = self._finite_only(params, index)
-            plan.append((group, settings, params))
-        for group, settings, params in plan:
+            plan.append((index, group, settings, params))
+        skip = self._nonfinite(plan) if self.nonfinite_grads is not None else {}
+        for _, group, settings, params in plan:
+            params = [p for p in params if p not in skip or p in self._pieces]
             if params:
-                self._step_group(group, settings, params)
+                self._step_group(group, settings, params, skip)
         return loss
 
     def _bind_zero_partitions(self) -> None:
@@ -224,31 +228,67 @@ class OnlineMergingOptimizer(Optimizer):
         if grad.is_complex():
             raise RuntimeError(f"{self._describe(param, index)} has a complex gradient; online merging needs real ones")
 
-    def _finite_only(self, params: list[torch.Tensor], index: int) -> list[torch.Tensor]:
-        finite = [bool(torch.isfinite(p.grad).all()) for p in params]
-        if self.nonfinite_grads == "raise" and not all(finite):
-            bad = [self._describe(p, index) for p, ok in zip(params, finite, strict=False) if not ok]
-            raise FloatingPointError(f"non-finite gradient in {', '.join(bad)}; no parameter was changed")
-        for param, ok in zip(params, finite, strict=False):
-            if not ok:
-                state = self.state[param]
+    def _nonfinite(self, plan: list) -> dict[torch.Tensor, set[int | None]]:
+        """The tensors to skip for a non-finite gradient, each with the indices of its pieces to skip (``{None}``
+        for a tensor stepped whole); raises instead under ``nonfinite_grads="raise"``, before any change.
+
+        A sharded parameter is skipped on all of its ranks if its gradient is not finite on one: the ranks agree
+        with one ``all_reduce`` per process group, so that all of them skip or raise together, as one process would.
+        A tensor of pieces counts the skips of each piece in ``state["piece_skips"]``, a tensor so that checkpoints
+        of every engine (DCP included) keep it.
+        """
+        finite, shared = {}, {}  # (tensor, piece index or None) -> flag; process group -> keys of its pieces
+        for _, _, _, params in plan:
+            for param in params:
+                pieces = self._pieces.get(param)
+                if pieces is None:
+                    finite[param, None] = torch.isfinite(param.grad).all()
+                    continue
+                self.state[param].setdefault("piece_skips", torch.zeros(len(pieces), dtype=torch.int64))
+                for j, piece in enumerate(pieces):
+                    finite[param, j] = torch.isfinite(piece.view(param.grad)).all()
+                    if not piece.whole:
+                        shared.setdefault(piece.group, []).append((param, j))
+        for group, keys in shared.items():
+            for key, ok in zip(keys, all_true([finite[key] for key in keys], group), strict=True):
+                finite[key] = ok
+        bad = [key for key, ok in finite.items() if not bool(ok)]
+        if self.nonfinite_grads == "raise" and bad:
+            index = {p: i for i, _, _, params in plan for p in params}
+            shown = [
+                self._describe(p, index[p]) if j is None else f"parameter {self._pieces[p][j].name!r}" for p, j in bad
+            ]
+            raise FloatingPointError(f"non-finite gradient in {', '.join(shown)}; no parameter was changed")
+        skip = {}
+        for param, j in bad:
+            skip.setdefault(param, set()).add(j)
+            state = self.state[param]
+            if j is None:
                 state["nonfinite_skips"] = state.get("nonfinite_skips", 0) + 1
-        return [p for p, ok in zip(params, finite, strict=False) if ok]
+            else:
+                state["piece_skips"][j] += 1
+        return skip
 
     @property
     def nonfinite_skips(self) -> dict[str, int]:
-        """How many updates each parameter skipped for a non-finite gradient (``nonfinite_grads='skip'``)."""
-        return {
-            self._names.get(p) or f"param {i}": s["nonfinite_skips"]
-            for i, (p, s) in enumerate(self.state.items())
-            if s.get("nonfinite_skips")
-        }
+        """How many updates each parameter skipped for a non-finite gradient (``nonfinite_grads='skip'``); under
+        ZeRO or FSDP2, those of the parameters this rank holds pieces of."""
+        skips = {}
+        for i, (p, s) in enumerate(self.state.items()):
+            if s.get("nonfinite_skips"):
+                skips[self._names.get(p) or f"param {i}"] = s["nonfinite_skips"]
+            for piece, count in zip(self._pieces.get(p, ()), s.get("piece_skips", ()), strict=False):
+                if count:
+                    skips[piece.name] = int(count)
+        return skips
 
     def _describe(self, param: torch.Tensor, index: int) -> str:
         name = self._names.get(param)
         return f"parameter {name!r}" if name else f"an unnamed parameter of param_groups[{index}]"
 
-    def _kernel_inputs(self, group, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings):
+    def _kernel_inputs(
+        self, group, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings, skip
+    ):
         """Per stepped piece: the views of each column (tensors shaped like the params: param, grad, states), the
         step counter, step-K buffer, τ, name, global offset, OnTIES cut callables and element mask (``None``: not
         masked), as ``functional`` takes them;
@@ -256,7 +296,8 @@ class OnlineMergingOptimizer(Optimizer):
         state of a fresh optimizer by a step at lr 0).
 
         A whole parameter is one piece. A ZeRO partition or FSDP2 shard holds several: they get copies of the
-        tensor's step counter, which :meth:`_count_steps` then advances once.
+        tensor's step counter, less the steps their parameter skipped (``skip``: the pieces to skip now, by
+        tensor, from :meth:`_nonfinite`), and :meth:`_count_steps` then advances it once.
         """
         params = columns[0]
         keys = ("steps", "buffers", "taus", "names", "offsets", "update_cuts", "tau_cuts", "masks")
@@ -277,14 +318,17 @@ class OnlineMergingOptimizer(Optimizer):
                     column.append(values[i])
                 entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None, mask)]
             else:
+                skipped = state.get("piece_skips")  # with nonfinite_grads only
+                stepped = [j for j in range(len(pieces)) if j not in skip.get(param, ())]
                 for column, values in zip(out["columns"], columns, strict=True):
-                    column.extend(piece.view(values[i]) for piece in pieces)
+                    column.extend(pieces[j].view(values[i]) for j in stepped)
                 ties = out["settings"].merge == "onties"
                 entries = [
-                    (steps[i].clone(), piece.view(buffer), piece.tau, piece.name, piece.offset,
-                     piece.update_cut(settings.reserve_p) if ties else None,
-                     piece.tau_cut(settings.reserve_p) if ties else None, piece.mask)
-                    for piece in pieces
+                    (steps[i].clone() if skipped is None else steps[i] - skipped[j], pieces[j].view(buffer),
+                     pieces[j].tau, pieces[j].name, pieces[j].offset,
+                     pieces[j].update_cut(settings.reserve_p) if ties else None,
+                     pieces[j].tau_cut(settings.reserve_p) if ties else None, pieces[j].mask)
+                    for j in stepped
                 ]  # fmt: skip
             for entry in entries:
                 for key, value in zip(keys, entry, strict=True):

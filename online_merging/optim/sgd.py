@@ -89,7 +89,9 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             raise ValueError(f"Invalid {where}'nesterov': Nesterov momentum requires momentum > 0 and dampening = 0")
         return MergeSettings.from_group(group, where)
 
-    def _step_group(self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor]) -> None:
+    def _step_group(
+        self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor], skip: dict
+    ) -> None:
         momentum_buffers, steps = [], []
         for param in params:
             state = self.state[param]
@@ -100,7 +102,7 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             momentum_buffers.append(state.get("momentum_buffer"))
             steps.append(state["step"])
         grads = [p.grad for p in params]
-        inputs = self._kernel_inputs(group, [params, grads, momentum_buffers], steps, settings)
+        inputs = self._kernel_inputs(group, [params, grads, momentum_buffers], steps, settings, skip)
         functional.sgd(
             *inputs["columns"],
             inputs["steps"],
