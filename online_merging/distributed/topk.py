@@ -1,7 +1,9 @@
 """Exact top-k magnitude selection over a tensor split into contiguous pieces held by different ranks.
 
 Radix select over :func:`~online_merging.merging.sparsify.magnitude_bits`: each round fixes the next ``DIGIT_BITS``
-bits of the threshold T from one ``all_reduce(SUM)`` of a batched histogram ``[n_tensors, 2**DIGIT_BITS]``; then
+bits of the threshold T from one ``all_reduce(SUM)`` of a batched histogram ``[n_tensors, 2**DIGIT_BITS]``. The
+histograms count only each rank's local k largest (``torch.topk``), among which the whole tensor's k largest lie,
+so that for a small top-p they cost little next to one pass over the piece; then
 the tie cutoff (the r-th lowest global index among elements with bits == T) takes one ``all_gather`` of per-rank tie
 counts and piece offsets and one ``all_reduce(MAX)``. The collectives depend only on the number of tensors and their
 dtypes, never on the data or the piece sizes, so every rank issues the same ones in the same order.
@@ -50,30 +52,37 @@ def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: li
     bins = 1 << DIGIT_BITS
     rounds = radix_rounds([p.dtype for p in pieces])
     k = torch.tensor(ks, dtype=torch.int64, device=device)
+    bits = [magnitude_bits(p).to(device) for p in pieces]
+    # the k largest of the whole tensor are among the union of each rank's k largest: only those are counted
+    candidates = [
+        b if kk >= b.numel() else torch.topk(b, max(kk, 0), sorted=False).values for b, kk in zip(bits, ks, strict=True)
+    ]
     need = k.clone()  # rank, from the top, of the k-th largest among the elements matching the prefix so far
     prefix = torch.zeros_like(k)  # the threshold's bits fixed so far
     rows = torch.arange(len(pieces), device=device)
-    numel = None
     for r in range(rounds):
         shift = (rounds - 1 - r) * DIGIT_BITS
-        hist = torch.zeros(len(pieces), bins + 1, dtype=torch.int64, device=device)  # last bin: not matching
-        for t, piece in enumerate(pieces):
-            bits = magnitude_bits(piece).to(device)
-            digit = (bits >> shift) & (bins - 1)
-            if r > 0:
-                digit = torch.where((bits >> (shift + DIGIT_BITS)) == prefix[t], digit, bins)
+        hist = torch.zeros(len(pieces), bins + 1, dtype=torch.int64, device=device)  # last bin: see below
+        for t, c in enumerate(candidates):
+            digit = (c >> shift) & (bins - 1)
+            if r > 0:  # candidates not matching the prefix go to the last bin
+                digit = torch.where((c >> (shift + DIGIT_BITS)) == prefix[t], digit, bins)
             hist[t].scatter_add_(0, digit, torch.ones_like(digit))
-        hist = hist[:, :bins].contiguous()
+        if r == 0:  # the last bin carries the piece's size instead: the tensor's size, once all-reduced
+            hist[:, bins] = torch.tensor([b.numel() for b in bits], dtype=torch.int64, device=device)
+        else:
+            hist[:, bins] = 0
         dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)
-        if numel is None:
-            numel = hist.sum(1)  # every element matches the empty prefix
+        if r == 0:
+            numel = hist[:, bins].clone()
+        hist = hist[:, :bins]
         at_least = hist.flip(1).cumsum(1).flip(1)  # at_least[t, d]: matching elements with digit >= d
         digit = ((at_least >= need[:, None]).sum(1) - 1).clamp(min=0)
         need = need - (at_least[rows, digit] - hist[rows, digit])
         prefix = (prefix << DIGIT_BITS) | digit
     threshold, room = prefix, need  # room = k - #(bits > T), the ties to keep, lowest global index first
 
-    is_tie = [magnitude_bits(p).to(device) == threshold[t] for t, p in enumerate(pieces)]
+    is_tie = [b == threshold[t] for t, b in enumerate(bits)]
     ties = torch.stack([m.sum() for m in is_tie])
     local = torch.stack([ties, torch.tensor(offsets, dtype=torch.int64, device=device)])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
