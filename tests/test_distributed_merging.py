@@ -103,6 +103,13 @@ def single_process(label: str) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def assert_skips_counted(label: str, opt) -> None:
+    """On every rank, the non-finite cases counted one skip per poisoned parameter, in int64 also after a resume."""
+    if CASES[label][1].get("nonfinite_grads"):
+        assert opt.nonfinite_skips == {f"{layer}.weight": 1 for layer in POISON.values()}, opt.nonfinite_skips
+        assert all(s["piece_skips"].dtype == torch.int64 for s in opt.state.values() if "piece_skips" in s)
+
+
 def assert_equal_to_one_process(ranks: list[dict[str, dict[str, torch.Tensor]]]) -> None:
     """Every rank's final parameters, for every case run, equal one process's bit for bit."""
     for label in ranks[0]:
@@ -152,6 +159,7 @@ def _zero_run(stage: int, zero_extra: dict, checkpoint_dir: str | None) -> dict[
                 engine.load_checkpoint(checkpoint_dir, tag=label)
             engine.backward(engine(batch(step)).pow(2).sum())
             engine.step()
+        assert_skips_counted(label, engine.optimizer.optimizer)
         params = list(engine.module.named_parameters())
         with deepspeed.zero.GatheredParameters([p for _, p in params]):
             results[label] = {n: p.detach().clone() for n, p in params}
@@ -222,6 +230,7 @@ def _fsdp_run(checkpoint_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
             opt.zero_grad()
             model(batch(step)).pow(2).sum().backward()  # the same batch on every rank
             opt.step()
+        assert_skips_counted(label, opt)
         results[label] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return results
 

@@ -358,6 +358,9 @@ class OnlineMergingOptimizer(Optimizer):
                 f"(saved: {_summary(saved)}; this optimizer's: {_summary(current)})"
             )
         super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts state tensors other than "step" to the parameter's dtype
+            if "piece_skips" in state:
+                state["piece_skips"] = state["piece_skips"].to("cpu", torch.int64)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
