@@ -8,7 +8,7 @@ import torch
 
 from online_merging.kernels import eager
 from online_merging.kernels.plan import dare_keys
-from online_merging.merging import num_kept, topk_cut
+from online_merging.merging import PendingCut, num_kept, topk_cut
 from online_merging.optim import functional
 from online_merging.rng import bernoulli_mask, keep_threshold, random_bits
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
@@ -76,12 +76,13 @@ def initial_state(opt, settings, gen) -> dict:
 def step(module, opt, state, grad, tau, t, settings, **pieces):
     common = {"step": t, "name": NAME, "settings": settings, **pieces}
     if opt == "adam":
-        module.adam_step(
+        return module.adam_step(
             state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"],
             state.get("merge_buffer"), tau, **common, **ADAM,
         )  # fmt: skip
-    else:
-        module.sgd_step(state["param"], grad, state["momentum_buffer"], state.get("merge_buffer"), tau, **common, **SGD)
+    return module.sgd_step(
+        state["param"], grad, state["momentum_buffer"], state.get("merge_buffer"), tau, **common, **SGD
+    )
 
 
 def is_merge_step(settings, t) -> bool:
@@ -141,6 +142,91 @@ def test_pieces_equal_the_whole(backend, merge, opt, tau_dtype):
         assert sorted(calls) == sorted((kind, t) for t in merge_steps for kind in ("update", "tau"))
         for key, value in piece.items():
             assert torch.equal(value, whole[key].reshape(-1)[lo:hi]), (key, lo, hi)
+
+
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+@pytest.mark.parametrize("merge", ["onties", "onties-weighted", "stepK-onties"])
+def test_pending_cuts_wait_then_equal_the_whole(backend, merge, opt):
+    """With PendingCuts, every piece hands over its Δ and returns the rest of its step on merge steps; the cut of
+    the joined Δ is the whole tensor's, and the rests then finish the pieces as the whole tensor's step does."""
+    settings = settings_of(MERGES[merge])
+    k, steps = num_kept(settings.reserve_p, 1000), 4
+    gen = torch.Generator().manual_seed(6)
+    start = initial_state(opt, settings, gen)
+    tau = 0.025 * torch.randint(-4, 5, SHAPE, generator=gen)
+    grads = [torch.randn(SHAPE, generator=gen) for _ in range(steps)]
+    whole = {key: value.clone() for key, value in start.items()}
+    pieces = [
+        {key: value.reshape(-1)[lo:hi].clone() for key, value in start.items()} for lo, hi in itertools.pairwise(BOUNDS)
+    ]
+    for t, grad in enumerate(grads, 1):
+        update_cut = {}
+
+        def record(x, t=t, update_cut=update_cut):
+            update_cut["whole"] = topk_cut(x, k)
+            return update_cut["whole"]
+
+        assert step(backend, opt, whole, grad, tau, t, settings, update_cut=record) is None
+        pending, rests = [], []
+        for (lo, hi), piece in zip(itertools.pairwise(BOUNDS), pieces, strict=True):
+            pending.append(PendingCut(offset=lo, k=k, numel=1000))
+            tau_cut = topk_cut(tau.reshape(-1), k)
+            rests.append(step(
+                backend, opt, piece, grad.reshape(-1)[lo:hi].clone(), tau.reshape(-1)[lo:hi].clone(), t, settings,
+                offset=lo, update_cut=pending[-1], tau_cut=lambda x, tau_cut=tau_cut: tau_cut,
+            ))  # fmt: skip
+        if not is_merge_step(settings, t):
+            assert rests == [None] * len(pieces) and all(c.total is None for c in pending)
+            continue
+        assert all(callable(rest) for rest in rests)
+        joined = torch.cat([c.total for c in pending])
+        assert topk_cut(joined, k) == update_cut["whole"]  # the pieces' Δ, joined, is the whole tensor's
+        for cut in pending:
+            cut.cut = update_cut["whole"]
+        for rest in rests:
+            rest()
+    for (lo, hi), piece in zip(itertools.pairwise(BOUNDS), pieces, strict=True):
+        for key, value in piece.items():
+            assert torch.equal(value, whole[key].reshape(-1)[lo:hi]), (key, lo, hi)
+
+
+def test_functional_selects_pending_cuts_in_batches(monkeypatch):
+    """``functional.adam`` selects the waiting cuts of a step together, in batches of at most DEFER_NUMEL whole
+    elements, then finishes the steps: as the tensors' own top-p would."""
+    settings = settings_of(MERGES["onties"])
+    gen = torch.Generator().manual_seed(11)
+    n, tensors = 1000, 3
+    start = [torch.randn(n, generator=gen) for _ in range(tensors)]
+    taus = [0.025 * torch.randint(-4, 5, (n,), generator=gen) for _ in range(tensors)]
+    grads = [torch.randn(n, generator=gen) for _ in range(tensors)]
+    batches = []
+
+    def select(cuts):  # one process, whole tensors: each cut is the tensor's own top-k
+        batches.append(len(cuts))
+        for cut in cuts:
+            cut.cut = topk_cut(cut.total, cut.k)
+
+    monkeypatch.setattr(functional, "select_pending", select)
+
+    def run(update_cuts):
+        params = [p.clone() for p in start]
+        state = [[torch.zeros(n) for _ in range(tensors)] for _ in range(2)]
+        steps = [torch.tensor(0.0) for _ in range(tensors)]
+        adam = {key: value for key, value in ADAM.items() if key != "amsgrad"}
+        functional.adam(
+            params, grads, *state, [None] * tensors, steps, [None] * tensors, taus, [NAME] * tensors,
+            settings=settings, backend="eager", update_cuts=update_cuts, amsgrad=False, **adam,
+        )  # fmt: skip
+        return params
+
+    expected = run(None)
+    k = num_kept(settings.reserve_p, n)
+    for limit, sizes in [(functional.DEFER_NUMEL, [3]), (2 * n, [2, 1]), (n, [1, 1, 1])]:
+        monkeypatch.setattr(functional, "DEFER_NUMEL", limit)
+        batches.clear()
+        got = run([PendingCut(offset=0, k=k, numel=n) for _ in range(tensors)])
+        assert batches == sizes, limit
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), limit
 
 
 @pytest.mark.parametrize("offset", [2**32 - 20, 2**32 + 5, 3 * 2**32 - 1000])

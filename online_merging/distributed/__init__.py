@@ -3,7 +3,13 @@ parameter each tensor holds under DeepSpeed ZeRO (:mod:`.zero`) and FSDP2 (:mod:
 
 from online_merging.distributed.collectives import all_true, collective_device
 from online_merging.distributed.fsdp import dtensor_fragment, fragment_group, is_dtensor, local_tensor
-from online_merging.distributed.topk import DIGIT_BITS, distributed_topk_cut, distributed_topk_cuts, radix_rounds
+from online_merging.distributed.topk import (
+    DIGIT_BITS,
+    distributed_topk_cut,
+    distributed_topk_cuts,
+    radix_rounds,
+    select_pending,
+)
 from online_merging.distributed.zero import Fragment, ZeroSetup, zero_fragments, zero_setup
 
 __all__ = [
@@ -19,6 +25,7 @@ __all__ = [
     "is_dtensor",
     "local_tensor",
     "radix_rounds",
+    "select_pending",
     "zero_fragments",
     "zero_setup",
 ]

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from online_merging.distributed.collectives import collective_device
-from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE, Cut, magnitude_bits
+from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE, Cut, PendingCut, magnitude_bits
 
-__all__ = ["DIGIT_BITS", "distributed_topk_cut", "distributed_topk_cuts", "radix_rounds"]
+__all__ = ["DIGIT_BITS", "distributed_topk_cut", "distributed_topk_cuts", "radix_rounds", "select_pending"]
 
 DIGIT_BITS = 11
 """Bits of the threshold fixed per round: a histogram row has 2**11 bins."""
@@ -100,3 +100,16 @@ def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: li
     for n, kk, th, c in zip(*torch.stack([numel, k, threshold, cutoff]).tolist(), strict=True):
         cuts.append(KEEP_ALL if kk >= n else KEEP_NONE if kk <= 0 else (th, c))
     return cuts
+
+
+def select_pending(pending: list[PendingCut]) -> None:
+    """Set the cut of each :class:`~online_merging.merging.PendingCut` from its ``total``: one
+    :func:`distributed_topk_cuts` per process group for all of them, in the order given (every rank of a group
+    passes its pieces of the same tensors, in the same order)."""
+    by_group: dict = {}
+    for cut in pending:
+        by_group.setdefault(cut.group, []).append(cut)
+    for group, cuts in by_group.items():
+        selected = distributed_topk_cuts([c.total for c in cuts], [c.offset for c in cuts], [c.k for c in cuts], group)
+        for cut, value in zip(cuts, selected, strict=True):
+            cut.cut, cut.total = value, None

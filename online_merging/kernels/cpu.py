@@ -11,6 +11,7 @@ the eager backend. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
@@ -19,9 +20,9 @@ from pathlib import Path
 import torch
 
 from online_merging.kernels import eager
-from online_merging.kernels.eager import CutFn
+from online_merging.kernels.eager import CutFn, Rest
 from online_merging.kernels.plan import dare_keys, plan
-from online_merging.merging import Cut, num_kept
+from online_merging.merging import Cut, PendingCut, num_kept
 from online_merging.rng import MASK32, keep_threshold
 from online_merging.settings import MergeSettings
 
@@ -49,7 +50,10 @@ _tau_cuts: dict[int, tuple] = {}
 _local = threading.local()  # per thread, a reused scratch buffer: a fresh one per step page-faults every 4 KiB
 
 
-def _scratch_for(param: torch.Tensor) -> torch.Tensor:
+def _scratch_for(param: torch.Tensor, update_cut: CutFn | None) -> torch.Tensor:
+    """Where the OnTIES pass writes Δ: its own buffer when the merge waits for a batched cut, else a reused one."""
+    if isinstance(update_cut, PendingCut) and update_cut.waiting:
+        return torch.empty(param.numel(), dtype=torch.float32)
     scratch = getattr(_local, "scratch", None)
     if scratch is None or scratch.numel() < param.numel():
         scratch = _local.scratch = torch.empty(param.numel(), dtype=torch.float32)
@@ -117,18 +121,24 @@ def _local(cut: Cut, offset: int, n: int) -> list[int]:
 def _ties(
     param, merge_buffer, total, tau, settings: MergeSettings, decay: float, offset: int, update_cut: CutFn | None,
     tau_cut: CutFn | None, mask: torch.Tensor | None,
-) -> None:  # fmt: skip
+) -> Rest:  # fmt: skip
+    if isinstance(update_cut, PendingCut) and update_cut.waiting:
+        update_cut.total = total
+        return functools.partial(
+            _ties, param, merge_buffer, total, tau, settings, decay, offset, update_cut, tau_cut, mask
+        )
     p, n = settings.reserve_p, param.numel()
     update = _cut(total, p) if update_cut is None else _local(update_cut(total), offset, n)
     task = _tau_cut(tau, p) if tau_cut is None else _local(tau_cut(tau.reshape(-1)), offset, n)
     weighted = settings.ties_sign == "weighted"
     _ext.ties_merge(param, merge_buffer, total, tau, update, task, decay, settings.alpha, weighted, mask)
+    return None
 
 
 def adam_step(
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, *, step, name, lr, beta1, beta2, eps,
     weight_decay, amsgrad, maximize, settings, offset=0, update_cut=None, tau_cut=None, mask=None,
-) -> None:  # fmt: skip
+) -> Rest:  # fmt: skip
     """Same contract as :func:`online_merging.kernels.eager.adam_step`."""
     if not _fusable(param, tau, mask, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer):
         return eager.adam_step(
@@ -138,20 +148,20 @@ def adam_step(
         )  # fmt: skip
     mode = _mode(tau, merge_buffer, settings, step)
     decay = 1.0 - lr * weight_decay
-    total = _scratch_for(param) if mode >= WRITE_TOTAL else None
+    total = _scratch_for(param, update_cut) if mode >= WRITE_TOTAL else None
     _ext.adam_pass(
         mode, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None, merge_buffer, tau, total,
         beta1, beta2, -lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5, eps, maximize, decay,
         *_merge_args(settings, step, name, offset), mask,
     )  # fmt: skip
     if mode >= WRITE_TOTAL:
-        _ties(param, merge_buffer, total, tau, settings, decay, offset, update_cut, tau_cut, mask)
+        return _ties(param, merge_buffer, total, tau, settings, decay, offset, update_cut, tau_cut, mask)
 
 
 def sgd_step(
     param, grad, momentum_buffer, merge_buffer, tau, *, step, name, lr, momentum, dampening, nesterov, weight_decay,
     maximize, settings, offset=0, update_cut=None, tau_cut=None, mask=None,
-) -> None:  # fmt: skip
+) -> Rest:  # fmt: skip
     """Same contract as :func:`online_merging.kernels.eager.sgd_step`."""
     if not _fusable(param, tau, mask, grad, momentum_buffer, merge_buffer):
         return eager.sgd_step(
@@ -160,10 +170,10 @@ def sgd_step(
             offset=offset, update_cut=update_cut, tau_cut=tau_cut, mask=mask,
         )  # fmt: skip
     mode = _mode(tau, merge_buffer, settings, step)
-    total = _scratch_for(param) if mode >= WRITE_TOTAL else None
+    total = _scratch_for(param, update_cut) if mode >= WRITE_TOTAL else None
     _ext.sgd_pass(
         mode, param, grad, momentum_buffer if momentum != 0.0 else None, merge_buffer, tau, total, lr, momentum,
         dampening, weight_decay, nesterov, step == 1, maximize, *_merge_args(settings, step, name, offset), mask,
     )  # fmt: skip
     if mode >= WRITE_TOTAL:
-        _ties(param, merge_buffer, total, tau, settings, 1.0, offset, update_cut, tau_cut, mask)
+        return _ties(param, merge_buffer, total, tau, settings, 1.0, offset, update_cut, tau_cut, mask)

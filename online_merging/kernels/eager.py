@@ -8,6 +8,8 @@ A tensor may be a piece of a named parameter (ZeRO, FSDP): ``offset`` is the fla
 whole, ``tau`` the matching piece of τ. DARE draws use the global index. OnTIES's top-p is a :data:`Cut` of the
 whole: ``update_cut(total)`` and ``tau_cut(tau)`` (flat, called once per merge step, may be collectives) return
 it; without them the cut is the piece's own top-p. Stepping every piece then equals stepping the whole, bit for bit.
+An ``update_cut`` that is a waiting :class:`~online_merging.merging.PendingCut` receives the piece's Δ instead, and
+the step returns its rest (:data:`Rest`), so that the cuts of many tensors are selected together.
 
 ``mask`` (ALLO's masked updates; ``None``: every element is updated) is a bool tensor of the tensor's numel
 elements, row-major: where it is False the element keeps its value and its state (moments, momentum, step-K
@@ -16,20 +18,25 @@ buffer) exactly, its Δθ counts as 0 in OnTIES's top-p, and τ is not merged in
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 
 from online_merging.kernels.plan import dare_keys, plan
-from online_merging.merging import Cut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
+from online_merging.merging import Cut, PendingCut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
 from online_merging.settings import MergeSettings
 
-__all__ = ["CutFn", "adam_step", "apply_update", "merge_update", "sgd_step", "trim_mask"]
+__all__ = ["CutFn", "Rest", "adam_step", "apply_update", "merge_update", "sgd_step", "trim_mask"]
 
 Saved = list[tuple[torch.Tensor, torch.Tensor]]
 
 CutFn = Callable[[torch.Tensor], Cut]
 """Given a piece's flat tensor, the :data:`Cut` (global flat indices) of the whole tensor's top-p."""
+
+Rest = Callable[[], None] | None
+"""What a step returns: ``None`` when done; when it waits for a :class:`~online_merging.merging.PendingCut`, the
+rest of the step, to call once the cut is selected."""
 
 
 def trim_mask(x: torch.Tensor, p: float, cut: CutFn | None, offset: int) -> torch.Tensor:
@@ -86,7 +93,7 @@ def apply_update(
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
-) -> None:
+) -> Rest:
     """θ ← decay·θ + (merged) Δθ, with step-K (Lu et al. 2024, Alg. 2) when ``settings.merge_every`` > 1.
 
     Step-K: on steps that are not a multiple of K the plain Δθ is applied and accumulated in
@@ -94,6 +101,12 @@ def apply_update(
     With ``mask``, masked-out elements of Δθ (and of Δc + Δθ) are 0, and θ and Δc keep their values there.
     """
     merge, carry = plan(tau, merge_buffer, step, settings)
+    if merge == "onties" and isinstance(update_cut, PendingCut) and update_cut.waiting:
+        update_cut.total = _merge_input(delta, merge_buffer, carry, mask).reshape(-1)
+        return functools.partial(
+            apply_update, param, delta, tau=tau, merge_buffer=merge_buffer, step=step, name=name, settings=settings,
+            decay=decay, offset=offset, update_cut=update_cut, tau_cut=tau_cut, mask=mask,
+        )  # fmt: skip
     pieces = {"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut}
     if mask is not None:
         mask = mask.reshape(param.shape)
@@ -109,15 +122,22 @@ def apply_update(
     elif carry is None:
         target.add_(merge_update(delta, tau, step, name, settings, **pieces))
     else:
-        total = merge_buffer.float() + delta
-        if mask is not None:
-            total = torch.where(mask, total, 0.0)
+        total = _merge_input(delta, merge_buffer, carry, mask)
         target.sub_(merge_buffer).add_(merge_update(total, tau, step, name, settings, **pieces))
         merge_buffer.zero_()
     if target is not param:
         param.copy_(target)
     if mask is not None:
         _restore(saved, mask)
+    return None
+
+
+def _merge_input(
+    delta: torch.Tensor, merge_buffer: torch.Tensor | None, carry: str | None, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """What the merge sparsifies: Δθ, or Δc + Δθ on a step-K roll-back; 0 where ``mask`` is False."""
+    total = merge_buffer.float() + delta if carry == "roll_back" else delta
+    return total if mask is None else torch.where(mask.reshape(total.shape), total, 0.0)
 
 
 def adam_step(
@@ -143,7 +163,7 @@ def adam_step(
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
-) -> None:
+) -> Rest:
     """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) followed by the online merge."""
     saved = None if mask is None else _save(exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None)
     grad = grad.float()
@@ -163,7 +183,7 @@ def adam_step(
     _write_back(exp_avg_sq, v)
     if saved is not None:
         _restore(saved, mask)
-    apply_update(
+    return apply_update(
         param,
         delta,
         tau=tau,
@@ -199,7 +219,7 @@ def sgd_step(
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
-) -> None:
+) -> Rest:
     """SGD exactly as ``torch.optim.SGD`` (weight decay added to the gradient), then the online merge.
 
     ``momentum_buffer`` is a zero tensor before the first step when momentum is used, else ``None``.
@@ -220,7 +240,7 @@ def sgd_step(
         grad = grad.add(buf, alpha=momentum) if nesterov else buf
     if saved is not None:
         _restore(saved, mask)
-    apply_update(
+    return apply_update(
         param,
         grad * -lr,
         tau=tau,

@@ -32,8 +32,9 @@ try:
 except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
-from online_merging.kernels.eager import CutFn, trim_mask
+from online_merging.kernels.eager import CutFn, Rest, trim_mask
 from online_merging.kernels.plan import dare_keys, plan
+from online_merging.merging import PendingCut
 from online_merging.rng import keep_threshold
 from online_merging.settings import MergeSettings
 
@@ -281,9 +282,9 @@ def adam_step(
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
-) -> None:
+) -> Rest:
     """AdamW (decoupled weight decay) followed by the online merge; see ``eager.adam_step``."""
-    _run(
+    return _run(
         _adam_kernel,
         param,
         grad,
@@ -328,9 +329,9 @@ def sgd_step(
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
-) -> None:
+) -> Rest:
     """SGD as ``torch.optim.SGD`` followed by the online merge; see ``eager.sgd_step``."""
-    _run(
+    return _run(
         _sgd_kernel,
         param,
         grad,
@@ -361,8 +362,9 @@ def sgd_step(
 
 def _run(
     kernel, param, grad, state, merge_buffer, tau, *, step, name, settings, pieces, mask, decay, scalars, flags
-) -> None:  # fmt: skip
-    """Launch ``kernel`` over one tensor: the whole step, or for OnTIES its first pass, the top-p and the merge.
+) -> Rest:  # fmt: skip
+    """Launch ``kernel`` over one tensor: the whole step, or for OnTIES its first pass, the top-p and the merge (the
+    last two returned as the rest of the step when ``update_cut`` is a waiting ``PendingCut``).
 
     ``state`` holds the kernel's state tensors in order (``None`` for one it does not use). Tensors are
     processed flat and contiguous; non-contiguous ones are copied, and the written ones copied back.
@@ -370,10 +372,20 @@ def _run(
     """
     n = param.numel()
     merge, carry = plan(tau, merge_buffer, step, settings)
+    waiting = merge == "onties" and isinstance(pieces["update_cut"], PendingCut) and pieces["update_cut"].waiting
     if n == 0:
-        if merge == "onties":  # the cuts may be collectives, which empty pieces take part in too
-            _keep_masks(param.new_empty(0, dtype=torch.float32), tau.reshape(-1), settings.reserve_p, **pieces)
-        return
+        if merge != "onties":
+            return None
+        empty = param.new_empty(0, dtype=torch.float32)
+
+        def select() -> None:  # the cuts may be collectives, which empty pieces take part in too
+            _keep_masks(empty, tau.reshape(-1), settings.reserve_p, **pieces)
+
+        if waiting:
+            pieces["update_cut"].total = empty
+            return select
+        select()
+        return None
     if merge is None:
         tau = None
     if carry is None:
@@ -392,17 +404,26 @@ def _run(
             **scalars, decay=decay, offset=pieces["offset"], **_merge_args(merge, carry, step, name, settings), **flags,
             MASKED=keep is not None, BLOCK=_BLOCK, **_LAUNCH,
         )  # fmt: skip
+
+    def merge_and_write_back() -> None:
         if merge == "onties":
             alpha = settings.alpha
             update_keep, tau_keep = _keep_masks(scratch, tau.reshape(-1), settings.reserve_p, **pieces)
-            _onties_kernel[grid](
-                param_c, scratch, tau, update_keep, tau_keep, buffer_c, keep, n, decay, 1.0 - alpha, alpha,
-                TRIM=update_keep is not None, WEIGHTED=settings.ties_sign == "weighted", ROLL_BACK=carry == "roll_back",
-                MASKED=keep is not None, BLOCK=_BLOCK, **_LAUNCH,
-            )  # fmt: skip
-    for original, copy in zip(written, work, strict=True):
-        if copy is not original:
-            original.copy_(copy)
+            with device:
+                _onties_kernel[grid](
+                    param_c, scratch, tau, update_keep, tau_keep, buffer_c, keep, n, decay, 1.0 - alpha, alpha,
+                    TRIM=update_keep is not None, WEIGHTED=settings.ties_sign == "weighted",
+                    ROLL_BACK=carry == "roll_back", MASKED=keep is not None, BLOCK=_BLOCK, **_LAUNCH,
+                )  # fmt: skip
+        for original, copy in zip(written, work, strict=True):
+            if copy is not original:
+                original.copy_(copy)
+
+    if waiting:
+        pieces["update_cut"].total = scratch
+        return merge_and_write_back
+    merge_and_write_back()
+    return None
 
 
 def _keep_masks(

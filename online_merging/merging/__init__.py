@@ -3,6 +3,7 @@
 from online_merging.merging.consensus import elect_sign, linear, sign_consensus
 from online_merging.merging.sparsify import (
     Cut,
+    PendingCut,
     cut_mask,
     magnitude_bits,
     num_kept,
@@ -17,6 +18,7 @@ from online_merging.merging.weights import Weights, WeightsSource, canonical_nam
 
 __all__ = [
     "Cut",
+    "PendingCut",
     "TaskVector",
     "Weights",
     "WeightsSource",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -12,6 +14,7 @@ __all__ = [
     "KEEP_ALL",
     "KEEP_NONE",
     "Cut",
+    "PendingCut",
     "cut_mask",
     "magnitude_bits",
     "num_kept",
@@ -65,6 +68,33 @@ Cut = tuple[int, int]
 
 KEEP_ALL: Cut = (-1, 0)
 KEEP_NONE: Cut = (2**63 - 1, -1)
+
+
+@dataclass(eq=False)
+class PendingCut:
+    """The :data:`Cut` of the k largest |Δ| of a whole tensor held in pieces, selected once the backends have
+    computed the Δ of every tensor of a step, for all of them at once (one batched selection).
+
+    A backend given one whose ``cut`` is unset stores the piece's flat Δ in ``total`` and returns the rest of its
+    step, to be called once ``cut`` is set; called as a cut function, it returns ``cut``. ``offset``: the piece's
+    global flat index; ``k`` and ``numel``: the whole tensor's; ``group``: the process group holding its pieces.
+    """
+
+    offset: int
+    k: int
+    numel: int
+    group: Any = None
+    total: torch.Tensor | None = None
+    cut: Cut | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.cut is None
+
+    def __call__(self, total: torch.Tensor) -> Cut:
+        if self.cut is None:
+            raise RuntimeError("this piece's cut is selected after every piece's Δ is known; it is not yet")
+        return self.cut
 
 
 def topk_cut(x: torch.Tensor, k: int) -> Cut:

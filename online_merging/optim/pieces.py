@@ -2,8 +2,8 @@
 
 A :class:`Piece` is a contiguous run of one parameter's row-major elements inside the tensor the optimizer steps.
 Each piece is stepped as the whole parameter would be: DARE draws by the element's global index, OnTIES keeps the
-top-p of the whole parameter, selected exactly across the ranks that hold its pieces
-(:func:`~online_merging.distributed.distributed_topk_cut`). A masked parameter's piece holds its slice of the
+top-p of the whole parameter, selected exactly across the ranks that hold its pieces, for all the tensors of a step
+at once (:func:`~online_merging.distributed.select_pending`). A masked parameter's piece holds its slice of the
 element mask (``neuron_mask``), as it holds its slice of τ. Every rank lists every parameter of a partition in the
 same order, with empty pieces for those it holds none of, so that these collectives line up.
 """
@@ -19,7 +19,7 @@ import torch
 
 from online_merging.distributed import distributed_topk_cut
 from online_merging.distributed.fsdp import dtensor_fragment, fragment_group, is_dtensor, local_tensor
-from online_merging.merging import Cut, TaskVector, num_kept
+from online_merging.merging import Cut, PendingCut, TaskVector, num_kept
 
 __all__ = ["Piece", "calling_zero_optimizer", "dtensor_pieces", "is_dtensor", "zero_pieces"]
 
@@ -47,12 +47,12 @@ class Piece:
         """This rank holds all of the parameter (a replicated DTensor): no collective is needed."""
         return self.group is None and self.numel == self.full_numel
 
-    def update_cut(self, p: float) -> Callable[[torch.Tensor], Cut] | None:
-        """The whole parameter's top-p cut of an update, from this piece's part of it (a collective)."""
+    def update_cut(self, p: float) -> PendingCut | None:
+        """The whole parameter's top-p cut of this step's update, selected with the other tensors' of the step
+        (:func:`~online_merging.distributed.select_pending`)."""
         if self.whole:
             return None
-        k = num_kept(p, self.full_numel)
-        return lambda total: distributed_topk_cut(total, self.offset, k, self.group)
+        return PendingCut(self.offset, num_kept(p, self.full_numel), self.full_numel, self.group)
 
     def tau_cut(self, p: float) -> Callable[[torch.Tensor], Cut] | None:
         """The whole τ's top-p cut: one collective the first time for each p, then cached."""
