@@ -244,7 +244,8 @@ class OnlineMergingOptimizer(Optimizer):
                 if pieces is None:
                     finite[param, None] = torch.isfinite(param.grad).all()
                     continue
-                self.state[param].setdefault("piece_skips", torch.zeros(len(pieces), dtype=torch.int64))
+                if "piece_skips" not in self.state[param]:
+                    self.state[param]["piece_skips"] = torch.zeros(len(pieces), dtype=torch.int64)
                 for j, piece in enumerate(pieces):
                     finite[param, j] = torch.isfinite(piece.view(param.grad)).all()
                     if not piece.whole:
