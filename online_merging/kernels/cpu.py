@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from online_merging.kernels import eager
-from online_merging.kernels.eager import CutFn, Rest
+from online_merging.kernels.eager import CutFn, Rest, waits
 from online_merging.kernels.plan import dare_keys, plan
-from online_merging.merging import Cut, PendingCut, num_kept
+from online_merging.merging import Cut, num_kept
 from online_merging.rng import MASK32, keep_threshold
 from online_merging.settings import MergeSettings
 
@@ -52,7 +52,7 @@ _local = threading.local()  # per thread, a reused scratch buffer: a fresh one p
 
 def _scratch_for(param: torch.Tensor, update_cut: CutFn | None) -> torch.Tensor:
     """Where the OnTIES pass writes Δ: its own buffer when the merge waits for a batched cut, else a reused one."""
-    if isinstance(update_cut, PendingCut) and update_cut.waiting:
+    if waits(update_cut):
         return torch.empty(param.numel(), dtype=torch.float32)
     scratch = getattr(_local, "scratch", None)
     if scratch is None or scratch.numel() < param.numel():
@@ -122,7 +122,7 @@ def _ties(
     param, merge_buffer, total, tau, settings: MergeSettings, decay: float, offset: int, update_cut: CutFn | None,
     tau_cut: CutFn | None, mask: torch.Tensor | None,
 ) -> Rest:  # fmt: skip
-    if isinstance(update_cut, PendingCut) and update_cut.waiting:
+    if waits(update_cut):
         update_cut.total = total
         return functools.partial(
             _ties, param, merge_buffer, total, tau, settings, decay, offset, update_cut, tau_cut, mask

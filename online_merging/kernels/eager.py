@@ -27,7 +27,7 @@ from online_merging.kernels.plan import dare_keys, plan
 from online_merging.merging import Cut, PendingCut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
 from online_merging.settings import MergeSettings
 
-__all__ = ["CutFn", "Rest", "adam_step", "apply_update", "merge_update", "sgd_step", "trim_mask"]
+__all__ = ["CutFn", "Rest", "adam_step", "apply_update", "merge_update", "sgd_step", "trim_mask", "waits"]
 
 Saved = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -37,6 +37,12 @@ CutFn = Callable[[torch.Tensor], Cut]
 Rest = Callable[[], None] | None
 """What a step returns: ``None`` when done; when it waits for a :class:`~online_merging.merging.PendingCut`, the
 rest of the step, to call once the cut is selected."""
+
+
+def waits(update_cut: CutFn | None) -> bool:
+    """Whether ``update_cut`` is a :class:`~online_merging.merging.PendingCut` not selected yet: the step hands it
+    its Δ and returns the rest."""
+    return isinstance(update_cut, PendingCut) and update_cut.cut is None
 
 
 def trim_mask(x: torch.Tensor, p: float, cut: CutFn | None, offset: int) -> torch.Tensor:
@@ -101,7 +107,7 @@ def apply_update(
     With ``mask``, masked-out elements of Δθ (and of Δc + Δθ) are 0, and θ and Δc keep their values there.
     """
     merge, carry = plan(tau, merge_buffer, step, settings)
-    if merge == "onties" and isinstance(update_cut, PendingCut) and update_cut.waiting:
+    if merge == "onties" and waits(update_cut):
         update_cut.total = _merge_input(delta, merge_buffer, carry, mask).reshape(-1)
         return functools.partial(
             apply_update, param, delta, tau=tau, merge_buffer=merge_buffer, step=step, name=name, settings=settings,

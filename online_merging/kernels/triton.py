@@ -32,9 +32,8 @@ try:
 except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
-from online_merging.kernels.eager import CutFn, Rest, trim_mask
+from online_merging.kernels.eager import CutFn, Rest, trim_mask, waits
 from online_merging.kernels.plan import dare_keys, plan
-from online_merging.merging import PendingCut
 from online_merging.rng import keep_threshold
 from online_merging.settings import MergeSettings
 
@@ -372,7 +371,7 @@ def _run(
     """
     n = param.numel()
     merge, carry = plan(tau, merge_buffer, step, settings)
-    waiting = merge == "onties" and isinstance(pieces["update_cut"], PendingCut) and pieces["update_cut"].waiting
+    waiting = merge == "onties" and waits(pieces["update_cut"])
     if n == 0:
         if merge != "onties":
             return None

@@ -87,10 +87,6 @@ class PendingCut:
     total: torch.Tensor | None = None
     cut: Cut | None = None
 
-    @property
-    def waiting(self) -> bool:
-        return self.cut is None
-
     def __call__(self, total: torch.Tensor) -> Cut:
         if self.cut is None:
             raise RuntimeError("this piece's cut is selected after every piece's Δ is known; it is not yet")
