@@ -27,9 +27,11 @@ def _task_vector(args: argparse.Namespace) -> int:
 
     import torch
 
+    from online_merging._files import check_not_input
     from online_merging.merging import TaskVector
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    check_not_input(args.out, {"--base": args.base, "--finetuned": args.finetuned}, name="--out")
     start = time.perf_counter()
     print(f"τ = {args.finetuned} − {args.base}, stored as {args.dtype} ...")
     tau = TaskVector.from_models(args.base, args.finetuned, dtype=dtype, progress=True)
@@ -41,26 +43,32 @@ def _task_vector(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     import time
 
+    from online_merging._files import check_folder_target, check_not_input
     from online_merging.offline import MergeSpec, save_merged
 
     alphas = args.alpha or [None]
     if len(alphas) > 1 and args.method != "ma":
         raise ValueError(f"--alpha: several values sweep MA only, not --method {args.method}")
-    for alpha in alphas:
+    outs = [args.out if len(alphas) == 1 else f"{args.out}/ma-{alpha:g}" for alpha in alphas]
+    for out in outs:  # every output of a sweep, before the first merge
+        check_not_input(out, {"--sft": args.sft, "--aligned": args.aligned, "--base": args.base}, name="--out")
+        check_folder_target(out, name="--out")
+    for alpha, out in zip(alphas, outs, strict=True):
         spec = MergeSpec(args.method, alpha=alpha, ratios=args.ratios, weights=args.weights or MergeSpec.weights,
                          density=args.density, seed=args.seed)  # fmt: skip
-        out = args.out if len(alphas) == 1 else f"{args.out}/ma-{alpha:g}"
-        start = time.perf_counter()
-        save_merged(spec, out, sft=args.sft, aligned=args.aligned, base=args.base)
-        print(f"{args.method} merge written to {out} in {time.perf_counter() - start:.1f} s")
+        extra = {}
         if args.mergekit_config:
             import yaml
 
             from online_merging.offline import mergekit_config
 
-            path = Path(out) / "mergekit.yaml"
             config = mergekit_config(spec, sft=args.sft, aligned=args.aligned, base=args.base)
-            path.write_text(yaml.safe_dump(config, sort_keys=False))
+            extra["mergekit.yaml"] = yaml.safe_dump(config, sort_keys=False)
+        start = time.perf_counter()
+        save_merged(spec, out, sft=args.sft, aligned=args.aligned, base=args.base, extra_files=extra)
+        print(f"{args.method} merge written to {out} in {time.perf_counter() - start:.1f} s")
+        if extra:
+            path = Path(out) / "mergekit.yaml"
             print(f"the same merge as a mergekit config: {path} (mergekit-yaml {path} OUT)")
     return 0
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from online_merging._files import check_not_input, staged_file, write_text
 from online_merging.integrations.deepspeed import use_online_merging_optimizer
 from online_merging.integrations.recipe import RecipeArguments
 
@@ -48,9 +49,16 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     """Train as the recipe says (and the AdamW baseline when ``compare_with_adamw``); write and return a summary.
 
     On the embedded default the summary holds the SFT model's reward and ability figures and each run's, so
-    that the runs can be compared; ``summary.json`` goes to ``config.output_dir``.
+    that the runs can be compared; ``summary.json`` goes to ``config.output_dir``, written atomically. An
+    ``output_dir`` that is, lies inside or contains the model or the base model is refused before any work: the
+    Trainer writes and rotates checkpoints there.
     """
+    named = {"model_name_or_path": recipe.model_name_or_path, "base_model_name_or_path": recipe.base_model_name_or_path}
+    check_not_input(config.output_dir, named, name="output_dir")
     world = _embedded_world(recipe, progress)
+    if world is not None and recipe.embedded:
+        embedded = {"embedded world's SFT model": world.sft_dir, "embedded world's base model": world.base_dir}
+        check_not_input(config.output_dir, embedded, name="output_dir")
     runs = [(recipe, config)]
     compare = recipe.embedded if recipe.compare_with_adamw is None else recipe.compare_with_adamw
     allo = {"neuron_k": 0.0, "neuron_mask_path": None, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
@@ -66,9 +74,7 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
         del model
     for run_args, run_config in runs:
         summary["runs"].append(asdict(_train(run_args, run_config, world)))
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(Path(config.output_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -154,9 +160,8 @@ def _neuron_masks(recipe: RecipeArguments, config: Any, model, dataset, tokenize
         learning_rate=config.learning_rate, beta=config.beta, batch_size=config.per_device_train_batch_size,
         seed=config.seed,
     )  # fmt: skip
-    path = Path(config.output_dir) / "neuron_masks.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_neuron_masks(masks, path, k=recipe.neuron_k, scope=recipe.neuron_scope)
+    with staged_file(Path(config.output_dir) / "neuron_masks.safetensors") as path:
+        save_neuron_masks(masks, path, k=recipe.neuron_k, scope=recipe.neuron_scope)
     return masks
 
 

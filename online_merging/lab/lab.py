@@ -12,6 +12,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from online_merging._files import check_folder_target
 from online_merging.lab import runner
 from online_merging.lab.methods import (
     EMA,
@@ -251,10 +252,12 @@ def run_lab(
 
     ``config`` (default ``LabConfig.quick()`` or ``LabConfig()``) is the plan; ``seeds``, ``data_orders`` and
     ``methods`` override its fields. Finished jobs are cached under ``$ONLINE_MERGING_CACHE/lab``, so a rerun
-    resumes. Returns the content of ``results.json``.
+    resumes. Returns the content of ``results.json``. An ``out_dir`` holding files this package did not write is
+    refused before any job runs; the report is written beside it and moved into place at the end.
     """
     from online_merging.lab.report import summarize, write_report
 
+    check_folder_target(out_dir, name="out_dir")
     config = config or (LabConfig.quick() if quick else LabConfig())
     overrides = {"seeds": seeds, "data_orders": data_orders, "methods": methods}
     config = replace(config, **{k: tuple(v) for k, v in overrides.items() if v is not None})

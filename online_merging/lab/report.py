@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from online_merging._files import staged_folder
 from online_merging.diagnostics import EntanglementReport
 from online_merging.lab.fronts import ability_at_reward, bootstrap_ci, hypervolume, pareto_front
 from online_merging.lab.methods import METHODS
@@ -184,8 +185,13 @@ def entanglement_table(results: dict) -> str:
 
 
 def write_report(results: dict, out: Path) -> None:
-    """``results.json``, ``results.md`` (the table) and the PNG plots, into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """``results.json``, ``results.md`` (the table) and the PNG plots, into ``out``: written into a folder beside it
+    and moved into place at the end (:func:`~online_merging._files.staged_folder`)."""
+    with staged_folder(out, name="out_dir") as staged:
+        _write_report(results, staged)
+
+
+def _write_report(results: dict, out: Path) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     run = results.get("run", {})
     text = "# Alignment-tax lab\n\n" + markdown_table(results)

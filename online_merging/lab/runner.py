@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from online_merging._files import staged_file, write_text
 from online_merging.world import WorldConfig, build_world, default_cache_dir
 
 __all__ = ["MergeJob", "RunConfig", "evaluate_merges", "lab_cache_dir", "model_path", "train_run"]
@@ -99,10 +99,7 @@ def _cached(kind: str, key: str, compute):
     if path.is_file():
         return json.loads(path.read_text())
     result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(result, f)
-    os.replace(f.name, path)
+    write_text(path, json.dumps(result))
     return result
 
 
@@ -244,9 +241,8 @@ def _train(run: RunConfig) -> dict:
         )
         trainer.train()
     if run.save_model:
-        path = model_path(run)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)  # tied weights stay one tensor
+        with staged_file(model_path(run)) as path:
+            torch.save(model.state_dict(), path)  # tied weights stay one tensor
     result = {"points": points, "seconds": round(time.perf_counter() - start, 1)}
     return {**result, "entanglement": probes} if run.probe_entanglement else result
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from online_merging._files import staged_file
 from online_merging.merging.weights import WeightsSource, canonical_name, describe, open_weights, preview
 
 __all__ = ["TaskVector"]
@@ -99,11 +100,12 @@ class TaskVector(Mapping[str, torch.Tensor]):
         return vector
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the task vector as one safetensors file."""
+        """Write the task vector as one safetensors file, staged beside ``path`` and moved onto it at the end (a
+        crash leaves ``path`` as it was)."""
         from safetensors.torch import save_file
 
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self._tensors.items()}, str(path), metadata={"format": "pt"})
+        with staged_file(path) as staged:
+            save_file({k: v.contiguous() for k, v in self._tensors.items()}, str(staged), metadata={"format": "pt"})
 
     def fingerprint(self) -> dict:
         """Names, shapes and two float64 sums: enough to tell whether a checkpoint was made with this τ."""

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from online_merging._files import check_not_input, staged_folder
 from online_merging.merging import WeightsSource, open_weights, random_keep, topk_mask
 from online_merging.merging.weights import preview
 from online_merging.offline.blocks import block_of, num_layers
@@ -170,43 +171,52 @@ def save_merged(
     aligned: WeightsSource,
     base: WeightsSource | None = None,
     max_shard_bytes: int = 2 * 2**30,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
     """Merge into ``out`` as safetensors shards (with an index when there are several), with the SFT checkpoint's
-    config and tokenizer files, so that ``AutoModelForCausalLM.from_pretrained(out)`` loads it."""
+    config and tokenizer files, so that ``AutoModelForCausalLM.from_pretrained(out)`` loads it. ``extra_files``:
+    more text files to write there, name -> text (e.g. ``mergekit.yaml``).
+
+    Before any work, an ``out`` that is, lies inside or contains an input checkpoint is refused (``ValueError``),
+    and so is a folder holding files this package did not write (``FileExistsError``). The merge is written into a
+    folder beside ``out`` and moved into place at the end: a crash leaves ``out`` as it was.
+    """
     from safetensors.torch import save_file
 
+    spec.check(base=base)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)  # an earlier save's weights would be loaded instead of, or beside, ours
-    written: list[tuple[Path, list[str]]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
+    check_not_input(out, {"sft": sft, "aligned": aligned, "base": base})
+    with staged_folder(out) as staged:
+        written: list[tuple[Path, list[str]]] = []
+        shard: dict[str, torch.Tensor] = {}
+        size = total = 0
 
-    def flush():
-        path = out / f".shard-{len(written) + 1:05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        written.append((path, list(shard)))
-        shard.clear()
+        def flush():
+            path = staged / f".shard-{len(written) + 1:05d}.safetensors"
+            save_file(shard, str(path), metadata={"format": "pt"})
+            written.append((path, list(shard)))
+            shard.clear()
 
-    for name, tensor in merged_tensors(spec, sft=sft, aligned=aligned, base=base):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > max_shard_bytes:
-            flush()
-            size = 0
-        shard[name] = tensor.contiguous()
-        size, total = size + nbytes, total + nbytes
-    flush()
-    count, weight_map = len(written), {}
-    for i, (path, names) in enumerate(written, 1):
-        file = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
-        path.rename(out / file)
-        weight_map.update(dict.fromkeys(names, file))
-    if count > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    _copy_model_files(sft, out)
-    (out / "merge.json").write_text(json.dumps(_describe(spec), indent=2))
+        for name, tensor in merged_tensors(spec, sft=sft, aligned=aligned, base=base):
+            nbytes = tensor.numel() * tensor.element_size()
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            shard[name] = tensor.contiguous()
+            size, total = size + nbytes, total + nbytes
+        flush()
+        count, weight_map = len(written), {}
+        for i, (path, names) in enumerate(written, 1):
+            file = "model.safetensors" if count == 1 else f"model-{i:05d}-of-{count:05d}.safetensors"
+            path.rename(staged / file)
+            weight_map.update(dict.fromkeys(names, file))
+        if count > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staged / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        _copy_model_files(sft, staged)
+        (staged / "merge.json").write_text(json.dumps(_describe(spec), indent=2))
+        for file, text in (extra_files or {}).items():
+            (staged / file).write_text(text)
     return out
 
 

@@ -1,0 +1,146 @@
+"""Writes that never destroy user files: outputs are staged beside their target and moved into place at the end.
+
+A crash midway leaves the target as it was; an output that is one of the command's inputs is refused before any
+work; a folder is written into only when it is new, empty, or an earlier output of this package (its
+``MANIFEST`` lists the files written there), and only the files listed there are ever replaced or removed.
+Written files and folders get the modes ``open`` and ``mkdir`` give (0644 and 0755 under the usual umask 022),
+not ``tempfile``'s 0600 and 0700.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["MANIFEST", "check_folder_target", "check_not_input", "staged_file", "staged_folder", "write_text"]
+
+MANIFEST = ".online_merging.json"
+"""In a folder this package wrote: the names of the files it wrote there, the only ones it may replace."""
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def check_not_input(out: str | os.PathLike, inputs: Mapping[str, object], *, name: str = "out") -> None:
+    """Raise ``ValueError`` when ``out`` is one of ``inputs`` (name -> source), lies inside one, or contains one.
+
+    Paths are compared resolved (symlinks followed); sources that are not existing local paths (modules, state
+    dicts, Hub ids) cannot be overwritten and are skipped.
+    """
+    target = Path(out).resolve()
+    for role, source in inputs.items():
+        if not isinstance(source, (str, os.PathLike)) or not Path(source).exists():
+            continue
+        path = Path(source).resolve()
+        kind = "folder" if path.is_dir() else "file"
+        if target == path:
+            problem = f"is the {role} {kind}"
+        elif path.is_dir() and target.is_relative_to(path):
+            problem = f"lies inside the {role} folder {str(source)!r}"
+        elif path.is_relative_to(target):
+            problem = f"contains the {role} {kind} {str(source)!r}"
+        else:
+            continue
+        raise ValueError(f"{name} {str(out)!r} {problem}; writing there could destroy it: choose another {name}")
+
+
+@contextmanager
+def staged_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; moved onto ``path`` (``os.replace``) when the block ends
+    without an exception, removed when it raises."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder; a file was expected")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle)
+    staged = Path(name)
+    try:
+        yield staged
+        os.chmod(staged, 0o666 & ~_umask())
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``Path(path).write_text(text)``, staged: a reader sees the old file or the new one, never a part."""
+    with staged_file(path) as staged:
+        staged.write_text(text, encoding="utf-8")
+
+
+def _written_before(folder: Path) -> set[str]:
+    """The names in ``folder``'s manifest: plain file names only, whatever the file says."""
+    try:
+        names = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n not in ("", ".", "..", MANIFEST) and Path(n).name == n}
+
+
+def check_folder_target(folder: str | os.PathLike, *, name: str = "out") -> None:
+    """Raise ``FileExistsError`` unless ``folder`` is new, empty, or an earlier output of this package."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{name} {str(folder)!r} is a file, not a folder; choose another {name}")
+    if folder.is_dir() and not (folder / MANIFEST).is_file():
+        entries = sorted(p.name for p in folder.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            raise FileExistsError(
+                f"{name} {str(folder)!r} already holds files this package did not write ({shown}); choose a new or "
+                f"empty folder"
+            )
+
+
+@contextmanager
+def staged_folder(folder: str | os.PathLike, *, name: str = "out") -> Iterator[Path]:
+    """A temporary folder ``.<name>.tmp-<random>`` beside ``folder`` to write files into; when the block ends
+    without an exception they are moved into ``folder``, else the temporary folder is removed.
+
+    ``folder`` is checked with :func:`check_folder_target` first. A new ``folder`` is the renamed temporary one;
+    into an existing one each file is moved with ``os.replace``, files listed in its manifest and not written
+    this time are removed (an earlier save's shards would load beside the new ones), other files are kept.
+    """
+    folder = Path(folder)
+    check_folder_target(folder, name=name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staged = folder.parent / f".{folder.name}.tmp-{secrets.token_hex(4)}"
+    staged.mkdir(mode=0o755)  # mkdir applies the umask
+    try:
+        yield staged
+        files = sorted(p.name for p in staged.iterdir() if p.name != MANIFEST)
+        if any(not (staged / f).is_file() for f in files):
+            raise ValueError(f"staged_folder holds files only; {str(staged)!r} has a subfolder")
+        for file in files:
+            os.chmod(staged / file, 0o666 & ~_umask())
+        (staged / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+        if not folder.exists():
+            os.replace(staged, folder)
+            return
+        check_folder_target(folder, name=name)  # again: something may have appeared meanwhile
+        earlier = _written_before(folder)
+        clashes = sorted(f for f in files if (folder / f).exists() and f not in earlier)
+        if clashes:
+            raise FileExistsError(f"{name} {str(folder)!r}: {', '.join(clashes)} appeared while writing; not replaced")
+        for file in [*files, MANIFEST]:
+            os.replace(staged / file, folder / file)
+        for stale in earlier - set(files):
+            (folder / stale).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
