@@ -110,7 +110,7 @@ def check_folder_target(folder: str | os.PathLike, *, name: str = "out") -> None
 
 @contextmanager
 def staged_folder(folder: str | os.PathLike, *, name: str = "out") -> Iterator[Path]:
-    """A temporary folder ``.<name>.tmp-<random>`` beside ``folder`` to write files into; when the block ends
+    """A temporary folder ``.<folder>.tmp-<random>`` beside ``folder`` to write files into; when the block ends
     without an exception they are moved into ``folder``, else the temporary folder is removed.
 
     ``folder`` is checked with :func:`check_folder_target` first. A new ``folder`` is the renamed temporary one;
@@ -137,7 +137,10 @@ def staged_folder(folder: str | os.PathLike, *, name: str = "out") -> Iterator[P
         earlier = _written_before(folder)
         clashes = sorted(f for f in files if (folder / f).exists() and f not in earlier)
         if clashes:
-            raise FileExistsError(f"{name} {str(folder)!r}: {', '.join(clashes)} appeared while writing; not replaced")
+            raise FileExistsError(
+                f"{name} {str(folder)!r} holds {', '.join(clashes)}, which this package did not write there; nothing "
+                f"was replaced: move them away or choose another folder"
+            )
         for file in [*files, MANIFEST]:
             os.replace(staged / file, folder / file)
         for stale in earlier - set(files):

@@ -111,6 +111,19 @@ def test_staged_folder_refuses_a_folder_of_files_it_did_not_write_before_the_blo
     assert snapshot(target) == {"model.safetensors": b"the user's model"} and no_leftovers(tmp_path)
 
 
+def test_staged_folder_never_replaces_a_file_its_manifest_does_not_list(tmp_path):
+    target = tmp_path / "out"
+    with staged_folder(target) as staged:
+        (staged / "a.txt").write_text("a1")
+    (target / "b.txt").write_text("the user's")
+    before = snapshot(target)
+    clash = re.escape("holds b.txt, which this package did not write there")
+    with pytest.raises(FileExistsError, match=clash), staged_folder(target) as staged:
+        (staged / "a.txt").write_text("a2")
+        (staged / "b.txt").write_text("ours")
+    assert snapshot(target) == before and no_leftovers(tmp_path)
+
+
 def test_a_crash_inside_staged_folder_leaves_the_folder_as_it_was(tmp_path):
     target = tmp_path / "out"
     with staged_folder(target) as staged:
