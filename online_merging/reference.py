@@ -120,7 +120,8 @@ class ReferenceOnlineMerging:
 
     def _merge(self, name: str, update: torch.Tensor) -> torch.Tensor:
         h, tau = self.hyper, self.tau[name]
-        p, alpha = h["reserve_p"], h["alpha"]
+        p = h["reserve_p"]
+        alpha = h["alpha"] * h["lr"] if h["alpha_unit"] == "lr" else h["alpha"]  # in lr units: α_t = α·lr_t
         if h["merge"] == "ondare":  # Eq. 3-4
             scale = 1 / p if h["dare_rescale"] else 1.0
             kept_update = update * self._bernoulli(name, STREAM_UPDATE, self.t[name], tau.shape) * scale

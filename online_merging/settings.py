@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -11,12 +12,14 @@ __all__ = ["MERGE_DEFAULTS", "MergeSettings", "check_range"]
 MERGES = ("ondare", "onties")
 TAU_MASKS = ("once", "every_step")
 TIES_SIGNS = ("unweighted", "weighted")
+ALPHA_UNITS = ("absolute", "lr")
 NONFINITE_POLICIES = (None, "raise", "skip")
 
 MERGE_DEFAULTS: dict[str, Any] = {
     "merge": "ondare",
     "reserve_p": 0.01,
     "alpha": 1e-7,
+    "alpha_unit": "absolute",
     "merge_every": 1,
     "seed": 0,
     "dare_rescale": True,
@@ -44,6 +47,7 @@ class MergeSettings:
     merge: str | None
     reserve_p: float
     alpha: float
+    alpha_unit: str
     merge_every: int
     seed: int
     dare_rescale: bool
@@ -53,15 +57,27 @@ class MergeSettings:
 
     @classmethod
     def from_group(cls, group: dict[str, Any], where: str = "") -> MergeSettings:
+        """The group's settings for this step, checked, with a merge weight in learning-rate units
+        (``alpha_unit="lr"``) resolved to the absolute weight α·lr at the group's current ``lr``."""
         settings = cls(**{key: group[key] for key in MERGE_DEFAULTS})
         settings.check(where)
+        if settings.alpha_unit == "lr":
+            alpha = settings.alpha * group["lr"]
+            if alpha > 1.0:
+                raise ValueError(
+                    f"Invalid {where}'alpha': {settings.alpha!r} with alpha_unit='lr' at lr={group['lr']!r} is a "
+                    f"merge weight of {alpha!r} (expected at most 1)"
+                )
+            settings = dataclasses.replace(settings, alpha=alpha, alpha_unit="absolute")
         return settings
 
     def check(self, where: str = "") -> None:
         if self.merge not in (None, *MERGES):
             raise ValueError(f"Invalid {where}'merge': {self.merge!r} (expected one of None, 'ondare', 'onties')")
         check_range(where, "reserve_p", self.reserve_p, 0.0, 1.0, low_open=True)
-        check_range(where, "alpha", self.alpha, 0.0, 1.0)
+        if self.alpha_unit not in ALPHA_UNITS:
+            raise ValueError(f"Invalid {where}'alpha_unit': {self.alpha_unit!r} (expected one of {ALPHA_UNITS})")
+        check_range(where, "alpha", self.alpha, 0.0, 1.0 if self.alpha_unit == "absolute" else math.inf)
         if not isinstance(self.merge_every, int) or isinstance(self.merge_every, bool) or self.merge_every < 1:
             raise ValueError(f"Invalid {where}'merge_every': {self.merge_every!r} (expected an int >= 1)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64:

@@ -58,6 +58,12 @@ class RecipeArguments:
     optimizer: str = _arg("adam", "Online-merging optimizer: adam (OnlineMergingAdam) or sgd.", ("adam", "sgd"))
     reserve_p: float = _arg(0.01, "Fraction p of update and τ elements kept (paper: 0.01; robust from 1 to 5e-4).")
     alpha: float = _arg(1e-7, "Merging weight α of τ (paper: searched 1e-4 … 1e-7; start at 1e-7).")
+    alpha_unit: str = _arg(
+        "absolute",
+        "Unit of alpha: absolute (the paper's α), or lr: the weight is alpha × the current learning rate, so it "
+        "follows the schedule and means the same at any learning rate (docs/algorithm.md).",
+        ("absolute", "lr"),
+    )
     merge_every: int = _arg(1, "K of step-K: merge every K steps (1: every step).")
     merge_seed: int = _arg(0, "Key of the DARE masks.")
     ties_sign: str = _arg("unweighted", "OnTIES sign election: unweighted (published code) or weighted (Eq. 7).",

@@ -132,6 +132,7 @@ def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]
             "merge": recipe.merge,
             "reserve_p": recipe.reserve_p,
             "alpha": recipe.alpha,
+            "alpha_unit": recipe.alpha_unit,
             "merge_every": recipe.merge_every,
             "seed": recipe.merge_seed,
             "ties_sign": recipe.ties_sign,

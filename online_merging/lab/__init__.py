@@ -6,8 +6,29 @@ Every method aligns the synthetic world's SFT model (DPO or KTO, the same step b
 with it; each is scored by the area under its reward/ability front, over model seeds and data orders.
 """
 
-from online_merging.lab.fronts import ability_at_reward, bootstrap_ci, hypervolume, pareto_front
+from online_merging.lab.fronts import (
+    MRA_LEVELS,
+    ability_at_reward,
+    bootstrap_ci,
+    common_levels,
+    hypervolume,
+    matched_reward_ability,
+    pareto_front,
+    trajectory_ability,
+)
 from online_merging.lab.lab import LabConfig, run_lab
 from online_merging.lab.methods import METHODS
 
-__all__ = ["METHODS", "LabConfig", "ability_at_reward", "bootstrap_ci", "hypervolume", "pareto_front", "run_lab"]
+__all__ = [
+    "METHODS",
+    "MRA_LEVELS",
+    "LabConfig",
+    "ability_at_reward",
+    "bootstrap_ci",
+    "common_levels",
+    "hypervolume",
+    "matched_reward_ability",
+    "pareto_front",
+    "run_lab",
+    "trajectory_ability",
+]

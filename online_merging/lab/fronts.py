@@ -1,14 +1,27 @@
-"""Reward/ability fronts: Pareto front, area under it (hypervolume against the origin), matched-reward ability,
-bootstrap intervals. Both axes are "higher is better"."""
+"""Reward/ability fronts: Pareto front, area under it (hypervolume against the origin), matched-reward ability
+(MRA) of trajectories, bootstrap intervals. Both axes are "higher is better"."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Iterable, Sequence
 
-__all__ = ["ability_at_reward", "bootstrap_ci", "hypervolume", "pareto_front"]
+__all__ = [
+    "MRA_LEVELS",
+    "ability_at_reward",
+    "bootstrap_ci",
+    "common_levels",
+    "hypervolume",
+    "matched_reward_ability",
+    "pareto_front",
+    "trajectory_ability",
+]
 
 Point = tuple[float, float]
+
+MRA_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""Reward levels at which a trajectory's ability is read (matched-reward ability)."""
 
 
 def pareto_front(points: Iterable[Sequence[float]]) -> list[Point]:
@@ -34,6 +47,38 @@ def ability_at_reward(points: Iterable[Sequence[float]], reward: float) -> float
     """The best ability of a point with at least ``reward``; None when no point reaches it."""
     reached = [a for r, a in points if r >= reward]
     return max(reached) if reached else None
+
+
+def trajectory_ability(trajectory: Sequence[Sequence[float]], reward: float) -> float | None:
+    """The best ability on a trajectory's path at a reward of at least ``reward``; None when the path never gets
+    there.
+
+    ``trajectory`` is the run's (reward, ability) evaluations in order, the SFT point first; the path joins
+    consecutive points by straight lines, and the best ability at reward ≥ r makes it monotone, as a front. So a
+    point added on the path changes nothing, and neither does how densely the same path is sampled.
+    """
+    points = [(float(r), float(a)) for r, a in trajectory]
+    best = max((a for r, a in points if r >= reward), default=None)
+    for (r0, a0), (r1, a1) in itertools.pairwise(points):
+        if min(r0, r1) < reward <= max(r0, r1):  # the segment crosses the level: the point where it does
+            crossing = a0 + (a1 - a0) * (reward - r0) / (r1 - r0)
+            best = crossing if best is None else max(best, crossing)
+    return best
+
+
+def common_levels(trajectories: Iterable[Sequence[Sequence[float]]], levels: Sequence[float] = MRA_LEVELS) -> list:
+    """The ``levels`` that every trajectory reaches."""
+    trajectories = list(trajectories)
+    return [x for x in levels if all(max(float(r) for r, _ in t) >= x for t in trajectories)]
+
+
+def matched_reward_ability(trajectory: Sequence[Sequence[float]], levels: Sequence[float]) -> float | None:
+    """Matched-reward ability (MRA): the mean of :func:`trajectory_ability` over ``levels`` (usually
+    :func:`common_levels` of the compared runs); None without levels, or when the trajectory misses one."""
+    found = [trajectory_ability(trajectory, x) for x in levels]
+    if not found or None in found:
+        return None
+    return sum(found) / len(found)
 
 
 def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, resamples: int = 4000, seed: int = 0) -> list[float]:

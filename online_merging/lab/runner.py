@@ -58,6 +58,7 @@ class RunConfig:
     beta: float = 0.1
     reserve_p: float = 1.0
     alpha: float = 0.0
+    alpha_unit: str = "absolute"  # or "lr": the merge weight is alpha × the current learning rate
     merge_every: int = 1
     momentum: float = 0.0
     pairwise_normalized: bool = False  # DPO with PairwiseNormalizedDPOTrainer
@@ -180,7 +181,10 @@ def _train(run: RunConfig) -> dict:
     def optimizers(args):
         if run.optimizer == "adamw":
             return None, None
-        settings = dict(merge=run.merge, reserve_p=run.reserve_p, alpha=run.alpha, merge_every=run.merge_every)
+        settings = dict(
+            merge=run.merge, reserve_p=run.reserve_p, alpha=run.alpha, alpha_unit=run.alpha_unit,
+            merge_every=run.merge_every,
+        )  # fmt: skip
         if run.optimizer == "sgd":
             settings["momentum"] = run.momentum
         if masks is not None:

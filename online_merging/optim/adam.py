@@ -40,7 +40,9 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             ``model``: ``Trainer`` takes a ``model`` key out of its optimizer kwargs.
         merge: ``"ondare"``, ``"onties"`` or ``None`` (plain AdamW).
         reserve_p: fraction p of elements kept, 0 < p <= 1.
-        alpha: merging weight α in [0, 1].
+        alpha: merging weight α in [0, 1], or in learning-rate units (see ``alpha_unit``).
+        alpha_unit: ``"absolute"`` (the paper's α) or ``"lr"``: the weight at each step is α·lr, so that it follows
+            the learning rate and its scheduler and means the same at any learning rate (docs/algorithm.md).
         merge_every: K of step-K: merge every K steps, plain steps in between (Alg. 2).
         seed: key of the counter-based DARE masks.
         dare_rescale: scale kept elements by 1/p (the published code); ``False`` is the paper's text.
@@ -73,6 +75,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         merge: str | None = MERGE_DEFAULTS["merge"],
         reserve_p: float = MERGE_DEFAULTS["reserve_p"],
         alpha: float = MERGE_DEFAULTS["alpha"],
+        alpha_unit: str = MERGE_DEFAULTS["alpha_unit"],
         merge_every: int = MERGE_DEFAULTS["merge_every"],
         seed: int = MERGE_DEFAULTS["seed"],
         dare_rescale: bool = MERGE_DEFAULTS["dare_rescale"],
@@ -93,6 +96,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             merge=merge,
             reserve_p=reserve_p,
             alpha=alpha,
+            alpha_unit=alpha_unit,
             merge_every=merge_every,
             seed=seed,
             dare_rescale=dare_rescale,
