@@ -1,11 +1,25 @@
 import os
+import site
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import online_merging
 from online_merging import TaskVector
+
+
+def _subprocesses_import_this_copy() -> None:
+    """Python subprocesses of the tests (the CLI, torchrun, accelerate) import the online_merging this session
+    imported, not one in their working directory: run against an installed copy, no test may use the source tree."""
+    home = Path(online_merging.__file__).resolve().parents[1]
+    os.environ["PYTHONSAFEPATH"] = "1"  # Python >= 3.11: neither the working directory nor a script's first
+    if home not in {Path(p).resolve() for p in site.getsitepackages()}:
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(home), os.environ.get("PYTHONPATH"))))
+
+
+_subprocesses_import_this_copy()
 
 
 @pytest.fixture(autouse=True)

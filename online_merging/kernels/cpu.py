@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from online_merging.kernels import eager
+from online_merging.kernels.build import load_extension
 from online_merging.kernels.eager import CutFn, Rest, waits
 from online_merging.kernels.plan import dare_keys, plan
 from online_merging.merging import Cut, num_kept
@@ -32,17 +33,11 @@ PLAIN, DARE, ACCUMULATE, DARE_MERGE, WRITE_TOTAL, WRITE_TOTAL_MERGE = range(6)  
 
 
 def _compile():
-    from torch.utils.cpp_extension import load
-
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     if os.environ.get("ONLINE_MERGING_PORTABLE") != "1":
         flags.append("-march=native")
-    return load(
-        name="online_merging_fused_cpu",
-        sources=[str(Path(__file__).with_name("fused_cpu.cpp"))],
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
-    )
+    source = Path(__file__).with_name("fused_cpu.cpp")
+    return load_extension("online_merging_fused_cpu", source, cflags=flags, ldflags=["-fopenmp"])
 
 
 _ext = _compile()
@@ -109,7 +104,7 @@ def _tau_cut(tau: torch.Tensor, p: float) -> list[int]:
     return cached[3]
 
 
-def _local(cut: Cut, offset: int, n: int) -> list[int]:
+def _piece_cut(cut: Cut, offset: int, n: int) -> list[int]:
     """A whole tensor's :data:`Cut` in the C++ convention for the piece [offset, offset + n): a uint32 threshold, a
     local cutoff in [-1, n]."""
     threshold, cutoff = cut
@@ -128,8 +123,8 @@ def _ties(
             _ties, param, merge_buffer, total, tau, settings, decay, offset, update_cut, tau_cut, mask
         )
     p, n = settings.reserve_p, param.numel()
-    update = _cut(total, p) if update_cut is None else _local(update_cut(total), offset, n)
-    task = _tau_cut(tau, p) if tau_cut is None else _local(tau_cut(tau.reshape(-1)), offset, n)
+    update = _cut(total, p) if update_cut is None else _piece_cut(update_cut(total), offset, n)
+    task = _tau_cut(tau, p) if tau_cut is None else _piece_cut(tau_cut(tau.reshape(-1)), offset, n)
     weighted = settings.ties_sign == "weighted"
     _ext.ties_merge(param, merge_buffer, total, tau, update, task, decay, settings.alpha, weighted, mask)
     return None
