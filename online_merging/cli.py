@@ -30,11 +30,13 @@ def _task_vector(args: argparse.Namespace) -> int:
     from online_merging._files import check_not_input
     from online_merging.merging import TaskVector
 
+    base, finetuned = _weights(args, "base", "finetuned")
+    _check_out_file(args.out)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     check_not_input(args.out, {"--base": args.base, "--finetuned": args.finetuned}, name="--out")
     start = time.perf_counter()
     print(f"τ = {args.finetuned} − {args.base}, stored as {args.dtype} ...")
-    tau = TaskVector.from_models(args.base, args.finetuned, dtype=dtype, progress=True)
+    tau = TaskVector.from_models(base, finetuned, dtype=dtype, progress=True)
     tau.save(args.out)
     print(f"{tau} written to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
@@ -49,13 +51,19 @@ def _merge(args: argparse.Namespace) -> int:
     alphas = args.alpha or [None]
     if len(alphas) > 1 and args.method != "ma":
         raise ValueError(f"--alpha: several values sweep MA only, not --method {args.method}")
+    specs = [MergeSpec(args.method, alpha=alpha, ratios=args.ratios, weights=args.weights or MergeSpec.weights,
+                       density=args.density, seed=args.seed) for alpha in alphas]  # fmt: skip
+    if specs[0].merges_task_vectors and args.base is None:
+        raise ValueError(f"--base: method {args.method!r} merges task vectors: it needs the base model")
+    for spec in specs:  # every setting of a sweep before the first merge
+        spec.check(base=args.base)
+    _check_out_folder(args.out)
     outs = [args.out if len(alphas) == 1 else f"{args.out}/ma-{alpha:g}" for alpha in alphas]
     for out in outs:  # every output of a sweep, before the first merge
         check_not_input(out, {"--sft": args.sft, "--aligned": args.aligned, "--base": args.base}, name="--out")
         check_folder_target(out, name="--out")
-    for alpha, out in zip(alphas, outs, strict=True):
-        spec = MergeSpec(args.method, alpha=alpha, ratios=args.ratios, weights=args.weights or MergeSpec.weights,
-                         density=args.density, seed=args.seed)  # fmt: skip
+    sft, aligned, base = _weights(args, "sft", "aligned", "base")
+    for spec, out in zip(specs, outs, strict=True):
         extra = {}
         if args.mergekit_config:
             import yaml
@@ -65,7 +73,7 @@ def _merge(args: argparse.Namespace) -> int:
             config = mergekit_config(spec, sft=args.sft, aligned=args.aligned, base=args.base)
             extra["mergekit.yaml"] = yaml.safe_dump(config, sort_keys=False)
         start = time.perf_counter()
-        save_merged(spec, out, sft=args.sft, aligned=args.aligned, base=args.base, extra_files=extra)
+        save_merged(spec, out, sft=sft, aligned=aligned, base=base, extra_files=extra)
         print(f"{args.method} merge written to {out} in {time.perf_counter() - start:.1f} s")
         if extra:
             path = Path(out) / "mergekit.yaml"
@@ -77,7 +85,11 @@ def _hma_search(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from online_merging.offline.hma_search import search_hma_ratios
+    from online_merging.sources import hub_unreachable
 
+    sft = _check_sources(args, "sft", "aligned")[0]
+    if Path(args.out).is_dir():
+        raise IsADirectoryError(f"--out: {args.out!r} is a folder (expected a .json file path)")
     if args.prompts is None:
         from online_merging.world import WorldConfig, build_world
 
@@ -86,7 +98,12 @@ def _hma_search(args: argparse.Namespace) -> int:
     else:
         prompts = _read_prompts(args.prompts)
     prompts = list(prompts)[: args.num_prompts]
-    tokenizer = AutoTokenizer.from_pretrained(args.sft)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(sft)
+    except OSError as error:
+        if isinstance(sft, Path):
+            raise ValueError(f"--sft: no tokenizer in {str(sft)!r} ({type(error).__name__})") from None
+        raise hub_unreachable(sft, "--sft", error) from error
     print(f"proxy distillation over {args.blocks} block ratios with mean {args.alpha}, {len(prompts)} prompts ...")
     result = search_hma_ratios(args.sft, args.aligned, tokenizer, prompts, alpha=args.alpha, blocks=args.blocks,
                                steps=args.steps, lr=args.lr, max_new_tokens=args.max_new_tokens, seed=args.seed,
@@ -107,22 +124,50 @@ def _read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"--prompts: no file at {path!r}")
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".jsonl":
-        return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
-    if file.suffix == ".json":
-        return [record["prompt"] for record in json.loads(text)]
-    return [line for line in text.splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix == ".jsonl":  # a decode error's line is then the line within the line: count them here
+            records = [(n, _json_line(line, n, path)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        elif file.suffix == ".json":
+            records = list(enumerate(json.loads(text), 1))
+        else:
+            return [line for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts: {path!r} is not a UTF-8 text file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--prompts: {path!r} is not valid JSON (line {error.lineno}: {error.msg})") from None
+    except TypeError:  # a .json whose top level is not a list
+        raise ValueError(f"--prompts: {path!r} must hold a list of records with a 'prompt' field") from None
+    where = "line" if file.suffix == ".jsonl" else "record"
+    for n, record in records:
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"--prompts: {where} {n} of {path!r} has no 'prompt' string field")
+    return [record["prompt"] for _, record in records]
+
+
+def _json_line(line: str, number: int, path: str):
+    import json
+
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--prompts: line {number} of {path!r} is not valid JSON ({error.msg})") from None
 
 
 def _tax_lab(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from online_merging.lab import LabConfig, run_lab
 
-    ints = {name: tuple(int(v) for v in value) if value else None for name, value in
-            (("seeds", args.seeds), ("data_orders", args.data_orders))}  # fmt: skip
-    methods = tuple(args.methods.split(",")) if args.methods else None
+    _check_out_folder(args.out)
     config = (LabConfig.quick() if args.quick else LabConfig()).with_settings(args.set)
-    run_lab(args.out, quick=args.quick, methods=methods, workers=args.workers, config=config, **ints)
+    if args.methods:
+        try:
+            config = replace(config, methods=tuple(args.methods.split(",")))
+        except ValueError as error:
+            raise ValueError(f"--methods: {error}") from None
+    run_lab(args.out, quick=args.quick, workers=args.workers, config=config, seeds=args.seeds,
+            data_orders=args.data_orders)  # fmt: skip
     print(f"results: {args.out}/results.json, {args.out}/results.md and the plots beside them")
     return 0
 
@@ -132,6 +177,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from online_merging.world import WorldConfig, build_world
 
+    for checkpoint in args.checkpoints:  # all of them before the world builds or any model loads
+        _check_world_checkpoint(checkpoint, args.embedded_world)
     world = build_world(WorldConfig.quick() if args.embedded_world == "quick" else WorldConfig())
     tokenizer = world.tokenizer()
     rows = [("sft", world.sft_dir), *((str(c), c) for c in args.checkpoints)]
@@ -146,12 +193,79 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_world_checkpoint(checkpoint: str, world: str) -> None:
+    """Refuse a checkpoint whose architecture or tokenizer is not the world's: it would score 0, or nonsense."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from online_merging.world import WorldConfig, architecture_mismatch
+    from online_merging.world.tokenizer import build_tokenizer
+
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint folder: {checkpoint!r}")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{checkpoint!r} has no config.json (expected a from_pretrained folder)")
+    config = AutoConfig.from_pretrained(path)
+    worlds = {"default": WorldConfig(), "quick": WorldConfig.quick()}
+    mismatch = architecture_mismatch(config, worlds[world])
+    if mismatch:
+        fits = [name for name, other in worlds.items() if name != world and not architecture_mismatch(config, other)]
+        hint = f"; it is one of the {fits[0]} world: add --embedded_world {fits[0]}" if fits else ""
+        raise ValueError(f"{checkpoint!r} is not a model of the embedded {world} world ({mismatch}){hint}")
+    has_tokenizer = any((path / file).is_file() for file in ("tokenizer.json", "tokenizer_config.json"))
+    if has_tokenizer and AutoTokenizer.from_pretrained(path).get_vocab() != build_tokenizer().get_vocab():
+        raise ValueError(f"the tokenizer of {checkpoint!r} is not the embedded {world} world's")
+
+
 def _numbers(text: str) -> tuple[float, ...]:
     """A comma-separated list of numbers, for argparse."""
     try:
         return tuple(float(item) for item in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _integers(text: str) -> tuple[int, ...]:
+    """A comma-separated list of integers, for argparse."""
+    try:
+        return tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    """An integer ≥ 1, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {value}")
+    return value
+
+
+def _check_sources(args: argparse.Namespace, *options: str) -> list:
+    """Each model option as a local ``Path`` or a Hub id; a missing local path fails here, naming its option."""
+    from online_merging.sources import local_or_hub
+
+    return [None if getattr(args, o) is None else local_or_hub(getattr(args, o), f"--{o}") for o in options]
+
+
+def _weights(args: argparse.Namespace, *options: str) -> list:
+    """Each model option as a local safetensors file or folder, a Hub id downloaded first; errors name the option."""
+    from online_merging.merging.weights import locate_weights
+
+    return [None if getattr(args, o) is None else locate_weights(getattr(args, o), f"--{o}") for o in options]
+
+
+def _check_out_file(out: str) -> None:
+    if Path(out).is_dir():
+        raise IsADirectoryError(f"--out: {out!r} is a folder (expected a file path, e.g. tau.safetensors)")
+
+
+def _check_out_folder(out: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise NotADirectoryError(f"--out: {out!r} is a file (expected a folder)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -214,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="online-merging", description="Online merging optimizers for alignment.")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="compare AdamW, OnDARE and OnTIES on an embedded toy, in seconds")
-    demo.add_argument("--steps", type=int, default=300, help="alignment steps per optimizer (default 300)")
+    demo.add_argument("--steps", type=_positive_int, default=300, help="alignment steps per optimizer (default 300)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the toy tasks and model (default 0)")
     demo.set_defaults(run=_demo)
     tv = commands.add_parser(
@@ -292,10 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
         "reward/ability fronts, their areas with bootstrap intervals, a markdown table and plots. See docs/results.md.",
     )
     lab.add_argument("--quick", action="store_true", help="one seed, a smaller world, few points (≤ 10 min)")
-    lab.add_argument("--seeds", type=_numbers, help="model seeds, e.g. 0,1 (default: the mode's)")
-    lab.add_argument("--data-orders", type=_numbers, help="data-order seeds, e.g. 0,1 (default: the mode's)")
+    lab.add_argument("--seeds", type=_integers, help="model seeds, e.g. 0,1 (default: the mode's)")
+    lab.add_argument("--data-orders", type=_integers, help="data-order seeds, e.g. 0,1 (default: the mode's)")
     lab.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
-    lab.add_argument("--workers", type=int, default=2, help="parallel training processes, one thread each (default 2)")
+    lab.add_argument(
+        "--workers", type=_positive_int, default=2, help="parallel training processes, one thread each (default 2)"
+    )
     lab.add_argument("--out", default="tax_lab", help="output directory (default tax_lab)")
     lab.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="change the plan: steps=60, lr=3e-5, world.skills=addition,facts, world.num_layers=2, ... "
@@ -319,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:  # FileNotFoundError is an OSError
         if os.environ.get("ONLINE_MERGING_TRACEBACK"):
             raise
-        print(f"online-merging {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines())  # one line, whatever the source
+        print(f"online-merging {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

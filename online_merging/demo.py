@@ -54,6 +54,8 @@ def _loss(model: nn.Module, target, dim: int) -> float:
 
 def run_demo(*, steps: int = 300, seed: int = 0, dim: int = 16, lr: float = 3e-3) -> list[DemoResult]:
     """Align the SFT model on objective C with AdamW, OnDARE and OnTIES; return reward and tax of each."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"Invalid steps: {steps!r} (expected an integer ≥ 1)")
     torch.manual_seed(seed)
     skill_a, skill_b, objective_c = _task(seed + 1, dim), _task(seed + 2, dim), _task(seed + 3, dim)
     model = nn.Sequential(nn.Linear(dim, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, dim))

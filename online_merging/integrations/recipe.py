@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from online_merging.settings import MERGE_DEFAULTS, MergeSettings, check_range
+from online_merging.sources import local_or_hub
 
 __all__ = ["RecipeArguments", "load_recipe", "recipe_help", "recipe_parser"]
 
@@ -137,6 +139,10 @@ class RecipeArguments:
             raise ValueError(f"pairwise_normalized needs trainer: dpo (paired data), not {self.trainer!r}")
         if self.base_model_name_or_path and self.task_vector_path:
             raise ValueError("set one of base_model_name_or_path and task_vector_path, not both")
+        self._check_merge_settings()
+        check_range("recipe key ", "momentum", self.momentum, 0.0, float("inf"), high_open=True)
+        if not isinstance(self.entanglement_every, int) or self.entanglement_every < 0:
+            raise ValueError(f"Invalid recipe key 'entanglement_every': {self.entanglement_every!r} (expected ≥ 0)")
         if (
             self.merge != "none"
             and self.model_name_or_path
@@ -145,6 +151,25 @@ class RecipeArguments:
             raise ValueError(
                 f"merge={self.merge!r} needs τ = SFT − base: set base_model_name_or_path (or task_vector_path)"
             )
+
+    def _check_merge_settings(self) -> None:
+        """The optimizer's own checks, here, so that a bad value fails before any model loads."""
+        settings = {**MERGE_DEFAULTS, "merge": None if self.merge == "none" else self.merge, "seed": self.merge_seed}
+        settings.update((key, getattr(self, key)) for key in ("reserve_p", "alpha", "merge_every", "ties_sign"))
+        try:
+            MergeSettings(**settings).check("recipe key ")
+        except ValueError as error:  # the optimizer's 'seed' is the recipe's merge_seed (seed is TRL's)
+            raise ValueError(str(error).replace("recipe key 'seed'", "recipe key 'merge_seed'")) from None
+
+    def check_paths(self) -> None:
+        """Raise ``FileNotFoundError`` naming the key of a local path that does not exist (see ``local_or_hub``)."""
+        for key in ("model_name_or_path", "base_model_name_or_path", "dataset_name"):
+            if getattr(self, key) is not None:
+                local_or_hub(getattr(self, key), key)
+        for key in ("task_vector_path", "neuron_mask_path"):  # files of ours: never on the Hub
+            path = getattr(self, key)
+            if path is not None and not Path(path).expanduser().is_file():
+                raise FileNotFoundError(f"{key}: no such file: {path!r}")
 
     @property
     def masked(self) -> bool:
@@ -175,7 +200,8 @@ def recipe_parser(trainer: str = "dpo"):
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[RecipeArguments, Any]:
     """Read a recipe and apply ``--key value`` overrides; return ``(RecipeArguments, DPOConfig | KTOConfig)``.
 
-    Unknown keys, in the file or among the overrides, raise ``ValueError`` naming them and the valid keys.
+    Unknown keys, in the file or among the overrides, and bad values raise ``ValueError`` naming the key; a local
+    path that does not exist raises ``FileNotFoundError`` naming its key. All before any model or data set loads.
     """
     path, values = Path(path), _read(path)
     overrides = list(overrides)
@@ -184,7 +210,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Recipe
     valid = sorted({a.dest for a in parser._actions} - {"help"})
     for key in values:
         if key not in valid:
-            raise ValueError(f"{path}: unknown key {key!r}{_valid_keys_hint(key, valid, trainer)}")
+            raise ValueError(f"{path}: unknown key {key!r}{_valid_keys_hint(key, valid)}")
     parser.set_defaults(**{**_machine_defaults(), **values})
     parser.exit_on_error = False  # a ValueError naming the key, not a usage dump
     try:
@@ -193,7 +219,11 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Recipe
         raise ValueError(f"{path}: {error}") from error
     if unused:
         key = unused[0].lstrip("-").split("=")[0]
-        raise ValueError(f"unknown override {unused[0]!r}{_valid_keys_hint(key, valid, trainer)}")
+        raise ValueError(f"unknown override {unused[0]!r}{_valid_keys_hint(key, valid)}")
+    recipe.check_paths()
+    if Path(config.output_dir).is_file():
+        raise ValueError(f"output_dir: {config.output_dir!r} is a file (expected a folder)")
+    check_range("recipe key ", "learning_rate", config.learning_rate, 0.0, float("inf"), low_open=True, high_open=True)
     return recipe, config
 
 
@@ -207,9 +237,18 @@ def _read(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"recipe: {str(path)!r} is a folder (expected a YAML file)")
     if not path.is_file():
         raise FileNotFoundError(f"recipe file not found: {str(path)!r}")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (expected a YAML recipe)") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a recipe is a mapping of keys to values, got a {type(values).__name__}")
     return values
@@ -232,11 +271,7 @@ def _override(overrides: list[str], key: str) -> str | None:
     return None
 
 
-def _valid_keys_hint(key: str, valid: list[str], trainer: str) -> str:
+def _valid_keys_hint(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=3)
-    ours = [f.name for f in fields(RecipeArguments)]
-    theirs = [k for k in valid if k not in ours]
-    listing = textwrap.fill(", ".join(theirs), width=118, initial_indent="  ", subsequent_indent="  ")
-    return (
-        f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
-    ) + f"\nvalid keys: {', '.join(ours)},\nand the fields of trl.{_config_class(trainer).__name__}:\n{listing}"
+    suggestion = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return f"{suggestion}; `online-merging train RECIPE.yaml --help` lists every key"

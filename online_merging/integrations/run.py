@@ -55,10 +55,14 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     """
     named = {"model_name_or_path": recipe.model_name_or_path, "base_model_name_or_path": recipe.base_model_name_or_path}
     check_not_input(config.output_dir, named, name="output_dir")
+    # a named data set is read and its columns checked before any model loads (or world builds)
+    dataset = None if recipe.dataset_name is None else _load_dataset(recipe, None)
     world = _embedded_world(recipe, progress)
     if world is not None and recipe.embedded:
         embedded = {"embedded world's SFT model": world.sft_dir, "embedded world's base model": world.base_dir}
         check_not_input(config.output_dir, embedded, name="output_dir")
+    if dataset is None:
+        dataset = _load_dataset(recipe, world)
     runs = [(recipe, config)]
     compare = recipe.embedded if recipe.compare_with_adamw is None else recipe.compare_with_adamw
     allo = {"neuron_k": 0.0, "neuron_mask_path": None, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
@@ -73,7 +77,7 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
         summary["sft"] = _evaluate(world, model, tokenizer)
         del model
     for run_args, run_config in runs:
-        summary["runs"].append(asdict(_train(run_args, run_config, world)))
+        summary["runs"].append(asdict(_train(run_args, run_config, world, dataset)))
     write_text(Path(config.output_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -87,11 +91,10 @@ def _embedded_world(recipe: RecipeArguments, progress: bool):
     return build_world(config, progress=progress)
 
 
-def _train(recipe: RecipeArguments, config: Any, world) -> RunResult:
+def _train(recipe: RecipeArguments, config: Any, world, dataset) -> RunResult:
     import trl
 
     model, tokenizer = _load_model(recipe, world)
-    dataset = _load_dataset(recipe, world)
     masks = _neuron_masks(recipe, config, model, dataset, tokenizer, world) if recipe.masked else None
     if recipe.unlearn_steps:
         _unlearn(recipe, config, model, dataset, tokenizer, world, masks)
@@ -227,18 +230,37 @@ def _load_dataset(recipe: RecipeArguments, world):
             raise FileNotFoundError(f"dataset_name: no data file at {name!r}")
 
         def load():
-            return datasets.load_dataset(builders[path.suffix], data_files=name, split="train")
+            try:
+                return datasets.load_dataset(builders[path.suffix], data_files=name, split="train")
+            except datasets.exceptions.DatasetGenerationError as error:  # malformed file: name it, one line
+                raise ValueError(f"dataset_name: {name!r} is not valid {path.suffix[1:]} ({error.__cause__})") from None
     else:
 
         def load():
             return datasets.load_dataset(name, recipe.dataset_config, split=recipe.dataset_train_split)
 
     dataset = _from_hub_or_path(load, name, "dataset_name")
+    _check_columns(dataset, recipe)
     if recipe.trainer == "kto" and "chosen" in dataset.column_names:
         from trl.data_utils import unpair_preference_dataset
 
         dataset = unpair_preference_dataset(dataset)
     return dataset
+
+
+def _check_columns(dataset, recipe: RecipeArguments) -> None:
+    """TRL's formats: DPO reads chosen/rejected (with a prompt column, or the prompt inside both); KTO reads
+    prompt/completion/label, or preference pairs, which it unpairs."""
+    columns = set(getattr(dataset, "column_names", None) or ())
+    paired = {"chosen", "rejected"}
+    needed = [paired] if recipe.trainer == "dpo" else [{"prompt", "completion", "label"}, paired]
+    if not any(want <= columns for want in needed):
+        missing = sorted(min((want - columns for want in needed), key=len))
+        forms = " or ".join("/".join(sorted(want)) for want in needed)
+        raise ValueError(
+            f"dataset_name: {recipe.dataset_name!r} lacks the column(s) {', '.join(map(repr, missing))} "
+            f"({recipe.trainer.upper()} needs {forms}; its columns: {', '.join(sorted(columns)) or 'none'})"
+        )
 
 
 def _from_hub_or_path(load, name: str, key: str):

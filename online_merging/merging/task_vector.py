@@ -11,7 +11,14 @@ from pathlib import Path
 import torch
 
 from online_merging._files import staged_file
-from online_merging.merging.weights import WeightsSource, canonical_name, describe, open_weights, preview
+from online_merging.merging.weights import (
+    WeightsSource,
+    canonical_name,
+    check_same_shapes,
+    describe,
+    open_weights,
+    preview,
+)
 
 __all__ = ["TaskVector"]
 
@@ -61,6 +68,7 @@ class TaskVector(Mapping[str, torch.Tensor]):
                 "base and finetuned models do not match: "
                 f"only in base: {preview(missing_in_ft)}; only in finetuned: {preview(missing_in_base)}"
             )
+        check_same_shapes({"base": base_weights, "finetuned": ft_weights})
         tensors = {}
         names = list(ft_weights)
         if progress:
@@ -71,10 +79,6 @@ class TaskVector(Mapping[str, torch.Tensor]):
             b, f = base_weights.get(name), ft_weights.get(name)
             if not f.is_floating_point():
                 continue
-            if b.shape != f.shape:
-                raise ValueError(
-                    f"base and finetuned models do not match at {name!r}: shape {tuple(b.shape)} vs {tuple(f.shape)}"
-                )
             tensors[name] = (f.to(device, torch.float32) - b.to(device, torch.float32)).to(dtype)
         return cls(tensors)
 
@@ -85,14 +89,18 @@ class TaskVector(Mapping[str, torch.Tensor]):
         ``lazy``: check every tensor once, then read each from the file only when it is asked for. Under ZeRO or
         FSDP2 the optimizer keeps just this rank's slices, so τ costs 1/world of its size per rank.
         """
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no task vector file at {str(path)!r}")
-        if not lazy:
-            return cls(load_file(str(path), device=str(device)))
-        tensors = _FileTensors(path, device)
+        try:
+            if not lazy:
+                return cls(load_file(str(path), device=str(device)))
+            tensors = _FileTensors(path, device)
+        except SafetensorError as error:  # a truncated or foreign file: name it, one line
+            raise ValueError(f"{str(path)!r} is not a readable safetensors file ({error})") from None
         for name in tensors:
             cls({name: tensors[name]})  # the checks of one entry, one tensor in memory at a time
         vector = cls({})

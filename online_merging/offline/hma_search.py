@@ -33,6 +33,7 @@ from torch import nn
 from online_merging.merging.weights import describe, preview
 from online_merging.offline.blocks import block_of, num_layers
 from online_merging.offline.merge import MergeSpec
+from online_merging.sources import hub_unreachable, local_or_hub
 
 __all__ = ["HMAResult", "sample_responses", "search_hma_ratios"]
 
@@ -308,7 +309,13 @@ def _load(source, role: str) -> nn.Module:
     if isinstance(source, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(source)
+        located = local_or_hub(source, role)
+        try:
+            return AutoModelForCausalLM.from_pretrained(located)
+        except OSError as error:
+            if isinstance(located, Path):
+                raise
+            raise hub_unreachable(located, role, error) from error
     raise TypeError(f"Invalid {role}: expected a model or a from_pretrained directory, got {describe(source)}")
 
 

@@ -27,7 +27,7 @@ import torch
 
 from online_merging._files import check_not_input, staged_folder
 from online_merging.merging import WeightsSource, open_weights, random_keep, topk_mask
-from online_merging.merging.weights import preview
+from online_merging.merging.weights import check_same_shapes, preview
 from online_merging.offline.blocks import block_of, num_layers
 from online_merging.rng import STREAM_UPDATE, tensor_key
 
@@ -89,7 +89,7 @@ def merged_tensors(
     """The merged model, one ``(name, tensor)`` at a time, in the SFT model's dtype.
 
     The models must have the same tensor names and shapes; this is checked for every name before the first
-    tensor is merged.
+    tensor is read.
     """
     spec.check(base=base)
     models = {"sft": open_weights(sft, "sft"), "aligned": open_weights(aligned, "aligned")}
@@ -103,6 +103,7 @@ def merged_tensors(
                 f"sft and {role} models do not match: only in sft: {preview(only_sft)}; "
                 f"only in {role}: {preview(only_other)}"
             )
+    check_same_shapes(models)
     layers = num_layers(names) if spec.method == "hma" else 0
     if spec.method == "hma" and not 1 <= len(spec.ratios) <= layers:
         raise ValueError(
@@ -110,9 +111,6 @@ def merged_tensors(
         )
     for name in names:
         tensors = {role: weights.get(name) for role, weights in models.items()}
-        shapes = {role: tuple(t.shape) for role, t in tensors.items()}
-        if len(set(shapes.values())) > 1:
-            raise ValueError(f"models do not match at {name!r}: shapes {shapes}")
         if not tensors["sft"].is_floating_point():
             yield name, tensors["sft"]
             continue

@@ -10,5 +10,6 @@ prefers that style (DPO/KTO data); reward is how often the model adopts it, abil
 
 from online_merging.world.build import World, build_world, default_cache_dir
 from online_merging.world.config import WORLD_VERSION, WorldConfig
+from online_merging.world.train import architecture_mismatch
 
-__all__ = ["WORLD_VERSION", "World", "WorldConfig", "build_world", "default_cache_dir"]
+__all__ = ["WORLD_VERSION", "World", "WorldConfig", "architecture_mismatch", "build_world", "default_cache_dir"]

@@ -13,14 +13,38 @@ from online_merging.world.config import WorldConfig
 from online_merging.world.skills import PRETRAIN_WEIGHTS, QA, SkillData, completion, pretrain_text, prompt
 from online_merging.world.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB, encode
 
-__all__ = ["make_model", "pretrain", "sft"]
+__all__ = ["ARCHITECTURE", "architecture_mismatch", "make_model", "model_config", "pretrain", "sft"]
+
+
+ARCHITECTURE = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads")  # fmt: skip
+"""The fields of a model's config that say whether it is a model of a world."""
 
 
 def make_model(cfg: WorldConfig):
     """A freshly initialised ``LlamaForCausalLM`` of the config's size (uses the global torch RNG)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
+    model = LlamaForCausalLM(model_config(cfg))
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+def architecture_mismatch(config, cfg: WorldConfig) -> str:
+    """The first ``ARCHITECTURE`` field in which a transformers ``config`` differs from the world's model, as
+    "field X, the world's: Y"; empty when it is a model of the world."""
+    expected = model_config(cfg)
+    for name in ARCHITECTURE:
+        if getattr(config, name, None) != getattr(expected, name):
+            return f"{name} {getattr(config, name, None)!r}, the world's: {getattr(expected, name)!r}"
+    return ""
+
+
+def model_config(cfg: WorldConfig):
+    """The ``LlamaConfig`` of the world's model."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=len(VOCAB),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -33,9 +57,6 @@ def make_model(cfg: WorldConfig):
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
     )
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = PAD_ID
-    return model
 
 
 def _sample(rng: random.Random, data: dict[str, SkillData], weights: dict[str, float] | None = None) -> QA:
