@@ -64,6 +64,7 @@ class ReferenceOnlineMerging:
         self.v = {name: torch.zeros_like(p) for name, p in self.params.items()}
         self.v_max = {name: torch.zeros_like(p) for name, p in self.params.items()}
         self.accumulated = {name: torch.zeros_like(p) for name, p in self.params.items()}  # Δc of Alg. 2
+        self.momentum_started: set[str] = set()  # SGD: the names whose momentum buffer exists
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         for name, grad in grads.items():
@@ -109,7 +110,8 @@ class ReferenceOnlineMerging:
             g = -g
         g = g + h["weight_decay"] * self.params[name]  # coupled, as torch.optim.SGD
         if h["momentum"]:
-            if self.t[name] == 1:
+            if name not in self.momentum_started:  # torch: a missing buffer starts as g, also mid-run
+                self.momentum_started.add(name)
                 self.m[name] = g.clone()
             else:
                 self.m[name] = h["momentum"] * self.m[name] + (1 - h["dampening"]) * g
@@ -119,6 +121,7 @@ class ReferenceOnlineMerging:
     # -- the merge F(Δθ) ⊕ F(τ) ------------------------------------------------------------------------------
 
     def _merge(self, name: str, update: torch.Tensor) -> torch.Tensor:
+        """The masks multiply: a non-finite update element stays non-finite where dropped (0·NaN), as with AdamW."""
         h, tau = self.hyper, self.tau[name]
         p = h["reserve_p"]
         alpha = h["alpha"] * h["lr"] if h["alpha_unit"] == "lr" else h["alpha"]  # in lr units: α_t = α·lr_t

@@ -55,7 +55,9 @@ def tiny_setup():
     base = {k: v.clone() for k, v in model.state_dict().items()}
     sft = perturbed(base)
     model.load_state_dict(sft)
-    return model, TaskVector.from_models(base, sft, dtype=torch.float32)
+    # from the model, so that the tied weight's two names get one τ, as from a real SFT model
+    loaded = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, TaskVector.from_models(base, loaded, dtype=torch.float32)
 
 
 def random_grads(shapes: dict, steps: int, seed: int = 1):

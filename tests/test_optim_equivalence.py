@@ -130,17 +130,18 @@ def test_merging_changes_the_trajectory():
 def test_bf16_params_track_the_reference(merge):
     steps = 10
     params, tau, grads = _params(torch.bfloat16), _tau(), random_grads(SHAPES, steps)
-    ours = _run(
-        OnlineMergingAdam,
-        params,
-        grads,
-        task_vector=TaskVector(tau),
-        merge=merge,
-        reserve_p=0.5,
-        alpha=0.05,
-        lr=1e-2,
-        eps=1e-3,
-    )
+    with pytest.warns(UserWarning, match="stored in torch.bfloat16"):
+        ours = _run(
+            OnlineMergingAdam,
+            params,
+            grads,
+            task_vector=TaskVector(tau),
+            merge=merge,
+            reserve_p=0.5,
+            alpha=0.05,
+            lr=1e-2,
+            eps=1e-3,
+        )
     ref = ReferenceOnlineMerging(
         {n: p.double() for n, p in params.items()}, tau, merge=merge, reserve_p=0.5, alpha=0.05, lr=1e-2, eps=1e-3
     )

@@ -35,7 +35,9 @@ def task_vector_for(
 
     ``base_model`` is a module, state dict, safetensors file/directory or Hub id; from disk it is read one
     tensor at a time and never built as a model. A base whose architecture, parameter names or shapes differ
-    from ``model`` raises ``ValueError`` naming the first mismatch, before any training.
+    from ``model`` raises ``ValueError`` naming the first mismatch, before any training. A saved τ whose entry has
+    another shape than the model's parameter of that name raises too; entries naming no parameter of the model are
+    left to the optimizer, which warns about them (as it does for any τ).
     """
     if (base_model is None) == (task_vector is None):
         raise ValueError("pass exactly one of base_model (to compute τ = model − base) and task_vector (a saved τ)")
@@ -49,9 +51,7 @@ def task_vector_for(
         canonical_name(n): getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters(remove_duplicate=False)
     }
     for name, tensor in tau.items():
-        if name not in shapes:
-            raise ValueError(f"task vector entry {name!r} is not a parameter of the model (first mismatch)")
-        if tensor.shape != shapes[name]:
+        if name in shapes and tensor.shape != shapes[name]:
             raise ValueError(
                 f"task vector entry {name!r} has shape {tuple(tensor.shape)}, the model's has {tuple(shapes[name])}"
             )
@@ -134,7 +134,8 @@ def build_optimizer(
         {"params": [(n, p) for n, p in trainable if n in decay], "weight_decay": weight_decay},
         {"params": [(n, p) for n, p in trainable if n not in decay], "weight_decay": 0.0},
     ]
-    built = OPTIMIZERS[optimizer]([g for g in groups if g["params"]], task_vector=tau, **kwargs)
+    # module=model: τ entries of frozen parameters are expected, only names the model lacks are reported
+    built = OPTIMIZERS[optimizer]([g for g in groups if g["params"]], task_vector=tau, module=model, **kwargs)
     if zero is not None and zero.flat_partitions:
         require_engine_steps(model, built)  # Trainer(optimizers=(built, None)) is ignored under DeepSpeed
     return built

@@ -63,26 +63,29 @@ def merge_update(
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
 ) -> torch.Tensor:
-    """F(Δθ) ⊕ F(τ) of one tensor at one step (Lu et al. 2024, Eq. 3–7), as configured by ``settings``."""
+    """F(Δθ) ⊕ F(τ) of one tensor at one step (Lu et al. 2024, Eq. 3–7), as configured by ``settings``, plus 0·Δθ:
+    a non-finite element of Δθ makes its element of the result non-finite even where the merge drops it, so that a
+    NaN or inf gradient reaches θ at once, as with AdamW, instead of waiting in the moments."""
     p, alpha = settings.reserve_p, settings.alpha
     if settings.merge == "ondare":
         update_key, tau_key = dare_keys(settings, step, name)
-        update = random_keep(delta, p, update_key, rescale=settings.dare_rescale, offset=offset)
-        if alpha == 0.0:
-            return update
-        task = random_keep(tau.float(), p, tau_key, rescale=settings.dare_rescale, offset=offset)
-        if settings.tau_clamp is not None:
-            task = task.clamp(-settings.tau_clamp, settings.tau_clamp)
-        return linear([update, task], [1.0 - alpha, alpha])
-    if settings.merge == "onties":
+        merged = random_keep(delta, p, update_key, rescale=settings.dare_rescale, offset=offset)
+        if alpha != 0.0:
+            task = random_keep(tau.float(), p, tau_key, rescale=settings.dare_rescale, offset=offset)
+            if settings.tau_clamp is not None:
+                task = task.clamp(-settings.tau_clamp, settings.tau_clamp)
+            merged = linear([merged, task], [1.0 - alpha, alpha])
+    elif settings.merge == "onties":
         update = torch.where(trim_mask(delta, p, update_cut, offset), delta, 0.0)
         task = torch.where(trim_mask(tau, p, tau_cut, offset), tau.float(), 0.0)
-        return sign_consensus(
+        merged = sign_consensus(
             [update, task],
             [1.0 - alpha, alpha],
             weighted_election=settings.ties_sign == "weighted",
         )
-    raise ValueError(f"unknown merge {settings.merge!r}")
+    else:
+        raise ValueError(f"unknown merge {settings.merge!r}")
+    return merged + delta * 0.0
 
 
 def apply_update(
@@ -225,11 +228,14 @@ def sgd_step(
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
+    first_momentum: bool | None = None,
 ) -> Rest:
     """SGD exactly as ``torch.optim.SGD`` (weight decay added to the gradient), then the online merge.
 
-    ``momentum_buffer`` is a zero tensor before the first step when momentum is used, else ``None``.
+    ``momentum_buffer`` is a tensor when momentum is used, else ``None``. ``first_momentum``: the buffer starts now
+    and is set to the gradient, undamped, as torch sets a missing buffer (``None``: on step 1).
     """
+    first = step == 1 if first_momentum is None else first_momentum
     saved = None if mask is None else _save(momentum_buffer if momentum != 0.0 else None)
     grad = grad.float()
     if maximize:
@@ -238,7 +244,7 @@ def sgd_step(
         grad = grad.add(param.float(), alpha=weight_decay)
     if momentum != 0.0:
         buf = momentum_buffer.float()
-        if step == 1:
+        if first:
             buf.copy_(grad)
         else:
             buf.mul_(momentum).add_(grad, alpha=1.0 - dampening)

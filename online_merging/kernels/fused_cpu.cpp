@@ -183,7 +183,8 @@ void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restric
           const bool keep_update = (mix32(index ^ ku) < threshold) | keep_all;
           const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
           const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
-          theta += (keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f);
+          // + 0·total: a non-finite update reaches θ even where DARE drops it (as eager.merge_update)
+          theta += ((keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f)) + total * 0.f;
         }
         param[i] = pick(on, theta, old);
       }
@@ -331,7 +332,8 @@ void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const floa
         const float a = keep_x ? x : 0.f;
         const float b = keep_t ? t : 0.f;
         const float s = sign(wa * a + wb * b);
-        const float merged = (1.f - alpha) * (sign(a) == s ? a : 0.f) + alpha * (sign(b) == s ? b : 0.f);
+        const float merged =
+            ((1.f - alpha) * (sign(a) == s ? a : 0.f) + alpha * (sign(b) == s ? b : 0.f)) + x * 0.f;  // 0·x: see DARE
         const uint32_t on = on_bits<MASKED>(keep, i);
         const float old = param[i];
         float theta = old * decay + merged;

@@ -86,7 +86,7 @@ def _finish(
     """Apply Δ to θ (fp32 ``param``) as ``eager.apply_update`` (DARE draws at global indices ``offset + offs``):
 
     plain:       θ ← decay·θ + Δ
-    OnDARE:      θ ← decay·θ + (1−α)·keep_u(Δ)·s + α·clamp(keep_τ(τ)·s, ±c),  s = 1/p if RESCALE else 1
+    OnDARE:      θ ← decay·θ + (1−α)·keep_u(Δ)·s + α·clamp(keep_τ(τ)·s, ±c) + 0·Δ,  s = 1/p if RESCALE else 1
                  (DROP: p < 1, else keep is the identity; WITH_TAU: α ≠ 0; CLAMP: c is set)
     ACCUMULATE:  θ ← decay·θ + Δ,  Δc ← Δc + Δ                 (step-K, not a merge step)
     ROLL_BACK:   θ ← decay·θ − Δc + merge(Δc + Δ),  Δc ← 0      (step-K merge step)
@@ -119,6 +119,7 @@ def _finish(
                 if CLAMP:
                     task = tl.minimum(tl.maximum(task, -tau_clamp), tau_clamp)
                 update = update * w_update + task * w_tau
+            update = update + delta * 0.0  # a non-finite Δ reaches θ even where dropped (``eager.merge_update``)
         else:
             update = delta
         if ROLL_BACK:
@@ -190,7 +191,7 @@ def _sgd_kernel(
 ):  # fmt: skip
     """SGD as ``torch.optim.SGD`` and the online merge of one block (``eager.sgd_step``):
 
-    g = ±grad + λ·θ,  b ← g on step 1 else μ·b + (1−d)·g,  g ← g + μ·b if NESTEROV else b  (MOMENTUM),
+    g = ±grad + λ·θ,  b ← g when it starts (FIRST_STEP) else μ·b + (1−d)·g,  g ← g + μ·b if NESTEROV else b  (MOMENTUM),
     Δ = −lr·g,  then ``_finish`` with decay = 1.
     """
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
@@ -235,7 +236,7 @@ def _onties_kernel(
 
     a = keep_u·Δ (Δ = Δc + Δθ on a ROLL_BACK step, from ``total_ptr``),  b = keep_τ·τ  (TRIM: p < 1),
     s = sign((1−α)·a + α·b) if WEIGHTED else sign(a + b),
-    θ ← decay·θ [− Δc] + (1−α)·a·[sign(a) = s] + α·b·[sign(b) = s],  Δc ← 0 (ROLL_BACK); θ and Δc stored only
+    θ ← decay·θ [− Δc] + (1−α)·a·[sign(a) = s] + α·b·[sign(b) = s] + 0·Δ,  Δc ← 0 (ROLL_BACK); θ and Δc stored only
     where the element mask keeps them (MASKED).
     """
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
@@ -244,13 +245,15 @@ def _onties_kernel(
     keep = in_bounds
     if MASKED:
         keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
-    a = tl.load(total_ptr + offs, mask=in_bounds, other=0.0)
+    total = tl.load(total_ptr + offs, mask=in_bounds, other=0.0)
+    a = total
     b = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     if TRIM:
         a = tl.where(tl.load(update_keep_ptr + offs, mask=in_bounds, other=0) != 0, a, 0.0)
         b = tl.where(tl.load(tau_keep_ptr + offs, mask=in_bounds, other=0) != 0, b, 0.0)
     elected = _sign(a * w_update + b * w_tau) if WEIGHTED else _sign(a + b)
     update = tl.where(_sign(a) == elected, a, 0.0) * w_update + tl.where(_sign(b) == elected, b, 0.0) * w_tau
+    update = update + total * 0.0  # a non-finite Δ reaches θ even where trimmed (``eager.merge_update``)
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32) * decay
     if ROLL_BACK:
         param = param - tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
@@ -328,6 +331,7 @@ def sgd_step(
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
+    first_momentum: bool | None = None,
 ) -> Rest:
     """SGD as ``torch.optim.SGD`` followed by the online merge; see ``eager.sgd_step``."""
     return _run(
@@ -353,7 +357,7 @@ def sgd_step(
             "MAXIMIZE": maximize,
             "WEIGHT_DECAY": weight_decay != 0.0,
             "MOMENTUM": momentum != 0.0,
-            "FIRST_STEP": step == 1,
+            "FIRST_STEP": step == 1 if first_momentum is None else first_momentum,
             "NESTEROV": nesterov,
         },
     )

@@ -22,6 +22,32 @@ from online_merging.merging.weights import (
 
 __all__ = ["TaskVector"]
 
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+"""The dtype names :meth:`TaskVector.from_models` accepts besides ``torch.dtype`` (a ``torch.`` prefix allowed)."""
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``dtype`` as a floating-point ``torch.dtype``: given as one, or by a name of :data:`DTYPES`."""
+    if isinstance(dtype, str):
+        name = dtype.strip().lower().removeprefix("torch.")
+        if name not in DTYPES:
+            raise ValueError(f"Invalid dtype: {dtype!r} (expected a torch dtype or one of {', '.join(DTYPES)})")
+        return DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"Invalid dtype: {dtype!r} (expected a floating-point torch dtype or one of {', '.join(DTYPES)})"
+        )
+    return dtype
+
 
 class TaskVector(Mapping[str, torch.Tensor]):
     """τ = θ_finetuned − θ_base, one tensor per (canonical) parameter name.
@@ -50,16 +76,18 @@ class TaskVector(Mapping[str, torch.Tensor]):
         base: WeightsSource,
         finetuned: WeightsSource,
         *,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | str = torch.bfloat16,
         device: torch.device | str = "cpu",
         progress: bool = False,
     ) -> TaskVector:
-        """τ = finetuned − base over their floating-point tensors, computed in float32 and stored as ``dtype``.
+        """τ = finetuned − base over their floating-point tensors, computed in float32 and stored as ``dtype`` (a
+        floating-point ``torch.dtype`` or a name: ``"bf16"``, ``"bfloat16"``, ``"fp16"``, ``"fp32"``, ...).
 
         Both models must have the same tensor names and shapes (wrapper prefixes aside); large checkpoints
         are read one tensor at a time, so the two models are never held in memory together. ``progress`` draws
         a progress bar over the tensors.
         """
+        dtype = resolve_dtype(dtype)
         base_weights, ft_weights = open_weights(base, "base"), open_weights(finetuned, "finetuned")
         missing_in_ft = sorted(set(base_weights) - set(ft_weights))
         missing_in_base = sorted(set(ft_weights) - set(base_weights))

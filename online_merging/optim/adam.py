@@ -60,6 +60,8 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             A setting, like τ: not saved in ``state_dict()``.
     """
 
+    group_keys = ("betas", "eps", "amsgrad")
+
     def __init__(
         self,
         params: Iterable,

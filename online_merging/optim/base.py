@@ -20,6 +20,10 @@ from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSet
 __all__ = ["OnlineMergingOptimizer"]
 
 FINGERPRINT_KEY = "task_vector_fingerprint"
+OPTIMIZER_KINDS = {  # the param-group keys that tell an optimizer's state dict apart
+    "an Adam-type optimizer's (torch.optim.Adam/AdamW, OnlineMergingAdam)": ("betas", "eps", "amsgrad"),
+    "an SGD optimizer's (torch.optim.SGD, OnlineMergingSGD)": ("momentum", "dampening", "nesterov"),
+}
 
 
 class OnlineMergingOptimizer(Optimizer):
@@ -44,6 +48,9 @@ class OnlineMergingOptimizer(Optimizer):
     a checkpoint resumes under whatever mask the new optimizer has (the saved state is valid under any mask, and
     changing the mask between runs, unfreezing neurons say, is legitimate).
     """
+
+    group_keys: tuple[str, ...] = ()
+    """Hyper-parameters every saved param group of this optimizer's kind has (``load_state_dict`` checks them)."""
 
     def __init__(
         self,
@@ -82,6 +89,8 @@ class OnlineMergingOptimizer(Optimizer):
         self._masks: dict[torch.Tensor, torch.Tensor] = {}  # each masked parameter's flat bool element mask
         self._masks_by_name: dict[str, torch.Tensor] = {}  # the same, by the parameter's name (for ZeRO pieces)
         self._masked_names: set[str] = set()  # the neuron_mask names that matched a parameter
+        self._known_names: set[str] = set()  # every name of every parameter given (for τ's extra entries)
+        self._first_step_checked = False
         self._constructed = False
         super().__init__(params, defaults)
         self._constructed = True
@@ -91,11 +100,13 @@ class OnlineMergingOptimizer(Optimizer):
                 f"neuron_mask names {', '.join(map(repr, unknown))}, which match no parameter of this optimizer "
                 "(names are canonical parameter names, as model.named_parameters() gives them)"
             )
+        self._check_tau_names()
         self._warn_without_tau(self.param_groups)
 
     # -- param groups and τ -------------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._check_unique(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         index = len(self.param_groups) - 1
@@ -111,6 +122,7 @@ class OnlineMergingOptimizer(Optimizer):
             if param.is_complex():
                 raise ValueError(f"{where} ({given or 'unnamed'}) is complex; online merging supports real tensors")
             candidates = [canonical_name(given)] if given is not None else self._aliases.get(param, [])
+            self._known_names.update(candidates)
             name = next((n for n in candidates if self.task_vector is not None and n in self.task_vector), None)
             self._names[param] = name or (candidates[0] if candidates else None)
             if name is not None:
@@ -158,6 +170,98 @@ class OnlineMergingOptimizer(Optimizer):
         self._masks_by_name[self._names[param] or name] = element_mask
         return element_mask
 
+    def _check_unique(self, param_group: dict[str, Any]) -> None:
+        """Refuse a tensor given twice (in one group, under two names, or in two groups): it would be stepped twice."""
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is None or isinstance(params, set):
+            return  # torch's add_param_group refuses these
+        params = param_group["params"] = list(params)  # an iterator is read once, here
+        seen: dict[torch.Tensor, str] = {}
+
+        def where(index: int, i: int, name: str | None) -> str:
+            return f"param_groups[{index}]['params'][{i}]" + (f" ({name!r})" if name else "")
+
+        for index, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [None] * len(group["params"])
+            for i, (param, name) in enumerate(zip(group["params"], names, strict=False)):
+                seen.setdefault(param, where(index, i, name))
+        index = len(self.param_groups)
+        for i, entry in enumerate(params):
+            name, param = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, entry)
+            if not isinstance(param, torch.Tensor):
+                return  # torch's add_param_group names the wrong type
+            here = where(index, i, name)
+            if param in seen:
+                raise ValueError(
+                    f"the same tensor is given twice, as {seen[param]} and as {here}: it would be updated twice per "
+                    "step. Give each parameter once (model.named_parameters() lists a tied weight once)"
+                )
+            seen[param] = here
+
+    def _check_tau_names(self) -> None:
+        """With a merge on, raise if no τ name matches a parameter (a wrong τ, or names with another prefix).
+
+        An entry that names no parameter of this optimizer is legitimate when it is a parameter not trained here
+        (frozen, or in another optimizer): :meth:`_warn_extra_tau` does not report the names ``module`` has, nor
+        the other name of a tied weight.
+        """
+        if self.task_vector is None or not any(g["merge"] is not None and g["params"] for g in self.param_groups):
+            return
+        if not self._tau_names:
+            names = list(self.task_vector)
+            params = [n for n in (self._names.get(p) for g in self.param_groups for p in g["params"]) if n]
+            raise ValueError(
+                f"no task vector entry matches a parameter of this optimizer{_prefix_hint(names, params)}: "
+                f"task vector names {_preview(names, 3)}; parameter names {_preview(params, 3)}. Build τ from the "
+                "model being trained (TaskVector.from_models(base, sft)), or pass merge=None for plain updates"
+            )
+
+    def _warn_extra_tau(self) -> None:
+        """Warn once (at the first step, when every group is added) about τ entries that name no parameter."""
+        if self.task_vector is None or all(g["merge"] is None for g in self.param_groups):
+            return
+        known = self._known_names | {n for aliases in self._aliases.values() for n in aliases}
+        used: dict[tuple[int, ...], set[str]] = {}  # the matched entries by shape, for the tied-weight test
+        for param, name in self._tau_names.items():
+            used.setdefault(_full_shape(param), set()).add(name)
+        extra = [n for n in self.task_vector if n not in known and not self._tied_alias(n, used)]
+        if extra:
+            warnings.warn(
+                f"{len(extra)} task vector entr{'y names' if len(extra) == 1 else 'ies name'} no parameter of this "
+                f"optimizer and {'is' if len(extra) == 1 else 'are'} not used: {_preview(extra, 10)}. If they are "
+                "parameters not trained here (frozen), pass module=the model to say so; otherwise τ is not from "
+                "this model",
+                stacklevel=5,  # the caller of step(), past torch's no_grad and profiling wrappers
+            )
+
+    def _tied_alias(self, name: str, used: dict[tuple[int, ...], set[str]]) -> bool:
+        """Whether τ's entry ``name`` equals a matched entry (``used``, by shape): the other name of a tied weight
+        (a state dict lists both, ``named_parameters()`` one)."""
+        tau = self.task_vector[name]
+        return any(torch.equal(tau, self.task_vector[other]) for other in used.get(tuple(tau.shape), ()))
+
+    def _warn_low_precision(self) -> None:
+        """Warn once when a tensor merged with τ (α > 0) is stored in 16 bits: α·τ rounds away there."""
+        low = {}
+        for group in self.param_groups:
+            if group["merge"] is None or group["alpha"] == 0:
+                continue
+            for param in group["params"]:
+                pieces = self._pieces.get(param, ())
+                has_tau = param in self._tau_names or any(piece.tau is not None for piece in pieces)
+                if has_tau and param.dtype in (torch.bfloat16, torch.float16):
+                    low.setdefault(param.dtype, []).append(self._names.get(param) or "unnamed")
+        for dtype, names in low.items():
+            warnings.warn(
+                f"{len(names)} parameter(s) merged with the task vector are stored in {dtype} ({_preview(names, 3)}): "
+                "the merge's α·τ term is far below half an ulp of θ in 16 bits and rounds away, so τ has no effect. "
+                "Keep float32 parameters (mixed precision with fp32 master weights: autocast, DeepSpeed bf16, FSDP's "
+                "MixedPrecisionPolicy), or use a larger alpha",
+                stacklevel=5,  # the caller of step(), past torch's no_grad and profiling wrappers
+            )
+
     def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
         missing = [
             self._names[p]
@@ -167,9 +271,9 @@ class OnlineMergingOptimizer(Optimizer):
             if p not in self._tau_names and not any(piece.tau is not None for piece in self._pieces.get(p, ()))
         ]
         if missing:
-            shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
             warnings.warn(
-                f"{len(missing)} parameter(s) have no task vector entry and get plain, unmerged updates: {shown}",
+                f"{len(missing)} parameter(s) have no task vector entry and get plain, unmerged updates: "
+                f"{_preview([n or 'unnamed' for n in missing], 10)}",
                 stacklevel=3,
             )
 
@@ -194,6 +298,10 @@ class OnlineMergingOptimizer(Optimizer):
                 loss = closure()
         plan = []
         self._bind_zero_partitions()
+        if not self._first_step_checked:  # every group added; ZeRO's fp32 partitions bound (not the bf16 model)
+            self._first_step_checked = True
+            self._warn_extra_tau()
+            self._warn_low_precision()
         for index, group in enumerate(self.param_groups):
             settings = self._check_group(group, f"param_groups[{index}] ")
             params = [p for p in group["params"] if p.grad is not None]
@@ -288,8 +396,9 @@ class OnlineMergingOptimizer(Optimizer):
         return f"parameter {name!r}" if name else f"an unnamed parameter of param_groups[{index}]"
 
     def _kernel_inputs(
-        self, group, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings, skip
-    ):
+        self, group, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings, skip,
+        new_buffers: list[bool] | None = None,
+    ):  # fmt: skip
         """Per stepped piece: the views of each column (tensors shaped like the params: param, grad, states), the
         step counter, step-K buffer, τ, name, global offset, OnTIES cut callables and element mask (``None``: not
         masked), as ``functional`` takes them;
@@ -299,10 +408,14 @@ class OnlineMergingOptimizer(Optimizer):
         A whole parameter is one piece. A ZeRO partition or FSDP2 shard holds several: they get copies of the
         tensor's step counter, less the steps their parameter skipped (``skip``: the pieces to skip now, by
         tensor, from :meth:`_nonfinite`), and :meth:`_count_steps` then advances it once.
+
+        ``new_buffers`` (SGD): per tensor, whether its momentum buffer was made for this step; a piece takes its
+        first momentum step then, or when its parameter skipped every step so far (it never wrote its buffer).
         """
         params = columns[0]
         keys = ("steps", "buffers", "taus", "names", "offsets", "update_cuts", "tau_cuts", "masks")
-        out = {"columns": [[] for _ in columns], **{key: [] for key in keys}}
+        out = {"columns": [[] for _ in columns], "first_momentum": [], **{key: [] for key in keys}}
+        new_buffers = new_buffers or [False] * len(columns[0])
         out["settings"] = dataclasses.replace(settings, merge=None) if group["lr"] == 0 else settings
         for i, param in enumerate(params):
             state = self.state[param]
@@ -318,6 +431,7 @@ class OnlineMergingOptimizer(Optimizer):
                 for column, values in zip(out["columns"], columns, strict=True):
                     column.append(values[i])
                 entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None, mask)]
+                out["first_momentum"].append(new_buffers[i])
             else:
                 skipped = state.get("piece_skips")  # with nonfinite_grads only
                 stepped = [j for j in range(len(pieces)) if j not in skip.get(param, ())]
@@ -331,6 +445,7 @@ class OnlineMergingOptimizer(Optimizer):
                      pieces[j].tau_cut(settings.reserve_p) if ties else None, pieces[j].mask)
                     for j in stepped
                 ]  # fmt: skip
+                out["first_momentum"].extend(new_buffers[i] or int(entry[0]) == 0 for entry in entries)
             for entry in entries:
                 for key, value in zip(keys, entry, strict=True):
                     out[key].append(value)
@@ -350,7 +465,17 @@ class OnlineMergingOptimizer(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of this optimizer, or of its torch counterpart (``torch.optim.AdamW``'s, say: the same
+        moments); merge settings the saved groups lack keep this optimizer's values. Another optimizer's state
+        dict, or one made with another τ, raises ``ValueError`` before anything changes."""
         state_dict = dict(state_dict)
+        groups = state_dict.get("param_groups", [])
+        self._check_kind(groups)
+        if len(groups) == len(self.param_groups):  # else torch refuses it
+            state_dict["param_groups"] = [
+                {**{k: ours[k] for k in MERGE_DEFAULTS}, **saved}
+                for saved, ours in zip(groups, self.param_groups, strict=True)
+            ]
         saved = state_dict.pop(FINGERPRINT_KEY, None)
         current = None if self.task_vector is None else self.task_vector.fingerprint()
         if saved is not None and (current is None or not TaskVector.fingerprints_match(saved, current)):
@@ -362,6 +487,19 @@ class OnlineMergingOptimizer(Optimizer):
         for state in self.state.values():  # torch casts state tensors other than "step" to the parameter's dtype
             if "piece_skips" in state:
                 state["piece_skips"] = state["piece_skips"].to("cpu", torch.int64)
+
+    def _check_kind(self, groups: list[dict[str, Any]]) -> None:
+        for index, group in enumerate(groups):
+            missing = [key for key in self.group_keys if key not in group]
+            if missing:
+                kind = next(
+                    (kind for kind, keys in OPTIMIZER_KINDS.items() if all(k in group for k in keys)),
+                    "another optimizer's",
+                )
+                raise ValueError(
+                    f"cannot load {kind} state dict into {type(self).__name__}: its param_groups[{index}] has no "
+                    f"{', '.join(map(repr, missing))}; nothing was changed"
+                )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -382,6 +520,22 @@ def _neuron_masks(neuron_mask: Mapping[str, torch.Tensor] | None) -> dict[str, t
             raise ValueError(f"neuron_mask[{name!r}] must be a bool tensor, got {type(mask).__name__}")
         masks[canonical_name(name)] = mask.detach()
     return masks
+
+
+def _preview(names: list[str], limit: int) -> str:
+    """The first ``limit`` names, quoted, and how many more."""
+    shown = ", ".join(map(repr, names[:limit]))
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _prefix_hint(tau_names: list[str], param_names: list[str]) -> str:
+    """' (τ names have the extra prefix 'model.')' or the reverse, when one side is the other with a prefix."""
+    for tau_name in tau_names[:100]:
+        for param_name in param_names[:100]:
+            for longer, shorter, side in ((tau_name, param_name, "task vector"), (param_name, tau_name, "parameter")):
+                if longer.endswith("." + shorter):
+                    return f" (the {side} names have an extra prefix {longer[: -len(shorter)]!r}?)"
+    return ""
 
 
 def _summary(fingerprint: dict | None) -> str:

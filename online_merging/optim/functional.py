@@ -87,16 +87,23 @@ def sgd(
     update_cuts: list[CutFn | None] | None = None,
     tau_cuts: list[CutFn | None] | None = None,
     masks: list[torch.Tensor | None] | None = None,
+    first_momentum: list[bool] | None = None,
 ) -> None:
-    """SGD (as ``torch.optim.SGD``) followed by the online merge; ``steps`` are incremented in place."""
+    """SGD (as ``torch.optim.SGD``) followed by the online merge; ``steps`` are incremented in place.
+
+    ``first_momentum`` (per tensor; default: on its first step) says which momentum buffers start now, set to the
+    gradient as torch sets a missing buffer.
+    """
     pieces = _pieces(len(params), offsets, update_cuts, tau_cuts, masks)
     waiting = _Waiting()
     for i, param in enumerate(params):
         steps[i] += 1
+        first = int(steps[i]) == 1 if first_momentum is None else first_momentum[i]
         rest = get_backend(backend, param.device).sgd_step(
             param, grads[i], momentum_buffers[i], merge_buffers[i], taus[i],
             step=int(steps[i]), name=names[i], lr=lr, momentum=momentum, dampening=dampening,
-            nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings, **pieces[i],
+            nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
+            first_momentum=first, **pieces[i],
         )  # fmt: skip
         waiting.add(rest, pieces[i]["update_cut"])
     waiting.finish()

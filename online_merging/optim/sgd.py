@@ -28,6 +28,8 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
     ``neuron_mask`` (masked updates) included, are those of :class:`~online_merging.OnlineMergingAdam`.
     """
 
+    group_keys = ("momentum", "dampening", "nesterov")
+
     def __init__(
         self,
         params: Iterable,
@@ -94,17 +96,21 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
     def _step_group(
         self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor], skip: dict
     ) -> None:
-        momentum_buffers, steps = [], []
+        momentum_buffers, steps, new_buffers = [], [], []
         for param in params:
             state = self.state[param]
             if "step" not in state:
                 state["step"] = torch.tensor(0.0)
-            if group["momentum"] != 0 and "momentum_buffer" not in state:
+            # as torch.optim.SGD: a missing buffer (momentum switched on mid-run included) starts as the gradient
+            new_buffers.append(group["momentum"] != 0 and "momentum_buffer" not in state)
+            if new_buffers[-1]:
                 state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             momentum_buffers.append(state.get("momentum_buffer"))
             steps.append(state["step"])
         grads = [p.grad for p in params]
-        inputs = self._kernel_inputs(group, [params, grads, momentum_buffers], steps, settings, skip)
+        inputs = self._kernel_inputs(
+            group, [params, grads, momentum_buffers], steps, settings, skip, new_buffers=new_buffers
+        )
         functional.sgd(
             *inputs["columns"],
             inputs["steps"],
@@ -123,5 +129,6 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             update_cuts=inputs["update_cuts"],
             tau_cuts=inputs["tau_cuts"],
             masks=inputs["masks"],
+            first_momentum=inputs["first_momentum"],
         )
         self._count_steps(params, steps)
