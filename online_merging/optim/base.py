@@ -473,7 +473,7 @@ class OnlineMergingOptimizer(Optimizer):
         self._check_kind(groups)
         if len(groups) == len(self.param_groups):  # else torch refuses it
             state_dict["param_groups"] = [
-                {**{k: ours[k] for k in MERGE_DEFAULTS}, **saved}
+                {**{k: ours[k] for k in MERGE_DEFAULTS}, **_saved_alpha_unit(saved), **saved}
                 for saved, ours in zip(groups, self.param_groups, strict=True)
             ]
         saved = state_dict.pop(FINGERPRINT_KEY, None)
@@ -506,6 +506,11 @@ class OnlineMergingOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in MERGE_DEFAULTS.items():
                 group.setdefault(key, value)
+
+
+def _saved_alpha_unit(group: dict[str, Any]) -> dict[str, str]:
+    """A saved ``alpha`` without its unit comes from before ``alpha_unit`` existed: it is absolute."""
+    return {"alpha_unit": "absolute"} if "alpha" in group and "alpha_unit" not in group else {}
 
 
 def _neuron_masks(neuron_mask: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
