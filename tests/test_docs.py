@@ -114,6 +114,15 @@ def test_python_block_runs(block, tmp_path, monkeypatch, offline, one_thread):
         exec(compile(block.padded(), str(block.doc), "exec"), {"__name__": "__main__"})
 
 
+INLINE_IMPORT = re.compile(r"`from (online_merging[\w.]*) import (\w+)`")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: str(doc.relative_to(ROOT)))
+def test_imports_named_in_the_text_exist(doc):
+    for module, name in INLINE_IMPORT.findall(doc.read_text(encoding="utf-8")):
+        assert hasattr(importlib.import_module(module), name), f"{doc.name}: `from {module} import {name}` fails"
+
+
 def cli_commands(block: Block) -> list[list[str]]:
     """The argument lists of the `online-merging` (or `-m online_merging.cli`) commands of a bash block."""
     commands = []
