@@ -97,6 +97,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.filterwarnings("default:gradient entanglement at step:UserWarning")  # the monitor's output, by design
 @pytest.mark.parametrize("block", PYTHON)
 def test_python_block_runs(block, tmp_path, monkeypatch, offline, one_thread):
     monkeypatch.chdir(tmp_path)
