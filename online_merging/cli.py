@@ -131,7 +131,8 @@ def _tax_lab(args: argparse.Namespace) -> int:
         return 0
     if args.tuned:
         read_tuned(args.tuned)  # a bad file fails here, before any job runs
-    run_lab(args.out, methods=methods, workers=args.workers, config=config, tuned=args.tuned, **ints)
+    tuned = {"tuned": args.tuned} if args.tuned else {}
+    run_lab(args.out, quick=args.quick, methods=methods, workers=args.workers, config=config, **ints, **tuned)
     print(f"results: {args.out}/results.json, {args.out}/results.md, {args.out}/tuned.json and the plots beside them")
     return 0
 

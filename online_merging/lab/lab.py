@@ -169,10 +169,11 @@ class _Inline:
         pass
 
 
-def _execute(jobs, workers: int, progress: bool) -> tuple[dict, dict, dict]:
+def _execute(jobs, workers: int, progress: bool, prebuild=()) -> tuple[dict, dict, dict]:
     """Run the worlds, runs and merges that ``jobs`` ((RunConfig, MergeJob or None) pairs) need, each as soon as
-    what it needs is done. Returns the SFT metrics per world key, and the run and merge results per job key."""
-    worlds = {run.world.key(): run.world for run, _ in jobs}
+    what it needs is done, and build the ``prebuild`` worlds meanwhile. Returns the SFT metrics per world key, and
+    the run and merge results per job key."""
+    worlds = {world.key(): world for world in prebuild} | {run.world.key(): run.world for run, _ in jobs}
     runs = {run.key(): run for run, _ in jobs}
     merges = {merge.key(): merge for _, merge in jobs if merge is not None}
     from tqdm.auto import tqdm
@@ -234,11 +235,11 @@ def trajectory(setting: dict, run: runner.RunConfig, merge: runner.MergeJob | No
     return [*points, kept(own[-1], sft, weight=1.0)]  # the aligned model: MA at weight 1
 
 
-def _trajectories(config: LabConfig, settings: dict, replicates, workers: int, progress: bool) -> dict:
+def _trajectories(config: LabConfig, settings: dict, replicates, workers: int, progress: bool, prebuild=()) -> dict:
     """{name: {replicate label: trajectory}} of each setting of ``settings`` (keyed by a method, or anything)."""
     planned = {(name, seed, order): config.source(seed, order, setting) for name, setting in settings.items()
                for seed, order in replicates}  # fmt: skip
-    done = _execute(list(planned.values()), workers, progress)
+    done = _execute(list(planned.values()), workers, progress, prebuild)
     found: dict = {name: {} for name in settings}
     for (name, seed, order), (run, merge) in planned.items():
         found[name][replicate_label(seed, order)] = trajectory(settings[name], run, merge, done)
@@ -251,7 +252,8 @@ def tune(config: LabConfig, *, workers: int = 2, progress: bool = True) -> tuple
     from online_merging.lab.report import xy
 
     grid = {(name, i): s for name in config.methods for i, s in enumerate(METHODS[name].grid[: config.grid])}
-    found = _trajectories(config, grid, config.tuning_replicates(), workers, progress)
+    test_worlds = [replace(config.world, seed=seed) for seed in config.seeds]  # built while the tuning runs train
+    found = _trajectories(config, grid, config.tuning_replicates(), workers, progress, test_worlds)
     grids = {name: {} for name in config.methods}
     for (name, i), per_replicate in found.items():
         grids[name][i] = {r: xy(t) for r, t in per_replicate.items()}
@@ -289,6 +291,8 @@ def read_tuned(path: str | os.PathLike) -> dict[str, dict]:
     if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT or not isinstance(data.get("methods"), dict):
         raise ValueError(f"Invalid tuned file {str(path)!r}: expected {{\"format\": {TUNED_FORMAT!r}, \"methods\": "
                          f"{{METHOD: SETTING}}}} as written by the lab (tuned.json)")  # fmt: skip
+    if not data["methods"]:
+        raise ValueError(f"Invalid tuned file {str(path)!r}: methods: no methods")
     allowed = {f.name for f in dataclasses.fields(runner.RunConfig)} - {"world", "data_seed"}
     allowed |= {"variant", "merge_weights"}
     settings = {}
