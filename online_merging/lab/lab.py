@@ -347,7 +347,7 @@ def run_lab(
         settings, search = tune(config, workers=workers, progress=progress)
     else:
         settings = read_tuned(tuned)
-        settings = {name: s for name, s in settings.items() if methods is None or name in methods}
+        settings = {name: s for name, s in settings.items() if name in config.methods}
         search = None
     found = _trajectories(config, settings, config.test_replicates(), workers, progress)
     results = summarize(config, found, settings, search)

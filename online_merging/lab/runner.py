@@ -144,6 +144,11 @@ def train_run(run: RunConfig) -> dict:
 
 
 def _train(run: RunConfig) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lab-") as output_dir:  # BEMACallback saves its model there at the end
+        return _train_in(run, output_dir)
+
+
+def _train_in(run: RunConfig, output_dir: str) -> dict:
     import trl
     from transformers import TrainerCallback
 
@@ -155,7 +160,7 @@ def _train(run: RunConfig) -> dict:
     tokenizer = world.tokenizer()
     model = _load_sft(world)
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="lab-"),
+        output_dir=output_dir,
         learning_rate=run.lr,
         beta=run.beta,
         lr_scheduler_type="constant",
