@@ -268,7 +268,8 @@ def test_lab_smoke_end_to_end(world_cache, tmp_path):
         (points,) = [p["points"] for p in m["per_replicate"].values()]
         assert points[0]["ability"] == 1.0 and points[0]["step"] == 0, name  # the SFT point first
         assert len(points) == (11 if name == "ma" else 3), name
-        assert m["setting"] == METHODS[name].grid[saved["tuning"][name]["best"]], name
+        picked = METHODS[name].grid[saved["tuning"][name]["best"]]
+        assert m["setting"] == json.loads(json.dumps(picked)), name
         assert len(saved["tuning"][name]["scores"]) == 2, name
     assert [p["weight"] for p in saved["methods"]["ma"]["per_replicate"]["seed0/order1"]["points"][1:]] == [
         0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # fmt: skip
@@ -286,3 +287,27 @@ def test_new_run_fields_reach_the_optimizer_and_keep_old_keys(world_cache):
     assert run.key() != dataclasses.replace(run, tau_mask="every_step").key()
     once, every = train_run(run), train_run(dataclasses.replace(run, tau_mask="every_step"))
     assert once["points"] != every["points"]  # the option reaches the optimizer
+
+
+@pytest.mark.slow
+def test_exploration_smoke_end_to_end(world_cache, tmp_path, monkeypatch):
+    """Both stages run on the tuning replicate and write their table; the second stage comes from the first."""
+    from online_merging.lab import explore
+
+    chosen = {}
+
+    def one_combination(scores, rows):  # whatever the tiny world scores, a second stage of one combination
+        chosen.update(scores)
+        return {"combination": {**CENTRE, "alpha": 10.0, "tau_mask": "every_step"}}
+
+    monkeypatch.setattr(explore, "second_stage", one_combination)
+    results = explore.run_exploration(tmp_path / "explore", config=_smoke_config(), workers=2, progress=False)
+    rows = {row["row"]: row for row in results["rows"]}
+    assert set(chosen) == set(first_stage()) and rows["combination"]["stage"] == 2
+    assert set(rows) == set(first_stage()) | {"combination"}
+    assert results["replicates"] == ["seed0/order0"]
+    for row in rows.values():
+        assert {"mra", "hypervolume", "mra_vs_adamw", "per_replicate"} <= set(row)
+    # α = 0 is the same run whichever row asks for it
+    assert rows["alpha=0.0"]["per_replicate"] == rows["update sparsification alone (α = 0)"]["per_replicate"]
+    assert "| τ term alone (p = 1) |" in (tmp_path / "explore" / "explore.md").read_text()
