@@ -311,3 +311,8 @@ def test_exploration_smoke_end_to_end(world_cache, tmp_path, monkeypatch):
     # α = 0 is the same run whichever row asks for it
     assert rows["alpha=0.0"]["per_replicate"] == rows["update sparsification alone (α = 0)"]["per_replicate"]
     assert "| τ term alone (p = 1) |" in (tmp_path / "explore" / "explore.md").read_text()
+
+
+def test_explore_refuses_options_it_does_not_use(tmp_path, capsys):
+    assert main(["bench", "tax-lab", "--explore", "--seeds", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--explore runs its own rows on the tuning replicates" in capsys.readouterr().err
