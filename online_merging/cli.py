@@ -157,7 +157,7 @@ def _json_line(line: str, number: int, path: str):
 def _tax_lab(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from online_merging.lab import LabConfig, run_lab
+    from online_merging.lab import LabConfig, read_tuned, run_exploration, run_lab
 
     _check_out_folder(args.out)
     config = (LabConfig.quick() if args.quick else LabConfig()).with_settings(args.set)
@@ -166,9 +166,19 @@ def _tax_lab(args: argparse.Namespace) -> int:
             config = replace(config, methods=tuple(args.methods.split(",")))
         except ValueError as error:
             raise ValueError(f"--methods: {error}") from None
+    if args.explore:
+        if args.tuned or args.methods or args.seeds or args.data_orders:
+            raise ValueError("--explore runs its own rows on the tuning replicates: drop --tuned, --methods, --seeds "
+                             "and --data-orders (set tune_seeds=..., tune_orders=... with --set)")  # fmt: skip
+        run_exploration(args.out, workers=args.workers, config=config)
+        print(f"exploration: {args.out}/explore.json, {args.out}/explore.md")
+        return 0
+    if args.tuned:
+        read_tuned(args.tuned)  # a bad file fails here, before any job runs
+    tuned = {"tuned": args.tuned} if args.tuned else {}
     run_lab(args.out, quick=args.quick, workers=args.workers, config=config, seeds=args.seeds,
-            data_orders=args.data_orders)  # fmt: skip
-    print(f"results: {args.out}/results.json, {args.out}/results.md and the plots beside them")
+            data_orders=args.data_orders, **tuned)  # fmt: skip
+    print(f"results: {args.out}/results.json, {args.out}/results.md, {args.out}/tuned.json and the plots beside them")
     return 0
 
 
@@ -401,13 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     lab = bench.add_parser(
         "tax-lab",
         help="the alignment-tax lab: reward gained per ability lost, every method, on the embedded world",
-        description="Train every method (AdamW, OnDARE, OnTIES, step-K, SGD, EMA, ChildTuning, KTO, and offline "
-        "MA/HMA/DARE/TIES merges of the AdamW run) on the embedded default world over seeds, and write the "
-        "reward/ability fronts, their areas with bootstrap intervals, a markdown table and plots. See docs/results.md.",
+        description="Tune every method's grid (AdamW, EMA, BEMA, MA, a larger β, RPO, TR-DPO, OnDARE, OnTIES, ALLO's "
+        "key neurons, KTO) on tuning replicates of the embedded world, run each best setting on test replicates, and "
+        "write matched-reward ability (MRA) with bootstrap intervals against AdamW, a markdown table, tuned.json and "
+        "plots; --explore varies online merging's factors one at a time instead. See docs/results.md.",
     )
-    lab.add_argument("--quick", action="store_true", help="one seed, a smaller world, few points (≤ 10 min)")
-    lab.add_argument("--seeds", type=_integers, help="model seeds, e.g. 0,1 (default: the mode's)")
-    lab.add_argument("--data-orders", type=_integers, help="data-order seeds, e.g. 0,1 (default: the mode's)")
+    lab.add_argument("--quick", action="store_true", help="tune on one replicate, test on another, smaller world")
+    lab.add_argument("--seeds", type=_integers, help="test model seeds, e.g. 2,3,4 (default: the mode's)")
+    lab.add_argument("--data-orders", type=_integers, help="test data-order seeds, e.g. 0,1 (default: the mode's)")
+    lab.add_argument("--tuned", metavar="FILE", help="run a tuned.json's settings on the test replicates, no tuning")
+    lab.add_argument("--explore", action="store_true",
+                     help="the exploration: online merging's factors one at a time, tuning replicates")  # fmt: skip
     lab.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     lab.add_argument(
         "--workers", type=_positive_int, default=2, help="parallel training processes, one thread each (default 2)"

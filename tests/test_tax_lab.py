@@ -1,16 +1,22 @@
 import dataclasses
+import hashlib
 import json
-import time
 
 import pytest
 
-from online_merging.lab import LabConfig, ability_at_reward, bootstrap_ci, hypervolume, pareto_front, run_lab
-from online_merging.lab.methods import ENTANGLEMENT_PROBED, METHODS, TRAINED
+from online_merging.cli import main
+from online_merging.lab import LabConfig, ability_at_reward, bootstrap_ci, hypervolume, pareto_front, run_lab, runner
+from online_merging.lab import lab as lab_module
+from online_merging.lab.explore import CENTRE, FACTORS, first_stage, second_stage
+from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides
+from online_merging.lab.report import summarize, write_report
 from online_merging.lab.runner import RunConfig, train_run
+from online_merging.lab.tuning import interpolation_error, pick_settings, reachable_levels
 from online_merging.world import WorldConfig
 
-REQUIRED = ("adamw", "ondare", "onties", "ondare_k10", "sgd_ondare", "ema", "childtuning", "ma", "ties", "dare", "hma")
-REQUIRED += ("kto_adamw", "kto_ondare", "dpo_normalized", "dpo_normalized_ondare")
+REQUIRED = ("adamw", "ema", "bema", "ma", "kl_beta", "rpo", "tr_dpo", "ondare", "onties", "allo_mask_k15")
+REQUIRED += ("kto_adamw", "kto_ondare")
+NEW_FIELDS = ("setting", "mra", "mra_ci", "mra_vs_adamw", "mra_vs_adamw_ci", "wins", "per_replicate")
 
 
 def test_pareto_front_drops_dominated_points_and_sorts_by_reward():
@@ -34,17 +40,9 @@ def test_hypervolume_of_known_fronts(points, area):
     assert hypervolume(points) == pytest.approx(area)
 
 
-def test_hypervolume_is_the_area_under_a_fine_staircase():
-    # many points on the line a = 1 - r approach the triangle's area 1/2 from below
-    n = 1000
-    area = hypervolume([(i / n, 1 - i / n) for i in range(n + 1)])
-    assert 0.5 - 1 / n < area < 0.5
-
-
 def test_ability_at_matched_reward():
     points = [(0.1, 1.0), (0.5, 0.7), (0.6, 0.8), (0.9, 0.3)]
     assert ability_at_reward(points, 0.5) == 0.8
-    assert ability_at_reward(points, 0.85) == 0.3
     assert ability_at_reward(points, 0.95) is None
 
 
@@ -52,59 +50,276 @@ def test_bootstrap_interval():
     assert bootstrap_ci([0.4, 0.4, 0.4]) == pytest.approx([0.4, 0.4])
     low, high = bootstrap_ci([0.1, 0.2, 0.3, 0.4, 0.5])
     assert low < 0.3 < high and low >= 0.1 and high <= 0.5
-    assert bootstrap_ci([0.1, 0.2, 0.3, 0.4, 0.5], level=0.5)[1] < high
     with pytest.raises(ValueError):
         bootstrap_ci([])
 
 
-def test_every_method_of_the_issue_is_defined_with_a_sweep():
+def test_every_method_has_a_grid_of_the_same_size():
     assert set(REQUIRED) <= set(METHODS)
-    for name, method in TRAINED.items():
-        assert len(method.settings) >= 2, name
+    for name, method in METHODS.items():
+        assert len(method.grid) == GRID_SIZE <= 6, name
+        assert len({json.dumps(s, sort_keys=True) for s in method.grid}) == GRID_SIZE, name  # no repeats
+    assert [s["lr"] for s in METHODS["adamw"].grid] == sorted({s["lr"] for s in METHODS["adamw"].grid}, key=[
+        s["lr"] for s in METHODS["adamw"].grid].index)  # fmt: skip
     with pytest.raises(ValueError, match="Invalid methods"):
         LabConfig(methods=("adamw", "nope"))
 
 
+def test_averages_and_merges_read_the_adamw_run_that_tracks_them():
+    for name in ("ema", "bema", "ma"):
+        for setting in METHODS[name].grid:
+            overrides = run_overrides(setting)
+            assert overrides.get("save_model") and "variant" not in overrides and "merge_weights" not in overrides
+            adamw = run_overrides({"lr": setting["lr"]})
+            if "variant" in setting:  # the same run as AdamW's at that lr: the average costs no training
+                assert overrides == adamw
+                config = LabConfig().run_config(0, 0, overrides)
+                assert setting["variant"] in {f"ema={c:g}" for c in config.ema} | {
+                    "bema:" + ",".join(f"{k}={v:g}" for k, v in b) for b in config.bema}  # fmt: skip
+    # a method with other overrides is not an AdamW run
+    assert "save_model" not in run_overrides(METHODS["ondare"].grid[0])
+
+
+# -- tuning: a pure function of made-up trajectories ----------------------------------------------------------------
+
+
+def _line(top: float, slope: float) -> list[tuple[float, float]]:
+    """From SFT (0.1, 1.0) straight to reward ``top`` losing ``slope`` ability per unit of reward."""
+    return [(0.1, 1.0), (top, 1.0 - slope * (top - 0.1))]
+
+
+def test_tuning_picks_the_best_setting_of_a_made_up_table():
+    replicates = ["a", "b"]
+    grids = {
+        "adamw": {0: dict.fromkeys(replicates, _line(0.95, 0.6)), 1: dict.fromkeys(replicates, _line(0.95, 0.5))},
+        "other": {
+            0: {"a": _line(0.95, 0.2), "b": _line(0.95, 0.9)},  # mean slope 0.55
+            1: {"a": _line(0.95, 0.4), "b": _line(0.95, 0.4)},  # 0.4: the best on average
+            2: {"a": _line(0.95, 0.1), "b": _line(0.6, 0.1)},  # the best where it goes, but misses levels on b
+        },
+    }
+    picked = pick_settings(grids, replicates)
+    assert picked["adamw"]["best"] == 1
+    assert picked["other"]["best"] == 1
+    assert picked["other"]["scores"][2] is None and picked["other"]["scores"][1] > picked["other"]["scores"][0]
+    assert picked["other"]["levels"] == {"a": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]} | {"b": [0.3, 0.4, 0.5, 0.6, 0.7,
+                                                                                          0.8, 0.9]}  # fmt: skip
+
+
+def test_tuning_levels_are_those_every_method_can_reach():
+    grids = {
+        "fast": {0: {"a": _line(0.95, 0.5)}},
+        "slow": {0: {"a": _line(0.55, 0.5)}, 1: {"a": _line(0.75, 0.5)}},  # its best setting reaches 0.75
+    }
+    assert reachable_levels(grids, "a") == [0.3, 0.4, 0.5, 0.6, 0.7]
+    picked = pick_settings(grids, ["a"])
+    assert picked["slow"]["best"] == 1 and picked["slow"]["scores"][0] is None
+    # no eligible setting at all: the one that goes furthest
+    nowhere = {"adamw": {0: {"a": _line(0.95, 0.5)}}, "stuck": {0: {"a": _line(0.2, 0.0)}, 1: {"a": _line(0.25, 0)}}}
+    picked = pick_settings(nowhere, ["a"], levels=(0.3, 0.5))
+    assert picked["stuck"]["eligible"] is False and picked["stuck"]["best"] == 1
+
+
+def test_interpolation_error_is_zero_on_a_straight_path_and_not_on_a_bent_one():
+    straight = [(0.1 + 0.1 * i, 1.0 - 0.1 * i) for i in range(9)]
+    assert interpolation_error(straight, [0.3, 0.5, 0.7]) == pytest.approx(0.0)
+    bent = [(0.1, 1.0), (0.2, 0.99), (0.5, 0.5), (0.8, 0.49), (0.9, 0.1)]
+    # every other point: (0.1, 1.0), (0.5, 0.5), (0.9, 0.1) — at 0.3 the path read 0.827 becomes 0.75
+    assert interpolation_error(bent, [0.3]) == pytest.approx(abs((0.99 - 0.49 / 3) - 0.75))
+
+
+# -- the report on made-up test trajectories ------------------------------------------------------------------------
+
+
+def _points(trajectory):
+    return [{"reward": r, "ability": a, "reward_greedy": r, "ability_greedy": a, "skills": {}} for r, a in trajectory]
+
+
+def test_report_scores_mra_at_levels_common_to_the_compared_methods(tmp_path):
+    config = LabConfig(seeds=(2,), data_orders=(0, 1), methods=("adamw", "ondare", "kto_adamw"))
+    reps = ["seed2/order0", "seed2/order1"]
+    found = {
+        "adamw": {r: _points(_line(0.95, 0.5)) for r in reps},
+        "ondare": {reps[0]: _points(_line(0.85, 0.4)), reps[1]: _points(_line(0.95, 0.6))},
+        "kto_adamw": {r: _points(_line(0.65, 0.1)) for r in reps},  # secondary: it does not cut the levels
+    }
+    settings = {"adamw": {"lr": 1.0}, "ondare": METHODS["ondare"].grid[1], "kto_adamw": {"trainer": "kto"}}
+    results = summarize(config, found, settings)
+    assert results["levels"] == {reps[0]: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], reps[1]: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                                                                   0.9]}  # fmt: skip
+    ondare, adamw = results["methods"]["ondare"], results["methods"]["adamw"]
+    mean_reward = {reps[0]: sum((0.3, 0.4, 0.5, 0.6, 0.7, 0.8)) / 6, reps[1]: 0.6}
+    expected = {r: 1 - s * (mean_reward[r] - 0.1) for r, s in zip(reps, (0.4, 0.6), strict=True)}
+    assert ondare["per_replicate"][reps[0]]["mra"] == pytest.approx(expected[reps[0]])
+    assert ondare["mra"] == pytest.approx(sum(expected.values()) / 2)
+    diffs = [expected[r] - (1 - 0.5 * (mean_reward[r] - 0.1)) for r in reps]
+    assert ondare["mra_vs_adamw"] == pytest.approx(sum(diffs) / 2) and ondare["wins"] == 1
+    assert adamw["mra_vs_adamw"] is None and adamw["wins"] is None
+    assert results["methods"]["kto_adamw"]["mra"] is None  # it misses the levels the main table reaches
+    assert results["recommended"] == {"method": "ondare", "setting": METHODS["ondare"].grid[1]}
+    write_report(results, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    for name in found:
+        assert set(NEW_FIELDS) <= set(saved["methods"][name]), name
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| `ondare` |" in table and "Secondary (KTO)" in table and "not reached" in table
+    assert (tmp_path / "out" / "fronts.png").stat().st_size > 0
+
+
+# -- --tuned: write, read, run ----------------------------------------------------------------------------------------
+
+
+def test_tuned_file_round_trip_and_its_errors(tmp_path):
+    settings = {name: METHODS[name].grid[-1] for name in ("adamw", "ema", "ma", "onties")}
+    path = tmp_path / "tuned.json"
+    lab_module.write_tuned(path, settings)
+    assert lab_module.read_tuned(path) == settings  # tuples come back as tuples
+
+    def bad(data, match):
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+        with pytest.raises(ValueError, match=match):
+            lab_module.read_tuned(path)
+
+    form = lab_module.TUNED_FORMAT
+    bad("{", "not JSON")
+    bad({"methods": {}}, "expected")
+    bad({"format": form, "methods": {"nope": {}}}, r"methods\.nope: unknown method")
+    bad({"format": form, "methods": {"adamw": {"lrr": 1.0}}}, r"methods\.adamw\.lrr: not a setting")
+    bad({"format": form, "methods": {"ema": {"lr": 1.0, "variant": "ema=0.7"}}}, r"methods\.ema\.variant")
+    bad({"format": form, "methods": {}}, "no methods")
+    with pytest.raises(ValueError, match=r"missing\.json"):
+        lab_module.read_tuned(tmp_path / "missing.json")
+
+
+def test_tuned_runs_the_given_settings_on_the_test_replicates_without_tuning(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_trajectories(config, settings, replicates, workers, progress):
+        seen.append((dict(settings), list(replicates)))
+        return {name: {f"seed{s}/order{o}": _points(_line(0.95, 0.5)) for s, o in replicates} for name in settings}
+
+    monkeypatch.setattr(lab_module, "_trajectories", fake_trajectories)
+    monkeypatch.setattr(lab_module, "tune", lambda *a, **k: pytest.fail("--tuned must not tune"))
+    settings = {"adamw": {"lr": 2.0}, "ondare": METHODS["ondare"].grid[4]}
+    lab_module.write_tuned(tmp_path / "tuned.json", settings)
+    out = tmp_path / "out"
+    code = main(["bench", "tax-lab", "--tuned", str(tmp_path / "tuned.json"), "--seeds", "0,1", "--data-orders", "3",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 0
+    assert seen == [(settings, [(0, 3), (1, 3)])]
+    assert lab_module.read_tuned(out / "tuned.json") == settings  # written back, readable again
+    assert json.loads((out / "results.json").read_text())["methods"]["ondare"]["setting"]["alpha"] == 3.0
+
+
+def test_bad_tuned_file_is_one_line_naming_the_file_and_key(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"format": lab_module.TUNED_FORMAT, "methods": {"adamw": {"speed": 1}}}))
+    assert main(["bench", "tax-lab", "--tuned", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "methods.adamw.speed" in err
+
+
+def test_test_replicates_must_not_be_tuning_replicates():
+    with pytest.raises(ValueError, match="seed0/order0 are tuning replicates"):
+        lab_module._check_split(LabConfig(seeds=(0, 2)))
+
+
+# -- the exploration's plan -------------------------------------------------------------------------------------------
+
+
+def test_exploration_varies_one_factor_at_a_time_then_combines_the_best():
+    rows = first_stage()
+    for name, (factor, setting) in rows.items():
+        if factor in FACTORS:
+            assert {k for k in setting if setting[k] != CENTRE.get(k)} == {factor}, name
+    assert rows["update sparsification alone (α = 0)"][1]["alpha"] == 0.0
+    assert rows["τ term alone (p = 1)"][1]["reserve_p"] == 1.0
+    scores = dict.fromkeys(rows, 0.5) | {"alpha=10.0": 0.6, "alpha=30.0": 0.55, "tau_mask=every_step": 0.58}
+    scores |= {"merge_every=5": 0.52, "reserve_p=0.1": 0.4}
+    stage2 = second_stage(scores, rows)
+    settings = list(stage2.values())
+    assert {**CENTRE, "alpha": 10.0, "tau_mask": "every_step", "merge_every": 5} in settings  # all the best values
+    assert {**CENTRE, "alpha": 10.0, "tau_mask": "every_step"} in settings  # the top pair
+    assert {**CENTRE, "alpha": 10.0, "merge_every": 5} in settings
+    assert len(settings) == 3
+    assert second_stage(dict.fromkeys(rows, 0.5), rows) == {}  # nothing beats the centre: no second stage
+
+
+# -- end to end on a tiny world ---------------------------------------------------------------------------------------
+
+
 def _smoke_config(**overrides) -> LabConfig:
     world = WorldConfig.quick(n_preference_pairs=48, n_eval_probes=24)
-    settings = dict(world=world, steps=2, eval_every=1, batch_size=8, lr=1e-3, hma_steps=1)
+    settings = dict(world=world, steps=2, eval_every=1, batch_size=8, lr=1e-3, seeds=(0,), data_orders=(1,),
+                    levels=(0.003, 0.005))  # fmt: skip
     return LabConfig.quick(**{**settings, **overrides})
 
 
+@pytest.mark.slow
 def test_lab_smoke_end_to_end(world_cache, tmp_path):
-    """Every method trains or merges and yields points; the files exist; a rerun comes from the cache."""
+    """Tune → test on a tiny world: every method yields a trajectory from SFT; files exist; the rerun is cached."""
     out = tmp_path / "lab"
     results = run_lab(out, config=_smoke_config(), workers=2, progress=False)
-    for name in ("results.json", "results.md", "fronts.png", "fronts_per_seed.png", "adamw_front.png", "skills.png"):
+    for name in ("results.json", "results.md", "tuned.json", "fronts.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
     assert set(saved["methods"]) == set(METHODS)
     for name, m in saved["methods"].items():
-        assert len(m["points"]) >= 2, name  # the SFT point and at least one of the method's own
-        assert all(len(p) == 2 for p in m["points"])
-        assert 0 < m["area"] <= 1.5 and m["area_ci"][0] <= m["area"] <= m["area_ci"][1], name
-        assert m["points"][0] == [saved["methods"]["adamw"]["points"][0][0], 1.0]  # every front starts at SFT
-    trained = saved["methods"]["adamw"]["per_seed"]["seed0/order0"]["points"]
-    assert [p["step"] for p in trained] == [0, 1, 2]
-    assert "| `ondare` |" in (out / "results.md").read_text()
-    # the entanglement probe: a trajectory per probed method, from step 0, in the table and the plot
-    assert list(saved["entanglement"]) == list(ENTANGLEMENT_PROBED)
-    for name, e in saved["entanglement"].items():
-        (trajectory,) = e["per_seed"].values()
-        assert [p["step"] for p in trajectory] == [0, 1, 2], name
-        assert -1 <= e["cosine"] <= 1 and 0 <= e["warned_intervals"] <= 1
-    assert "| `dpo_normalized` |" in (out / "results.md").read_text().split("Gradient entanglement")[1]
-    assert (out / "entanglement.png").stat().st_size > 0
-    start = time.perf_counter()
-    again = run_lab(tmp_path / "again", config=_smoke_config(), workers=1, progress=False)
-    assert time.perf_counter() - start < 30
-    assert again["methods"]["ondare"]["area"] == results["methods"]["ondare"]["area"]
+        assert set(NEW_FIELDS) <= set(m), name
+        (points,) = [p["points"] for p in m["per_replicate"].values()]
+        assert points[0]["ability"] == 1.0 and points[0]["step"] == 0, name  # the SFT point first
+        assert len(points) == (11 if name == "ma" else 3), name
+        picked = METHODS[name].grid[saved["tuning"][name]["best"]]
+        assert m["setting"] == json.loads(json.dumps(picked)), name
+        assert len(saved["tuning"][name]["scores"]) == 2, name
+    assert [p["weight"] for p in saved["methods"]["ma"]["per_replicate"]["seed0/order1"]["points"][1:]] == [
+        0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # fmt: skip
+    # the BEMA trajectory is the callback's weights, not the model's
+    bema, adamw = (saved["methods"][n]["per_replicate"]["seed0/order1"]["points"] for n in ("bema", "adamw"))
+    assert bema[1]["ability"] != adamw[1]["ability"]
+    again = run_lab(tmp_path / "again", config=_smoke_config(), workers=1, progress=False, tuned=out / "tuned.json")
+    assert again["methods"]["ondare"]["per_replicate"] == results["methods"]["ondare"]["per_replicate"]
 
 
-def test_the_entanglement_probe_does_not_change_training(world_cache):
+def test_new_run_fields_reach_the_optimizer_and_keep_old_keys(world_cache):
     config = _smoke_config()
-    run = config.run_config(0, 0, {}, probe_entanglement=True)
-    probed, plain = train_run(run), train_run(dataclasses.replace(run, probe_entanglement=False))
-    assert "entanglement" in probed and "entanglement" not in plain
-    assert probed["points"] == plain["points"]
-    assert RunConfig(world=config.world).key() == RunConfig(world=config.world, pairwise_normalized=False).key()
+    run = config.run_config(0, 0, {"optimizer": "adam", "merge": "ondare", "reserve_p": 0.5, "alpha": 0.01})
+    # fields added since the first edition enter the key only when changed: unchanged configs keep their keys
+    plain = RunConfig(world=config.world)
+    later = ("pairwise_normalized", "probe_entanglement", "neuron_k", "unlearn_steps", "noisy_token_percentile")
+    later += ("seed", "dare_rescale", "tau_mask", "tau_clamp", "ties_sign", "bema", "rpo_weight", "ref_sync_alpha")
+    fields = {k: v for k, v in dataclasses.asdict(plain).items() if k not in (*later, "ref_sync_steps")}
+    text = json.dumps({"version": runner.LAB_VERSION, **fields}, sort_keys=True)
+    assert plain.key() == hashlib.sha256(text.encode()).hexdigest()[:16]
+    assert run.key() != dataclasses.replace(run, tau_mask="every_step").key()
+    once, every = train_run(run), train_run(dataclasses.replace(run, tau_mask="every_step"))
+    assert once["points"] != every["points"]  # the option reaches the optimizer
+
+
+@pytest.mark.slow
+def test_exploration_smoke_end_to_end(world_cache, tmp_path, monkeypatch):
+    """Both stages run on the tuning replicate and write their table; the second stage comes from the first."""
+    from online_merging.lab import explore
+
+    chosen = {}
+
+    def one_combination(scores, rows):  # whatever the tiny world scores, a second stage of one combination
+        chosen.update(scores)
+        return {"combination": {**CENTRE, "alpha": 10.0, "tau_mask": "every_step"}}
+
+    monkeypatch.setattr(explore, "second_stage", one_combination)
+    results = explore.run_exploration(tmp_path / "explore", config=_smoke_config(), workers=2, progress=False)
+    rows = {row["row"]: row for row in results["rows"]}
+    assert set(chosen) == set(first_stage()) and rows["combination"]["stage"] == 2
+    assert set(rows) == set(first_stage()) | {"combination"}
+    assert results["replicates"] == ["seed0/order0"]
+    for row in rows.values():
+        assert {"mra", "hypervolume", "mra_vs_adamw", "per_replicate"} <= set(row)
+    # α = 0 is the same run whichever row asks for it
+    assert rows["alpha=0.0"]["per_replicate"] == rows["update sparsification alone (α = 0)"]["per_replicate"]
+    assert "| τ term alone (p = 1) |" in (tmp_path / "explore" / "explore.md").read_text()
+
+
+def test_explore_refuses_options_it_does_not_use(tmp_path, capsys):
+    assert main(["bench", "tax-lab", "--explore", "--seeds", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "--explore runs its own rows on the tuning replicates" in capsys.readouterr().err

@@ -1,11 +1,14 @@
-"""The alignment-tax lab: reward gained per ability lost, for every method, on the CPU, with plots.
+"""The alignment-tax lab: ability kept at matched reward, for every method, on the CPU, with plots.
 
-    run_lab("out/", quick=True)        # results.json, results.md, PNG fronts in out/
+    run_lab("out/", quick=True)        # results.json, results.md, tuned.json, PNG plots in out/
+    run_exploration("explore/", quick=True)
 
-Every method aligns the synthetic world's SFT model (DPO or KTO, the same step budget) or merges the AdamW result
-with it; each is scored by the area under its reward/ability front, over model seeds and data orders.
+Every method aligns the synthetic world's SFT model (DPO or KTO, the same step budget), averages its weights, or
+merges the AdamW result with it; its grid is searched on tuning replicates and its best setting alone runs on other
+(test) replicates, where its trajectory is scored by matched-reward ability (MRA).
 """
 
+from online_merging.lab.explore import run_exploration
 from online_merging.lab.fronts import (
     MRA_LEVELS,
     ability_at_reward,
@@ -16,7 +19,7 @@ from online_merging.lab.fronts import (
     pareto_front,
     trajectory_ability,
 )
-from online_merging.lab.lab import LabConfig, run_lab
+from online_merging.lab.lab import LabConfig, read_tuned, run_lab
 from online_merging.lab.methods import METHODS
 
 __all__ = [
@@ -29,6 +32,8 @@ __all__ = [
     "hypervolume",
     "matched_reward_ability",
     "pareto_front",
+    "read_tuned",
+    "run_exploration",
     "run_lab",
     "trajectory_ability",
 ]

@@ -1,8 +1,10 @@
-"""The lab's plan and its execution: worlds, then training runs, then offline merges, in parallel worker processes."""
+"""The lab's plan and its execution: tune every method's grid on some replicates, run the best setting on others;
+worlds, training runs and offline merges run in parallel worker processes."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import platform
@@ -12,43 +14,39 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from online_merging._files import check_folder_target
+from online_merging._files import check_folder_target, write_text
 from online_merging.lab import runner
-from online_merging.lab.methods import (
-    EMA,
-    ENTANGLEMENT_PROBED,
-    HMA_ALPHAS,
-    MERGES,
-    METHODS,
-    OFFLINE,
-    TRAINED,
-    setting_label,
-)
+from online_merging.lab.fronts import MRA_LEVELS
+from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides, setting_label
+from online_merging.lab.tuning import pick_settings
 from online_merging.world import WorldConfig, build_world
 
-__all__ = ["LabConfig", "run_lab"]
+__all__ = ["LabConfig", "read_tuned", "run_lab", "trajectory", "tune", "write_tuned"]
 
 
 @dataclass(frozen=True)
 class LabConfig:
-    """What the lab runs: the world (its ``seed`` replaced by each model seed), the data orders, the training
-    budget shared by every method, and how many settings of each method's sweep to try."""
+    """What the lab runs: the world (its ``seed`` replaced by each model seed), the tuning and test replicates
+    (model seed × data order), the training budget shared by every method, and how many settings of each grid to
+    search."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
-    seeds: tuple[int, ...] = (0, 1)
+    tune_seeds: tuple[int, ...] = (0, 1)
+    tune_orders: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (2, 3, 4)  # the test replicates: seeds × data_orders
     data_orders: tuple[int, ...] = (0, 1)
     steps: int = 40
-    eval_every: int = 5
+    eval_every: int = 4
     batch_size: int = 32
-    lr: float = 4.5e-5  # AdamW's; every Adam-based method uses it, scaled by its sweep's "lr" factor
-    sweep: int = 2
+    lr: float = 4.5e-5  # AdamW's centre; a setting's "lr" is a multiple of it
+    grid: int = GRID_SIZE
+    levels: tuple[float, ...] = MRA_LEVELS  # reward levels of the MRA (those the compared runs reach count)
     methods: tuple[str, ...] = tuple(METHODS)
-    hma_steps: int = 30
 
     @classmethod
     def quick(cls, **overrides) -> LabConfig:
-        """One seed and data order, a 2-layer world that builds in about two minutes, 20 steps, one setting per
-        method."""
+        """Tune on one replicate, test on one other, on a 2-layer world that builds in about two minutes: 20 steps,
+        two settings of each grid."""
         world = WorldConfig(
             num_layers=2,
             intermediate_size=256,
@@ -59,7 +57,8 @@ class LabConfig:
             n_preference_pairs=1000,
             n_eval_probes=200,
         )
-        settings = dict(world=world, seeds=(0,), data_orders=(0,), steps=20, eval_every=5, lr=9e-5, sweep=1)
+        settings = dict(world=world, tune_seeds=(0,), tune_orders=(0,), seeds=(1,), data_orders=(0,), steps=20,
+                        eval_every=2, lr=9e-5, grid=2)  # fmt: skip
         return cls(**{**settings, **overrides})
 
     def __post_init__(self):
@@ -67,8 +66,11 @@ class LabConfig:
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"Invalid methods: {sorted(unknown)} (known: {', '.join(METHODS)})")
-        if not self.seeds or not self.data_orders:
-            raise ValueError("the lab needs at least one seed and one data order")
+        for name in ("tune_seeds", "tune_orders", "seeds", "data_orders"):
+            if not getattr(self, name):
+                raise ValueError(f"Invalid {name}: empty (the lab needs at least one)")
+        if not 1 <= self.grid <= GRID_SIZE:
+            raise ValueError(f"Invalid grid: {self.grid} (expected 1 … {GRID_SIZE} settings per method)")
 
     def with_settings(self, items: list[str]) -> LabConfig:
         """This plan with ``KEY=VALUE`` settings: a field of the plan (``steps=60``, ``lr=3e-5``) or, prefixed
@@ -89,15 +91,16 @@ class LabConfig:
                 config = replace(config, **{name: value})
         return config
 
-    def worlds(self) -> dict[int, WorldConfig]:
-        return {seed: replace(self.world, seed=seed) for seed in self.seeds}
+    def tuning_replicates(self) -> list[tuple[int, int]]:
+        return [(s, o) for s in self.tune_seeds for o in self.tune_orders]
+
+    def test_replicates(self) -> list[tuple[int, int]]:
+        return [(s, o) for s in self.seeds for o in self.data_orders]
 
     def run_config(self, seed: int, order: int, overrides: dict, **extra) -> runner.RunConfig:
-        fields = {k: v for k, v in overrides.items() if k not in ("lr", "unlearn_fraction")}
-        if "unlearn_fraction" in overrides:  # ALLO's NPO stage: a share of the same step budget
-            fields["unlearn_steps"] = max(1, round(overrides["unlearn_fraction"] * self.steps))
+        fields = {k: v for k, v in overrides.items() if k != "lr"}
         return runner.RunConfig(
-            world=self.worlds()[seed],
+            world=replace(self.world, seed=seed),
             data_seed=order,
             lr=self.lr * overrides.get("lr", 1.0),
             steps=self.steps,
@@ -106,6 +109,18 @@ class LabConfig:
             **fields,
             **extra,
         )
+
+    def source(self, seed: int, order: int, setting: dict) -> tuple[runner.RunConfig, runner.MergeJob | None]:
+        """The run a setting's trajectory comes from, and the merge job for an offline sweep."""
+        run = self.run_config(seed, order, run_overrides(setting))
+        if "merge_weights" not in setting:
+            return run, None
+        specs = tuple(("ma", (("method", "ma"), ("alpha", w))) for w in setting["merge_weights"])
+        return run, runner.MergeJob(run, specs)
+
+
+def replicate_label(seed: int, order: int) -> str:
+    return f"seed{seed}/order{order}"
 
 
 def _parse_like(current, text: str, item: str):
@@ -119,40 +134,6 @@ def _parse_like(current, text: str, item: str):
         return type(current)(text)
     except (ValueError, KeyError):
         raise ValueError(f"Invalid setting {item!r}: {text!r} is not a {type(current).__name__}") from None
-
-
-@dataclass(frozen=True)
-class _Planned:
-    method: str
-    setting: str
-    seed: int
-    order: int
-    run: runner.RunConfig
-
-
-def _plan(config: LabConfig) -> tuple[list[_Planned], list[tuple[int, int, runner.MergeJob]]]:
-    """Training runs (method, setting, seed, order, RunConfig) and merge jobs (seed, order, MergeJob)."""
-    wanted = set(config.methods)
-    needs_adamw = wanted & set(OFFLINE)
-    runs, merges = [], []
-    for seed in config.seeds:
-        for order in config.data_orders:
-            for name, method in TRAINED.items():
-                if name not in wanted and not (name == "adamw" and needs_adamw):
-                    continue
-                for i, overrides in enumerate(method.settings[: config.sweep]):
-                    extra = {"probe_entanglement": i == 0 and name in ENTANGLEMENT_PROBED}
-                    if name == "adamw":
-                        extra |= {"ema": EMA if "ema" in wanted else (), "save_model": i == 0}
-                    run = config.run_config(seed, order, overrides, **extra)
-                    runs.append(_Planned(name, setting_label(overrides), seed, order, run))
-            offline = [name for name in ("ma", "dare", "ties") if name in wanted]
-            specs = tuple((name, tuple(spec.items())) for name in offline for spec in MERGES[name])
-            alphas = HMA_ALPHAS if "hma" in wanted else ()
-            if specs or alphas:
-                adamw = next(p.run for p in runs if p.method == "adamw" and (p.seed, p.order) == (seed, order))
-                merges.append((seed, order, runner.MergeJob(adamw, specs, alphas, hma_steps=config.hma_steps)))
-    return runs, merges
 
 
 def _init_worker() -> None:
@@ -188,53 +169,149 @@ class _Inline:
         pass
 
 
-def _execute(config: LabConfig, workers: int, progress: bool) -> tuple[dict, list, list]:
-    """Run every job, each as soon as what it needs is done; return SFT metrics, runs and merges with results."""
-    runs, merges = _plan(config)
-    total = len(config.seeds) + len(runs) + len(merges)
+def _execute(jobs, workers: int, progress: bool, prebuild=()) -> tuple[dict, dict, dict]:
+    """Run the worlds, runs and merges that ``jobs`` ((RunConfig, MergeJob or None) pairs) need, each as soon as
+    what it needs is done, and build the ``prebuild`` worlds meanwhile. Returns the SFT metrics per world key, and
+    the run and merge results per job key."""
+    worlds = {world.key(): world for world in prebuild} | {run.world.key(): run.world for run, _ in jobs}
+    runs = {run.key(): run for run, _ in jobs}
+    merges = {merge.key(): merge for _, merge in jobs if merge is not None}
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc="tax lab", unit="job", disable=not progress)
+    bar = tqdm(total=len(worlds) + len(runs) + len(merges), desc="tax lab", unit="job", disable=not progress)
     if workers > 1:
         context = multiprocessing.get_context("spawn")
         executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker)
     else:
         _init_worker()
         executor = _Inline()
-    sft: dict[int, dict] = {}
+    sft: dict[str, dict] = {}
     run_results: dict[str, dict] = {}
-    merge_results: list = []
+    merge_results: dict[str, dict] = {}
     pending: dict[Future, tuple] = {}
     try:
-        for seed, world in config.worlds().items():
-            pending[executor.submit(_build, world)] = ("world", seed)
-        submitted_runs: set[str] = set()
+        for key, world in worlds.items():
+            pending[executor.submit(_build, world)] = ("world", key)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
-                kind, item = pending.pop(future)
+                kind, key = pending.pop(future)
                 result = future.result()
                 bar.update()
                 if kind == "world":
-                    sft[item] = result
-                    for planned in runs:
-                        key = planned.run.key()
-                        if planned.seed == item and key not in submitted_runs:
-                            submitted_runs.add(key)
-                            pending[executor.submit(runner.train_run, planned.run)] = ("run", key)
+                    sft[key] = result
+                    for run_key, run in runs.items():
+                        if run.world.key() == key:
+                            pending[executor.submit(runner.train_run, run)] = ("run", run_key)
                 elif kind == "run":
-                    run_results[item] = result
-                    for seed, order, job in merges:
-                        if job.run.key() == item:
-                            pending[executor.submit(runner.evaluate_merges, job)] = ("merge", (seed, order))
+                    run_results[key] = result
+                    for merge_key, merge in merges.items():
+                        if merge.run.key() == key:
+                            pending[executor.submit(runner.evaluate_merges, merge)] = ("merge", merge_key)
                 else:
-                    merge_results.append((*item, result))
+                    merge_results[key] = result
             bar.set_postfix_str(f"{len(pending)} pending", refresh=True)
     finally:
         executor.shutdown(cancel_futures=True)
         bar.close()
-    # several planned runs can share a key (same config): count each once per method and setting
-    return sft, [(p, run_results[p.run.key()]) for p in runs], merge_results
+    return sft, run_results, merge_results
+
+
+def trajectory(setting: dict, run: runner.RunConfig, merge: runner.MergeJob | None, done: tuple) -> list[dict]:
+    """A setting's trajectory on one replicate: points ``{"reward", "ability", ..., "step" or "weight"}`` in
+    order, the SFT point first; ability as the fraction of the SFT model's kept (see ``report.kept``)."""
+    from online_merging.lab.report import kept
+
+    sft_metrics, runs, merges = done
+    sft = sft_metrics[run.world.key()]
+    points = [kept(sft, sft, step=0)]
+    own = [p for p in runs[run.key()]["points"] if p["variant"] == setting.get("variant", "")]
+    if merge is None:
+        if not own:
+            raise ValueError(f"Invalid variant: {setting.get('variant')!r} (the run tracks no such average)")
+        return points + [kept(p, sft, step=p["step"]) for p in own]
+    swept = sorted(merges[merge.key()]["points"], key=lambda p: p["setting"]["alpha"])
+    points += [kept(p, sft, weight=p["setting"]["alpha"]) for p in swept]
+    return [*points, kept(own[-1], sft, weight=1.0)]  # the aligned model: MA at weight 1
+
+
+def _trajectories(config: LabConfig, settings: dict, replicates, workers: int, progress: bool, prebuild=()) -> dict:
+    """{name: {replicate label: trajectory}} of each setting of ``settings`` (keyed by a method, or anything)."""
+    planned = {(name, seed, order): config.source(seed, order, setting) for name, setting in settings.items()
+               for seed, order in replicates}  # fmt: skip
+    done = _execute(list(planned.values()), workers, progress, prebuild)
+    found: dict = {name: {} for name in settings}
+    for (name, seed, order), (run, merge) in planned.items():
+        found[name][replicate_label(seed, order)] = trajectory(settings[name], run, merge, done)
+    return found
+
+
+def tune(config: LabConfig, *, workers: int = 2, progress: bool = True) -> tuple[dict, dict]:
+    """Search the first ``config.grid`` settings of every method on the tuning replicates by MRA; return the
+    picked setting per method and the search (``pick_settings``'s figures, with the settings' labels)."""
+    from online_merging.lab.report import xy
+
+    grid = {(name, i): s for name in config.methods for i, s in enumerate(METHODS[name].grid[: config.grid])}
+    test_worlds = [replace(config.world, seed=seed) for seed in config.seeds]  # built while the tuning runs train
+    found = _trajectories(config, grid, config.tuning_replicates(), workers, progress, test_worlds)
+    grids = {name: {} for name in config.methods}
+    for (name, i), per_replicate in found.items():
+        grids[name][i] = {r: xy(t) for r, t in per_replicate.items()}
+    labels = [replicate_label(s, o) for s, o in config.tuning_replicates()]
+    picked = pick_settings(grids, labels, config.levels)
+    for name, figures in picked.items():
+        figures["settings"] = [setting_label(s) for s in METHODS[name].grid[: config.grid]]
+    return {name: METHODS[name].grid[picked[name]["best"]] for name in config.methods}, picked
+
+
+def _check_split(config: LabConfig) -> None:
+    shared = set(config.tuning_replicates()) & set(config.test_replicates())
+    if shared:
+        shown = ", ".join(replicate_label(*r) for r in sorted(shared))
+        raise ValueError(f"Invalid seeds/data_orders: the test replicates {shown} are tuning replicates too")
+
+
+TUNED_FORMAT = "online-merging tax-lab tuned settings"
+
+
+def write_tuned(path: str | os.PathLike, settings: dict) -> None:
+    """Save the tuned setting of each method (what ``--tuned`` reads)."""
+    write_text(path, json.dumps({"format": TUNED_FORMAT, "methods": settings}, indent=1) + "\n")
+
+
+def read_tuned(path: str | os.PathLike) -> dict[str, dict]:
+    """The settings saved by :func:`write_tuned`, checked: every method known, every key a setting of the run,
+    a variant one that the run tracks. Raises ``ValueError`` naming the file and the key at fault."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise ValueError(f"Invalid tuned file {str(path)!r}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"Invalid tuned file {str(path)!r}: not JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(data, dict) or data.get("format") != TUNED_FORMAT or not isinstance(data.get("methods"), dict):
+        raise ValueError(f"Invalid tuned file {str(path)!r}: expected {{\"format\": {TUNED_FORMAT!r}, \"methods\": "
+                         f"{{METHOD: SETTING}}}} as written by the lab (tuned.json)")  # fmt: skip
+    if not data["methods"]:
+        raise ValueError(f"Invalid tuned file {str(path)!r}: methods: no methods")
+    allowed = {f.name for f in dataclasses.fields(runner.RunConfig)} - {"world", "data_seed"}
+    allowed |= {"variant", "merge_weights"}
+    settings = {}
+    for name, setting in data["methods"].items():
+        if name not in METHODS:
+            raise ValueError(f"Invalid tuned file {str(path)!r}: methods.{name}: unknown method (known: "
+                             f"{', '.join(METHODS)})")  # fmt: skip
+        if not isinstance(setting, dict):
+            raise ValueError(f"Invalid tuned file {str(path)!r}: methods.{name}: expected an object of settings")
+        for key in setting:
+            if key not in allowed:
+                raise ValueError(f"Invalid tuned file {str(path)!r}: methods.{name}.{key}: not a setting (expected "
+                                 f"one of {', '.join(sorted(allowed))})")  # fmt: skip
+        variants = {s["variant"] for s in METHODS[name].grid if "variant" in s}
+        if "variant" in setting and setting["variant"] not in variants:
+            raise ValueError(f"Invalid tuned file {str(path)!r}: methods.{name}.variant: {setting['variant']!r} is "
+                             f"not tracked (expected one of {', '.join(sorted(variants))})")  # fmt: skip
+        settings[name] = {k: tuple(v) if isinstance(v, list) else v for k, v in setting.items()}
+    return settings
 
 
 def run_lab(
@@ -246,12 +323,15 @@ def run_lab(
     methods: tuple[str, ...] | None = None,
     workers: int = 2,
     config: LabConfig | None = None,
+    tuned: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run the alignment-tax lab and write ``results.json``, ``results.md`` and the PNG plots into ``out_dir``.
+    """Tune every method on the tuning replicates, run its best setting on the test replicates, and write
+    ``results.json``, ``results.md``, ``tuned.json`` and the PNG plots into ``out_dir``.
 
-    ``config`` (default ``LabConfig.quick()`` or ``LabConfig()``) is the plan; ``seeds``, ``data_orders`` and
-    ``methods`` override its fields. Finished jobs are cached under ``$ONLINE_MERGING_CACHE/lab``, so a rerun
+    ``config`` (default ``LabConfig.quick()`` or ``LabConfig()``) is the plan; ``seeds``, ``data_orders`` (the test
+    replicates) and ``methods`` override its fields. With ``tuned`` (a ``tuned.json``) nothing is tuned: its
+    settings run on the test replicates. Finished jobs are cached under ``$ONLINE_MERGING_CACHE/lab``, so a rerun
     resumes. Returns the content of ``results.json``. An ``out_dir`` holding files this package did not write is
     refused before any job runs; the report is written beside it and moved into place at the end.
     """
@@ -262,15 +342,21 @@ def run_lab(
     overrides = {"seeds": seeds, "data_orders": data_orders, "methods": methods}
     config = replace(config, **{k: tuple(v) for k, v in overrides.items() if v is not None})
     start = time.perf_counter()
-    sft, runs, merges = _execute(config, workers, progress)
-    seconds = time.perf_counter() - start
-    results = summarize(config, sft, runs, merges)
+    if tuned is None:
+        _check_split(config)
+        settings, search = tune(config, workers=workers, progress=progress)
+    else:
+        settings = read_tuned(tuned)
+        settings = {name: s for name, s in settings.items() if name in config.methods}
+        search = None
+    found = _trajectories(config, settings, config.test_replicates(), workers, progress)
+    results = summarize(config, found, settings, search)
     results["run"] = {
         "config": dataclasses.asdict(config),
-        "seconds": round(seconds, 1),
+        "tuned_from": None if tuned is None else str(tuned),
+        "seconds": round(time.perf_counter() - start, 1),
         "workers": workers,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "computed_seconds": round(sum(r["seconds"] for _, r in runs) + sum(m["seconds"] for *_, m in merges), 1),
     }
     write_report(results, Path(out_dir))
     return results

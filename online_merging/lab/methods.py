@@ -1,123 +1,125 @@
-"""Every method of the lab and its small sweep, in one place.
+"""Every method of the lab and its declared grid, in one place (the second edition: tuned, then tested).
 
-A trained method is a list of settings, each a set of :class:`RunConfig` overrides; the lab trains every setting
-(the first ``sweep`` of them) for the same number of steps, and the method's front is drawn from all their
-evaluation points. EMA is read off the AdamW runs (it does not change training); the offline merges (MA, DARE,
-TIES, HMA) merge the final model of the first AdamW setting with its SFT model.
+A method's grid is a tuple of settings, each a set of :class:`RunConfig` overrides (``lr`` as a multiple of the
+lab's learning rate) and, for the methods read off another run, which trajectory of that run it is:
+
+- ``variant``: the EMA or BEMA weights tracked along an AdamW run (``ema=c``, ``bema:...``); those runs carry every
+  EMA and BEMA setting of the grid (``AVERAGED``), so the averages cost evaluations, not training;
+- ``merge_weights``: an offline MA sweep of an AdamW run's final model with its SFT model (the sweep is the
+  trajectory: SFT, increasing weight, the aligned model).
+
+Every grid has ``GRID_SIZE`` settings; the lab searches the first ``LabConfig.grid`` of them on the tuning
+replicates and runs the best alone on the test replicates. ``secondary`` rows (KTO) are reported in their own table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-__all__ = [
-    "EMA",
-    "ENTANGLEMENT_PROBED",
-    "HMA_ALPHAS",
-    "MERGES",
-    "METHODS",
-    "OFFLINE",
-    "TRAINED",
-    "Method",
-    "setting_label",
-]
+__all__ = ["AVERAGED", "EMA_COEFFICIENTS", "GRID_SIZE", "MA_WEIGHTS", "METHODS", "Method", "setting_label"]
+
+GRID_SIZE = 6
+
+EMA_COEFFICIENTS = (0.05, 0.1, 0.3)
+"""EMA coefficients c of θ_ema ← (1−c)·θ_ema + c·θ (the ``ema`` grid, at two AdamW learning rates)."""
+BEMA_POWERS = (0.5, 0.2, 1.0)
+"""``trl.BEMACallback``'s ``ema_power`` κ (TRL's default 0.5 first; 1.0 is a running mean); its other settings are
+TRL's defaults, with ``update_freq=1`` so that every evaluation sees fresh weights."""
+AVERAGED_LRS = (1.0, 2.0)
+"""The AdamW learning rates (multiples) along which the EMA and BEMA settings are tracked."""
+MA_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+"""MA's sweep of the aligned model's weight: with SFT first and the aligned model last, its trajectory."""
+ADAMW_LRS = (1.0, 2.0, 0.5, 0.75, 1.5, 3.0)
+"""AdamW's grid, the centre first (a smaller ``LabConfig.grid`` searches the first few)."""
 
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the lab: what it is, and its sweep (``RunConfig`` overrides; ``lr`` as a multiple of the lab's)."""
+    """A row of the lab: what it is, its grid, and whether it belongs to the secondary table."""
 
     description: str
-    settings: tuple[dict, ...] = field(default_factory=tuple)
+    grid: tuple[dict, ...]
+    secondary: bool = False
 
 
-_ADAM = {"optimizer": "adam", "merge": "ondare"}
-_KEY = {"optimizer": "adam", "merge": None}  # OnlineMergingAdam without a merge: AdamW that takes neuron masks
-_SGD_LR = 50.0  # OnlineMergingSGD (momentum 0.9) learning rate, as a multiple of the Adam one (measured)
-# (reserve_p, alpha): the published default first, then a merge strong enough to matter in 40 steps
-_MERGE_SWEEP = ({"reserve_p": 0.01, "alpha": 1e-7}, {"reserve_p": 0.1, "alpha": 1e-3})
+def _bema(power: float) -> tuple[tuple[str, float], ...]:
+    return (("ema_power", power),)
 
-TRAINED: dict[str, Method] = {
-    "adamw": Method("DPO with Trainer's AdamW", ({}, {"lr": 2 / 3})),
-    "ondare": Method("DPO with OnDARE-Adam", tuple({**_ADAM, **s} for s in _MERGE_SWEEP)),
-    # OnTIES keeps the top-p update elements without rescaling: a larger learning rate to cover the front
+
+_AVERAGED_RUN = {"ema": EMA_COEFFICIENTS, "bema": tuple(_bema(k) for k in BEMA_POWERS)}
+AVERAGED = {"save_model": True}
+"""What every AdamW run carries: its final model (for MA). Runs at ``AVERAGED_LRS`` also track every EMA and
+BEMA setting (see :func:`run_overrides`)."""
+
+_ONDARE = {"optimizer": "adam", "merge": "ondare", "alpha_unit": "lr"}
+_ONDARE_GRID = tuple({**_ONDARE, "reserve_p": p, "alpha": a} for p in (0.01, 0.1) for a in (1.0, 3.0, 10.0))
+
+METHODS: dict[str, Method] = {
+    "adamw": Method("DPO with Trainer's AdamW (grid: learning rate)", tuple({"lr": m} for m in ADAMW_LRS)),
+    "ema": Method(
+        "EMA of the AdamW weights along the run (grid: coefficient × AdamW lr)",
+        tuple({"lr": m, "variant": f"ema={c:g}"} for m in AVERAGED_LRS for c in EMA_COEFFICIENTS),
+    ),
+    "bema": Method(
+        "BEMA of the AdamW weights, trl.BEMACallback (grid: ema_power × AdamW lr)",
+        tuple({"lr": m, "variant": f"bema:ema_power={k:g}"} for m in AVERAGED_LRS for k in BEMA_POWERS),
+    ),
+    "ma": Method(
+        f"offline MA of the AdamW result with SFT, weights {MA_WEIGHTS[0]} … {MA_WEIGHTS[-1]} (grid: AdamW's lr)",
+        tuple({"lr": m, "merge_weights": MA_WEIGHTS} for m in ADAMW_LRS),
+    ),
+    "kl_beta": Method(
+        "DPO with a larger β (the KL strength), AdamW (grid: β × lr)",
+        tuple({"beta": b, "lr": m} for b in (0.2, 0.3, 0.5) for m in (1.0, 2.0)),
+    ),
+    "rpo": Method(
+        'RPO: DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1, w]), AdamW (grid: w × lr)',
+        tuple({"rpo_weight": w, "lr": m} for w in (0.1, 0.3, 1.0) for m in (1.0, 2.0)),
+    ),
+    "tr_dpo": Method(
+        "TR-DPO: DPOConfig(sync_ref_model=True, ref_model_mixup_alpha, ref_model_sync_steps), AdamW "
+        "(grid: mixup α × sync steps)",
+        tuple({"ref_sync_alpha": a, "ref_sync_steps": k} for a in (0.1, 0.6) for k in (2, 5, 10)),
+    ),
+    "ondare": Method("DPO with OnDARE-Adam, α in lr units (grid: p × α)", _ONDARE_GRID),
     "onties": Method(
-        "DPO with OnTIES-Adam",
+        "DPO with OnTIES-Adam (top-p update, unrescaled), p 0.1, α in lr units (grid: α × lr)",
         tuple(
-            {**_ADAM, "merge": "onties", **s, "lr": lr} for s, lr in zip(_MERGE_SWEEP[::-1], (3.0, 10.0), strict=True)
+            {**_ONDARE, "merge": "onties", "reserve_p": 0.1, "alpha": a, "lr": m}
+            for a in (1.0, 10.0)
+            for m in (2.0, 3.0, 5.0)
         ),
     ),
-    "ondare_k10": Method(
-        "OnDARE-Adam merging every 10 steps (step-K)", tuple({**_ADAM, "merge_every": 10, **s} for s in _MERGE_SWEEP)
+    "allo_mask_k15": Method(
+        "DPO on ALLO's top 15 % key neurons (OnlineMergingAdam without a merge) (grid: lr)",
+        tuple({"optimizer": "adam", "merge": None, "neuron_k": 0.15, "lr": m} for m in (2.0, 3.0, 1.0, 1.5, 4.0, 5.0)),
     ),
-    "sgd_ondare": Method(
-        "DPO with OnDARE-SGD (momentum 0.9)",
-        tuple({**_ADAM, "optimizer": "sgd", "momentum": 0.9, "lr": _SGD_LR, **s} for s in _MERGE_SWEEP),
+    "kto_adamw": Method(
+        "KTO with Trainer's AdamW (grid: lr)", tuple({"trainer": "kto", "lr": m} for m in ADAMW_LRS), secondary=True
     ),
-    "childtuning": Method(
-        "gradient dropout: OnDARE with α = 0",
-        tuple({**_ADAM, "reserve_p": s["reserve_p"], "alpha": 0.0} for s in _MERGE_SWEEP),
+    "kto_ondare": Method(
+        "KTO with OnDARE-Adam (grid: as ondare)", tuple({"trainer": "kto", **s} for s in _ONDARE_GRID), secondary=True
     ),
-    "kl_beta": Method("AdamW with a stronger KL (DPO β)", ({"beta": 0.3}, {"beta": 1.0})),
-    "dpo_normalized": Method(
-        "pairwise-normalised DPO (Yuan et al.) with Trainer's AdamW",
-        ({"pairwise_normalized": True}, {"pairwise_normalized": True, "lr": 2 / 3}),
-    ),
-    "dpo_normalized_ondare": Method(
-        "pairwise-normalised DPO with OnDARE-Adam",
-        tuple({**_ADAM, "pairwise_normalized": True, **s} for s in _MERGE_SWEEP),
-    ),
-    **{
-        name: Method(
-            f"DPO on ALLO's top {k:.0%} key neurons (AdamW: OnlineMergingAdam without a merge)",
-            ({**_KEY, "neuron_k": k}, {**_KEY, "neuron_k": k, "lr": 3.0}),
-        )
-        for name, k in (("allo_mask", 0.10), ("allo_mask_k05", 0.05), ("allo_mask_k15", 0.15), ("allo_mask_k20", 0.20))
-    },
-    "allo_ondare": Method(
-        "DPO on the top 10 % key neurons with OnDARE-Adam (mask, then merge), the published merge; allo_mask's lrs",
-        tuple({**_ADAM, "neuron_k": 0.10, **_MERGE_SWEEP[0], **lr} for lr in ({}, {"lr": 3.0})),
-    ),
-    "allo_full": Method(
-        "ALLO's three stages: top 10 % key neurons, NPO for a quarter of the steps, then DPO without the top 5 % "
-        "noisy tokens",
-        tuple(
-            {**_KEY, "neuron_k": 0.10, "unlearn_fraction": 0.25, "noisy_token_percentile": 0.05, **lr}
-            for lr in ({}, {"lr": 3.0})
-        ),
-    ),
-    "kto_adamw": Method("KTO with Trainer's AdamW", ({"trainer": "kto"}, {"trainer": "kto", "lr": 2 / 3})),
-    "kto_ondare": Method("KTO with OnDARE-Adam", tuple({"trainer": "kto", **_ADAM, **s} for s in _MERGE_SWEEP)),
 }
 
-ENTANGLEMENT_PROBED = ("adamw", "ondare", "dpo_normalized", "dpo_normalized_ondare")
-"""Methods whose first setting is also run with the gradient-entanglement probe (the report's trajectories)."""
-
-EMA = (0.05, 0.2)
-"""EMA coefficients tracked along the AdamW runs (the ``ema`` row)."""
-
-MERGES: dict[str, tuple[dict, ...]] = {
-    "ma": tuple({"method": "ma", "alpha": a} for a in (0.2, 0.4, 0.6, 0.8)),
-    "dare": tuple({"method": "dare", "density": d, "weights": (1 - w, w)} for d in (0.7, 0.5) for w in (0.4, 0.6, 0.8)),
-    "ties": tuple({"method": "ties", "density": d, "weights": (1 - w, w)} for d in (0.7, 0.5) for w in (0.4, 0.6, 0.8)),
-}
-HMA_ALPHAS = (0.4, 0.6, 0.8)
-"""Target mean ratios of the HMA searches (3 blocks)."""
-
-OFFLINE: dict[str, Method] = {
-    "ema": Method(f"EMA of the AdamW weights, coefficients {', '.join(map(str, EMA))}"),
-    "ma": Method("offline MA of the AdamW result with SFT, α 0.2 … 0.8"),
-    "dare": Method("offline DARE (L1-rescaled), density 0.7/0.5, w_aligned 0.4 … 0.8"),
-    "ties": Method("offline TIES, density 0.7/0.5, w_aligned 0.4 … 0.8"),
-    "hma": Method(f"offline HMA, 3 blocks, ratios searched by proxy distillation for mean α {HMA_ALPHAS}"),
-}
-
-METHODS: dict[str, Method] = {**TRAINED, **OFFLINE}
+ONLINE_MERGING = ("ondare", "onties")
+"""The online-merging methods, among which ``recommended`` is chosen."""
 
 
-def setting_label(overrides: dict) -> str:
+def run_overrides(setting: dict) -> dict:
+    """The ``RunConfig`` overrides of the run a setting reads its trajectory from: AdamW runs save their model
+    (MA merges it), and at ``AVERAGED_LRS`` they also track every EMA and BEMA setting."""
+    overrides = {k: v for k, v in setting.items() if k not in ("variant", "merge_weights")}
+    if "variant" in setting or "merge_weights" in setting or not overrides.keys() - {"lr"}:  # an AdamW run
+        overrides |= AVERAGED
+        if overrides.get("lr", 1.0) in AVERAGED_LRS:
+            overrides |= _AVERAGED_RUN
+    return overrides
+
+
+def setting_label(setting: dict) -> str:
     """``"lr×0.667, beta=0.3"``; ``"default"`` for no overrides."""
-    hidden = ("optimizer", "trainer", "pairwise_normalized", "neuron_k", "unlearn_fraction", "noisy_token_percentile")
-    shown = {k: v for k, v in overrides.items() if k not in hidden and not (k == "merge" and v is None)}
-    parts = [f"lr×{v:.3g}" if k == "lr" else f"{k}={v}" for k, v in shown.items()]
+    hidden = ("optimizer", "trainer", "alpha_unit", "merge_weights", "save_model")
+    shown = {k: v for k, v in setting.items() if k not in hidden and not (k == "merge" and v is None)}
+    parts = [f"lr×{v:.3g}" if k == "lr" else v if k == "variant" else f"{k}={v}" for k, v in shown.items()]
     return ", ".join(parts) or "default"

@@ -19,7 +19,7 @@ import torch
 from online_merging._files import staged_file, write_text
 from online_merging.world import WorldConfig, build_world, default_cache_dir
 
-__all__ = ["MergeJob", "RunConfig", "evaluate_merges", "lab_cache_dir", "model_path", "train_run"]
+__all__ = ["MergeJob", "RunConfig", "bema_variant", "evaluate_merges", "lab_cache_dir", "model_path", "train_run"]
 
 LAB_VERSION = 1
 """Bump when a code change changes what a cached job computes."""
@@ -31,15 +31,20 @@ def lab_cache_dir() -> Path:
     return default_cache_dir() / "lab"
 
 
-_LATER_FIELDS = ("pairwise_normalized", "probe_entanglement", "neuron_k", "unlearn_steps", "noisy_token_percentile")
-"""Fields added after version 1: in the key only when set, so that earlier results stay valid."""
+_LATER_FIELDS = {
+    "pairwise_normalized": False, "probe_entanglement": False, "neuron_k": 0.0, "unlearn_steps": 0,
+    "noisy_token_percentile": 0.0, "seed": 0, "dare_rescale": True, "tau_mask": "once", "tau_clamp": 1.0,
+    "ties_sign": "unweighted", "bema": (), "rpo_weight": 0.0, "ref_sync_alpha": 0.0, "ref_sync_steps": 0,
+}  # fmt: skip
+"""Fields added after version 1 and their defaults: in the key only when changed, so that earlier results stay
+valid."""
 
 
 def _key(obj) -> str:
     fields = dataclasses.asdict(obj)
     for config in (fields, fields.get("run", {})):  # a MergeJob holds its RunConfig
-        for name in _LATER_FIELDS:
-            if name in config and not config[name]:
+        for name, default in _LATER_FIELDS.items():
+            if name in config and config[name] == default:
                 del config[name]
     text = json.dumps({"version": LAB_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -60,12 +65,21 @@ class RunConfig:
     alpha: float = 0.0
     alpha_unit: str = "absolute"  # or "lr": the merge weight is alpha × the current learning rate
     merge_every: int = 1
+    seed: int = 0  # the optimizer's DARE masks
+    dare_rescale: bool = True  # OnDARE: kept elements × 1/p
+    tau_mask: str = "once"  # OnDARE: τ's mask drawn "once" or "every_step"
+    tau_clamp: float | None = 1.0  # OnDARE: the sparsified τ clamped to ±this; None: not clamped
+    ties_sign: str = "unweighted"  # OnTIES: sign elected from τ + Δ ("unweighted") or α·τ + (1−α)·Δ ("weighted")
     momentum: float = 0.0
     pairwise_normalized: bool = False  # DPO with PairwiseNormalizedDPOTrainer
     neuron_k: float = 0.0  # ALLO: train only the top k fraction of neurons, located by a NEURON_PROBE_STEPS probe
     unlearn_steps: int = 0  # ALLO stage 2: NPO steps on the rejected responses, counted in ``steps``
     noisy_token_percentile: float = 0.0  # ALLO stage 3: DPO without the tokens of the top implicit rewards
     ema: tuple[float, ...] = ()  # EMA coefficients c of θ_ema ← (1−c)·θ_ema + c·θ, tracked along the run
+    bema: tuple[tuple[tuple[str, float], ...], ...] = ()  # trl.BEMACallback settings, each tracked along the run
+    rpo_weight: float = 0.0  # RPO: DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1, rpo_weight])
+    ref_sync_alpha: float = 0.0  # TR-DPO: DPOConfig(sync_ref_model=True, ref_model_mixup_alpha=this, ...)
+    ref_sync_steps: int = 0  # TR-DPO: ... ref_model_sync_steps=this
     steps: int = 80
     eval_every: int = 10
     batch_size: int = 32
@@ -122,13 +136,19 @@ def world_metrics(config: WorldConfig) -> dict[str, float]:
 
 def train_run(run: RunConfig) -> dict:
     """``{"points": [{"step", "variant", **metrics}], "seconds"}``; variant ``""`` is the model itself, ``ema=c``
-    its EMA. Step 0 (the SFT model) is not included. With ``probe_entanglement`` also ``"entanglement"``: the
+    its EMA, ``bema:k=v,...`` the weights of TRL's ``BEMACallback`` with those settings (:func:`bema_variant`).
+    Step 0 (the SFT model) is not included. With ``probe_entanglement`` also ``"entanglement"``: the
     figures of :func:`~online_merging.diagnostics.gradient_entanglement` on ``PROBE_PAIRS`` held-out pairs at
     step 0 and at every evaluation."""
     return _cached("runs", run.key(), lambda: _train(run))
 
 
 def _train(run: RunConfig) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lab-") as output_dir:  # BEMACallback saves its model there at the end
+        return _train_in(run, output_dir)
+
+
+def _train_in(run: RunConfig, output_dir: str) -> dict:
     import trl
     from transformers import TrainerCallback
 
@@ -140,7 +160,7 @@ def _train(run: RunConfig) -> dict:
     tokenizer = world.tokenizer()
     model = _load_sft(world)
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="lab-"),
+        output_dir=output_dir,
         learning_rate=run.lr,
         beta=run.beta,
         lr_scheduler_type="constant",
@@ -160,6 +180,15 @@ def _train(run: RunConfig) -> dict:
     )
     config_cls, dataset = (trl.DPOConfig, world.preference_dataset()) if run.trainer == "dpo" else (
         trl.KTOConfig, world.kto_dataset())  # fmt: skip
+    if run.rpo_weight:  # RPO, as TRL spells it: DPO's sigmoid loss plus the NLL of the chosen answers
+        common.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, run.rpo_weight])
+    if run.ref_sync_steps:  # TR-DPO: TRL's SyncRefModelCallback mixes the policy into the reference
+        common.update(sync_ref_model=True, ref_model_mixup_alpha=run.ref_sync_alpha,
+                      ref_model_sync_steps=run.ref_sync_steps)  # fmt: skip
+    if run.trainer != "dpo" and (run.rpo_weight or run.ref_sync_steps):
+        raise ValueError(f"Invalid trainer: {run.trainer!r} (rpo_weight and ref_sync_steps are DPO settings)")
+    if run.bema and run.unlearn_steps:
+        raise ValueError("Invalid bema: BEMA is tracked along one training stage (expected unlearn_steps=0)")
     trainer_cls, extra = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[run.trainer], {}
     if run.pairwise_normalized:
         from online_merging.integrations import PairwiseNormalizedDPOTrainer
@@ -183,7 +212,8 @@ def _train(run: RunConfig) -> dict:
             return None, None
         settings = dict(
             merge=run.merge, reserve_p=run.reserve_p, alpha=run.alpha, alpha_unit=run.alpha_unit,
-            merge_every=run.merge_every,
+            merge_every=run.merge_every, seed=run.seed, dare_rescale=run.dare_rescale, tau_mask=run.tau_mask,
+            tau_clamp=run.tau_clamp, ties_sign=run.ties_sign,
         )  # fmt: skip
         if run.optimizer == "sgd":
             settings["momentum"] = run.momentum
@@ -200,6 +230,7 @@ def _train(run: RunConfig) -> dict:
         stages.insert(0, (NPOTrainer, run.unlearn_steps, {"token_weights": "log_ratio"}, 0))
     points: list[dict] = []
     emas = {c: {n: p.detach().clone() for n, p in model.named_parameters()} for c in run.ema}
+    bemas = {bema_variant(kwargs): trl.BEMACallback(update_freq=1, **dict(kwargs)) for kwargs in run.bema}
     probes: list[dict] = []
     held_out = world.preference_dataset("test")  # grouped by skill: take pairs spread over all of them
     probe_pairs = held_out.select(range(0, len(held_out), max(1, len(held_out) // PROBE_PAIRS)))[:PROBE_PAIRS]
@@ -231,6 +262,8 @@ def _train(run: RunConfig) -> dict:
             for c, average in emas.items():
                 with _swapped(model, average):
                     points.append({"step": step, "variant": f"ema={c:g}", **world.evaluate(model, tokenizer)})
+            for variant, bema in bemas.items():  # updated at this step already: it comes first in the callbacks
+                points.append({"step": step, "variant": variant, **world.evaluate(bema.running_model, tokenizer)})
 
     for cls, steps, kwargs, offset in stages:
         args = config_cls(**{**common, "max_steps": steps})
@@ -240,7 +273,7 @@ def _train(run: RunConfig) -> dict:
             train_dataset=dataset,
             processing_class=tokenizer,
             optimizers=optimizers(args),
-            callbacks=[Evaluate(offset)],
+            callbacks=[*bemas.values(), Evaluate(offset)],
             **kwargs,
         )
         trainer.train()
@@ -249,6 +282,11 @@ def _train(run: RunConfig) -> dict:
             torch.save(model.state_dict(), path)  # tied weights stay one tensor
     result = {"points": points, "seconds": round(time.perf_counter() - start, 1)}
     return {**result, "entanglement": probes} if run.probe_entanglement else result
+
+
+def bema_variant(kwargs) -> str:
+    """The variant name of a BEMA setting: ``"bema:ema_power=0.5,bias_power=0.2"``."""
+    return "bema:" + ",".join(f"{k}={v:g}" for k, v in kwargs)
 
 
 class _swapped:
