@@ -360,3 +360,24 @@ def test_lab_command_refuses_a_folder_of_someone_elses_files_before_any_job(tmp_
     assert main(["bench", "tax-lab", "--quick", "--out", str(out)]) == 2
     assert "already holds files this package did not write (thesis.tex)" in capsys.readouterr().err
     assert snapshot(out) == {"thesis.tex": b"years of work"}
+
+
+# -- the other files the package writes -------------------------------------------------------------------------------
+
+
+def test_hma_result_is_staged_and_0644(tmp_path, monkeypatch):
+    from online_merging.offline.hma_search import HMAResult
+
+    path = tmp_path / "ratios.json"
+    path.write_text("old")
+    os.chmod(path, 0o600)
+    result = HMAResult((0.4, 0.5, 0.6), 0.5, -1.0, -0.9, 3, 1.0)
+    assert HMAResult.load(result.save(path)) == result and mode(path) == 0o644 and no_leftovers(tmp_path)
+
+    def crash(*args):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("online_merging._files.os.replace", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        HMAResult((0.1, 0.2, 0.3), 0.2, -1.0, -0.9, 3, 1.0).save(path)
+    assert HMAResult.load(path) == result and no_leftovers(tmp_path)

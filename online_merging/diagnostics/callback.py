@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from online_merging._files import staged_file
 from online_merging.diagnostics.entanglement import EntanglementReport, gradient_entanglement
 
 __all__ = ["GradientEntanglementCallback"]
@@ -107,6 +108,6 @@ class GradientEntanglementCallback(TrainerCallback):
                 axis.axvline(start, color="red", linestyle=":")
         figure.tight_layout()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
+        with staged_file(path) as staged:
+            figure.savefig(staged, dpi=100, format=path.suffix.lstrip(".") or "png")
         return path

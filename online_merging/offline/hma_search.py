@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from online_merging._files import write_text
 from online_merging.merging.weights import describe, preview
 from online_merging.offline.blocks import block_of, num_layers
 from online_merging.offline.merge import MergeSpec
@@ -57,7 +58,7 @@ class HMAResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        write_text(path, json.dumps(dataclasses.asdict(self), indent=2))
         return path
 
     @classmethod
