@@ -53,8 +53,8 @@ BEMA setting (see :func:`run_overrides`)."""
 
 _ONDARE = {"optimizer": "adam", "merge": "ondare", "alpha_unit": "lr"}
 # From the exploration (docs/results.md): p, τ's mask and the clamp change nothing, α up to 30 (lr units) next to
-# nothing and 100 hurts, so OnDARE's grid is its learning rate at two weights, as AdamW's is its learning rate
-_ONDARE_GRID = tuple({**_ONDARE, "reserve_p": 0.01, "alpha": a, "lr": m} for m in (1.0, 1.5, 2.0) for a in (3.0, 30.0))
+# nothing and 100 hurts, so OnDARE's grid is its learning rate at two weights, around AdamW's tuned lr (×0.75)
+_ONDARE_GRID = tuple({**_ONDARE, "reserve_p": 0.01, "alpha": a, "lr": m} for m in (1.0, 0.75, 1.5) for a in (3.0, 30.0))
 
 METHODS: dict[str, Method] = {
     "adamw": Method("DPO with Trainer's AdamW (grid: learning rate)", tuple({"lr": m} for m in ADAMW_LRS)),
