@@ -157,9 +157,10 @@ def _json_line(line: str, number: int, path: str):
 def _tax_lab(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from online_merging._files import check_folder_target
     from online_merging.lab import LabConfig, read_tuned, run_exploration, run_lab
 
-    _check_out_folder(args.out)
+    check_folder_target(args.out, name="--out")  # before the plan is read; the lab checks it again, as out_dir
     config = (LabConfig.quick() if args.quick else LabConfig()).with_settings(args.set)
     if args.methods:
         try:
@@ -274,6 +275,7 @@ def _check_out_file(out: str) -> None:
 
 
 def _check_out_folder(out: str) -> None:
+    """The parent of an MA sweep's folders must be a folder (each of them is checked with check_folder_target)."""
     if Path(out).exists() and not Path(out).is_dir():
         raise NotADirectoryError(f"--out: {out!r} is a file (expected a folder)")
 
