@@ -45,8 +45,8 @@ def _run(backend, rule, settings, *, steps=4, tau_dtype=torch.bfloat16, param_dt
                                  "amsgrad": False, "maximize": False, **hyper})  # fmt: skip
         else:
             backend.sgd_step(param, grad, zeros[0], buffer, tau, step=step, name="layers.0.w", settings=settings,
-                             **{"lr": 0.05, "momentum": 0.9, "dampening": 0.0, "nesterov": False,
-                                "weight_decay": 0.01, "maximize": False, **hyper})  # fmt: skip
+                             first_momentum=step == 1, **{"lr": 0.05, "momentum": 0.9, "dampening": 0.0,
+                                "nesterov": False, "weight_decay": 0.01, "maximize": False, **hyper})  # fmt: skip
     return param
 
 
@@ -107,7 +107,7 @@ def test_tau_threshold_is_computed_once_per_tensor_and_p(monkeypatch):
 def test_tau_threshold_cache_is_not_fooled_by_a_new_tensor_at_a_recycled_address():
     settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": "onties", "reserve_p": 0.2, "alpha": 0.5})
     kwargs = dict(step=1, name="w", lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
-                  maximize=False, settings=settings)  # fmt: skip
+                  maximize=False, settings=settings, first_momentum=True)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     param, grad = torch.randn(257, generator=g), torch.randn(257, generator=g)
     values = [torch.randn(257, generator=g) for _ in range(4)]

@@ -81,8 +81,9 @@ def step(module, opt, state, grad, tau, t, settings, **pieces):
             state.get("merge_buffer"), tau, **common, **ADAM,
         )  # fmt: skip
     return module.sgd_step(
-        state["param"], grad, state["momentum_buffer"], state.get("merge_buffer"), tau, **common, **SGD
-    )
+        state["param"], grad, state["momentum_buffer"], state.get("merge_buffer"), tau, **common, **SGD,
+        first_momentum=common["step"] == 1,
+    )  # fmt: skip
 
 
 def is_merge_step(settings, t) -> bool:
@@ -238,7 +239,7 @@ def test_dare_piece_past_2_32_uses_the_high_word(backend, offset):
     hyper = {**SGD, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False, "lr": 1.0}
     backend.sgd_step(
         param, torch.ones(n), None, None, torch.full((n,), 1000.0), step=t, name=NAME, settings=settings,
-        offset=offset, **hyper,
+        offset=offset, first_momentum=False, **hyper,
     )  # fmt: skip
     update_key, tau_key = dare_keys(settings, t, NAME)
     keep_tau = param > 100

@@ -67,7 +67,8 @@ def call(module, opt, state, grad, tau, step, settings, hyper):
         )  # fmt: skip
     else:
         module.sgd_step(
-            state["param"], grad, state.get("momentum_buffer"), state.get("merge_buffer"), tau, **common
+            state["param"], grad, state.get("momentum_buffer"), state.get("merge_buffer"), tau, **common,
+            first_momentum=step == 1,
         )  # fmt: skip
 
 

@@ -155,7 +155,7 @@ def adam_step(
 
 def sgd_step(
     param, grad, momentum_buffer, merge_buffer, tau, *, step, name, lr, momentum, dampening, nesterov, weight_decay,
-    maximize, settings, offset=0, update_cut=None, tau_cut=None, mask=None, first_momentum=None,
+    maximize, settings, first_momentum, offset=0, update_cut=None, tau_cut=None, mask=None,
 ) -> Rest:  # fmt: skip
     """Same contract as :func:`online_merging.kernels.eager.sgd_step`."""
     if not _fusable(param, tau, mask, grad, momentum_buffer, merge_buffer):
@@ -164,12 +164,11 @@ def sgd_step(
             dampening=dampening, nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
             offset=offset, update_cut=update_cut, tau_cut=tau_cut, mask=mask, first_momentum=first_momentum,
         )  # fmt: skip
-    first = step == 1 if first_momentum is None else first_momentum
     mode = _mode(tau, merge_buffer, settings, step)
     total = _scratch_for(param, update_cut) if mode >= WRITE_TOTAL else None
     _ext.sgd_pass(
         mode, param, grad, momentum_buffer if momentum != 0.0 else None, merge_buffer, tau, total, lr, momentum,
-        dampening, weight_decay, nesterov, first, maximize, *_merge_args(settings, step, name, offset), mask,
+        dampening, weight_decay, nesterov, first_momentum, maximize, *_merge_args(settings, step, name, offset), mask,
     )  # fmt: skip
     if mode >= WRITE_TOTAL:
         return _ties(param, merge_buffer, total, tau, settings, 1.0, offset, update_cut, tau_cut, mask)

@@ -224,18 +224,17 @@ def sgd_step(
     weight_decay: float,
     maximize: bool,
     settings: MergeSettings,
+    first_momentum: bool,
     offset: int = 0,
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
-    first_momentum: bool | None = None,
 ) -> Rest:
     """SGD exactly as ``torch.optim.SGD`` (weight decay added to the gradient), then the online merge.
 
     ``momentum_buffer`` is a tensor when momentum is used, else ``None``. ``first_momentum``: the buffer starts now
-    and is set to the gradient, undamped, as torch sets a missing buffer (``None``: on step 1).
+    and is set to the gradient, undamped, as torch sets a missing buffer.
     """
-    first = step == 1 if first_momentum is None else first_momentum
     saved = None if mask is None else _save(momentum_buffer if momentum != 0.0 else None)
     grad = grad.float()
     if maximize:
@@ -244,7 +243,7 @@ def sgd_step(
         grad = grad.add(param.float(), alpha=weight_decay)
     if momentum != 0.0:
         buf = momentum_buffer.float()
-        if first:
+        if first_momentum:
             buf.copy_(grad)
         else:
             buf.mul_(momentum).add_(grad, alpha=1.0 - dampening)

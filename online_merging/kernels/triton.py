@@ -327,11 +327,11 @@ def sgd_step(
     weight_decay: float,
     maximize: bool,
     settings: MergeSettings,
+    first_momentum: bool,
     offset: int = 0,
     update_cut: CutFn | None = None,
     tau_cut: CutFn | None = None,
     mask: torch.Tensor | None = None,
-    first_momentum: bool | None = None,
 ) -> Rest:
     """SGD as ``torch.optim.SGD`` followed by the online merge; see ``eager.sgd_step``."""
     return _run(
@@ -357,7 +357,7 @@ def sgd_step(
             "MAXIMIZE": maximize,
             "WEIGHT_DECAY": weight_decay != 0.0,
             "MOMENTUM": momentum != 0.0,
-            "FIRST_STEP": step == 1 if first_momentum is None else first_momentum,
+            "FIRST_STEP": first_momentum,
             "NESTEROV": nesterov,
         },
     )
