@@ -97,7 +97,7 @@ class LabConfig:
     def test_replicates(self) -> list[tuple[int, int]]:
         return [(s, o) for s in self.seeds for o in self.data_orders]
 
-    def run_config(self, seed: int, order: int, overrides: dict, **extra) -> runner.RunConfig:
+    def run_config(self, seed: int, order: int, overrides: dict) -> runner.RunConfig:
         fields = {k: v for k, v in overrides.items() if k != "lr"}
         return runner.RunConfig(
             world=replace(self.world, seed=seed),
@@ -107,7 +107,6 @@ class LabConfig:
             eval_every=self.eval_every,
             batch_size=self.batch_size,
             **fields,
-            **extra,
         )
 
     def source(self, seed: int, order: int, setting: dict) -> tuple[runner.RunConfig, runner.MergeJob | None]:
