@@ -8,6 +8,7 @@ from online_merging.merging import (
     cut_mask,
     elect_sign,
     linear,
+    magnitude_bits,
     num_kept,
     random_keep,
     sign_consensus,
@@ -15,6 +16,7 @@ from online_merging.merging import (
     topp_keep,
     topp_mask,
 )
+from online_merging.merging.sparsify import kth_largest_bits
 from online_merging.rng import tensor_key
 
 
@@ -108,3 +110,17 @@ def test_linear_and_argument_checks():
     torch.testing.assert_close(linear([a, b], [0.2, 0.8]), 0.2 * a + 0.8 * b)
     with pytest.raises(ValueError, match="one weight per tensor"):
         linear([a, b], [1.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 2, 977, 70001])
+def test_radix_select_matches_kthvalue(n, dtype):
+    """The radix select CUDA tensors use (run here on the CPU) picks kthvalue's element, ties included."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen).to(dtype)
+    x[::5] = x[0]  # ties
+    x[1::7] = 0.0
+    bits = magnitude_bits(x)
+    width = 64 if dtype == torch.float64 else 32
+    for k in sorted({k for k in (1, 2, n // 3 + 1, n - 1, n) if 1 <= k <= n}):
+        assert kth_largest_bits(bits, k, width) == int(bits.kthvalue(n - k + 1).values), k

@@ -77,6 +77,18 @@ def _dare_keep(index, first, k1, k2, threshold):
 
 
 @triton.jit
+def _zeros_after(loaded, keep):
+    """Zeros to store where ``loaded`` was read (0 where ``keep``, the stores' mask), computed from it.
+
+    A store of a constant may get another layout than the load of the same addresses (Triton's coalescing picks
+    one per access, e.g. 4 float32 a thread beside 16 bytes of a uint8 load) and then run, in another thread,
+    before the load: a race, seen on an H100 (benchmarks/gpu_check.py). A value that depends on the loaded one is
+    stored only after it was read.
+    """
+    return tl.where(keep, 0.0, loaded)
+
+
+@triton.jit
 def _finish(
     param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
     offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
@@ -124,7 +136,7 @@ def _finish(
             update = delta
         if ROLL_BACK:
             param = param - carried + update
-            tl.store(buffer_ptr + offs, tl.full(delta.shape, 0, buffer_ptr.dtype.element_ty), mask=keep)
+            tl.store(buffer_ptr + offs, _zeros_after(carried, keep).to(buffer_ptr.dtype.element_ty), mask=keep)
         else:
             param = param + update
         if ACCUMULATE:
@@ -256,8 +268,9 @@ def _onties_kernel(
     update = update + total * 0.0  # a non-finite Δ reaches θ even where trimmed (``eager.merge_update``)
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32) * decay
     if ROLL_BACK:
-        param = param - tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-        tl.store(buffer_ptr + offs, tl.full(a.shape, 0, buffer_ptr.dtype.element_ty), mask=keep)
+        carried = tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+        param = param - carried
+        tl.store(buffer_ptr + offs, _zeros_after(carried, keep).to(buffer_ptr.dtype.element_ty), mask=keep)
     tl.store(param_ptr + offs, (param + update).to(param_ptr.dtype.element_ty), mask=keep)
 
 

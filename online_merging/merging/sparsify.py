@@ -16,6 +16,7 @@ __all__ = [
     "Cut",
     "PendingCut",
     "cut_mask",
+    "kth_largest_bits",
     "magnitude_bits",
     "num_kept",
     "random_keep",
@@ -101,10 +102,28 @@ def topk_cut(x: torch.Tensor, k: int) -> Cut:
     if k <= 0:
         return KEEP_NONE
     bits = magnitude_bits(x)
-    threshold = int(bits.kthvalue(n - k + 1).values)
+    if bits.is_cuda:  # torch's CUDA kthvalue selects a 1-D tensor in one thread block: seconds at 100M elements
+        threshold = kth_largest_bits(bits, k, 64 if x.dtype == torch.float64 else 32)
+    else:
+        threshold = int(bits.kthvalue(n - k + 1).values)
     room = k - int((bits > threshold).sum())
     cutoff = int((bits == threshold).nonzero()[room - 1])
     return threshold, cutoff
+
+
+def kth_largest_bits(bits: torch.Tensor, k: int, width: int) -> int:
+    """The k-th largest of non-negative int64 ``bits`` below 2**width (1 <= k <= numel), by a radix select: per
+    16-bit digit from the top, one histogram of the candidates left, whose digit is then known."""
+    prefix, candidates = 0, bits
+    for shift in range(width - 16, -1, -16):
+        digits = (candidates >> shift) & 0xFFFF
+        counts = torch.bincount(digits, minlength=2**16)
+        at_least = counts.flip(0).cumsum(0).flip(0)  # at_least[d]: candidates whose digit is d or more
+        digit = int((at_least >= k).nonzero()[-1])
+        k -= int(at_least[digit] - counts[digit])
+        prefix |= digit << shift
+        candidates = candidates[digits == digit]
+    return prefix
 
 
 def cut_mask(x: torch.Tensor, cut: Cut, *, offset: int = 0) -> torch.Tensor:
