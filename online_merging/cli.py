@@ -305,9 +305,12 @@ def format_summary(summary: dict) -> str:
     """The end-of-run table: steps, time, TRL's reward metrics and, on the embedded world, reward and ability."""
     lines = []
     sft = summary.get("sft")
+    matched = summary.get("matched_reward")
     header = f"{'run':<12} {'steps':>5} {'time':>7} {'margin':>7} {'accuracy':>8}"
     if sft:
         header += f" {'reward':>7} {'ability':>7} {'retained':>8}"
+    if matched:
+        header += f" {'MRA':>6}"
     lines.append(header)
     if sft:
         lines.append(
@@ -319,11 +322,19 @@ def format_summary(summary: dict) -> str:
         if sft and run["evaluation"]:
             figures = run["evaluation"]
             line += f" {figures['reward']:>7.3f} {figures['ability']:>7.3f} {figures['ability'] / sft['ability']:>8.3f}"
+        if matched:
+            line += f" {_figure(matched['mra'].get(run['method'])):>6}"
         lines.append(line)
     if sft:
         lines.append(
             "reward: P(the aligned style ' sure,') on held-out prompts; ability: P(the correct answer), mean over "
             "skills; retained: ability / SFT's ability."
+        )
+    if matched:
+        levels = ", ".join(f"{level:g}" for level in matched["levels"]) or "none"
+        lines.append(
+            "MRA: the ability retained at matched reward, along each run's evaluations, averaged over the reward "
+            f"levels every run reached ({levels}): the runs end at different rewards, compare them here."
         )
     lines.append(
         "margin, accuracy: TRL's rewards/margins and rewards/accuracies at the last logged step (-: not logged)."

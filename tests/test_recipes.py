@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,8 @@ from trl import DPOConfig, KTOConfig
 
 from online_merging.cli import main
 from online_merging.integrations import load_recipe, run_recipe
-from online_merging.integrations.run import method_name
+from online_merging.integrations.run import matched_reward, method_name
+from online_merging.lab import LabConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -25,16 +27,53 @@ def test_the_four_recipes_exist():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_every_recipe_parses_with_the_paper_defaults(path):
+def test_every_recipe_parses_and_runs_offline(path):
     recipe, config = load_recipe(path)
     assert isinstance(config, {"dpo": DPOConfig, "kto": KTOConfig}[recipe.trainer])
     assert path.stem.startswith(recipe.trainer)
     assert config.beta == 0.1
     if recipe.merge != "none":
         assert path.stem.endswith(recipe.merge)
-        assert (recipe.reserve_p, recipe.alpha) == (0.01, 1e-7)
     assert recipe.embedded  # runs offline as written
     assert not config.bf16 or torch.cuda.is_available()
+
+
+TUNED = json.loads((ROOT / "docs" / "results" / "held_out" / "tuned.json").read_text())["methods"]
+LAB_METHODS = {
+    "dpo_onties": ("onties", "adamw"),
+    "dpo_ondare": ("ondare", "adamw"),
+    "kto_ondare": ("kto_ondare", "kto_adamw"),
+}
+
+
+@pytest.mark.parametrize("stem", LAB_METHODS)
+def test_merge_recipes_carry_the_labs_tuned_settings(stem):
+    """The recipes' merge settings and learning rates are the tax lab's held-out tuning (docs/results.md), on its
+    protocol (its steps at a constant learning rate), and each is compared with AdamW at AdamW's own tuned rate."""
+    method, baseline = LAB_METHODS[stem]
+    recipe, config = load_recipe(ROOT / "recipes" / f"{stem}.yaml")
+    tuned, lab = TUNED[method], LabConfig()
+    assert (recipe.merge, recipe.reserve_p, recipe.alpha, recipe.alpha_unit) == (
+        tuned["merge"],
+        tuned["reserve_p"],
+        tuned["alpha"],
+        tuned["alpha_unit"],
+    )
+    assert config.learning_rate == pytest.approx(tuned["lr"] * lab.lr)
+    assert recipe.adamw_learning_rate == pytest.approx(TUNED[baseline]["lr"] * lab.lr)
+    assert (config.max_steps, config.lr_scheduler_type, config.per_device_train_batch_size) == (
+        lab.steps,
+        "constant",
+        lab.batch_size,
+    )
+    assert recipe.tax_eval_every == lab.eval_every
+
+
+def test_the_main_job_is_the_recommended_online_merging_setting():
+    recommended = json.loads((ROOT / "docs" / "results" / "held_out" / "results.json").read_text())["recommended"]
+    main_job = re.search(r"online-merging train (recipes/\S+\.yaml) +# the main job", (ROOT / "README.md").read_text())
+    assert main_job and main_job[1] == f"recipes/dpo_{recommended['method']}.yaml"
+    assert main_job[1] in (ROOT / ".ci" / "run").read_text()
 
 
 def write(tmp_path, text: str) -> Path:
@@ -119,13 +158,45 @@ def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, 
     allo = {"neuron_k": 0.0, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
     plain = dataclasses.replace(recipe, merge="none", **allo)
     assert methods == [method_name(recipe), *(["adamw"] if plain != recipe else [])]
-    for run in summary["runs"]:
-        assert run["steps"] == 2
+    recipe, config = load_recipe(path, QUICK)
+    rates = [config.learning_rate, recipe.adamw_learning_rate or config.learning_rate]
+    for run, rate in zip(summary["runs"], rates, strict=False):  # the baseline at its own learning rate
+        assert run["steps"] == 2 and run["learning_rate"] == rate
         assert {"reward", "ability", "reward_greedy", "ability_greedy"} <= set(run["evaluation"])
+        assert run["trajectory"][-1] == {"step": 2, "reward": run["evaluation"]["reward"],
+                                         "ability": run["evaluation"]["ability"]}  # fmt: skip
         assert (Path(run["output_dir"]) / "config.json").is_file()
     assert summary["sft"]["ability"] >= 0
+    assert set(summary["matched_reward"]["mra"]) == set(methods)
     printed = capsys.readouterr().out
-    assert "retained" in printed and f"model saved in {out}" in printed
+    assert "retained" in printed and "MRA" in printed and f"model saved in {out}" in printed
+
+
+def test_tax_eval_every_records_the_trajectory(tmp_path, world_cache):
+    out = tmp_path / "out"
+    recipe = ["train", str(ROOT / "recipes" / "dpo_onties.yaml"), *QUICK, "--max_steps", "3", "--tax_eval_every", "2"]
+    assert main([*recipe, "--output_dir", str(out)]) == 0
+    for run in json.loads((out / "summary.json").read_text())["runs"]:
+        assert [point["step"] for point in run["trajectory"]] == [2, 3]  # every 2 steps, and the end
+        assert run["trajectory"][-1]["reward"] == run["evaluation"]["reward"]
+    with pytest.raises(ValueError, match="'tax_eval_every' evaluates on the embedded default world"):
+        load_recipe(
+            ROOT / "recipes" / "dpo_onties.yaml", ["--model_name_or_path", "x", "--base_model_name_or_path", "y"]
+        )
+
+
+def test_matched_reward_reads_each_run_at_the_levels_all_reach():
+    """By hand: SFT (reward 0.2, ability 0.5); A ends at (0.4, 0.5), B at (0.6, 0.25). Both reach 0.3 and 0.4; A
+    keeps all its ability there, B (on the line from (0.2, 1) to (0.6, 0.5) in ability kept) 0.875 and 0.75."""
+    sft = {"reward": 0.2, "ability": 0.5}
+    runs = [
+        {"method": "a", "trajectory": [{"step": 4, "reward": 0.4, "ability": 0.5}]},
+        {"method": "b", "trajectory": [{"step": 2, "reward": 0.4, "ability": 0.375},
+                                       {"step": 4, "reward": 0.6, "ability": 0.25}]},
+    ]  # fmt: skip
+    result = matched_reward(sft, runs)
+    assert result["levels"] == pytest.approx([0.3, 0.4])
+    assert result["mra"] == pytest.approx({"a": 1.0, "b": (0.875 + 0.75) / 2})
 
 
 @pytest.mark.filterwarnings("ignore:gradient entanglement")  # may fire on the tiny run; tested in test_diagnostics

@@ -114,6 +114,17 @@ class RecipeArguments:
         "Also train the AdamW baseline with the same settings and print both. Empty: yes on the embedded "
         "default, no otherwise.",
     )
+    adamw_learning_rate: float | None = _arg(
+        None,
+        "Learning rate of the AdamW baseline (compare_with_adamw). Empty: learning_rate. Each method has its own "
+        "best learning rate: the lab tunes them apart (docs/results.md).",
+    )
+    tax_eval_every: int = _arg(
+        0,
+        "On the embedded world: evaluate reward and ability every N steps too, not only at the end, so that the "
+        "runs are compared at matched reward (the ability kept at reward 0.3 … 0.9 along each run, "
+        "docs/results.md). 0: at the end only.",
+    )
 
     def __post_init__(self):
         for item in fields(self):
@@ -141,8 +152,18 @@ class RecipeArguments:
             raise ValueError("set one of base_model_name_or_path and task_vector_path, not both")
         self._check_merge_settings()
         check_range("recipe key ", "momentum", self.momentum, 0.0, float("inf"), high_open=True)
-        if not isinstance(self.entanglement_every, int) or self.entanglement_every < 0:
-            raise ValueError(f"Invalid recipe key 'entanglement_every': {self.entanglement_every!r} (expected ≥ 0)")
+        for key in ("entanglement_every", "tax_eval_every"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"Invalid recipe key {key!r}: {value!r} (expected an int ≥ 0)")
+        if self.tax_eval_every and not self.embedded:
+            raise ValueError(
+                "recipe key 'tax_eval_every' evaluates on the embedded default world: set it to 0 when "
+                "model_name_or_path is set"
+            )
+        if self.adamw_learning_rate is not None:
+            check_range("recipe key ", "adamw_learning_rate", self.adamw_learning_rate, 0.0, float("inf"),
+                        low_open=True, high_open=True)  # fmt: skip
         if (
             self.merge != "none"
             and self.model_name_or_path
@@ -155,7 +176,8 @@ class RecipeArguments:
     def _check_merge_settings(self) -> None:
         """The optimizer's own checks, here, so that a bad value fails before any model loads."""
         settings = {**MERGE_DEFAULTS, "merge": None if self.merge == "none" else self.merge, "seed": self.merge_seed}
-        settings.update((key, getattr(self, key)) for key in ("reserve_p", "alpha", "merge_every", "ties_sign"))
+        keys = ("reserve_p", "alpha", "alpha_unit", "merge_every", "ties_sign")
+        settings.update((key, getattr(self, key)) for key in keys)
         try:
             MergeSettings(**settings).check("recipe key ")
         except ValueError as error:  # the optimizer's 'seed' is the recipe's merge_seed (seed is TRL's)

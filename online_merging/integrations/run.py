@@ -24,10 +24,12 @@ class RunResult:
 
     method: str
     output_dir: str
+    learning_rate: float
     steps: int
     seconds: float
     train_metrics: dict[str, float]
     evaluation: dict[str, float] | None  # the embedded world's reward and ability figures, else None
+    trajectory: list[dict[str, float]] | None = None  # on the embedded world: step, reward, ability, every N steps
 
 
 def method_name(recipe: RecipeArguments) -> str:
@@ -70,6 +72,7 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     if compare and plain != recipe:
         baseline = copy.copy(config)
         baseline.output_dir = str(Path(config.output_dir) / "adamw_baseline")
+        baseline.learning_rate = recipe.adamw_learning_rate or config.learning_rate
         runs.append((plain, baseline))
     summary: dict[str, Any] = {"recipe": asdict(recipe), "runs": []}
     if world is not None:
@@ -78,8 +81,24 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
         del model
     for run_args, run_config in runs:
         summary["runs"].append(asdict(_train(run_args, run_config, world, dataset)))
+    if world is not None and recipe.embedded:
+        summary["matched_reward"] = matched_reward(summary["sft"], summary["runs"])
     write_text(Path(config.output_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def matched_reward(sft: dict[str, float], runs: list[dict]) -> dict[str, Any]:
+    """The runs' ability kept (ability / SFT's) at the reward levels every run reaches along its trajectory (the SFT
+    model, the evaluations every ``tax_eval_every`` steps, the end), and its mean over them per run (MRA)."""
+    from online_merging.evaluation import common_levels, matched_reward_ability
+
+    paths = {
+        run["method"]: [(sft["reward"], 1.0)]
+        + [(p["reward"], p["ability"] / sft["ability"]) for p in run["trajectory"]]
+        for run in runs
+    }
+    levels = common_levels(paths.values())
+    return {"levels": levels, "mra": {method: matched_reward_ability(path, levels) for method, path in paths.items()}}
 
 
 def _embedded_world(recipe: RecipeArguments, progress: bool):
@@ -108,6 +127,8 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset) -> RunResult:
 
         trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": recipe.noisy_token_percentile}
     callbacks = [_entanglement_monitor(recipe, world, dataset)] if recipe.entanglement_every else []
+    trajectory = _Trajectory(world, tokenizer, recipe.tax_eval_every) if recipe.embedded else None
+    callbacks += [trajectory.callback()] if trajectory and recipe.tax_eval_every else []
     trainer = trainer_cls(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks, **extra
     )
@@ -122,7 +143,36 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset) -> RunResult:
     last = logged[-1] if logged else {}
     metrics = {k: v for k, v in last.items() if k in TRL_METRICS or k.startswith("normalized/")}
     evaluation = _evaluate(world, model, tokenizer) if recipe.embedded else None
-    return RunResult(method_name(recipe), config.output_dir, trainer.state.global_step, seconds, metrics, evaluation)
+    steps = trainer.state.global_step
+    if trajectory is not None and (not trajectory.points or trajectory.points[-1]["step"] != steps):
+        trajectory.add(steps, evaluation)
+    points = trajectory.points if trajectory is not None else None
+    return RunResult(
+        method_name(recipe), config.output_dir, config.learning_rate, steps, seconds, metrics, evaluation, points
+    )
+
+
+class _Trajectory:
+    """A run's reward and ability on the embedded world every ``every`` steps (``points``)."""
+
+    def __init__(self, world, tokenizer, every: int):
+        self.world, self.tokenizer, self.every = world, tokenizer, every
+        self.points: list[dict[str, float]] = []
+
+    def add(self, step: int, figures: dict[str, float]) -> None:
+        self.points.append({"step": step, "reward": figures["reward"], "ability": figures["ability"]})
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        trajectory = self
+
+        class EvaluateEvery(TrainerCallback):
+            def on_step_end(self, args, state, control, model=None, **kwargs):
+                if state.global_step % trajectory.every == 0:
+                    trajectory.add(state.global_step, _evaluate(trajectory.world, model, trajectory.tokenizer))
+
+        return EvaluateEvery()
 
 
 def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]:

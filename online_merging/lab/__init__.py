@@ -8,8 +8,7 @@ merges the AdamW result with it; its grid is searched on tuning replicates and i
 (test) replicates, where its trajectory is scored by matched-reward ability (MRA).
 """
 
-from online_merging.lab.explore import run_exploration
-from online_merging.lab.fronts import (
+from online_merging.evaluation.fronts import (
     MRA_LEVELS,
     ability_at_reward,
     bootstrap_ci,
@@ -19,6 +18,7 @@ from online_merging.lab.fronts import (
     pareto_front,
     trajectory_ability,
 )
+from online_merging.lab.explore import run_exploration
 from online_merging.lab.lab import LabConfig, read_tuned, run_lab
 from online_merging.lab.methods import METHODS
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import replace
 
 from online_merging._files import check_folder_target, staged_folder
-from online_merging.lab.fronts import bootstrap_ci, common_levels, hypervolume, matched_reward_ability
+from online_merging.evaluation.fronts import bootstrap_ci, common_levels, hypervolume, matched_reward_ability
 from online_merging.lab.lab import LabConfig, _trajectories, replicate_label
 from online_merging.lab.methods import setting_label
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from online_merging._files import check_folder_target, write_text
+from online_merging.evaluation.fronts import MRA_LEVELS
 from online_merging.lab import runner
-from online_merging.lab.fronts import MRA_LEVELS
 from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides, setting_label
 from online_merging.lab.tuning import pick_settings
 from online_merging.world import WorldConfig, build_world

@@ -2,7 +2,7 @@
 
 Axes: reward = P(" sure,") (greedy check: the greedy "sure," rate); ability = the fraction of the seed's own SFT
 ability kept (P(correct), greedy check: exact match). Every trajectory starts at the SFT model. The score is the
-matched-reward ability (MRA, :mod:`online_merging.lab.fronts`); the hypervolume of the points is secondary.
+matched-reward ability (MRA, :mod:`online_merging.evaluation.fronts`); the hypervolume of the points is secondary.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 
 from online_merging._files import staged_folder
-from online_merging.lab.fronts import bootstrap_ci, common_levels, hypervolume, matched_reward_ability
+from online_merging.evaluation.fronts import bootstrap_ci, common_levels, hypervolume, matched_reward_ability
 from online_merging.lab.methods import METHODS, ONLINE_MERGING, setting_label
 from online_merging.lab.tuning import interpolation_error, replicate_spread
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 
-from online_merging.lab.fronts import MRA_LEVELS, matched_reward_ability
+from online_merging.evaluation.fronts import MRA_LEVELS, matched_reward_ability
 
 __all__ = ["interpolation_error", "pick_settings", "reachable_levels", "replicate_spread"]
 
