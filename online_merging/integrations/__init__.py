@@ -1,7 +1,7 @@
 """Glue to training frameworks: HF Trainer and TRL (``build_optimizer``), recipes and running them.
 
 Importing this package does not import transformers or trl; its functions do, when called, and so does reading
-``PairwiseNormalizedDPOTrainer`` (a ``trl.DPOTrainer`` subclass).
+``PairwiseNormalizedDPOTrainer`` (a ``trl.DPOTrainer`` subclass) or ``TaxEvalCallback`` (a ``TrainerCallback``).
 """
 
 from online_merging.integrations.recipe import RecipeArguments, load_recipe
@@ -12,6 +12,7 @@ __all__ = [
     "PairwiseNormalizedDPOTrainer",
     "RecipeArguments",
     "RunResult",
+    "TaxEvalCallback",
     "build_optimizer",
     "decay_parameter_names",
     "load_recipe",
@@ -25,4 +26,8 @@ def __getattr__(name: str):
         from online_merging.integrations.normalized_dpo import PairwiseNormalizedDPOTrainer
 
         return PairwiseNormalizedDPOTrainer
+    if name == "TaxEvalCallback":
+        from online_merging.integrations.tax_eval import TaxEvalCallback
+
+        return TaxEvalCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -123,7 +123,8 @@ class RecipeArguments:
         0,
         "On the embedded world: evaluate reward and ability every N steps too, not only at the end, so that the "
         "runs are compared at matched reward (the ability kept at reward 0.3 … 0.9 along each run, "
-        "docs/results.md). 0: at the end only.",
+        "docs/results.md); logged as tax/... and drawn in output_dir/tax_front.png (TaxEvalCallback). "
+        "0: at the end only.",
     )
 
     def __post_init__(self):

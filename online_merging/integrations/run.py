@@ -80,7 +80,7 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
         summary["sft"] = _evaluate(world, model, tokenizer)
         del model
     for run_args, run_config in runs:
-        summary["runs"].append(asdict(_train(run_args, run_config, world, dataset)))
+        summary["runs"].append(asdict(_train(run_args, run_config, world, dataset, summary.get("sft"))))
     if world is not None and recipe.embedded:
         summary["matched_reward"] = matched_reward(summary["sft"], summary["runs"])
     write_text(Path(config.output_dir) / "summary.json", json.dumps(summary, indent=2))
@@ -110,7 +110,7 @@ def _embedded_world(recipe: RecipeArguments, progress: bool):
     return build_world(config, progress=progress)
 
 
-def _train(recipe: RecipeArguments, config: Any, world, dataset) -> RunResult:
+def _train(recipe: RecipeArguments, config: Any, world, dataset, sft: dict[str, float] | None) -> RunResult:
     import trl
 
     model, tokenizer = _load_model(recipe, world)
@@ -127,11 +127,15 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset) -> RunResult:
 
         trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": recipe.noisy_token_percentile}
     callbacks = [_entanglement_monitor(recipe, world, dataset)] if recipe.entanglement_every else []
-    trajectory = _Trajectory(world, tokenizer, recipe.tax_eval_every) if recipe.embedded else None
-    callbacks += [trajectory.callback()] if trajectory and recipe.tax_eval_every else []
     trainer = trainer_cls(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks, **extra
     )
+    tax = None
+    if recipe.embedded and recipe.tax_eval_every:
+        from online_merging.integrations.tax_eval import TaxEvalCallback
+
+        tax = TaxEvalCallback(trainer, lambda m: _evaluate(world, m, tokenizer), recipe.tax_eval_every, reference=sft)
+        trainer.add_callback(tax)
     if recipe.merge != "none" or masks is not None:
         # Trainer builds it (the way that also works under DeepSpeed, where optimizers=(...) is ignored)
         use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
@@ -144,35 +148,14 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset) -> RunResult:
     metrics = {k: v for k, v in last.items() if k in TRL_METRICS or k.startswith("normalized/")}
     evaluation = _evaluate(world, model, tokenizer) if recipe.embedded else None
     steps = trainer.state.global_step
-    if trajectory is not None and (not trajectory.points or trajectory.points[-1]["step"] != steps):
-        trajectory.add(steps, evaluation)
-    points = trajectory.points if trajectory is not None else None
+    points = None
+    if recipe.embedded:
+        points = [{key: p[key] for key in ("step", "reward", "ability")} for p in (tax.points if tax else [])]
+        if not points or points[-1]["step"] != steps:
+            points.append({"step": steps, "reward": evaluation["reward"], "ability": evaluation["ability"]})
     return RunResult(
         method_name(recipe), config.output_dir, config.learning_rate, steps, seconds, metrics, evaluation, points
     )
-
-
-class _Trajectory:
-    """A run's reward and ability on the embedded world every ``every`` steps (``points``)."""
-
-    def __init__(self, world, tokenizer, every: int):
-        self.world, self.tokenizer, self.every = world, tokenizer, every
-        self.points: list[dict[str, float]] = []
-
-    def add(self, step: int, figures: dict[str, float]) -> None:
-        self.points.append({"step": step, "reward": figures["reward"], "ability": figures["ability"]})
-
-    def callback(self):
-        from transformers import TrainerCallback
-
-        trajectory = self
-
-        class EvaluateEvery(TrainerCallback):
-            def on_step_end(self, args, state, control, model=None, **kwargs):
-                if state.global_step % trajectory.every == 0:
-                    trajectory.add(state.global_step, _evaluate(trajectory.world, model, trajectory.tokenizer))
-
-        return EvaluateEvery()
 
 
 def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]:
