@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from online_merging.kernels import cpu, eager
-from online_merging.merging import num_kept, topp_mask
+from online_merging.merging import num_kept, sparsify, topp_mask
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
 
 SHAPE = (211, 193)  # 40,723 elements: several parallel chunks, odd sizes
@@ -95,13 +95,17 @@ def test_unsupported_dtypes_fall_back_to_eager():
     assert torch.equal(fused, _run(eager, "adam", settings, param_dtype=torch.bfloat16))
 
 
-def test_tau_threshold_is_computed_once_per_tensor_and_p(monkeypatch):
-    calls = []
-    monkeypatch.setattr(cpu, "_cut", lambda x, p: calls.append(x.dtype) or cpu._ext.topk_threshold(
+@pytest.mark.parametrize("backend", ["cpu", "eager"])
+def test_tau_threshold_is_computed_once_per_tensor_and_p(monkeypatch, backend):
+    updates, taus = [], []
+    monkeypatch.setattr(cpu, "_cut", lambda x, p: updates.append(x.dtype) or cpu._ext.topk_threshold(
         x.reshape(-1), num_kept(p, x.numel())))  # fmt: skip
+    original = sparsify.topk_cut
+    monkeypatch.setattr(sparsify, "topk_cut", lambda x, k: taus.append(x.dtype) or original(x, k))
     settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": "onties", "reserve_p": 0.3, "alpha": 0.1})
-    _run(cpu, "sgd", settings, steps=3)
-    assert calls.count(torch.bfloat16) == 1 and calls.count(torch.float32) == 3  # τ once, each update once
+    _run({"cpu": cpu, "eager": eager}[backend], "sgd", settings, steps=3)
+    assert taus == [torch.bfloat16]  # τ's cut once (sparsify.constant_cut), in every backend
+    assert updates == ([torch.float32] * 3 if backend == "cpu" else [])  # each update's once
 
 
 def test_tau_threshold_cache_is_not_fooled_by_a_new_tensor_at_a_recycled_address():

@@ -1,12 +1,13 @@
 """The fused CPU backend: one C++ pass per tensor (``fused_cpu.cpp``), compiled on first use.
 
 OnDARE, step-K and plain steps read and write each element once. OnTIES makes three passes: the update into
-a float32 scratch, an exact radix selection of the top-p threshold, and the merge. τ's threshold is cached
-per (τ tensor, p), since τ does not change. A piece of a larger tensor (``offset``, ``update_cut``, ``tau_cut``:
-see ``eager``) takes the whole tensor's cuts, shifted to its own indices; τ's from ``tau_cut`` is not cached.
-A ``mask`` (masked updates, see ``eager``) is one more input of the same passes, read as one bool per element.
-float32 parameters (with float32 or bfloat16 τ) run fused; other dtypes and non-contiguous tensors fall back to
-the eager backend. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
+a float32 scratch, an exact radix selection of the top-p threshold, and the merge. τ's threshold is computed once
+per τ tensor and p (``merging.sparsify.constant_cut``, as in every backend), since τ does not change. A piece of a
+larger tensor (``offset``, ``update_cut``, ``tau_cut``: see ``eager``) takes the whole tensor's cuts, shifted to
+its own indices; τ's from ``tau_cut`` is not cached. A ``mask`` (masked updates, see ``eager``) is one more input of
+the same passes, read as one bool per element. float32 parameters (with float32 or bfloat16 τ) run fused; other
+dtypes and non-contiguous tensors fall back to the eager backend. Set ``ONLINE_MERGING_PORTABLE=1`` to compile
+without ``-march=native``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 import threading
-import weakref
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ from online_merging.kernels.build import load_extension
 from online_merging.kernels.eager import CutFn, Rest, waits
 from online_merging.kernels.plan import dare_keys, plan
 from online_merging.merging import Cut, num_kept
+from online_merging.merging.sparsify import constant_cut
 from online_merging.rng import MASK32, keep_threshold
 from online_merging.settings import MergeSettings
 
@@ -41,7 +42,6 @@ def _compile():
 
 
 _ext = _compile()
-_tau_cuts: dict[int, tuple] = {}
 _local = threading.local()  # per thread, a reused scratch buffer: a fresh one per step page-faults every 4 KiB
 
 
@@ -95,13 +95,8 @@ def _cut(x: torch.Tensor, p: float) -> list[int]:
 
 
 def _tau_cut(tau: torch.Tensor, p: float) -> list[int]:
-    """τ's threshold, cached while this very tensor lives unchanged (a weak reference: ids and addresses recur)."""
-    cached = _tau_cuts.get(id(tau))
-    if cached is None or cached[0]() is not tau or cached[1:3] != (tau._version, p):
-        cached = (weakref.ref(tau), tau._version, p, _cut(tau, p))
-        _tau_cuts[id(tau)] = cached
-        weakref.finalize(tau, _tau_cuts.pop, id(tau), None)
-    return cached[3]
+    """τ's threshold, computed once while this very tensor lives unchanged (``constant_cut``)."""
+    return _piece_cut(constant_cut(tau, num_kept(p, tau.numel())), 0, tau.numel())
 
 
 def _piece_cut(cut: Cut, offset: int, n: int) -> list[int]:

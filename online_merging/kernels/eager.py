@@ -25,6 +25,7 @@ import torch
 
 from online_merging.kernels.plan import dare_keys, plan
 from online_merging.merging import Cut, PendingCut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
+from online_merging.merging.sparsify import constant_cut
 from online_merging.settings import MergeSettings
 
 __all__ = ["CutFn", "Rest", "adam_step", "apply_update", "merge_update", "sgd_step", "trim_mask", "waits"]
@@ -45,10 +46,12 @@ def waits(update_cut: CutFn | None) -> bool:
     return isinstance(update_cut, PendingCut) and update_cut.cut is None
 
 
-def trim_mask(x: torch.Tensor, p: float, cut: CutFn | None, offset: int) -> torch.Tensor:
-    """OnTIES's keep-mask of ``x``: the whole tensor's ``cut(x flat)`` at global ``offset``, else x's own top-p."""
+def trim_mask(x: torch.Tensor, p: float, cut: CutFn | None, offset: int, *, constant: bool = False) -> torch.Tensor:
+    """OnTIES's keep-mask of ``x``: the whole tensor's ``cut(x flat)`` at global ``offset``, else x's own top-p,
+    computed once for a ``constant`` tensor (τ, see :func:`~online_merging.merging.sparsify.constant_cut`)."""
     if cut is None:
-        return cut_mask(x, topk_cut(x, num_kept(p, x.numel())))
+        select = constant_cut if constant else topk_cut
+        return cut_mask(x, select(x, num_kept(p, x.numel())))
     return cut_mask(x, cut(x.reshape(-1)), offset=offset)
 
 
@@ -77,7 +80,7 @@ def merge_update(
             merged = linear([merged, task], [1.0 - alpha, alpha])
     elif settings.merge == "onties":
         update = torch.where(trim_mask(delta, p, update_cut, offset), delta, 0.0)
-        task = torch.where(trim_mask(tau, p, tau_cut, offset), tau.float(), 0.0)
+        task = torch.where(trim_mask(tau, p, tau_cut, offset, constant=True), tau.float(), 0.0)
         merged = sign_consensus(
             [update, task],
             [1.0 - alpha, alpha],

@@ -395,7 +395,7 @@ def _run(
         empty = param.new_empty(0, dtype=torch.float32)
 
         def select() -> None:  # the cuts may be collectives, which empty pieces take part in too
-            _keep_masks(empty, tau.reshape(-1), settings.reserve_p, **pieces)
+            _keep_masks(empty, tau, settings.reserve_p, **pieces)
 
         if waiting:
             pieces["update_cut"].total = empty
@@ -424,7 +424,7 @@ def _run(
     def merge_and_write_back() -> None:
         if merge == "onties":
             alpha = settings.alpha
-            update_keep, tau_keep = _keep_masks(scratch, tau.reshape(-1), settings.reserve_p, **pieces)
+            update_keep, tau_keep = _keep_masks(scratch, tau, settings.reserve_p, **pieces)
             with device:
                 _onties_kernel[grid](
                     param_c, scratch, tau, update_keep, tau_keep, buffer_c, keep, n, decay, 1.0 - alpha, alpha,
@@ -445,11 +445,12 @@ def _run(
 def _keep_masks(
     total: torch.Tensor, tau: torch.Tensor, p: float, *, offset: int, update_cut: CutFn | None, tau_cut: CutFn | None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """OnTIES's keep-masks of the flat Δ total and τ as bytes (the kernel reads them), or ``None`` when all is kept."""
+    """OnTIES's keep-masks of the flat Δ total and of τ (its cut computed once) as flat bytes (the kernel reads
+    them), or ``None`` when all is kept."""
     if p >= 1.0 and update_cut is None and tau_cut is None:
         return None, None
-    masks = trim_mask(total, p, update_cut, offset), trim_mask(tau, p, tau_cut, offset)
-    return masks[0].view(torch.uint8), masks[1].view(torch.uint8)
+    masks = trim_mask(total, p, update_cut, offset), trim_mask(tau, p, tau_cut, offset, constant=True)
+    return masks[0].view(torch.uint8), masks[1].reshape(-1).view(torch.uint8)
 
 
 def _merge_args(merge: str | None, carry: str | None, step: int, name: str | None, settings: MergeSettings) -> dict:
