@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from online_merging.lab import MRA_LEVELS, common_levels, matched_reward_ability, trajectory_ability
+from online_merging.evaluation import MRA_LEVELS, common_levels, matched_reward_ability, trajectory_ability
 
 
 def _straight(start, end, n):

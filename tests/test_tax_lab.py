@@ -5,7 +5,8 @@ import json
 import pytest
 
 from online_merging.cli import main
-from online_merging.lab import LabConfig, ability_at_reward, bootstrap_ci, hypervolume, pareto_front, run_lab, runner
+from online_merging.evaluation import ability_at_reward, bootstrap_ci, hypervolume, pareto_front
+from online_merging.lab import LabConfig, run_lab, runner
 from online_merging.lab import lab as lab_module
 from online_merging.lab.explore import CENTRE, FACTORS, first_stage, second_stage
 from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides

@@ -5,35 +5,11 @@
 
 Every method aligns the synthetic world's SFT model (DPO or KTO, the same step budget), averages its weights, or
 merges the AdamW result with it; its grid is searched on tuning replicates and its best setting alone runs on other
-(test) replicates, where its trajectory is scored by matched-reward ability (MRA).
+(test) replicates, where its trajectory is scored by matched-reward ability (MRA, ``online_merging.evaluation``).
 """
 
-from online_merging.evaluation.fronts import (
-    MRA_LEVELS,
-    ability_at_reward,
-    bootstrap_ci,
-    common_levels,
-    hypervolume,
-    matched_reward_ability,
-    pareto_front,
-    trajectory_ability,
-)
 from online_merging.lab.explore import run_exploration
 from online_merging.lab.lab import LabConfig, read_tuned, run_lab
 from online_merging.lab.methods import METHODS
 
-__all__ = [
-    "METHODS",
-    "MRA_LEVELS",
-    "LabConfig",
-    "ability_at_reward",
-    "bootstrap_ci",
-    "common_levels",
-    "hypervolume",
-    "matched_reward_ability",
-    "pareto_front",
-    "read_tuned",
-    "run_exploration",
-    "run_lab",
-    "trajectory_ability",
-]
+__all__ = ["METHODS", "LabConfig", "read_tuned", "run_exploration", "run_lab"]
