@@ -207,9 +207,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         check_not_input(args.out, {**sources, **{f"checkpoint {c}": c for c in args.checkpoints}}, name="--out")
     defaults = {"batch_size": 8, "max_new_tokens": 64, "beta": 0.1}
     settings = {key: default if getattr(args, key) is None else getattr(args, key) for key, default in defaults.items()}
-    plan = plan_evaluation(args.checkpoints, reference=args.reference, tasks=args.tasks or (),
-                           include_path=args.include_path, limit=args.limit, reward_model=args.reward_model,
-                           prompts=args.prompts, pairs=args.pairs, seed=args.seed, **settings)  # fmt: skip
+    try:
+        plan = plan_evaluation(args.checkpoints, reference=args.reference, tasks=args.tasks or (),
+                               include_path=args.include_path, limit=args.limit, reward_model=args.reward_model,
+                               prompts=args.prompts, pairs=args.pairs, seed=args.seed, **settings)  # fmt: skip
+    except ImportError as error:  # an optional dependency the plan needs: its install command, in one line
+        raise ValueError(str(error)) from None
     result = evaluate_plan(plan)
     print(format_table(result))
     if args.out is None:

@@ -43,6 +43,10 @@ def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None):
     With ``include_path`` alone enough, lm-eval's own tasks are not indexed (seconds saved)."""
     if not tasks:
         raise ValueError("no task given")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise ImportError("lm-eval tasks need lm-evaluation-harness: pip install 'online-merging[eval]'") from None
     if include_path is not None:
         folder = Path(include_path).expanduser()
         if not folder.is_dir():

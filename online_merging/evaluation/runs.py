@@ -159,19 +159,18 @@ def evaluate_plan(plan: EvaluationPlan, *, progress: bool = True) -> dict:
         return point
 
     total = sum(len(run.checkpoints) for run in plan.runs) + (plan.reference is not None)
-    bar = tqdm(total=total, desc="checkpoints", unit="checkpoint", disable=not progress)
     result = {"tasks": list(plan.tasks), "reference": None, "runs": []}
-    if plan.reference is not None:
-        result["reference"] = score(plan.reference)
-        bar.update()
-    for run in plan.runs:
-        points = []
-        for checkpoint in run.checkpoints:
-            bar.set_postfix_str(checkpoint.label[-40:])
-            points.append(score(checkpoint))
+    with tqdm(total=total, desc="checkpoints", unit="checkpoint", disable=not progress) as bar:
+        if plan.reference is not None:
+            result["reference"] = score(plan.reference)
             bar.update()
-        result["runs"].append({"name": run.name, "checkpoints": points})
-    bar.close()
+        for run in plan.runs:
+            points = []
+            for checkpoint in run.checkpoints:
+                bar.set_postfix_str(checkpoint.label[-40:])
+                points.append(score(checkpoint))
+                bar.update()
+            result["runs"].append({"name": run.name, "checkpoints": points})
     if plan.reward_model:
         result["reward_model"] = {"path": str(plan.reward_model), "prompts": len(plan.prompts),
                                   "decoding": "greedy" if plan.seed is None else f"sampled, seed {plan.seed}",
