@@ -96,7 +96,8 @@ def test_scoring_keeps_the_rngs_and_the_mode(model, tmp_path, training):
 def test_a_tokenizer_that_appends_eos_scores_as_one_that_does_not(model, tmp_path):
     from tokenizers import processors
 
-    tasks = write_tasks(tmp_path / "tasks")
+    outputs = [greedy(model, context(f"{a}+{b}"), 3) for a, b in QUESTIONS]
+    tasks = write_tasks(tmp_path / "tasks", [out if i % 2 == 0 else "zzz" for i, out in enumerate(outputs)])
     appending = build_tokenizer()
     appending._tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", pair=f"{BOS} $A $B {EOS}", special_tokens=[(BOS, 1), (EOS, 2)]
@@ -104,6 +105,7 @@ def test_a_tokenizer_that_appends_eos_scores_as_one_that_does_not(model, tmp_pat
     assert appending("1")["input_ids"][-1] == EOS_ID
     names = ["tiny_choice", "tiny_generate"]
     plain = ability_scores(model, build_tokenizer(), names, include_path=tasks)
+    assert plain["tiny_generate"].score == 0.5  # an EOS after the context would change the greedy outputs
     assert ability_scores(model, appending, names, include_path=tasks) == plain
     assert appending("1")["input_ids"][-1] == EOS_ID  # the caller's tokenizer is not changed
 
