@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -184,6 +185,50 @@ def _tax_lab(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from online_merging._files import check_folder_target, check_not_input, staged_folder
+    from online_merging.evaluation.plot import plot_front
+    from online_merging.evaluation.runs import evaluate_plan, format_table, plan_evaluation
+
+    if not (args.tasks or args.reward_model or args.pairs):
+        for option in ("include_path", "limit", "reference", "prompts", "out", "seed", "beta", "batch_size",
+                       "max_new_tokens"):  # fmt: skip
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option.replace('_', '-')}: applies to evaluations with --tasks, --reward-model "
+                                 f"or --pairs; without them evaluate scores models of the embedded world")  # fmt: skip
+        args.embedded_world = args.embedded_world or "default"
+        return _evaluate_world(args)
+    if args.embedded_world is not None:
+        raise ValueError("--embedded_world: only without --tasks, --reward-model and --pairs (the embedded world's "
+                         "own reward and ability)")  # fmt: skip
+    if args.out is not None:
+        check_folder_target(args.out, name="--out")
+        sources = {"--reference": args.reference, "--reward-model": args.reward_model, "--prompts": args.prompts,
+                   "--pairs": args.pairs, "--include-path": args.include_path}  # fmt: skip
+        check_not_input(args.out, {**sources, **{f"checkpoint {c}": c for c in args.checkpoints}}, name="--out")
+    defaults = {"batch_size": 8, "max_new_tokens": 64, "beta": 0.1}
+    settings = {key: default if getattr(args, key) is None else getattr(args, key) for key, default in defaults.items()}
+    try:
+        plan = plan_evaluation(args.checkpoints, reference=args.reference, tasks=args.tasks or (),
+                               include_path=args.include_path, limit=args.limit, reward_model=args.reward_model,
+                               prompts=args.prompts, pairs=args.pairs, seed=args.seed, **settings)  # fmt: skip
+    except ImportError as error:  # an optional dependency the plan needs: its install command, in one line
+        raise ValueError(str(error)) from None
+    result = evaluate_plan(plan)
+    print(format_table(result))
+    if args.out is None:
+        return 0
+    with staged_folder(args.out, name="--out") as staged:
+        (staged / "evaluation.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        drawn = plot_front(result, staged / "front.png")
+    print(f"written: {Path(args.out) / 'evaluation.json'}" + (f", {Path(args.out) / 'front.png'}" if drawn else ""))
+    if not drawn:
+        why = "matplotlib is not installed (pip install matplotlib)" if result["front"] else (
+            "it needs both axes: --tasks, and --reward-model or --pairs")  # fmt: skip
+        print(f"no front.png: {why}")
+    return 0
+
+
+def _evaluate_world(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
     from online_merging.world import WorldConfig, build_world
@@ -242,6 +287,14 @@ def _integers(text: str) -> tuple[int, ...]:
         return tuple(int(item) for item in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names, for argparse."""
+    names = tuple(item.strip() for item in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
 def _positive_int(text: str) -> int:
@@ -446,10 +499,32 @@ def build_parser() -> argparse.ArgumentParser:
     lab.set_defaults(run=_tax_lab)
     evaluate = commands.add_parser(
         "evaluate",
-        help="reward and ability of checkpoints of the embedded default world (e.g. merges of its SFT and DPO models)",
+        help="score checkpoints on ability (lm-eval tasks) and reward (a reward model, or a proxy on preference "
+        "pairs) and draw the front; without --tasks/--reward-model/--pairs: models of the embedded world",
+        description="Each CHECKPOINT is a model folder, a Trainer output folder (its checkpoint-* subfolders in step "
+        "order: one run, one line of the front) or a PEFT adapter folder. Ability: lm-evaluation-harness tasks "
+        "(--tasks, yours in --include-path), as the fraction of --reference's score kept. Reward: the mean score of "
+        "--reward-model on the policy's responses to --prompts, or, without a reward model, the PROXY of TRL's DPO "
+        "held-out preference accuracy and margin on --pairs against --reference. See docs/evaluation.md.",
     )
-    evaluate.add_argument("checkpoints", nargs="+", help="from_pretrained directories of models of the embedded world")
-    evaluate.add_argument("--embedded_world", choices=["default", "quick"], default="default", help="which world")
+    evaluate.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                          help="model, Trainer output or PEFT adapter folders (or Hub ids)")  # fmt: skip
+    evaluate.add_argument("--embedded_world", choices=["default", "quick"],
+                          help="with no axis option: which embedded world (default: default)")  # fmt: skip
+    evaluate.add_argument("--tasks", type=_names, help="lm-eval task names, comma-separated (ability axis)")
+    evaluate.add_argument("--include-path", help="a folder of your own lm-eval task YAML files")
+    evaluate.add_argument("--limit", type=_positive_int, help="the first N documents of each task")
+    evaluate.add_argument("--reference", help="the model whose ability is 1 (the SFT model); needed by --pairs")
+    evaluate.add_argument("--reward-model", help="a reward model folder: AutoModelForSequenceClassification, 1 label")
+    evaluate.add_argument("--prompts", help="held-out prompts for --reward-model: .jsonl/.json/.csv/.parquet or a "
+                          "saved dataset, with a 'prompt' column")  # fmt: skip
+    evaluate.add_argument("--pairs", help="held-out preference pairs (prompt, chosen, rejected columns), in the same "
+                          "forms: the PROXY reward when there is no reward model")  # fmt: skip
+    evaluate.add_argument("--beta", type=float, help="β of the proxy reward (default 0.1)")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, help="length of the responses (default 64)")
+    evaluate.add_argument("--seed", type=int, help="sample the responses under this seed (default: greedy)")
+    evaluate.add_argument("--batch-size", type=_positive_int, help="batch size of every model call (default 8)")
+    evaluate.add_argument("--out", help="a new folder for evaluation.json and front.png")
     evaluate.set_defaults(run=_evaluate)
     return parser
 

@@ -85,7 +85,7 @@ def test_the_extras_cover_every_import_and_all_holds_every_extra():
     required, extras = _extras()
     for name, items in extras.items():  # %(trl)s and the like, as configparser interpolates them
         assert all(Requirement(item) for item in items), name
-    assert set(extras) == {"trl", "deepspeed", "bench", "mergekit", "dev", "all"}
+    assert set(extras) == {"trl", "deepspeed", "bench", "eval", "mergekit", "dev", "all"}
     assert set(extras["all"]) == {item for name in extras if name not in ("dev", "all") for item in extras[name]}
     assert set(extras["all"]) <= set(extras["dev"])
     installed = _closure(required + extras["all"])
