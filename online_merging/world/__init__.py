@@ -6,6 +6,7 @@ prefers that style (DPO/KTO data); reward is how often the model adopts it, abil
 
     world = build_world(WorldConfig())      # minutes once, then loaded from the cache
     world.sft_dir, world.preference_dataset(), world.evaluate(model)
+    world.lm_eval_tasks()                   # the test probes as an lm-evaluation-harness task folder
 """
 
 from online_merging.world.build import World, build_world, default_cache_dir

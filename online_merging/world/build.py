@@ -19,6 +19,7 @@ from torch import nn
 
 from online_merging.world import evaluate as _evaluate
 from online_merging.world.config import WORLD_VERSION, WorldConfig
+from online_merging.world.lm_eval_tasks import write_lm_eval_tasks
 from online_merging.world.skills import QA, SkillData, completion, make_skills, prompt
 from online_merging.world.tokenizer import build_tokenizer
 from online_merging.world.train import make_model, pretrain, sft
@@ -113,6 +114,16 @@ class World:
         ``ability_greedy/<skill>`` (see ``online_merging.world.evaluate``); leaves the model's mode as it was."""
         return _evaluate.evaluate(model, tokenizer or self.tokenizer(), self.probes(split))
 
+    @property
+    def lm_eval_dir(self) -> Path:
+        """Where ``lm_eval_tasks`` writes the lm-eval task folder."""
+        return self.root / "lm_eval"
+
+    def lm_eval_tasks(self) -> Path:
+        """The lm-evaluation-harness task folder of the test probes (``lm_eval --include_path``), written on first
+        request (see ``online_merging.world.lm_eval_tasks``); its tasks score ``ability_greedy/<skill>``."""
+        return write_lm_eval_tasks(self.lm_eval_dir, self.probes("test"))
+
 
 def _log(message: str, progress: bool) -> None:
     if progress:
@@ -195,6 +206,8 @@ def _build_once(cfg: WorldConfig, root: Path, progress: bool) -> None:
             except OSError:
                 if not root.is_dir():  # not a build that finished first (after a lock file was removed)
                     raise
+            # after the rename: its files name their data by absolute path
+            World(cfg, root).lm_eval_tasks()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             lock_path.unlink(missing_ok=True)
