@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from trl import DPOConfig, KTOConfig
 
 from online_merging.cli import main
@@ -179,7 +180,7 @@ def test_tax_eval_every_records_the_trajectory(tmp_path, world_cache):
     for run in json.loads((out / "summary.json").read_text())["runs"]:
         assert [point["step"] for point in run["trajectory"]] == [2, 3]  # every 2 steps, and the end
         assert run["trajectory"][-1]["reward"] == run["evaluation"]["reward"]
-    with pytest.raises(ValueError, match="'tax_eval_every' evaluates on the embedded default world"):
+    with pytest.raises(ValueError, match="'tax_eval_every': 4 on a named model needs tax_eval_tasks, tax_eval_reward"):
         load_recipe(
             ROOT / "recipes" / "dpo_onties.yaml", ["--model_name_or_path", "x", "--base_model_name_or_path", "y"]
         )
@@ -236,3 +237,40 @@ def test_accelerate_launch_runs_a_recipe(tmp_path, world_cache):
     summary = json.loads((out / "summary.json").read_text())
     assert [run["method"] for run in summary["runs"]] == ["ondare"]
     assert summary["runs"][0]["steps"] == 2
+
+
+def test_tax_eval_on_a_named_model_scores_lm_eval_tasks_and_a_reward_model(tmp_path):
+    """A named model's runs are scored every N steps on lm-eval tasks (ability) and by a reward model (reward), and
+    compared at matched reward: the final figures equal those functions called on the saved models."""
+    pytest.importorskip("lm_eval")
+    from online_merging.evaluation import ability_scores, load_reward_model, reward_score
+    from online_merging.world.tokenizer import build_tokenizer
+    from tests import evaluation_files as files
+
+    sft, base = files.save_causal_lm(tmp_path / "sft", 0), files.save_causal_lm(tmp_path / "base", 1)
+    data = files.write_jsonl(tmp_path / "pairs.jsonl", files.pairs() * 3)
+    prompts = files.write_jsonl(tmp_path / "prompts.jsonl", files.prompts())
+    tasks, reward_model = files.write_tasks(tmp_path / "tasks"), files.save_reward_model(tmp_path / "rm")
+    out = tmp_path / "out"
+    command = [
+        "train", str(ROOT / "recipes" / "dpo_onties.yaml"), "--model_name_or_path", str(sft),
+        "--base_model_name_or_path", str(base), "--dataset_name", str(data), "--compare_with_adamw", "true",
+        "--max_steps", "2", "--per_device_train_batch_size", "4", "--tax_eval_every", "1",
+        "--tax_eval_tasks", "tiny_choice", "--tax_eval_include_path", str(tasks), "--tax_eval_reward_model",
+        str(reward_model), "--tax_eval_prompts", str(prompts), "--tax_eval_max_new_tokens", "3",
+        "--output_dir", str(out),
+    ]  # fmt: skip
+    assert main(command) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["matched_reward"]["mra"]) == {"onties", "adamw"}
+    judge, judge_tokenizer = load_reward_model(reward_model)
+    tokenizer = build_tokenizer()
+    for run in summary["runs"]:
+        assert [p["step"] for p in run["trajectory"]] == [1, 2]
+        model = AutoModelForCausalLM.from_pretrained(run["output_dir"])
+        ability = ability_scores(model, tokenizer, ["tiny_choice"], include_path=tasks, limit=64)["tiny_choice"].score
+        reward = reward_score(model, tokenizer, judge, judge_tokenizer, [p["prompt"] for p in files.prompts()],
+                              max_new_tokens=3)  # fmt: skip
+        assert run["evaluation"]["ability"] == pytest.approx(ability)
+        assert run["evaluation"]["reward"] == pytest.approx(reward)
+        assert (Path(run["output_dir"]) / "tax_front.png").is_file()

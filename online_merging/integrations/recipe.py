@@ -121,11 +121,23 @@ class RecipeArguments:
     )
     tax_eval_every: int = _arg(
         0,
-        "On the embedded world: evaluate reward and ability every N steps too, not only at the end, so that the "
-        "runs are compared at matched reward (the ability kept at reward 0.3 … 0.9 along each run, "
-        "docs/results.md); logged as tax/... and drawn in output_dir/tax_front.png (TaxEvalCallback). "
-        "0: at the end only.",
+        "Evaluate reward and ability every N steps, not only at the end, so that the runs are compared at matched "
+        "reward (the ability kept at reward 0.3 … 0.9 along each run, docs/results.md); logged as tax/... and drawn "
+        "in output_dir/tax_front.png (TaxEvalCallback). The embedded world scores its own probes; a named model "
+        "needs tax_eval_tasks (ability) and tax_eval_reward_model with tax_eval_prompts (reward). 0: off.",
     )
+    tax_eval_tasks: str | None = _arg(
+        None, "lm-eval tasks scoring ability during training (comma-separated; docs/evaluation.md). Named models."
+    )
+    tax_eval_include_path: str | None = _arg(None, "A folder of lm-eval task YAML files, for tasks of your own.")
+    tax_eval_limit: int | None = _arg(64, "Documents of each lm-eval task per evaluation (a subset: each costs).")
+    tax_eval_reward_model: str | None = _arg(
+        None, "A reward model folder (AutoModelForSequenceClassification, one label) scoring the policy's responses."
+    )
+    tax_eval_prompts: str | None = _arg(
+        None, "Held-out prompts the policy answers for the reward model (.jsonl/.json/.csv/.parquet, a prompt column)."
+    )
+    tax_eval_max_new_tokens: int = _arg(64, "Tokens of each greedy response scored by the reward model.")
 
     def __post_init__(self):
         for item in fields(self):
@@ -158,10 +170,17 @@ class RecipeArguments:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Invalid recipe key {key!r}: {value!r} (expected an int ≥ 0)")
         if self.tax_eval_every and not self.embedded:
-            raise ValueError(
-                "recipe key 'tax_eval_every' evaluates on the embedded default world: set it to 0 when "
-                "model_name_or_path is set"
-            )
+            needed = ("tax_eval_tasks", "tax_eval_reward_model", "tax_eval_prompts")
+            missing = [key for key in needed if not getattr(self, key)]
+            if missing:
+                raise ValueError(
+                    f"recipe key 'tax_eval_every': {self.tax_eval_every} on a named model needs {', '.join(missing)} "
+                    "(ability from lm-eval tasks, reward from a reward model on held-out prompts), or set it to 0"
+                )
+        for key in ("tax_eval_limit", "tax_eval_max_new_tokens"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"Invalid recipe key {key!r}: {value!r} (expected ≥ 1)")
         if self.adamw_learning_rate is not None:
             check_range("recipe key ", "adamw_learning_rate", self.adamw_learning_rate, 0.0, float("inf"),
                         low_open=True, high_open=True)  # fmt: skip
@@ -193,6 +212,14 @@ class RecipeArguments:
             path = getattr(self, key)
             if path is not None and not Path(path).expanduser().is_file():
                 raise FileNotFoundError(f"{key}: no such file: {path!r}")
+        if self.tax_eval_every and not self.embedded:
+            from online_merging.evaluation.reward import check_reward_model
+
+            for key in ("tax_eval_include_path", "tax_eval_prompts"):
+                path = getattr(self, key)
+                if path is not None and not Path(path).expanduser().exists():
+                    raise FileNotFoundError(f"{key}: no such file or folder: {path!r}")
+            check_reward_model(self.tax_eval_reward_model, option="tax_eval_reward_model")
 
     @property
     def masked(self) -> bool:

@@ -28,8 +28,8 @@ class RunResult:
     steps: int
     seconds: float
     train_metrics: dict[str, float]
-    evaluation: dict[str, float] | None  # the embedded world's reward and ability figures, else None
-    trajectory: list[dict[str, float]] | None = None  # on the embedded world: step, reward, ability, every N steps
+    evaluation: dict[str, float] | None  # reward and ability (the embedded world's, or tax_eval_*'s), else None
+    trajectory: list[dict[str, float]] | None = None  # step, reward, ability every tax_eval_every steps and at the end
 
 
 def method_name(recipe: RecipeArguments) -> str:
@@ -50,10 +50,10 @@ def method_name(recipe: RecipeArguments) -> str:
 def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -> dict[str, Any]:
     """Train as the recipe says (and the AdamW baseline when ``compare_with_adamw``); write and return a summary.
 
-    On the embedded default the summary holds the SFT model's reward and ability figures and each run's, so
-    that the runs can be compared; ``summary.json`` goes to ``config.output_dir``, written atomically. An
-    ``output_dir`` that is, lies inside or contains the model or the base model is refused before any work: the
-    Trainer writes and rotates checkpoints there.
+    On the embedded default, or with ``tax_eval_every`` on a named model, the summary holds the SFT model's reward
+    and ability figures, each run's along its trajectory, and their ability kept at matched reward; ``summary.json``
+    goes to ``config.output_dir``, written atomically. An ``output_dir`` that is, lies inside or contains the model
+    or the base model is refused before any work: the Trainer writes and rotates checkpoints there.
     """
     named = {"model_name_or_path": recipe.model_name_or_path, "base_model_name_or_path": recipe.base_model_name_or_path}
     check_not_input(config.output_dir, named, name="output_dir")
@@ -75,13 +75,14 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
         baseline.learning_rate = recipe.adamw_learning_rate or config.learning_rate
         runs.append((plain, baseline))
     summary: dict[str, Any] = {"recipe": asdict(recipe), "runs": []}
-    if world is not None:
+    score = _scorer(recipe, world)
+    if score is not None:
         model, tokenizer = _load_model(recipe, world)
-        summary["sft"] = _evaluate(world, model, tokenizer)
+        summary["sft"] = _evaluate(score, model, tokenizer)
         del model
     for run_args, run_config in runs:
-        summary["runs"].append(asdict(_train(run_args, run_config, world, dataset, summary.get("sft"))))
-    if world is not None and recipe.embedded:
+        summary["runs"].append(asdict(_train(run_args, run_config, world, dataset, score, summary.get("sft"))))
+    if score is not None:
         summary["matched_reward"] = matched_reward(summary["sft"], summary["runs"])
     write_text(Path(config.output_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary
@@ -101,6 +102,39 @@ def matched_reward(sft: dict[str, float], runs: list[dict]) -> dict[str, Any]:
     return {"levels": levels, "mra": {method: matched_reward_ability(path, levels) for method, path in paths.items()}}
 
 
+def _scorer(recipe: RecipeArguments, world):
+    """``score(model, tokenizer)``: reward and ability, from the embedded world's probes, or on a named model with
+    ``tax_eval_every`` from lm-eval tasks and a reward model (checked and loaded here, before any training);
+    ``None`` when nothing scores the runs."""
+    if world is not None and recipe.embedded:
+        return world.evaluate
+    if not recipe.tax_eval_every:
+        return None
+    from online_merging.evaluation import ability_scores, check_tasks, load_reward_model, read_records, reward_score
+
+    tasks = [task.strip() for task in recipe.tax_eval_tasks.split(",") if task.strip()]
+    try:
+        check_tasks(tasks, recipe.tax_eval_include_path)
+    except (ValueError, FileNotFoundError) as error:
+        raise type(error)(f"tax_eval_tasks: {error}") from None
+    rows = read_records(recipe.tax_eval_prompts, ("prompt",), option="tax_eval_prompts")
+    prompts = [row["prompt"] for row in rows]
+    reward_model, reward_tokenizer = load_reward_model(recipe.tax_eval_reward_model, option="tax_eval_reward_model")
+
+    def score(model, tokenizer) -> dict[str, float]:
+        abilities = ability_scores(
+            model, tokenizer, tasks, include_path=recipe.tax_eval_include_path, limit=recipe.tax_eval_limit
+        )
+        reward = reward_score(
+            model, tokenizer, reward_model.to(next(model.parameters()).device), reward_tokenizer, prompts,
+            max_new_tokens=recipe.tax_eval_max_new_tokens,
+        )  # fmt: skip
+        ability = sum(value.score for value in abilities.values()) / len(abilities)
+        return {"reward": reward, "ability": ability, **{f"ability/{t}": v.score for t, v in abilities.items()}}
+
+    return score
+
+
 def _embedded_world(recipe: RecipeArguments, progress: bool):
     if not recipe.embedded and recipe.dataset_name is not None:
         return None
@@ -110,7 +144,7 @@ def _embedded_world(recipe: RecipeArguments, progress: bool):
     return build_world(config, progress=progress)
 
 
-def _train(recipe: RecipeArguments, config: Any, world, dataset, sft: dict[str, float] | None) -> RunResult:
+def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dict[str, float] | None) -> RunResult:
     import trl
 
     model, tokenizer = _load_model(recipe, world)
@@ -131,10 +165,10 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, sft: dict[str, 
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks, **extra
     )
     tax = None
-    if recipe.embedded and recipe.tax_eval_every:
+    if score is not None and recipe.tax_eval_every:
         from online_merging.integrations.tax_eval import TaxEvalCallback
 
-        tax = TaxEvalCallback(trainer, lambda m: _evaluate(world, m, tokenizer), recipe.tax_eval_every, reference=sft)
+        tax = TaxEvalCallback(trainer, lambda m: _evaluate(score, m, tokenizer), recipe.tax_eval_every, reference=sft)
         trainer.add_callback(tax)
     if recipe.merge != "none" or masks is not None:
         # Trainer builds it (the way that also works under DeepSpeed, where optimizers=(...) is ignored)
@@ -146,10 +180,10 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, sft: dict[str, 
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logged[-1] if logged else {}
     metrics = {k: v for k, v in last.items() if k in TRL_METRICS or k.startswith("normalized/")}
-    evaluation = _evaluate(world, model, tokenizer) if recipe.embedded else None
+    evaluation = _evaluate(score, model, tokenizer) if score is not None else None
     steps = trainer.state.global_step
     points = None
-    if recipe.embedded:
+    if score is not None:
         points = [{key: p[key] for key in ("step", "reward", "ability")} for p in (tax.points if tax else [])]
         if not points or points[-1]["step"] != steps:
             points.append({"step": steps, "reward": evaluation["reward"], "ability": evaluation["ability"]})
@@ -217,14 +251,14 @@ def _unlearn(recipe: RecipeArguments, config: Any, model, dataset, tokenizer, wo
     trainer.train()
 
 
-def _evaluate(world, model, tokenizer) -> dict[str, float]:
-    """The world's figures of ``model``, its parameters gathered first if ZeRO-3 partitions them."""
+def _evaluate(score, model, tokenizer) -> dict[str, float]:
+    """``score(model, tokenizer)``, the model's parameters gathered first if ZeRO-3 partitions them."""
     if not any(hasattr(p, "ds_tensor") for p in model.parameters()):
-        return world.evaluate(model, tokenizer)
+        return score(model, tokenizer)
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(model.parameters())):
-        return world.evaluate(model, tokenizer)
+        return score(model, tokenizer)
 
 
 def _entanglement_monitor(recipe: RecipeArguments, world, dataset):
