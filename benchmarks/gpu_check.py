@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_speed, beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_speed, timing: beside this file
 import step_speed
+from timing import machine_info, time_ms
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
 from online_merging.merging import num_kept, topk_cut
@@ -273,19 +274,8 @@ def run_checks(device: torch.device, quick: bool) -> list[dict]:
 def copy_bandwidth(device: torch.device, numel: int, repeats: int) -> float:
     """Bytes per second of ``y.copy_(x)`` (read + write) of ``numel`` float32 elements, median of ``repeats``."""
     x, y = torch.randn(numel, device=device), torch.empty(numel, device=device)
-    times = []
-    for _ in range(repeats + 1):
-        _sync(device)
-        start = time.perf_counter()
-        y.copy_(x)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return 8 * numel / statistics.median(times[1:])
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    times_ms = [time_ms(lambda: y.copy_(x), device) for _ in range(repeats + 1)]
+    return 8 * numel / (statistics.median(times_ms[1:]) / 1e3)
 
 
 def pass_bytes(provider: str) -> int | None:
@@ -342,7 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
-    info = step_speed.machine_info(device)
+    info = machine_info(device)
     print(f"{info['gpu'] or info['cpu']}, torch {info['torch']}, online_merging {info['online_merging']}", flush=True)
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)

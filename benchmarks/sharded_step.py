@@ -25,7 +25,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +36,9 @@ try:
 except ImportError:  # run as a script from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import online_merging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing, beside this file
+from timing import time_ms
 
 from online_merging import OnlineMergingAdam, TaskVector
 
@@ -110,14 +112,17 @@ def _rank(rank: int, args: argparse.Namespace, port: int, out_file: str) -> None
     collectives = {name: count_collectives(opt.step) for name, opt in optimizers.items()}
     samples = {name: [] for name in optimizers}
     names = list(optimizers)
+
+    def step_and_wait(optimizer: torch.optim.Optimizer) -> None:  # timed up to the barrier: the slowest rank's step
+        optimizer.step()
+        dist.barrier()
+
     for round_ in range(args.warmup + args.repeats):
         for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             dist.barrier()
-            start = time.perf_counter()
-            optimizers[name].step()
-            dist.barrier()
+            ms = time_ms(lambda opt=optimizers[name]: step_and_wait(opt))
             if round_ >= args.warmup:
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                samples[name].append(ms)
     if rank == 0:
         rows = []
         for name in names:

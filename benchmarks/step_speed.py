@@ -21,35 +21,32 @@ backend's steps take seconds from 30M on; keep to some providers with e.g. ``--p
 processes on the machine inflate the medians; the JSON records the load average at the start. A provider whose
 construction or first step raises, e.g. a backend that is not built on this machine, is recorded as skipped with
 the error.
+
+The naive baseline is ``naive.py``; ``timing.py`` (the timer and the machine record) is shared with the other
+benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import fnmatch
 import gc
+import importlib.util
 import json
-import math
-import os
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.optim import Optimizer
 
-try:
-    import online_merging
-except ImportError:  # run as a script from a checkout without installing the package
+if importlib.util.find_spec("online_merging") is None:  # run as a script from a checkout without installing it
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import online_merging
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # naive, timing: beside this file
+from naive import NaiveOnlineMergingAdamW
+from timing import machine_info, time_ms
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
 
@@ -99,64 +96,6 @@ def make_setup(millions: float, device: torch.device, tau_dtype: torch.dtype, se
     return Setup(params, TaskVector(taus), hidden, layers)
 
 
-# -- the naive baseline --------------------------------------------------------------------------------------
-
-
-class NaiveOnlineMergingAdamW(Optimizer):
-    """The published code's way of doing it, as a timing baseline: a Python loop over parameters, eager ops.
-
-    OnDARE: τ' = clamp(dropout(τ), ±1) once; each step θ += (1−α)·dropout(Δ) + α·τ' (``F.dropout`` keeps with
-    probability p and scales by 1/p). OnTIES: τ' = top-p(τ) once; each step Δ' = top-p(Δ) by a full argsort, the
-    sign elected from the unweighted τ' + Δ', disagreeing elements dropped, θ += (1−α)·Δ' + α·τ'. Weight decay
-    after the update. Not a correctness oracle.
-    """
-
-    def __init__(self, named_params, task_vector: TaskVector, merge: str, lr: float, weight_decay: float):
-        named_params = list(named_params)
-        super().__init__([p for _, p in named_params], dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, wd=weight_decay))
-        self.merge = merge
-        self._taus: dict[torch.Tensor, torch.Tensor] = {}
-        for name, param in named_params:
-            tau = task_vector[name].to(param.device).float()
-            tau = F.dropout(tau, 1.0 - RESERVE_P).clamp_(-1.0, 1.0) if merge == "ondare" else _top_p(tau)
-            self._taus[param] = tau.to(task_vector[name].dtype)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            for param in group["params"]:
-                state = self.state[param]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-                state["step"] += 1
-                m, v, t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-                m.mul_(beta1).add_(param.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(eps)
-                update = m / denom * (-lr / (1 - beta1**t))
-                tau = self._taus[param].float()
-                if self.merge == "ondare":
-                    merged = F.dropout(update, 1.0 - RESERVE_P) * (1 - ALPHA) + tau * ALPHA
-                else:
-                    update = _top_p(update)
-                    sign = torch.sign(tau + update)
-                    merged = torch.where(torch.sign(update) == sign, update, 0.0) * (1 - ALPHA)
-                    merged += torch.where(torch.sign(tau) == sign, tau, 0.0) * ALPHA
-                param.add_(merged)
-                param.mul_(1 - lr * group["wd"])
-
-
-def _top_p(x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1)
-    order = torch.argsort(flat.abs(), descending=True)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[order[: max(1, int(flat.numel() * RESERVE_P))]] = True
-    return torch.where(keep, flat, 0.0).view_as(x)
-
-
 # -- providers -----------------------------------------------------------------------------------------------
 
 
@@ -173,7 +112,7 @@ def providers(device: torch.device, quick: bool) -> dict[str, tuple[Callable[[Se
     }
     for merge in ("ondare", "onties"):
         table[f"naive_{merge}"] = (
-            lambda s, m=merge: NaiveOnlineMergingAdamW(s.params, s.task_vector, m, LR, WEIGHT_DECAY),
+            lambda s, m=merge: NaiveOnlineMergingAdamW(s.params, s.task_vector, m, LR, WEIGHT_DECAY, RESERVE_P, ALPHA),
             1,
         )
     backends = ["eager", "triton" if device.type == "cuda" else "cpu"]
@@ -223,26 +162,11 @@ class Run:
     state_bytes_per_param: float | None = None
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(optimizer: Optimizer, steps: int, device: torch.device) -> float:
-    """Milliseconds per step over ``steps`` consecutive steps."""
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        optimizer.step()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3 / steps
-
-
 def _start(run: Run, build: Callable[[Setup], Optimizer], setup: Setup, device: torch.device) -> None:
     """Construct and take the first step; a provider that fails here is skipped with its error."""
     try:
         run.optimizer = build(setup)
-        run.first_step_ms = _timed(run.optimizer, 1, device)
+        run.first_step_ms = time_ms(run.optimizer.step, device)
     except Exception as error:  # a backend missing on this machine, out of memory, ...
         run.optimizer, run.error = None, f"{type(error).__name__}: {error}"
 
@@ -274,7 +198,7 @@ def measure_size(millions: float, table: dict, args: argparse.Namespace, device:
           f"tensors), {'interleaved' if interleaved else 'one provider at a time'}", flush=True)  # fmt: skip
 
     def samples(run: Run, count: int) -> list[float]:
-        return [_timed(run.optimizer, run.steps_per_sample, device) for _ in range(count)]
+        return [time_ms(run.optimizer.step, device, run.steps_per_sample) for _ in range(count)]
 
     if interleaved:
         for name, run in runs.items():
@@ -319,20 +243,6 @@ def _row(run: Run, millions: float, setup: Setup, interleaved: bool) -> dict:
 
 
 # -- output --------------------------------------------------------------------------------------------------
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    return dict(
-        device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-        online_merging=online_merging.__version__, python=platform.python_version(), platform=platform.platform(),
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        load_average_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
-    )  # fmt: skip
 
 
 def add_ratios(rows: list[dict]) -> None:

@@ -106,7 +106,8 @@ def _train_with_factory(out_dir: str, ds_config: dict) -> dict:
     """Our optimizer through optimizer_cls_and_kwargs: count the engine's calls of its step()."""
     from transformers import Trainer
 
-    from online_merging.integrations.deepspeed import engine_client_optimizer, trainer_optimizer
+    from online_merging.integrations import trainer_optimizer
+    from online_merging.integrations.deepspeed import engine_client_optimizer
 
     model, data = _model_and_data()
     args = _args(out_dir, ds_config)
@@ -162,7 +163,7 @@ def _dpo_with_use_online_merging_optimizer(out_dir: str) -> dict:
 
     from trl import DPOConfig, DPOTrainer
 
-    from online_merging.integrations.deepspeed import use_online_merging_optimizer
+    from online_merging.integrations import use_online_merging_optimizer
     from online_merging.world.tokenizer import build_tokenizer
     from tests.conftest import preference_data, tiny_llama
 
@@ -180,13 +181,15 @@ def _dpo_with_use_online_merging_optimizer(out_dir: str) -> dict:
     with counting_steps() as calls:
         trainer.train()
     client = trainer.model_wrapped.optimizer.optimizer
-    return {"chain": _chain(trainer), "calls": len(calls), "groups": len(client.param_groups)}
+    from online_merging.optim.pieces import calling_zero_optimizer
+
+    bound = calling_zero_optimizer(client) is trainer.model_wrapped.optimizer  # no ZeRO frame on the stack here
+    return {"chain": _chain(trainer), "calls": len(calls), "groups": len(client.param_groups), "bound": bound}
 
 
 def _refusals(out_dir: str) -> dict:
     """Refused configurations raise ValueError, naming the field, from build_optimizer and trainer_optimizer."""
-    from online_merging.integrations import build_optimizer
-    from online_merging.integrations.deepspeed import trainer_optimizer
+    from online_merging.integrations import build_optimizer, trainer_optimizer
 
     model, _ = _model_and_data()
     messages = {}
@@ -254,6 +257,7 @@ def test_trainer_and_dpo_zero2_step_our_optimizer_and_ignored_optimizers_are_ref
         assert ignored["unchanged"], rank
         dpo = results["dpo"]
         assert dpo["chain"][-1] == "OnlineMergingAdam" and dpo["calls"] == 2 * dpo["groups"], (rank, dpo)
+        assert dpo["bound"], (rank, dpo)  # use_online_merging_optimizer bound the engine's ZeRO optimizer to ours
 
 
 @pytest.mark.slow
@@ -364,6 +368,65 @@ def test_guard_raises_when_another_optimizer_steps_and_passes_when_ours_is_wrapp
     assert not model._forward_pre_hooks  # checked once, then removed
 
 
+class FakeZeroOptimizer:
+    """What a DeepSpeed ZeRO-1/2 optimizer does to the client one: flat fp32 partitions in its param groups."""
+
+    def __init__(self, client):
+        self.optimizer = client
+        self.single_partition_of_fp32_groups = [torch.zeros(4) for _ in client.param_groups]
+        for group, flat in zip(client.param_groups, self.single_partition_of_fp32_groups, strict=True):
+            group["params"] = [flat]
+
+    def step(self):
+        from online_merging.optim.pieces import calling_zero_optimizer
+
+        return calling_zero_optimizer(self.optimizer)  # what the client's step() asks
+
+
+def test_bind_engine_binds_the_zero_optimizer_stepping_ours_and_the_stack_is_the_fallback():
+    from types import SimpleNamespace
+
+    from online_merging import OnlineMergingAdam
+    from online_merging.integrations.deepspeed import bind_engine
+    from online_merging.optim.pieces import calling_zero_optimizer
+
+    ours = OnlineMergingAdam(torch.nn.Linear(3, 2).named_parameters(), lr=1e-3, merge=None)
+    zero = FakeZeroOptimizer(ours)
+    assert calling_zero_optimizer(ours) is None  # not bound, not called by a ZeRO optimizer
+    assert zero.step() is zero  # the fallback: found on the call stack
+    assert bind_engine(SimpleNamespace(optimizer=zero)) is zero
+    assert calling_zero_optimizer(ours) is zero  # bound: no ZeRO frame needed
+    later = FakeZeroOptimizer(ours)  # a new deepspeed.initialize with the same optimizer: new partitions
+    assert calling_zero_optimizer(ours) is None and later.step() is later  # the stale binding is not used
+    other = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=1e-3)
+    assert bind_engine(SimpleNamespace(optimizer=SimpleNamespace(optimizer=other))) is None
+
+
+def test_use_online_merging_optimizer_binds_the_engine_when_training_begins():
+    from types import SimpleNamespace
+
+    from online_merging import OnlineMergingAdam
+    from online_merging.integrations import use_online_merging_optimizer
+    from online_merging.optim.pieces import calling_zero_optimizer
+
+    args = SimpleNamespace(deepspeed=_ds_config(2), deepspeed_plugin=None, learning_rate=1e-3, weight_decay=0.0)
+    callbacks = []
+
+    class Trainer(SimpleNamespace):  # the fields read, weakly referable as a Trainer is
+        pass
+
+    trainer = Trainer(optimizer=None, args=args, add_callback=callbacks.append)
+    use_online_merging_optimizer(trainer, merge=None)
+    (callback,) = callbacks
+    ours = OnlineMergingAdam(torch.nn.Linear(3, 2).named_parameters(), lr=1e-3, merge=None)
+    trainer.model_wrapped = SimpleNamespace(optimizer=FakeZeroOptimizer(ours))  # what deepspeed.initialize made
+    callback.on_train_begin(args, None, None)
+    assert calling_zero_optimizer(ours) is trainer.model_wrapped.optimizer
+    args.deepspeed = None
+    use_online_merging_optimizer(SimpleNamespace(optimizer=None, args=args), merge=None)  # no DeepSpeed: no callback
+    assert len(callbacks) == 1
+
+
 # --- recipes/accelerate_configs ---------------------------------------------------------------------------------
 
 
@@ -387,7 +450,8 @@ def test_accelerate_config_files_parse_and_pass_the_check(name):
 def test_use_online_merging_optimizer_refuses_a_trainer_with_an_optimizer():
     from types import SimpleNamespace
 
-    from online_merging.integrations.deepspeed import OnlineMergingOptimizerFactory, use_online_merging_optimizer
+    from online_merging.integrations import use_online_merging_optimizer
+    from online_merging.integrations.trainer import OnlineMergingOptimizerFactory
 
     args = SimpleNamespace(deepspeed=None, deepspeed_plugin=None, learning_rate=1e-3, weight_decay=0.0)
     with pytest.raises(ValueError, match="already has an optimizer"):

@@ -58,7 +58,7 @@ def test_save_load_mid_run_continues_bit_for_bit(tiny_setup, cls, kwargs):
     opt.load_state_dict(saved["opt"])
     sched.load_state_dict(saved["sched"])
     _train(resumed, opt, 5, sched, first_step=5)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=False):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -87,7 +87,7 @@ def test_closure_returns_loss_and_matches_explicit_backward(tiny_setup):
     loss = opt_a.step(closure)
     _train(twin, opt_b, 1)
     assert loss.item() > 0
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
 
 
 def test_zero_grad_and_params_without_grad(tiny_setup):
@@ -123,11 +123,11 @@ def test_lr_scheduler_drives_lr_as_with_adamw():
     s1 = torch.optim.lr_scheduler.OneCycleLR(ours, max_lr=0.1, total_steps=20)
     s2 = torch.optim.lr_scheduler.OneCycleLR(theirs, max_lr=0.1, total_steps=20)
     for _ in range(20):
-        for p, q in zip(params, twins, strict=False):
+        for p, q in zip(params, twins, strict=True):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
         ours.step(), theirs.step(), s1.step(), s2.step()
-    for p, q in zip(params, twins, strict=False):
+    for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
@@ -197,7 +197,7 @@ def test_unnamed_params_are_named_through_the_model_and_match_named_ones(tiny_se
     )
     _train(model, by_model, 3)
     _train(twin, by_name, 3)
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=False))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
 
 
 def test_wrapper_prefixes_and_tied_weights_are_matched():

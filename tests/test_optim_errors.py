@@ -63,7 +63,7 @@ def test_bad_value_set_between_steps_is_caught_before_any_change(tiny_setup):
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"param_groups\[1\] 'alpha': 3.0"):
         opt.step()
-    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=False))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
     assert len(opt.state) == 0
 
 
@@ -114,7 +114,7 @@ def test_nonfinite_gradients_raise_naming_the_parameter_and_change_nothing(tiny_
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(FloatingPointError, match=r"'hidden\.bias'"):
         opt.step()
-    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=False))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
     assert len(opt.state) == 0
 
 

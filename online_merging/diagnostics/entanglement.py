@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from online_merging.offline.blocks import block_of, layer_index, num_layers
+from online_merging.layer_blocks import block_of, layer_index, num_layers
 
 __all__ = ["EntanglementReport", "gradient_entanglement", "response_log_probs"]
 

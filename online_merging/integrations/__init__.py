@@ -1,4 +1,5 @@
-"""Glue to training frameworks: HF Trainer and TRL (``build_optimizer``), recipes and running them.
+"""Glue to training frameworks: HF Trainer and TRL (``build_optimizer``, ``trainer_optimizer``,
+``use_online_merging_optimizer``), recipes and running them.
 
 Importing this package does not import transformers or trl; its functions do, when called, and so does reading
 ``PairwiseNormalizedDPOTrainer`` (a ``trl.DPOTrainer`` subclass) or ``TaxEvalCallback`` (a ``TrainerCallback``).
@@ -6,7 +7,13 @@ Importing this package does not import transformers or trl; its functions do, wh
 
 from online_merging.integrations.recipe import RecipeArguments, load_recipe
 from online_merging.integrations.run import RunResult, run_recipe
-from online_merging.integrations.trainer import build_optimizer, decay_parameter_names, task_vector_for
+from online_merging.integrations.trainer import (
+    build_optimizer,
+    decay_parameter_names,
+    task_vector_for,
+    trainer_optimizer,
+    use_online_merging_optimizer,
+)
 
 __all__ = [
     "PairwiseNormalizedDPOTrainer",
@@ -18,6 +25,8 @@ __all__ = [
     "load_recipe",
     "run_recipe",
     "task_vector_for",
+    "trainer_optimizer",
+    "use_online_merging_optimizer",
 ]
 
 

@@ -8,7 +8,7 @@ metrics are therefore the unweighted sequence sums; ours are logged under ``allo
 
 Our optimizers go in either way: ``optimizers=(optimizer, None)``, or ``optimizer_cls_and_kwargs=(cls, kwargs)``
 (which TRL 1.16's ``DPOTrainer`` does not take; these trainers set it after construction, as
-:func:`~online_merging.integrations.deepspeed.use_online_merging_optimizer` does).
+:func:`~online_merging.integrations.trainer.use_online_merging_optimizer` does).
 
 Limits (refused at construction): ``precompute_ref_log_probs`` (per-token reference log-probabilities are needed),
 ``ld_alpha``, ``use_weighting``, MoE router losses.

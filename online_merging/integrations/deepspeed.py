@@ -1,4 +1,5 @@
-"""DeepSpeed under HF ``Trainer`` / TRL: make sure the online-merging optimizer is the one the engine steps.
+"""DeepSpeed under HF ``Trainer`` / TRL: refuse the setups in which the online-merging optimizer would not be the one
+the engine steps, and tell it which ZeRO optimizer steps it.
 
 What transformers 5.23 + accelerate 1.15 do with a client optimizer under DeepSpeed (``TrainingArguments(
 deepspeed=...)`` or ``accelerate launch`` with a DeepSpeed config), checked in ``tests/test_integrations_deepspeed.py``:
@@ -6,13 +7,12 @@ deepspeed=...)`` or ``accelerate launch`` with a DeepSpeed config), checked in `
 * ``Trainer(optimizers=(optimizer, None))`` is **silently ignored**: ``deepspeed_init`` sets ``trainer.optimizer =
   None`` and calls ``trainer.create_optimizer()``, which builds the default AdamW (or the class of
   ``optimizer_cls_and_kwargs``). Setting ``trainer.optimizer`` before ``train()`` is discarded the same way.
-  :func:`build_optimizer` therefore arms a check (:func:`require_engine_steps`) that raises at the first training
-  forward pass if DeepSpeed was set up with another optimizer.
+  :func:`~online_merging.integrations.trainer.build_optimizer` therefore arms a check (:func:`require_engine_steps`)
+  that raises at the first training forward pass if DeepSpeed was set up with another optimizer.
 * ``Trainer(optimizer_cls_and_kwargs=...)`` works, unless the DeepSpeed config has an ``optimizer`` section (then
-  Trainer hands DeepSpeed a ``DummyOptim`` and DeepSpeed builds its own). :func:`trainer_optimizer` returns the pair
-  to pass: a factory that calls :func:`~online_merging.integrations.trainer.build_optimizer` on Trainer's model.
-  TRL 1.16's ``DPOTrainer`` / ``KTOTrainer`` do not take that argument; Trainer reads the attribute when it builds
-  its optimizer, so set it after construction: :func:`use_online_merging_optimizer` (works for any Trainer).
+  Trainer hands DeepSpeed a ``DummyOptim`` and DeepSpeed builds its own): the way in is
+  :func:`~online_merging.integrations.trainer.trainer_optimizer` or
+  :func:`~online_merging.integrations.trainer.use_online_merging_optimizer`.
 * With ``zero_optimization.offload_optimizer.device`` set, accelerate replaces any client optimizer by
   ``DeepSpeedCPUAdam`` (``map_pytorch_optim_to_deepspeed``) unless ``"zero_force_ds_cpu_optimizer": false``.
 * DeepSpeed refuses an untested client optimizer under ZeRO without ``zero_allow_untested_optimizer``; Trainer and
@@ -28,6 +28,7 @@ import json
 import os
 import weakref
 from collections.abc import Mapping
+from itertools import pairwise
 from typing import Any
 
 from torch import nn
@@ -35,12 +36,11 @@ from torch import nn
 from online_merging.distributed.zero import ZeroSetup, zero_setup
 
 __all__ = [
-    "OnlineMergingOptimizerFactory",
+    "bind_engine",
+    "bind_engine_at_train_begin",
     "check_deepspeed_config",
     "deepspeed_config_of",
     "require_engine_steps",
-    "trainer_optimizer",
-    "use_online_merging_optimizer",
 ]
 
 
@@ -152,6 +152,37 @@ def engine_client_optimizer(engine_or_optimizer: Any) -> Any:
     return ours[0] if ours else (chain[-1] if chain else None)
 
 
+def bind_engine(engine_or_optimizer: Any) -> Any:
+    """Bind the online-merging optimizer a DeepSpeed engine steps to the ZeRO optimizer stepping it; returns that ZeRO
+    optimizer, or None when there is none (no ZeRO, or the engine steps another optimizer).
+
+    Call it after ``deepspeed.initialize`` (``bind_engine(engine)``; accelerate's wrapper of the engine's optimizer
+    works too). Without it, our optimizer finds the ZeRO optimizer on the call stack at its first step.
+    """
+    from online_merging.optim import OnlineMergingOptimizer
+    from online_merging.optim.pieces import bind_zero_optimizer, is_zero_optimizer_of
+
+    for outer, inner in pairwise(_inner_optimizers(engine_or_optimizer)):
+        if isinstance(inner, OnlineMergingOptimizer) and is_zero_optimizer_of(outer, inner):
+            bind_zero_optimizer(inner, outer)
+            return outer
+    return None
+
+
+def bind_engine_at_train_begin(trainer: Any) -> None:
+    """Bind, when ``trainer`` starts training, the optimizer it built to the ZeRO optimizer of its DeepSpeed engine
+    (:func:`bind_engine`); ``deepspeed.initialize`` runs inside ``trainer.train()``, before that."""
+    from transformers import TrainerCallback
+
+    trainer_ref = weakref.ref(trainer)  # the trainer holds the callback
+
+    class BindEngine(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            bind_engine(trainer_ref().model_wrapped)
+
+    trainer.add_callback(BindEngine())
+
+
 _GUARDED = "_online_merging_deepspeed_guard"
 
 
@@ -178,7 +209,7 @@ def require_engine_steps(model: nn.Module, optimizer: Any) -> None:
                 f"DeepSpeed is training the model with another optimizer than the {type(opt).__name__} built for "
                 "it: no online merging would happen. Under DeepSpeed, transformers' Trainer ignores "
                 "Trainer(optimizers=(optimizer, None)) (and a later trainer.optimizer = ...) and builds its own; "
-                "pass optimizer_cls_and_kwargs=online_merging.integrations.deepspeed.trainer_optimizer(args, ...) "
+                "pass optimizer_cls_and_kwargs=online_merging.integrations.trainer_optimizer(args, ...) "
                 "instead (same keyword arguments as build_optimizer)"
             )
         handle.remove()
@@ -190,54 +221,3 @@ def require_engine_steps(model: nn.Module, optimizer: Any) -> None:
         previous.remove()
     handle = model.register_forward_pre_hook(check)
     setattr(model, _GUARDED, handle)
-
-
-class OnlineMergingOptimizerFactory:
-    """An optimizer factory in the form ``Trainer(optimizer_cls_and_kwargs=(factory, kwargs))`` accepts.
-
-    transformers calls ``OnlineMergingOptimizerFactory()(model, **kwargs)`` when Trainer creates its optimizer
-    (under DeepSpeed: in ``deepspeed_init``, before ``deepspeed.initialize``); ``kwargs`` are
-    :func:`~online_merging.integrations.trainer.build_optimizer`'s (``args``, ``base_model`` / ``task_vector``,
-    ``optimizer``, ``merge``, ...). Build the pair with :func:`trainer_optimizer`.
-    """
-
-    def __call__(self, model: nn.Module, **kwargs: Any):
-        from online_merging.integrations.trainer import build_optimizer
-
-        return build_optimizer(model, **kwargs)
-
-
-def trainer_optimizer(args: Any, **build_optimizer_kwargs: Any) -> tuple[type, dict[str, Any]]:
-    """``optimizer_cls_and_kwargs`` for ``Trainer`` / TRL trainers: the way in that works under DeepSpeed (and
-    without it)::
-
-        trainer = DPOTrainer(model=model, args=args, ..., optimizer_cls_and_kwargs=trainer_optimizer(
-            args, base_model="path/to/base", merge="ondare"))
-
-    The DeepSpeed config is checked now (:func:`check_deepspeed_config`); the optimizer is built by Trainer, on
-    its model, through :func:`~online_merging.integrations.trainer.build_optimizer`. Pass a saved
-    ``task_vector`` (or a ``TaskVector``) rather than ``base_model`` to compute τ only once.
-    """
-    check_deepspeed_config(args)
-    return OnlineMergingOptimizerFactory, {"args": args, **build_optimizer_kwargs}
-
-
-def use_online_merging_optimizer(trainer: Any, **build_optimizer_kwargs: Any) -> Any:
-    """Make ``trainer`` build the online-merging optimizer itself, the way that works under DeepSpeed (and without).
-
-    For trainers that do not take ``optimizer_cls_and_kwargs`` (TRL 1.16's ``DPOTrainer``, ``KTOTrainer``)::
-
-        trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
-        use_online_merging_optimizer(trainer, base_model="path/to/base", merge="ondare")
-        trainer.train()
-
-    Sets ``trainer.optimizer_cls_and_kwargs`` to :func:`trainer_optimizer` of ``trainer.args`` (checking the
-    DeepSpeed config now); returns ``trainer``. Refuses a trainer given ``optimizers=(optimizer, ...)``.
-    """
-    if getattr(trainer, "optimizer", None) is not None:
-        raise ValueError(
-            "the trainer already has an optimizer (optimizers=(optimizer, ...)): build it without one, "
-            "use_online_merging_optimizer makes Trainer build the online-merging optimizer"
-        )
-    trainer.optimizer_cls_and_kwargs = trainer_optimizer(trainer.args, **build_optimizer_kwargs)
-    return trainer

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from online_merging._files import check_not_input, staged_file, write_text
-from online_merging.integrations.deepspeed import use_online_merging_optimizer
 from online_merging.integrations.recipe import RecipeArguments
+from online_merging.integrations.trainer import use_online_merging_optimizer
 
 __all__ = ["RunResult", "run_recipe"]
 

@@ -1,7 +1,9 @@
 """Hugging Face ``Trainer`` glue: τ for the model being trained, and the optimizer built the way Trainer builds AdamW.
 
 Works for every trainer built on ``transformers.Trainer`` (TRL's ``DPOTrainer``, ``KTOTrainer``, ...): pass
-``optimizers=(build_optimizer(model, args, base_model=...), None)`` and Trainer makes the LR scheduler.
+``optimizers=(build_optimizer(model, args, base_model=...), None)`` and Trainer makes the LR scheduler. Under
+DeepSpeed Trainer ignores that argument; let Trainer build ours instead, which works with and without DeepSpeed:
+``optimizer_cls_and_kwargs=trainer_optimizer(args, ...)`` or ``use_online_merging_optimizer(trainer, ...)``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,24 @@ import torch
 from torch import nn
 
 from online_merging.distributed import is_dtensor
+from online_merging.integrations.deepspeed import (
+    bind_engine_at_train_begin,
+    check_deepspeed_config,
+    deepspeed_config_of,
+    require_engine_steps,
+)
 from online_merging.merging import TaskVector, WeightsSource, canonical_name
 from online_merging.optim import OnlineMergingAdam, OnlineMergingOptimizer, OnlineMergingSGD
 from online_merging.settings import MERGE_DEFAULTS
 
-__all__ = ["build_optimizer", "decay_parameter_names", "task_vector_for"]
+__all__ = [
+    "OnlineMergingOptimizerFactory",
+    "build_optimizer",
+    "decay_parameter_names",
+    "task_vector_for",
+    "trainer_optimizer",
+    "use_online_merging_optimizer",
+]
 
 OPTIMIZERS: dict[str, type[OnlineMergingOptimizer]] = {"adam": OnlineMergingAdam, "sgd": OnlineMergingSGD}
 
@@ -115,8 +130,6 @@ def build_optimizer(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"Invalid optimizer: {optimizer!r} (expected one of {sorted(OPTIMIZERS)})")
     # DeepSpeed (args.deepspeed, accelerate's DeepSpeed plugin): refuse configs where ours would not step
-    from online_merging.integrations.deepspeed import check_deepspeed_config, require_engine_steps
-
     zero = check_deepspeed_config(args)
     kwargs: dict[str, Any] = {}
     if args is not None:
@@ -139,3 +152,55 @@ def build_optimizer(
     if zero is not None and zero.flat_partitions:
         require_engine_steps(model, built)  # Trainer(optimizers=(built, None)) is ignored under DeepSpeed
     return built
+
+
+class OnlineMergingOptimizerFactory:
+    """An optimizer factory in the form ``Trainer(optimizer_cls_and_kwargs=(factory, kwargs))`` accepts.
+
+    transformers calls ``OnlineMergingOptimizerFactory()(model, **kwargs)`` when Trainer creates its optimizer
+    (under DeepSpeed: in ``deepspeed_init``, before ``deepspeed.initialize``); ``kwargs`` are
+    :func:`build_optimizer`'s (``args``, ``base_model`` / ``task_vector``,
+    ``optimizer``, ``merge``, ...). Build the pair with :func:`trainer_optimizer`.
+    """
+
+    def __call__(self, model: nn.Module, **kwargs: Any):
+        return build_optimizer(model, **kwargs)
+
+
+def trainer_optimizer(args: Any, **build_optimizer_kwargs: Any) -> tuple[type, dict[str, Any]]:
+    """``optimizer_cls_and_kwargs`` for ``Trainer`` / TRL trainers: the way in that works under DeepSpeed (and
+    without it)::
+
+        trainer = DPOTrainer(model=model, args=args, ..., optimizer_cls_and_kwargs=trainer_optimizer(
+            args, base_model="path/to/base", merge="ondare"))
+
+    The DeepSpeed config is checked now (:func:`~online_merging.integrations.deepspeed.check_deepspeed_config`);
+    the optimizer is built by Trainer, on its model, through :func:`build_optimizer`. Pass a saved
+    ``task_vector`` (or a ``TaskVector``) rather than ``base_model`` to compute τ only once.
+    """
+    check_deepspeed_config(args)
+    return OnlineMergingOptimizerFactory, {"args": args, **build_optimizer_kwargs}
+
+
+def use_online_merging_optimizer(trainer: Any, **build_optimizer_kwargs: Any) -> Any:
+    """Make ``trainer`` build the online-merging optimizer itself, the way that works under DeepSpeed (and without).
+
+    For trainers that do not take ``optimizer_cls_and_kwargs`` (TRL 1.16's ``DPOTrainer``, ``KTOTrainer``)::
+
+        trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer)
+        use_online_merging_optimizer(trainer, base_model="path/to/base", merge="ondare")
+        trainer.train()
+
+    Sets ``trainer.optimizer_cls_and_kwargs`` to :func:`trainer_optimizer` of ``trainer.args`` (checking the
+    DeepSpeed config now) and, under DeepSpeed, binds the optimizer to the engine's ZeRO optimizer when training
+    begins; returns ``trainer``. Refuses a trainer given ``optimizers=(optimizer, ...)``.
+    """
+    if getattr(trainer, "optimizer", None) is not None:
+        raise ValueError(
+            "the trainer already has an optimizer (optimizers=(optimizer, ...)): build it without one, "
+            "use_online_merging_optimizer makes Trainer build the online-merging optimizer"
+        )
+    trainer.optimizer_cls_and_kwargs = trainer_optimizer(trainer.args, **build_optimizer_kwargs)
+    if deepspeed_config_of(trainer.args) is not None:
+        bind_engine_at_train_begin(trainer)
+    return trainer

@@ -1,7 +1,7 @@
 """HMA's ratio search by proxy distillation (Lin et al., arXiv 2309.06256).
 
 Sample responses y ~ π_aligned(·|x), then maximise the mean log-likelihood of their tokens under the merged model
-θ(α_1..α_K) = θ_sft + α_k·(θ_aligned − θ_sft), k the block of each tensor (:mod:`online_merging.offline.blocks`),
+θ(α_1..α_K) = θ_sft + α_k·(θ_aligned − θ_sft), k the block of each tensor (:mod:`online_merging.layer_blocks`),
 over the K ratios only: the weights stay frozen and the merged model is built functionally at every step. Every
 floating-point tensor is interpolated, as :func:`~online_merging.offline.merge` does (the published code merges only
 the linear layers).
@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from online_merging._files import write_text
+from online_merging.layer_blocks import block_of, num_layers
 from online_merging.merging.weights import describe, preview
-from online_merging.offline.blocks import block_of, num_layers
 from online_merging.offline.merge import MergeSpec
 from online_merging.sources import hub_unreachable, local_or_hub
 

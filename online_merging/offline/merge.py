@@ -5,7 +5,7 @@ on disk only one tensor of each model is in memory at a time. Formulas (θ_s SFT
 δ_m = θ_m − θ_b, weights w_s, w_a):
 
 - ``ma``: α·θ_a + (1−α)·θ_s (Lin et al., arXiv 2309.06256).
-- ``hma``: the same with α_k of the tensor's block k (:mod:`online_merging.offline.blocks`).
+- ``hma``: the same with α_k of the tensor's block k (:mod:`online_merging.layer_blocks`).
 - ``linear``: (w_s·θ_s + w_a·θ_a) / (w_s + w_a) (mergekit ``linear``, normalised).
 - ``dare``: θ_b + Σ w_m·D(δ_m), D keeping each element with probability ``density`` and rescaling the kept
   ones so that ‖D(δ)‖₁ = ‖δ‖₁ (mergekit ``dare_linear``); the keep mask is the package's counter-based draw
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from online_merging._files import check_not_input, staged_folder
+from online_merging.layer_blocks import block_of, num_layers
 from online_merging.merging import WeightsSource, open_weights, random_keep, topk_mask
 from online_merging.merging.weights import check_same_shapes, preview
-from online_merging.offline.blocks import block_of, num_layers
 from online_merging.rng import STREAM_UPDATE, tensor_key
 
 __all__ = ["METHODS", "MergeSpec", "merge", "merged_tensors", "save_merged"]

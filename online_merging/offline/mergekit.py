@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from online_merging.layer_blocks import block_of, layer_index, num_layers
 from online_merging.merging import open_weights
-from online_merging.offline.blocks import block_of, layer_index, num_layers
 from online_merging.offline.merge import MergeSpec
 
 __all__ = ["mergekit_config", "run_mergekit"]

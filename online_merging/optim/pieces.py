@@ -11,6 +11,7 @@ same order, with empty pieces for those it holds none of, so that these collecti
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,15 @@ from online_merging.distributed import distributed_topk_cut
 from online_merging.distributed.fsdp import dtensor_fragment, fragment_group, is_dtensor, local_tensor
 from online_merging.merging import Cut, PendingCut, TaskVector, num_kept
 
-__all__ = ["Piece", "calling_zero_optimizer", "dtensor_pieces", "is_dtensor", "zero_pieces"]
+__all__ = [
+    "Piece",
+    "bind_zero_optimizer",
+    "calling_zero_optimizer",
+    "dtensor_pieces",
+    "is_dtensor",
+    "is_zero_optimizer_of",
+    "zero_pieces",
+]
 
 
 @dataclass
@@ -121,18 +130,52 @@ def dtensor_pieces(
     return [Piece(name, f.start, f.numel, f.offset, _numel(f.shape), tau, fragment_group(param), mask=mask)]
 
 
-def calling_zero_optimizer(optimizer: Any) -> Any:
-    """The DeepSpeed ZeRO optimizer whose ``step()`` is calling ``optimizer.step()`` right now, or None.
+_BOUND_ZERO_OPTIMIZER = "_online_merging_zero_optimizer"
 
-    DeepSpeed gives the client optimizer flat partitions without saying whose pieces they are; the ZeRO optimizer
-    that owns them is the ``self`` of a calling frame whose ``.optimizer`` is ours.
+
+def is_zero_optimizer_of(owner: Any, optimizer: Any) -> bool:
+    """``owner`` is a DeepSpeed ZeRO-1/2/3 optimizer that steps ``optimizer`` (its client optimizer)."""
+    return getattr(owner, "optimizer", None) is optimizer and (
+        hasattr(owner, "single_partition_of_fp32_groups") or hasattr(owner, "fp32_partitioned_groups_flat")
+    )
+
+
+def bind_zero_optimizer(optimizer: Any, zero_optimizer: Any) -> None:
+    """Record that the DeepSpeed ZeRO optimizer ``zero_optimizer`` steps ``optimizer``, for
+    :func:`calling_zero_optimizer`; the integrations call it once DeepSpeed has built the engine."""
+    if not is_zero_optimizer_of(zero_optimizer, optimizer):
+        raise ValueError(f"{type(zero_optimizer).__name__} is not a DeepSpeed ZeRO optimizer stepping this optimizer")
+    # a weak reference: the ZeRO optimizer holds ours, not the other way round
+    setattr(optimizer, _BOUND_ZERO_OPTIMIZER, weakref.ref(zero_optimizer))
+
+
+def _holds_param_groups(zero_optimizer: Any, optimizer: Any) -> bool:
+    """The tensors in ``optimizer``'s param groups are flat partitions of ``zero_optimizer`` (not of an engine
+    built later with the same optimizer)."""
+    flats = getattr(zero_optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = getattr(zero_optimizer, "fp32_partitioned_groups_flat", [])
+    owned = {id(flat) for flat in flats}
+    return all(id(p) in owned for g in optimizer.param_groups for p in g["params"])
+
+
+def calling_zero_optimizer(optimizer: Any) -> Any:
+    """The DeepSpeed ZeRO optimizer that steps ``optimizer``, or None.
+
+    DeepSpeed gives the client optimizer flat partitions without saying whose pieces they are. The integrations
+    bind the ZeRO optimizer that owns them (:func:`bind_zero_optimizer`); when none is bound, or the bound one does
+    not own the partitions, it is found as the ``self`` of a calling frame whose ``.optimizer`` is ours: the
+    fallback for a ``deepspeed.initialize`` the integrations do not see (a user's own, or Trainer's given
+    ``trainer_optimizer``).
     """
+    bound = getattr(optimizer, _BOUND_ZERO_OPTIMIZER, None)
+    bound = bound() if bound is not None else None
+    if bound is not None and is_zero_optimizer_of(bound, optimizer) and _holds_param_groups(bound, optimizer):
+        return bound
     frame = inspect.currentframe()
     while frame is not None:
         owner = frame.f_locals.get("self")
-        if getattr(owner, "optimizer", None) is optimizer and (
-            hasattr(owner, "single_partition_of_fp32_groups") or hasattr(owner, "fp32_partitioned_groups_flat")
-        ):
+        if is_zero_optimizer_of(owner, optimizer):
             return owner
         frame = frame.f_back
     return None

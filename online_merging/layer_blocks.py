@@ -1,4 +1,5 @@
-"""HMA's blocks: which of K contiguous groups of transformer layers a tensor belongs to.
+"""Transformer layers and HMA's blocks from tensor names: which layer, and which of K contiguous groups of layers,
+a tensor belongs to (offline HMA merges and the per-layer entanglement diagnostics group tensors by them).
 
 Layer i of L goes to block ⌊i·K/L⌋. Tensors outside the layers are assigned explicitly: the embeddings (and
 anything else before the first layer) to the input block 0, the final norm and the LM head to the output
