@@ -15,7 +15,7 @@ from trl import DPOConfig, KTOConfig
 
 from online_merging.cli import main
 from online_merging.integrations import load_recipe, run_recipe
-from online_merging.integrations.run import matched_reward, method_name
+from online_merging.integrations.run import _scorer, matched_reward, method_name
 from online_merging.lab import LabConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,10 +181,12 @@ def test_tax_eval_every_records_the_trajectory(tmp_path, world_cache):
     for run in json.loads((out / "summary.json").read_text())["runs"]:
         assert [point["step"] for point in run["trajectory"]] == [2, 3]  # every 2 steps, and the end
         assert run["trajectory"][-1]["reward"] == run["evaluation"]["reward"]
-    with pytest.raises(ValueError, match="'tax_eval_every': 4 on a named model needs tax_eval_tasks, tax_eval_reward"):
-        load_recipe(
-            ROOT / "recipes" / "dpo_onties.yaml", ["--model_name_or_path", "x", "--base_model_name_or_path", "y"]
-        )
+    named = ["--model_name_or_path", "org/sft", "--base_model_name_or_path", "org/base"]
+    with pytest.raises(ValueError, match="'tax_eval_every': 4 on a named model needs tax_eval_reward_model, tax_eval"):
+        load_recipe(ROOT / "recipes" / "dpo_onties.yaml", [*named, "--tax_eval_tasks", "arc_easy"])
+    recipe, _ = load_recipe(ROOT / "recipes" / "dpo_onties.yaml", named)  # no tax_eval_* key: not scored, said so
+    with pytest.warns(UserWarning, match="tax_eval_every: 4 is ignored: a named model is scored during training only"):
+        assert _scorer(recipe, None) is None
 
 
 def test_matched_reward_reads_each_run_at_the_levels_all_reach():

@@ -312,7 +312,7 @@ def test_train_writes_summary_json_0644_beside_the_trainers_files(tmp_path, monk
     monkeypatch.setattr(run, "_embedded_world", lambda recipe, progress: None)
     result = run.RunResult("ondare", str(out), 1e-5, 1, 0.5, {}, None)
     monkeypatch.setattr(run, "_load_dataset", lambda recipe, world: None)
-    monkeypatch.setattr(run, "_train", lambda recipe, config, world, dataset: result)
+    monkeypatch.setattr(run, "_train", lambda *args: result)
     overrides = ["--model_name_or_path", "org/sft", "--base_model_name_or_path", "org/base", "--output_dir", str(out)]
     recipe, config = load_recipe(ROOT / "recipes" / "dpo_ondare.yaml", [*overrides, "--dataset_name", "org/data"])
     summary = run_recipe(recipe, config)

@@ -20,6 +20,9 @@ from online_merging.sources import local_or_hub
 __all__ = ["RecipeArguments", "load_recipe", "recipe_help", "recipe_parser"]
 
 TRAINERS = ("dpo", "kto")
+TAX_EVAL_KEYS = ("tax_eval_tasks", "tax_eval_reward_model", "tax_eval_prompts")
+"""What scores a named model during training (``tax_eval_every``): ability from lm-eval tasks, reward from a reward
+model on held-out prompts."""
 
 
 def _arg(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -123,8 +126,9 @@ class RecipeArguments:
         0,
         "Evaluate reward and ability every N steps, not only at the end, so that the runs are compared at matched "
         "reward (the ability kept at reward 0.3 … 0.9 along each run, docs/results.md); logged as tax/... and drawn "
-        "in output_dir/tax_front.png (TaxEvalCallback). The embedded world scores its own probes; a named model "
-        "needs tax_eval_tasks (ability) and tax_eval_reward_model with tax_eval_prompts (reward). 0: off.",
+        "in output_dir/tax_front.png (TaxEvalCallback). The embedded world scores its own probes; a named model is "
+        "scored with tax_eval_tasks (ability) and tax_eval_reward_model with tax_eval_prompts (reward), and not "
+        "scored (a warning says so) without them. 0: off.",
     )
     tax_eval_tasks: str | None = _arg(
         None, "lm-eval tasks scoring ability during training (comma-separated; docs/evaluation.md). Named models."
@@ -169,13 +173,12 @@ class RecipeArguments:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"Invalid recipe key {key!r}: {value!r} (expected an int ≥ 0)")
-        if self.tax_eval_every and not self.embedded:
-            needed = ("tax_eval_tasks", "tax_eval_reward_model", "tax_eval_prompts")
-            missing = [key for key in needed if not getattr(self, key)]
+        if self.scores_named_model:
+            missing = [key for key in TAX_EVAL_KEYS if not getattr(self, key)]
             if missing:
                 raise ValueError(
                     f"recipe key 'tax_eval_every': {self.tax_eval_every} on a named model needs {', '.join(missing)} "
-                    "(ability from lm-eval tasks, reward from a reward model on held-out prompts), or set it to 0"
+                    "too (ability from lm-eval tasks, reward from a reward model on held-out prompts)"
                 )
         for key in ("tax_eval_limit", "tax_eval_max_new_tokens"):
             value = getattr(self, key)
@@ -212,7 +215,7 @@ class RecipeArguments:
             path = getattr(self, key)
             if path is not None and not Path(path).expanduser().is_file():
                 raise FileNotFoundError(f"{key}: no such file: {path!r}")
-        if self.tax_eval_every and not self.embedded:
+        if self.scores_named_model:
             from online_merging.evaluation.reward import check_reward_model
 
             for key in ("tax_eval_include_path", "tax_eval_prompts"):
@@ -225,6 +228,12 @@ class RecipeArguments:
     def masked(self) -> bool:
         """Training only key neurons (ALLO): located by a probe, or loaded."""
         return self.neuron_k > 0 or self.neuron_mask_path is not None
+
+    @property
+    def scores_named_model(self) -> bool:
+        """``tax_eval_every`` on a named model with one of its keys set: lm-eval tasks and a reward model score it.
+        With none set, the runs are not scored (``run_recipe`` warns)."""
+        return bool(self.tax_eval_every and not self.embedded and any(getattr(self, k) for k in TAX_EVAL_KEYS))
 
     @property
     def embedded(self) -> bool:

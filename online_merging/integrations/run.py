@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,13 @@ def _scorer(recipe: RecipeArguments, world):
     ``None`` when nothing scores the runs."""
     if world is not None and recipe.embedded:
         return world.evaluate
-    if not recipe.tax_eval_every:
+    if not recipe.scores_named_model:
+        if recipe.tax_eval_every and not recipe.embedded:
+            warnings.warn(
+                f"tax_eval_every: {recipe.tax_eval_every} is ignored: a named model is scored during training only "
+                "with tax_eval_tasks, tax_eval_reward_model and tax_eval_prompts (docs/evaluation.md)",
+                stacklevel=3,
+            )
         return None
     from online_merging.evaluation import ability_scores, check_tasks, load_reward_model, read_records, reward_score
 
