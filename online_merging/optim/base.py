@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -13,6 +12,7 @@ from torch.optim import Optimizer
 
 from online_merging.distributed.collectives import all_true
 from online_merging.kernels import BACKENDS
+from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import TaskVector, canonical_name
 from online_merging.optim.pieces import Piece, calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
@@ -284,7 +284,7 @@ class OnlineMergingOptimizer(Optimizer):
     def _step_group(
         self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor], skip: dict
     ) -> None:
-        """Step ``params``; ``skip``: pieces not to step, for :meth:`_kernel_inputs`."""
+        """Step ``params``; ``skip``: pieces not to step, for :meth:`_records`."""
         raise NotImplementedError
 
     # -- stepping ------------------------------------------------------------------------------------------
@@ -395,67 +395,72 @@ class OnlineMergingOptimizer(Optimizer):
         name = self._names.get(param)
         return f"parameter {name!r}" if name else f"an unnamed parameter of param_groups[{index}]"
 
-    def _kernel_inputs(
-        self, group, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings, skip,
-        new_buffers: list[bool] | None = None,
-    ):  # fmt: skip
-        """Per stepped piece: the views of each column (tensors shaped like the params: param, grad, states), the
-        step counter, step-K buffer, τ, name, global offset, OnTIES cut callables and element mask (``None``: not
-        masked), as ``functional`` takes them;
-        and the settings to step with: no merge at lr 0, which leaves θ as it is, τ included (DCP creates the
-        state of a fresh optimizer by a step at lr 0).
+    def _records(
+        self, plan: Plan, settings: MergeSettings, params: list[torch.Tensor],
+        states: list[dict[str, torch.Tensor | None]], skip, new_buffers: list[bool] | None = None,
+    ) -> list[Record]:  # fmt: skip
+        """One :class:`~online_merging.kernels.plan.Record` per stepped piece of ``params``, whose step counters
+        advance now; ``states``: per tensor, the optimizer state tensors by record field. ``settings``: the
+        group's, which make the step-K buffer also at lr 0 (where the plan has no merge), so that a step at lr 0
+        creates the whole state.
 
-        A whole parameter is one piece. A ZeRO partition or FSDP2 shard holds several: they get copies of the
-        tensor's step counter, less the steps their parameter skipped (``skip``: the pieces to skip now, by
-        tensor, from :meth:`_nonfinite`), and :meth:`_count_steps` then advances it once.
+        A whole parameter is one piece. A ZeRO partition or FSDP2 shard holds several: each counts the tensor's
+        steps less those its parameter skipped (``skip``: the pieces to skip now, by tensor, from
+        :meth:`_nonfinite`), and the tensor's counter advances once.
 
         ``new_buffers`` (SGD): per tensor, whether its momentum buffer was made for this step; a piece takes its
         first momentum step then, or when its parameter skipped every step so far (it never wrote its buffer).
         """
-        params = columns[0]
-        keys = ("steps", "buffers", "taus", "names", "offsets", "update_cuts", "tau_cuts", "masks")
-        out = {"columns": [[] for _ in columns], "first_momentum": [], **{key: [] for key in keys}}
-        new_buffers = new_buffers or [False] * len(columns[0])
-        out["settings"] = dataclasses.replace(settings, merge=None) if group["lr"] == 0 else settings
+        records = []
         for i, param in enumerate(params):
             state = self.state[param]
             pieces = self._pieces.get(param)
-            has_tau = param in self._tau_names or any(piece.tau is not None for piece in pieces or ())
+            has_tau = self._has_tau(param)
             if has_tau and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            buffer = state.get("merge_buffer")
+            tensors = {"param": param, "grad": param.grad, "merge_buffer": state.get("merge_buffer"), **states[i]}
+            new_buffer = bool(new_buffers and new_buffers[i])
+            step = state["step"]
             if pieces is None:
                 if has_tau and param not in self._taus:  # the first step: τ comes to the parameter's device now
-                    self._taus[param] = self.task_vector[self._tau_names[param]].to(param.device)
-                tau, mask = (_follow(cache, param) for cache in (self._taus, self._masks))
-                for column, values in zip(out["columns"], columns, strict=True):
-                    column.append(values[i])
-                entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None, mask)]
-                out["first_momentum"].append(new_buffers[i])
-            else:
-                skipped = state.get("piece_skips")  # with nonfinite_grads only
-                stepped = [j for j in range(len(pieces)) if j not in skip.get(param, ())]
-                for column, values in zip(out["columns"], columns, strict=True):
-                    column.extend(pieces[j].view(values[i]) for j in stepped)
-                ties = out["settings"].merge == "onties"
-                entries = [
-                    (steps[i].clone() if skipped is None else steps[i] - skipped[j], pieces[j].view(buffer),
-                     pieces[j].tau, pieces[j].name, pieces[j].offset,
-                     pieces[j].update_cut(settings.reserve_p) if ties else None,
-                     pieces[j].tau_cut(settings.reserve_p) if ties else None, pieces[j].mask)
-                    for j in stepped
-                ]  # fmt: skip
-                out["first_momentum"].extend(new_buffers[i] or int(entry[0]) == 0 for entry in entries)
-            for entry in entries:
-                for key, value in zip(keys, entry, strict=True):
-                    out[key].append(value)
-        return out
-
-    def _count_steps(self, params: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
-        """Advance the step counters of the tensors stepped piece by piece (the others count in ``functional``)."""
-        for param, step in zip(params, steps, strict=True):
-            if param in self._pieces:
+                    self._taus[param] = self.task_vector[self._names[param]].to(param.device)
                 step += 1
+                tau, mask = _follow(self._taus, param), _follow(self._masks, param)
+                name = self._names.get(param)
+                records.append(
+                    Record(**tensors, step=int(step), first_momentum=new_buffer, tau=tau, name=name, mask=mask)
+                )
+                continue
+            skipped = state.get("piece_skips")  # with nonfinite_grads only
+            ties = plan.settings.merge == "onties"
+            for j, piece in enumerate(pieces):
+                if j in skip.get(param, ()):
+                    continue
+                count = int(step) + 1 - (0 if skipped is None else int(skipped[j]))
+                p = settings.reserve_p
+                cuts = {"update_cut": piece.update_cut(p), "tau_cut": piece.tau_cut(p)} if ties else {}
+                views = {key: piece.view(value) for key, value in tensors.items()}
+                records.append(
+                    Record(
+                        **views,
+                        **cuts,
+                        step=count,
+                        first_momentum=new_buffer or count == 1,
+                        tau=piece.tau,
+                        name=piece.name,
+                        offset=piece.offset,
+                        mask=piece.mask,
+                    )
+                )
+            step += 1
+        return records
+
+    def _has_tau(self, param: torch.Tensor) -> bool:
+        """Whether τ has an entry for ``param`` (or, for a tensor of pieces, for one of them)."""
+        pieces = self._pieces.get(param)
+        if pieces is not None:
+            return any(piece.tau is not None for piece in pieces)
+        return self.task_vector is not None and self._names.get(param) in self.task_vector
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
