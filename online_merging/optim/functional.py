@@ -22,10 +22,10 @@ import torch
 from online_merging.distributed import select_pending
 from online_merging.kernels import get_backend
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import num_kept
+from online_merging.merging import Cut, num_kept
 from online_merging.merging.sparsify import constant_cut
 
-__all__ = ["DEFER_NUMEL", "step"]
+__all__ = ["DEFER_NUMEL", "finish_ties", "step"]
 
 DEFER_NUMEL = 2**28
 """Whole-tensor elements whose Δ may wait for one batched OnTIES selection (each rank holds its pieces' share, in
@@ -45,17 +45,29 @@ def step(plan: Plan, records: list[Record], backend: str | ModuleType | None = N
             record.update_cut.total = total
             waiting.add(kernels, record, total)
         else:
-            _merge(kernels, plan, record, total)
+            finish_ties(kernels, plan, record, total)
     waiting.finish()
 
 
-def _merge(kernels: ModuleType, plan: Plan, record: Record, total: torch.Tensor) -> None:
-    """OnTIES's second phase: the top-p cuts of Δ and of τ, then the backend's merge."""
-    k = num_kept(plan.settings.reserve_p, total.numel())
-    update_cut = kernels.topk_cut(total, k) if record.update_cut is None else record.update_cut(total)
-    tau = record.tau
-    tau_cut = constant_cut(tau, k) if record.tau_cut is None else record.tau_cut(tau.reshape(-1))
+def finish_ties(kernels: ModuleType, plan: Plan, record: Record, total: torch.Tensor) -> None:
+    """OnTIES's second phase of ``record``, whose Δ is ``total`` (from ``kernels.step``): the top-p cuts of Δ and
+    of τ, then the backend's merge."""
+    k, tau = num_kept(plan.settings.reserve_p, total.numel()), record.tau
+    if record.update_cut is None:  # the tensor's own top-p
+        update_cut = _global(kernels.topk_cut(total, k), record.offset)
+    else:
+        update_cut = record.update_cut(total)
+    if record.tau_cut is None:  # computed once per τ tensor
+        tau_cut = _global(constant_cut(tau, k), record.offset)
+    else:
+        tau_cut = record.tau_cut(tau.reshape(-1))
     kernels.ties_merge(plan, record, total, update_cut, tau_cut)
+
+
+def _global(cut: Cut, offset: int) -> Cut:
+    """A tensor's own cut (local flat indices) in the global indices of the records' cuts."""
+    threshold, cutoff = cut
+    return threshold, cutoff + offset
 
 
 class _Waiting:
@@ -77,5 +89,5 @@ class _Waiting:
         if self.entries:
             select_pending([record.update_cut for _, record, _ in self.entries])
             for kernels, record, total in self.entries:
-                _merge(kernels, self.plan, record, total)
+                finish_ties(kernels, self.plan, record, total)
         self.entries, self.numel = [], 0
