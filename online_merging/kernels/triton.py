@@ -9,13 +9,14 @@ set before this module is imported (the tests do that); the kernels call only bu
 because its ``@jit`` helpers (``tl.zeros`` ...) stay compiled when ``triton`` was imported before the variable.
 
 OnTIES needs the exact top-p of the whole tensor, which one elementwise pass cannot know: the first kernel
-updates the optimizer state and writes Δθ (plus the step-K buffer) to a float32 scratch tensor, torch computes
-the top-p masks of it and of τ (``eager.trim_mask``), and a second kernel does the sign consensus and writes θ.
+updates the optimizer state and writes Δθ (plus the step-K buffer) to a float32 scratch tensor, the functional
+layer selects the top-p cuts of it and of τ, and a second kernel (``ties_merge``) does the sign consensus and
+writes θ.
 
-A tensor may be a piece of a larger one (``offset``, ``update_cut``, ``tau_cut``; see ``eager``): DARE hashes the
-global index ``offset + i``, and OnTIES keeps what the whole tensor's cuts keep.
+A tensor may be a piece of a larger one (see ``plan.Record``): DARE hashes the global index ``offset + i``, and
+OnTIES keeps what the whole tensor's cuts keep.
 
-A ``mask`` (masked updates, see ``eager``) is one more input, one byte per element (``MASKED``): every store of
+A mask (masked updates, see ``plan.Record``) is one more input, one byte per element (``MASKED``): every store of
 θ and state is masked by it as well as by the bounds, so masked-out elements are read but never written, and
 their Δ is written to the OnTIES scratch as 0. Without one, ``keep`` is the bounds mask and nothing changes.
 """
@@ -95,7 +96,7 @@ def _finish(
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Apply Δ to θ (fp32 ``param``) as ``eager.apply_update`` (DARE draws at global indices ``offset + offs``):
+    """Apply Δ to θ (fp32 ``param``) as ``eager._apply`` (DARE draws at global indices ``offset + offs``):
 
     plain:       θ ← decay·θ + Δ
     OnDARE:      θ ← decay·θ + (1−α)·keep_u(Δ)·s + α·clamp(keep_τ(τ)·s, ±c) + 0·Δ,  s = 1/p if RESCALE else 1
@@ -155,7 +156,7 @@ def _adam_kernel(
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """AdamW and the online merge of one block (``eager.adam_step``):
+    """AdamW and the online merge of one block (``eager._adam``):
 
     g = ±grad,  m ← lerp(m, g, 1−β1),  v ← β2·v + (1−β2)·g²,  v̂ ← max(v̂, v) if AMSGRAD else v,
     Δ = (−lr / (1−β1^t))·m / (sqrt(v̂) / sqrt(1−β2^t) + ε),  then ``_finish`` with decay = 1 − lr·λ.
@@ -201,7 +202,7 @@ def _sgd_kernel(
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """SGD as ``torch.optim.SGD`` and the online merge of one block (``eager.sgd_step``):
+    """SGD as ``torch.optim.SGD`` and the online merge of one block (``eager._sgd``):
 
     g = ±grad + λ·θ,  b ← g when it starts (FIRST_STEP) else μ·b + (1−d)·g,  g ← g + μ·b if NESTEROV else b  (MOMENTUM),
     Δ = −lr·g,  then ``_finish`` with decay = 1.
