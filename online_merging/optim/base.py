@@ -82,12 +82,10 @@ class OnlineMergingOptimizer(Optimizer):
             for name, param in module.named_parameters(remove_duplicate=False):
                 self._aliases.setdefault(param, []).append(canonical_name(name))
         self._names: dict[torch.Tensor, str | None] = {}
-        self._tau_names: dict[torch.Tensor, str] = {}  # the τ entry of each parameter that has one
         self._taus: dict[torch.Tensor, torch.Tensor] = {}  # τ on the parameter's device, made at its first step
         self._pieces: dict[torch.Tensor, list[Piece]] = {}
         self.neuron_mask = _neuron_masks(neuron_mask)
         self._masks: dict[torch.Tensor, torch.Tensor] = {}  # each masked parameter's flat bool element mask
-        self._masks_by_name: dict[str, torch.Tensor] = {}  # the same, by the parameter's name (for ZeRO pieces)
         self._masked_names: set[str] = set()  # the neuron_mask names that matched a parameter
         self._known_names: set[str] = set()  # every name of every parameter given (for τ's extra entries)
         self._first_step_checked = False
@@ -130,7 +128,6 @@ class OnlineMergingOptimizer(Optimizer):
                 shape = _full_shape(param)
                 if tau_shape != shape:
                     raise ValueError(f"task vector entry {name!r} has shape {tau_shape} but {where} has shape {shape}")
-                self._tau_names[param] = name
             mask = self._bind_mask(param, candidates, where)
             if is_dtensor(param) and self._names[param] is not None:
                 self._pieces[param] = dtensor_pieces(self._names[param], param, self.task_vector, mask)
@@ -167,7 +164,6 @@ class OnlineMergingOptimizer(Optimizer):
         device = param.device if param.device.type != "meta" else torch.device("cpu")
         element_mask = mask.reshape(-1).to(device, copy=True).contiguous()
         self._masks[param] = element_mask
-        self._masks_by_name[self._names[param] or name] = element_mask
         return element_mask
 
     def _check_unique(self, param_group: dict[str, Any]) -> None:
@@ -209,7 +205,7 @@ class OnlineMergingOptimizer(Optimizer):
         """
         if self.task_vector is None or not any(g["merge"] is not None and g["params"] for g in self.param_groups):
             return
-        if not self._tau_names:
+        if not any(self._tau_name(param) for param in self._names):
             names = list(self.task_vector)
             params = [n for n in (self._names.get(p) for g in self.param_groups for p in g["params"]) if n]
             raise ValueError(
@@ -224,8 +220,10 @@ class OnlineMergingOptimizer(Optimizer):
             return
         known = self._known_names | {n for aliases in self._aliases.values() for n in aliases}
         used: dict[tuple[int, ...], set[str]] = {}  # the matched entries by shape, for the tied-weight test
-        for param, name in self._tau_names.items():
-            used.setdefault(_full_shape(param), set()).add(name)
+        for param in self._names:
+            name = self._tau_name(param)
+            if name is not None:
+                used.setdefault(_full_shape(param), set()).add(name)
         extra = [n for n in self.task_vector if n not in known and not self._tied_alias(n, used)]
         if extra:
             warnings.warn(
@@ -249,9 +247,7 @@ class OnlineMergingOptimizer(Optimizer):
             if group["merge"] is None or group["alpha"] == 0:
                 continue
             for param in group["params"]:
-                pieces = self._pieces.get(param, ())
-                has_tau = param in self._tau_names or any(piece.tau is not None for piece in pieces)
-                if has_tau and param.dtype in (torch.bfloat16, torch.float16):
+                if self._has_tau(param) and param.dtype in (torch.bfloat16, torch.float16):
                     low.setdefault(param.dtype, []).append(self._names.get(param) or "unnamed")
         for dtype, names in low.items():
             warnings.warn(
@@ -264,11 +260,7 @@ class OnlineMergingOptimizer(Optimizer):
 
     def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
         missing = [
-            self._names[p]
-            for g in groups
-            if g["merge"] is not None
-            for p in g["params"]
-            if p not in self._tau_names and not any(piece.tau is not None for piece in self._pieces.get(p, ()))
+            self._names[p] for g in groups if g["merge"] is not None for p in g["params"] if not self._has_tau(p)
         ]
         if missing:
             warnings.warn(
@@ -327,7 +319,8 @@ class OnlineMergingOptimizer(Optimizer):
                 "optimizer is stepping it: add parameters with add_param_group()"
             )
         names = {p: n for p, n in self._names.items() if n is not None}
-        self._pieces.update(zero_pieces(zero_optimizer, names, self.task_vector, self._masks_by_name))
+        masks = {self._names[p]: mask for p, mask in self._masks.items()}
+        self._pieces.update(zero_pieces(zero_optimizer, names, self.task_vector, masks))
 
     def _check_grad(self, param: torch.Tensor, index: int) -> None:
         grad = param.grad
@@ -456,11 +449,13 @@ class OnlineMergingOptimizer(Optimizer):
         return records
 
     def _has_tau(self, param: torch.Tensor) -> bool:
-        """Whether τ has an entry for ``param`` (or, for a tensor of pieces, for one of them)."""
-        pieces = self._pieces.get(param)
-        if pieces is not None:
-            return any(piece.tau is not None for piece in pieces)
-        return self.task_vector is not None and self._names.get(param) in self.task_vector
+        """Whether τ has an entry for ``param`` by name, or for one of its pieces (a ZeRO partition holds several)."""
+        return self._tau_name(param) is not None or any(piece.tau is not None for piece in self._pieces.get(param, ()))
+
+    def _tau_name(self, param: torch.Tensor) -> str | None:
+        """``param``'s name when τ has an entry of that name (a parameter given whole, or an FSDP2 DTensor)."""
+        name = self._names.get(param)
+        return name if name is not None and self.task_vector is not None and name in self.task_vector else None
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
