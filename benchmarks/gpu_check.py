@@ -182,6 +182,8 @@ def check_dare_masks(kind: str, device: torch.device, numel: int) -> dict:
 def check_pieces(merge: str, device: torch.device, numel: int) -> dict:
     """A tensor's pieces stepped by Triton (global offsets, the whole tensor's cuts) equal the whole, bit for bit."""
     from online_merging.kernels import triton as backend
+    from online_merging.kernels.plan import Plan, Record
+    from online_merging.optim import functional
 
     settings = MergeSettings(**{**MERGE_DEFAULTS, **LARGE, "merge": merge, "merge_every": 2})
     hyper = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1, "amsgrad": False,
@@ -205,8 +207,9 @@ def check_pieces(merge: str, device: torch.device, numel: int) -> dict:
         return cut
 
     def call(state, grad, tau, step, **where):
-        backend.adam_step(state["param"], grad, state["exp_avg"], state["exp_avg_sq"], None, state["merge_buffer"],
-                          tau, step=step, name="w", settings=settings, **hyper, **where)  # fmt: skip
+        record = Record(state["param"], grad, step, exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"],
+                        merge_buffer=state["merge_buffer"], tau=tau, name="w", **where)  # fmt: skip
+        functional.step(Plan("adam", settings, **hyper), [record], backend=backend)
 
     for step in range(1, 5):
         grad = torch.randn(numel, generator=gen, device=device)

@@ -6,6 +6,7 @@ import torch
 from online_merging.kernels import cpu, eager
 from online_merging.merging import num_kept, sparsify, topp_mask
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
+from tests.backend_calls import adam_step, sgd_step
 
 SHAPE = (211, 193)  # 40,723 elements: several parallel chunks, odd sizes
 
@@ -40,11 +41,11 @@ def _run(backend, rule, settings, *, steps=4, tau_dtype=torch.bfloat16, param_dt
     for step in range(1, steps + 1):
         grad = torch.randn(SHAPE, generator=g).to(param_dtype)
         if rule == "adam":
-            backend.adam_step(param, grad, *zeros, buffer, tau, step=step, name="layers.0.w", settings=settings,
+            adam_step(backend, param, grad, *zeros, buffer, tau, step=step, name="layers.0.w", settings=settings,
                               **{"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-3, "weight_decay": 0.1,
                                  "amsgrad": False, "maximize": False, **hyper})  # fmt: skip
         else:
-            backend.sgd_step(param, grad, zeros[0], buffer, tau, step=step, name="layers.0.w", settings=settings,
+            sgd_step(backend, param, grad, zeros[0], buffer, tau, step=step, name="layers.0.w", settings=settings,
                              first_momentum=step == 1, **{"lr": 0.05, "momentum": 0.9, "dampening": 0.0,
                                 "nesterov": False, "weight_decay": 0.01, "maximize": False, **hyper})  # fmt: skip
     return param
@@ -98,8 +99,8 @@ def test_unsupported_dtypes_fall_back_to_eager():
 @pytest.mark.parametrize("backend", ["cpu", "eager"])
 def test_tau_threshold_is_computed_once_per_tensor_and_p(monkeypatch, backend):
     updates, taus = [], []
-    monkeypatch.setattr(cpu, "_cut", lambda x, p: updates.append(x.dtype) or cpu._ext.topk_threshold(
-        x.reshape(-1), num_kept(p, x.numel())))  # fmt: skip
+    cpu_cut = cpu.topk_cut
+    monkeypatch.setattr(cpu, "topk_cut", lambda x, k: updates.append(x.dtype) or cpu_cut(x, k))
     original = sparsify.topk_cut
     monkeypatch.setattr(sparsify, "topk_cut", lambda x, k: taus.append(x.dtype) or original(x, k))
     settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": "onties", "reserve_p": 0.3, "alpha": 0.1})
@@ -119,7 +120,7 @@ def test_tau_threshold_cache_is_not_fooled_by_a_new_tensor_at_a_recycled_address
         tau = torch.empty(257)  # the previous τ was just freed: the allocator often hands its block out again
         tau.copy_(value)
         fused, reference = param.clone(), param.clone()
-        cpu.sgd_step(fused, grad, None, None, tau, **kwargs)
-        eager.sgd_step(reference, grad, None, None, tau, **kwargs)
+        sgd_step(cpu, fused, grad, None, None, tau, **kwargs)
+        sgd_step(eager, reference, grad, None, None, tau, **kwargs)
         torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)
         del tau

@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from online_merging.kernels import eager
-from online_merging.kernels.plan import dare_keys
+from online_merging.kernels.plan import Plan, Record, dare_keys
 from online_merging.merging import PendingCut, num_kept, topk_cut
 from online_merging.optim import functional
 from online_merging.rng import bernoulli_mask, keep_threshold, random_bits
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
+from tests.backend_calls import adam_step, sgd_step
 
 torch.set_num_threads(1)
 
@@ -76,12 +77,12 @@ def initial_state(opt, settings, gen) -> dict:
 def step(module, opt, state, grad, tau, t, settings, **pieces):
     common = {"step": t, "name": NAME, "settings": settings, **pieces}
     if opt == "adam":
-        return module.adam_step(
-            state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"],
+        return adam_step(
+            module, state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["max_exp_avg_sq"],
             state.get("merge_buffer"), tau, **common, **ADAM,
         )  # fmt: skip
-    return module.sgd_step(
-        state["param"], grad, state["momentum_buffer"], state.get("merge_buffer"), tau, **common, **SGD,
+    return sgd_step(
+        module, state["param"], grad, state["momentum_buffer"], state.get("merge_buffer"), tau, **common, **SGD,
         first_momentum=common["step"] == 1,
     )  # fmt: skip
 
@@ -192,7 +193,7 @@ def test_pending_cuts_wait_then_equal_the_whole(backend, merge, opt):
 
 
 def test_functional_selects_pending_cuts_in_batches(monkeypatch):
-    """``functional.adam`` selects the waiting cuts of a step together, in batches of at most DEFER_NUMEL whole
+    """``functional.step`` selects the waiting cuts of a step together, in batches of at most DEFER_NUMEL whole
     elements, then finishes the steps: as the tensors' own top-p would."""
     settings = settings_of(MERGES["onties"])
     gen = torch.Generator().manual_seed(11)
@@ -211,13 +212,21 @@ def test_functional_selects_pending_cuts_in_batches(monkeypatch):
 
     def run(update_cuts):
         params = [p.clone() for p in start]
-        state = [[torch.zeros(n) for _ in range(tensors)] for _ in range(2)]
-        steps = [torch.tensor(0.0) for _ in range(tensors)]
-        adam = {key: value for key, value in ADAM.items() if key != "amsgrad"}
-        functional.adam(
-            params, grads, *state, [None] * tensors, steps, [None] * tensors, taus, [NAME] * tensors,
-            settings=settings, backend="eager", update_cuts=update_cuts, amsgrad=False, **adam,
-        )  # fmt: skip
+        plan = Plan("adam", settings, **{key: value for key, value in ADAM.items() if key != "amsgrad"})
+        records = [
+            Record(
+                params[i],
+                grads[i],
+                1,
+                exp_avg=torch.zeros(n),
+                exp_avg_sq=torch.zeros(n),
+                tau=taus[i],
+                name=NAME,
+                update_cut=update_cuts[i] if update_cuts else None,
+            )
+            for i in range(tensors)
+        ]
+        functional.step(plan, records, backend="eager")
         return params
 
     expected = run(None)
@@ -237,8 +246,8 @@ def test_dare_piece_past_2_32_uses_the_high_word(backend, offset):
     n, t = 64, 2
     param = torch.zeros(n)
     hyper = {**SGD, "momentum": 0.0, "weight_decay": 0.0, "nesterov": False, "lr": 1.0}
-    backend.sgd_step(
-        param, torch.ones(n), None, None, torch.full((n,), 1000.0), step=t, name=NAME, settings=settings,
+    sgd_step(
+        backend, param, torch.ones(n), None, None, torch.full((n,), 1000.0), step=t, name=NAME, settings=settings,
         offset=offset, first_momentum=False, **hyper,
     )  # fmt: skip
     update_key, tau_key = dare_keys(settings, t, NAME)
@@ -251,7 +260,7 @@ def test_dare_piece_past_2_32_uses_the_high_word(backend, offset):
 
 
 def test_functional_passes_the_pieces_on():
-    """``functional.sgd`` with ``offsets``, ``update_cuts`` and ``tau_cuts``: a list of pieces equals the whole."""
+    """``functional.step`` with records of pieces (offsets, update and τ cuts): a list of pieces equals the whole."""
     settings = settings_of(MERGES["stepK-onties"])
     gen = torch.Generator().manual_seed(9)
     whole, tau = torch.randn(1000, generator=gen), 0.025 * torch.randint(-4, 5, (1000,), generator=gen)
@@ -266,19 +275,34 @@ def test_functional_passes_the_pieces_on():
     def zeros(sizes):
         return [torch.zeros(size) for size in sizes]
 
-    lists = {"whole": [[1000]], "pieces": [[hi - lo for lo, hi in bounds]]}
-    for key, (sizes,) in lists.items():
-        lists[key] = {"momentum": zeros(sizes), "buffers": zeros(sizes), "steps": [torch.tensor(0.0) for _ in sizes]}
-    for _ in range(3):
+    lists = {"whole": [(0, 1000)], "pieces": bounds}
+    for key, ranges in lists.items():
+        sizes = [hi - lo for lo, hi in ranges]
+        lists[key] = {"momentum": zeros(sizes), "buffers": zeros(sizes)}
+    plan = Plan("sgd", settings, **SGD)
+    for t in range(1, 4):
         grad = torch.randn(1000, generator=gen)
-        functional.sgd(
-            [whole], [grad], lists["whole"]["momentum"], lists["whole"]["steps"], lists["whole"]["buffers"], [tau],
-            [NAME], settings=settings, backend="eager", update_cuts=[record], tau_cuts=[lambda x: cuts["tau"]], **SGD,
+        whole_state = {"momentum_buffer": lists["whole"]["momentum"][0], "merge_buffer": lists["whole"]["buffers"][0]}
+        functional.step(
+            plan, [Record(whole, grad, t, **whole_state, first_momentum=t == 1, tau=tau, name=NAME,
+                          update_cut=record, tau_cut=lambda x: cuts["tau"])],
+            backend="eager",
         )  # fmt: skip
-        functional.sgd(
-            [flat[lo:hi] for lo, hi in bounds], [grad[lo:hi] for lo, hi in bounds], lists["pieces"]["momentum"],
-            lists["pieces"]["steps"], lists["pieces"]["buffers"], [tau[lo:hi] for lo, hi in bounds], [NAME] * 2,
-            settings=settings, backend="eager", offsets=[lo for lo, _ in bounds],
-            update_cuts=[lambda x: cuts["update"]] * 2, tau_cuts=[lambda x: cuts["tau"]] * 2, **SGD,
-        )  # fmt: skip
+        records = [
+            Record(
+                flat[lo:hi],
+                grad[lo:hi],
+                t,
+                momentum_buffer=lists["pieces"]["momentum"][i],
+                first_momentum=t == 1,
+                merge_buffer=lists["pieces"]["buffers"][i],
+                tau=tau[lo:hi],
+                name=NAME,
+                offset=lo,
+                update_cut=lambda x: cuts["update"],
+                tau_cut=lambda x: cuts["tau"],
+            )
+            for i, (lo, hi) in enumerate(bounds)
+        ]
+        functional.step(plan, records, backend="eager")
     assert torch.equal(whole, flat)

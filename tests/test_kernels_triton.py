@@ -10,6 +10,7 @@ import online_merging.kernels as kernels
 from online_merging.kernels import eager
 from online_merging.rng import STREAM_UPDATE, keep_threshold, random_bits, tensor_key
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
+from tests.backend_calls import adam_step, sgd_step
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -61,13 +62,13 @@ def make_state(opt, shape, dtype, settings, hyper, gen) -> dict:
 def call(module, opt, state, grad, tau, step, settings, hyper):
     common = {"step": step, "name": "block.weight", "settings": settings, **hyper}
     if opt == "adam":
-        module.adam_step(
-            state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
+        adam_step(
+            module, state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"),
             state.get("merge_buffer"), tau, **common,
         )  # fmt: skip
     else:
-        module.sgd_step(
-            state["param"], grad, state.get("momentum_buffer"), state.get("merge_buffer"), tau, **common,
+        sgd_step(
+            module, state["param"], grad, state.get("momentum_buffer"), state.get("merge_buffer"), tau, **common,
             first_momentum=step == 1,
         )  # fmt: skip
 

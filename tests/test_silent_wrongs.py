@@ -13,6 +13,7 @@ from torch import nn
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
 from online_merging.reference import ReferenceOnlineMerging
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
+from tests.backend_calls import adam_step, sgd_step
 
 BACKENDS = ["eager", "cpu"]
 
@@ -313,7 +314,7 @@ def test_every_backend_lets_a_nan_update_reach_theta(backend, merge):
     grad[3, 5], grad[7, 1] = float("nan"), float("inf")
     zeros = [torch.zeros(64, 64) for _ in range(2)]
     hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
-    module.adam_step(param, grad, *zeros, None, None, tau, step=1, name="w", settings=settings, **hyper)
+    adam_step(module, param, grad, *zeros, None, None, tau, step=1, name="w", settings=settings, **hyper)
     bad = ~torch.isfinite(param)
     assert bad[3, 5] and bad[7, 1] and int(bad.sum()) == 2
 
@@ -326,8 +327,8 @@ def test_every_backend_starts_the_momentum_buffer_when_told(backend, first):
     param, grad, buffer = torch.randn(300), torch.randn(300), torch.randn(300)
     expected = grad.clone() if first else 0.9 * buffer + 0.5 * grad
     settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": None})
-    module.sgd_step(
-        param, grad, buffer, None, None, step=5, name="w", lr=0.1, momentum=0.9, dampening=0.5, nesterov=False,
+    sgd_step(
+        module, param, grad, buffer, None, None, step=5, name="w", lr=0.1, momentum=0.9, dampening=0.5, nesterov=False,
         weight_decay=0.0, maximize=False, settings=settings, first_momentum=first,
     )  # fmt: skip
     torch.testing.assert_close(buffer, expected)

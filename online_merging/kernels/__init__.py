@@ -1,4 +1,4 @@
-"""Backends of the optimizer step. Each module exposes ``adam_step`` and ``sgd_step`` (see ``eager``).
+"""Backends of the optimizer step. Each module exposes ``step``, ``ties_merge`` and ``topk_cut`` (see ``eager``).
 
 - ``eager``: plain torch ops, any device; the readable float32 version.
 - ``cpu``: one fused C++ pass per tensor (compiled on first use with torch's cpp_extension).

@@ -1,34 +1,150 @@
-"""What one tensor's step does, decided once for every backend: the merge, the step-K buffer use, the DARE keys."""
+"""What a step does, decided once for every backend: a :class:`Plan` per param group, a :class:`Record` per tensor.
+
+Backends (``eager``, ``cpu``, ``triton``) do the arithmetic only and read everything else from these two: the
+hyper-parameters and the scalars derived from them (the plan), the tensors and what is particular to one tensor
+(the record: its step count, τ, name, place in a larger tensor, element mask). Step-dependent scalars (bias
+corrections, step-K's merge or accumulate, DARE keys) are derived per record, because the tensors of one group
+may have stepped different numbers of times (pieces that skipped a non-finite step, parameters added later).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import torch
 
-from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, tensor_key
+from online_merging.merging import Cut, PendingCut
+from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, keep_threshold, tensor_key
 from online_merging.settings import MergeSettings
 
-__all__ = ["dare_keys", "plan"]
+__all__ = ["CutFn", "Plan", "Record", "dare_keys"]
+
+CutFn = Callable[[torch.Tensor], Cut]
+"""Given a piece's flat tensor, the :data:`Cut` (global flat indices) of the whole tensor's top-p."""
+
+OPTIMIZERS = ("adam", "sgd")
 
 
-def plan(
-    tau: torch.Tensor | None, merge_buffer: torch.Tensor | None, step: int, settings: MergeSettings
-) -> tuple[str | None, str | None]:
-    """(merge, carry) of this step.
+@dataclass(frozen=True)
+class Plan:
+    """One param group's step, the same for each of its tensors.
 
-    merge: None (apply the plain Δ), "ondare" or "onties". carry, for step-K (Alg. 2): None, "accumulate" (a plain
-    step remembered in Δc) or "roll_back" (θ − Δc + merge(Δc + Δ), then Δc ← 0).
+    ``optimizer`` is ``"adam"`` (AdamW: ``beta1``, ``beta2``, ``eps``, ``amsgrad``; decoupled weight decay) or
+    ``"sgd"`` (``torch.optim.SGD``: ``momentum``, ``dampening``, ``nesterov``; weight decay in the gradient).
+    At lr 0 the plan has no merge, which leaves θ as it is, τ included (DCP creates the state of a fresh optimizer
+    by a step at lr 0).
     """
-    if tau is None or settings.is_plain:
-        return None, None
-    if settings.merge not in ("ondare", "onties"):
-        raise ValueError(f"unknown merge {settings.merge!r}")
-    if settings.merge_every == 1:
-        return settings.merge, None
-    if merge_buffer is None:
-        raise ValueError("step-K merging (merge_every > 1) needs a merge_buffer")
-    if step % settings.merge_every != 0:
-        return None, "accumulate"
-    return settings.merge, "roll_back"
+
+    optimizer: str
+    settings: MergeSettings
+    lr: float
+    weight_decay: float = 0.0
+    maximize: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    amsgrad: bool = False
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    decay: float = field(init=False)
+    """θ's factor before the update: 1 − lr·λ for AdamW, 1 for SGD."""
+    w_update: float = field(init=False)
+    """The merge weights of Δθ (1 − α) and of τ (α)."""
+    w_tau: float = field(init=False)
+    dare_scale: float = field(init=False)
+    """The factor of DARE's kept elements: 1/p when it rescales and drops some, else 1."""
+    dare_threshold: int = field(init=False)
+    """DARE keeps an element iff its 32 random bits are below this (2**32 at p = 1: all)."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Invalid optimizer: {self.optimizer!r} (expected one of {OPTIMIZERS})")
+        settings = self.settings
+        if self.lr == 0 and settings.merge is not None:
+            settings = dataclasses.replace(settings, merge=None)
+        p, alpha = settings.reserve_p, settings.alpha
+        derived = {
+            "settings": settings,
+            "decay": 1.0 - self.lr * self.weight_decay if self.optimizer == "adam" else 1.0,
+            "w_update": 1.0 - alpha,
+            "w_tau": alpha,
+            "dare_scale": 1.0 / p if settings.dare_rescale and p < 1.0 else 1.0,
+            "dare_threshold": keep_threshold(p) if p < 1.0 else 2**32,
+        }
+        for key, value in derived.items():
+            object.__setattr__(self, key, value)
+
+    def route(self, record: Record) -> tuple[str | None, str | None]:
+        """(merge, carry) of the record's step.
+
+        merge: None (apply the plain Δ), "ondare" or "onties". carry, for step-K (Alg. 2): None, "accumulate" (a
+        plain step remembered in Δc) or "roll_back" (θ − Δc + merge(Δc + Δ), then Δc ← 0).
+        """
+        settings = self.settings
+        if record.tau is None or settings.is_plain:
+            return None, None
+        if settings.merge_every == 1:
+            return settings.merge, None
+        if record.merge_buffer is None:
+            raise ValueError("step-K merging (merge_every > 1) needs a merge_buffer")
+        if record.step % settings.merge_every != 0:
+            return None, "accumulate"
+        return settings.merge, "roll_back"
+
+    def bias_corrections(self, step: int) -> tuple[float, float]:
+        """Adam's (step size −lr / (1 − β1^t), √(1 − β2^t)) at step t."""
+        return -self.lr / (1.0 - self.beta1**step), (1.0 - self.beta2**step) ** 0.5
+
+    def dare_keys(self, record: Record) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The record's DARE keys (of Δ and of τ); zeros for an unnamed tensor, which is never merged."""
+        if record.name is None:
+            return (0, 0), (0, 0)
+        return dare_keys(self.settings, record.step, record.name)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One tensor stepped with a :class:`Plan`: a parameter, or a piece of one (ZeRO, FSDP).
+
+    Tensors are views shaped like ``param`` (flat for a piece); state a backend does not use is ``None``:
+    ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (Adam), ``momentum_buffer`` (SGD, with momentum),
+    ``merge_buffer`` (step-K's Δc). ``step`` is the tensor's step count after this step (1 on the first).
+    ``first_momentum``: SGD's momentum buffer starts now, set to the gradient as torch sets a missing buffer.
+
+    A piece of a named parameter has ``offset``, the flat index of its element 0 in the whole, and ``tau``, the
+    matching piece of τ; DARE draws use the global index. OnTIES's top-p is then a :data:`Cut` of the whole:
+    ``update_cut(Δ flat)`` (a :class:`~online_merging.merging.PendingCut`, selected with the other pieces' of the
+    step) and ``tau_cut(τ flat)`` return it; without them it is the tensor's own top-p.
+
+    ``mask`` (ALLO's masked updates; ``None``: every element is updated) is a bool tensor of ``param.numel()``
+    elements, row-major: where it is False the element keeps its value and its state exactly, its Δθ counts as 0
+    in OnTIES's top-p, and τ is not merged into it.
+    """
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    step: int
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+    max_exp_avg_sq: torch.Tensor | None = None
+    momentum_buffer: torch.Tensor | None = None
+    first_momentum: bool = False
+    merge_buffer: torch.Tensor | None = None
+    tau: torch.Tensor | None = None
+    name: str | None = None
+    offset: int = 0
+    update_cut: CutFn | None = None
+    tau_cut: CutFn | None = None
+    mask: torch.Tensor | None = None
+
+    @property
+    def waits(self) -> bool:
+        """Whether its update cut is a :class:`~online_merging.merging.PendingCut` not selected yet: the
+        functional layer hands it this step's Δ and merges once the cuts of the step's pieces are selected."""
+        return isinstance(self.update_cut, PendingCut) and self.update_cut.cut is None
 
 
 def dare_keys(settings: MergeSettings, step: int, name: str) -> tuple[tuple[int, int], tuple[int, int]]:

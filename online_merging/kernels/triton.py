@@ -9,13 +9,14 @@ set before this module is imported (the tests do that); the kernels call only bu
 because its ``@jit`` helpers (``tl.zeros`` ...) stay compiled when ``triton`` was imported before the variable.
 
 OnTIES needs the exact top-p of the whole tensor, which one elementwise pass cannot know: the first kernel
-updates the optimizer state and writes Δθ (plus the step-K buffer) to a float32 scratch tensor, torch computes
-the top-p masks of it and of τ (``eager.trim_mask``), and a second kernel does the sign consensus and writes θ.
+updates the optimizer state and writes Δθ (plus the step-K buffer) to a float32 scratch tensor, the functional
+layer selects the top-p cuts of it and of τ, and a second kernel (``ties_merge``) does the sign consensus and
+writes θ.
 
-A tensor may be a piece of a larger one (``offset``, ``update_cut``, ``tau_cut``; see ``eager``): DARE hashes the
-global index ``offset + i``, and OnTIES keeps what the whole tensor's cuts keep.
+A tensor may be a piece of a larger one (see ``plan.Record``): DARE hashes the global index ``offset + i``, and
+OnTIES keeps what the whole tensor's cuts keep.
 
-A ``mask`` (masked updates, see ``eager``) is one more input, one byte per element (``MASKED``): every store of
+A mask (masked updates, see ``plan.Record``) is one more input, one byte per element (``MASKED``): every store of
 θ and state is masked by it as well as by the bounds, so masked-out elements are read but never written, and
 their Δ is written to the OnTIES scratch as 0. Without one, ``keep`` is the bounds mask and nothing changes.
 """
@@ -32,12 +33,12 @@ try:
 except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
-from online_merging.kernels.eager import CutFn, Rest, trim_mask, waits
-from online_merging.kernels.plan import dare_keys, plan
-from online_merging.rng import keep_threshold
-from online_merging.settings import MergeSettings
+from online_merging.kernels.plan import Plan, Record
+from online_merging.merging import Cut, cut_mask
+from online_merging.merging import topk_cut as merging_topk_cut
+from online_merging.merging.sparsify import KEEP_ALL
 
-__all__ = ["adam_step", "sgd_step"]
+__all__ = ["step", "ties_merge", "topk_cut"]
 
 _BLOCK = 1024
 """Elements per program."""
@@ -95,7 +96,7 @@ def _finish(
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
-    """Apply Δ to θ (fp32 ``param``) as ``eager.apply_update`` (DARE draws at global indices ``offset + offs``):
+    """Apply Δ to θ (fp32 ``param``) as ``eager._apply`` (DARE draws at global indices ``offset + offs``):
 
     plain:       θ ← decay·θ + Δ
     OnDARE:      θ ← decay·θ + (1−α)·keep_u(Δ)·s + α·clamp(keep_τ(τ)·s, ±c) + 0·Δ,  s = 1/p if RESCALE else 1
@@ -155,7 +156,7 @@ def _adam_kernel(
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """AdamW and the online merge of one block (``eager.adam_step``):
+    """AdamW and the online merge of one block (``eager._adam``):
 
     g = ±grad,  m ← lerp(m, g, 1−β1),  v ← β2·v + (1−β2)·g²,  v̂ ← max(v̂, v) if AMSGRAD else v,
     Δ = (−lr / (1−β1^t))·m / (sqrt(v̂) / sqrt(1−β2^t) + ε),  then ``_finish`` with decay = 1 − lr·λ.
@@ -201,7 +202,7 @@ def _sgd_kernel(
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """SGD as ``torch.optim.SGD`` and the online merge of one block (``eager.sgd_step``):
+    """SGD as ``torch.optim.SGD`` and the online merge of one block (``eager._sgd``):
 
     g = ±grad + λ·θ,  b ← g when it starts (FIRST_STEP) else μ·b + (1−d)·g,  g ← g + μ·b if NESTEROV else b  (MOMENTUM),
     Δ = −lr·g,  then ``_finish`` with decay = 1.
@@ -274,202 +275,122 @@ def _onties_kernel(
     tl.store(param_ptr + offs, (param + update).to(param_ptr.dtype.element_ty), mask=keep)
 
 
-def adam_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    max_exp_avg_sq: torch.Tensor | None,
-    merge_buffer: torch.Tensor | None,
-    tau: torch.Tensor | None,
-    *,
-    step: int,
-    name: str | None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    settings: MergeSettings,
-    offset: int = 0,
-    update_cut: CutFn | None = None,
-    tau_cut: CutFn | None = None,
-    mask: torch.Tensor | None = None,
-) -> Rest:
-    """AdamW (decoupled weight decay) followed by the online merge; see ``eager.adam_step``."""
-    return _run(
-        _adam_kernel,
-        param,
-        grad,
-        [exp_avg, exp_avg_sq, max_exp_avg_sq if amsgrad else None],
-        merge_buffer,
-        tau,
-        step=step,
-        name=name,
-        settings=settings,
-        pieces={"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut},
-        mask=mask,
-        decay=1.0 - lr * weight_decay,
-        scalars={
-            "lerp_weight": 1.0 - beta1,
-            "beta2": beta2,
-            "one_minus_beta2": 1.0 - beta2,
-            "eps": eps,
-            "step_size": -lr / (1.0 - beta1**step),
-            "sqrt_bias2": (1.0 - beta2**step) ** 0.5,
-        },
-        flags={"AMSGRAD": amsgrad, "MAXIMIZE": maximize},
-    )
-
-
-def sgd_step(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    momentum_buffer: torch.Tensor | None,
-    merge_buffer: torch.Tensor | None,
-    tau: torch.Tensor | None,
-    *,
-    step: int,
-    name: str | None,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
-    settings: MergeSettings,
-    first_momentum: bool,
-    offset: int = 0,
-    update_cut: CutFn | None = None,
-    tau_cut: CutFn | None = None,
-    mask: torch.Tensor | None = None,
-) -> Rest:
-    """SGD as ``torch.optim.SGD`` followed by the online merge; see ``eager.sgd_step``."""
-    return _run(
-        _sgd_kernel,
-        param,
-        grad,
-        [momentum_buffer if momentum != 0.0 else None],
-        merge_buffer,
-        tau,
-        step=step,
-        name=name,
-        settings=settings,
-        pieces={"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut},
-        mask=mask,
-        decay=1.0,
-        scalars={
-            "neg_lr": -lr,
-            "momentum": momentum,
-            "one_minus_dampening": 1.0 - dampening,
-            "weight_decay": weight_decay,
-        },
-        flags={
-            "MAXIMIZE": maximize,
-            "WEIGHT_DECAY": weight_decay != 0.0,
-            "MOMENTUM": momentum != 0.0,
-            "FIRST_STEP": first_momentum,
-            "NESTEROV": nesterov,
-        },
-    )
-
-
-def _run(
-    kernel, param, grad, state, merge_buffer, tau, *, step, name, settings, pieces, mask, decay, scalars, flags
-) -> Rest:  # fmt: skip
-    """Launch ``kernel`` over one tensor: the whole step, or for OnTIES its first pass, the top-p and the merge (the
-    last two returned as the rest of the step when ``update_cut`` is a waiting ``PendingCut``).
-
-    ``state`` holds the kernel's state tensors in order (``None`` for one it does not use). Tensors are
-    processed flat and contiguous; non-contiguous ones are copied, and the written ones copied back.
-    ``pieces`` holds ``offset``, ``update_cut`` and ``tau_cut``.
-    """
-    n = param.numel()
-    merge, carry = plan(tau, merge_buffer, step, settings)
-    waiting = merge == "onties" and waits(pieces["update_cut"])
+def step(plan: Plan, record: Record) -> torch.Tensor | None:
+    """Same contract as :func:`online_merging.kernels.eager.step`: one launch of ``_adam_kernel`` or
+    ``_sgd_kernel`` (under OnTIES, writing the float32 Δ to a scratch tensor, which it returns)."""
+    r = record
+    n = r.param.numel()
+    merge, carry = plan.route(r)
     if n == 0:
-        if merge != "onties":
-            return None
-        empty = param.new_empty(0, dtype=torch.float32)
-
-        def select() -> None:  # the cuts may be collectives, which empty pieces take part in too
-            _keep_masks(empty, tau, settings.reserve_p, **pieces)
-
-        if waiting:
-            pieces["update_cut"].total = empty
-            return select
-        select()
-        return None
-    if merge is None:
-        tau = None
-    if carry is None:
-        merge_buffer = None
-    written = [param, *state, merge_buffer]
-    work = [_contiguous(t) for t in written]
-    grad, tau = _contiguous(grad), _contiguous(tau)
-    keep = None if mask is None else _contiguous(mask.reshape(-1)).view(torch.uint8)
-    param_c, *state_c, buffer_c = work
-    scratch = torch.empty(n, dtype=torch.float32, device=param.device) if merge == "onties" else None
-    grid = (triton.cdiv(n, _BLOCK),)
-    device = torch.cuda.device(param.device) if param.is_cuda else contextlib.nullcontext()
-    with device:
-        kernel[grid](
-            param_c, grad, *state_c, buffer_c, tau, scratch, keep, n,
-            **scalars, decay=decay, offset=pieces["offset"], **_merge_args(merge, carry, step, name, settings), **flags,
-            MASKED=keep is not None, BLOCK=_BLOCK, **_LAUNCH,
+        return r.param.new_empty(0, dtype=torch.float32) if merge == "onties" else None
+    if plan.optimizer == "adam":
+        kernel = _adam_kernel
+        state = [r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None]
+        step_size, sqrt_bias2 = plan.bias_corrections(r.step)
+        scalars = {
+            "lerp_weight": 1.0 - plan.beta1,
+            "beta2": plan.beta2,
+            "one_minus_beta2": 1.0 - plan.beta2,
+            "eps": plan.eps,
+            "step_size": step_size,
+            "sqrt_bias2": sqrt_bias2,
+        }
+        flags = {"AMSGRAD": plan.amsgrad, "MAXIMIZE": plan.maximize}
+    else:
+        kernel = _sgd_kernel
+        state = [r.momentum_buffer if plan.momentum != 0.0 else None]
+        scalars = {
+            "neg_lr": -plan.lr,
+            "momentum": plan.momentum,
+            "one_minus_dampening": 1.0 - plan.dampening,
+            "weight_decay": plan.weight_decay,
+        }
+        flags = {
+            "MAXIMIZE": plan.maximize,
+            "WEIGHT_DECAY": plan.weight_decay != 0.0,
+            "MOMENTUM": plan.momentum != 0.0,
+            "FIRST_STEP": r.first_momentum,
+            "NESTEROV": plan.nesterov,
+        }
+    tau = r.tau if merge is not None else None
+    buffer = r.merge_buffer if carry is not None else None
+    # under OnTIES this pass writes only the state and the scratch: θ and Δc are ``ties_merge``'s
+    written = state if merge == "onties" else [r.param, *state, buffer]
+    work = {id(t): _contiguous(t) for t in written if t is not None}
+    param_c, buffer_c = (work.get(id(t), _contiguous(t)) for t in (r.param, buffer))
+    state_c = [work.get(id(t)) for t in state]
+    scratch = torch.empty(n, dtype=torch.float32, device=r.param.device) if merge == "onties" else None
+    with _on_device(r.param):
+        kernel[(triton.cdiv(n, _BLOCK),)](
+            param_c, _contiguous(r.grad), *state_c, buffer_c, _contiguous(tau), scratch, _mask_bytes(r), n,
+            **scalars, decay=plan.decay, offset=r.offset, **_merge_args(plan, r, merge, carry), **flags,
+            MASKED=r.mask is not None, BLOCK=_BLOCK, **_LAUNCH,
         )  # fmt: skip
-
-    def merge_and_write_back() -> None:
-        if merge == "onties":
-            alpha = settings.alpha
-            update_keep, tau_keep = _keep_masks(scratch, tau, settings.reserve_p, **pieces)
-            with device:
-                _onties_kernel[grid](
-                    param_c, scratch, tau, update_keep, tau_keep, buffer_c, keep, n, decay, 1.0 - alpha, alpha,
-                    TRIM=update_keep is not None, WEIGHTED=settings.ties_sign == "weighted",
-                    ROLL_BACK=carry == "roll_back", MASKED=keep is not None, BLOCK=_BLOCK, **_LAUNCH,
-                )  # fmt: skip
-        for original, copy in zip(written, work, strict=True):
-            if copy is not original:
-                original.copy_(copy)
-
-    if waiting:
-        pieces["update_cut"].total = scratch
-        return merge_and_write_back
-    merge_and_write_back()
-    return None
+    _write_back(written, work)
+    return scratch
 
 
-def _keep_masks(
-    total: torch.Tensor, tau: torch.Tensor, p: float, *, offset: int, update_cut: CutFn | None, tau_cut: CutFn | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """OnTIES's keep-masks of the flat Δ total and of τ (its cut computed once) as flat bytes (the kernel reads
-    them), or ``None`` when all is kept."""
-    if p >= 1.0 and update_cut is None and tau_cut is None:
-        return None, None
-    masks = trim_mask(total, p, update_cut, offset), trim_mask(tau, p, tau_cut, offset, constant=True)
-    return masks[0].view(torch.uint8), masks[1].reshape(-1).view(torch.uint8)
+def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
+    """Same contract as :func:`online_merging.kernels.eager.ties_merge`: one launch of ``_onties_kernel``, given
+    the cuts' keep-masks as bytes (none when both keep all)."""
+    r = record
+    n = r.param.numel()
+    if n == 0:
+        return
+    _, carry = plan.route(r)
+    buffer = r.merge_buffer if carry == "roll_back" else None
+    written = [r.param, buffer]
+    work = {id(t): _contiguous(t) for t in written if t is not None}
+    tau = _contiguous(r.tau)
+    trim = not update_cut == tau_cut == KEEP_ALL
+    update_keep = cut_mask(total, update_cut, offset=r.offset).view(torch.uint8) if trim else None
+    tau_keep = cut_mask(tau, tau_cut, offset=r.offset).reshape(-1).view(torch.uint8) if trim else None
+    with _on_device(r.param):
+        _onties_kernel[(triton.cdiv(n, _BLOCK),)](
+            work[id(r.param)], total, tau, update_keep, tau_keep, work.get(id(buffer)), _mask_bytes(r), n, plan.decay,
+            plan.w_update, plan.w_tau, TRIM=trim, WEIGHTED=plan.settings.ties_sign == "weighted",
+            ROLL_BACK=buffer is not None, MASKED=r.mask is not None, BLOCK=_BLOCK, **_LAUNCH,
+        )  # fmt: skip
+    _write_back(written, work)
 
 
-def _merge_args(merge: str | None, carry: str | None, step: int, name: str | None, settings: MergeSettings) -> dict:
+topk_cut = merging_topk_cut
+
+
+def _merge_args(plan: Plan, record: Record, merge: str | None, carry: str | None) -> dict:
     """The merge scalars and constexpr flags of ``_finish``."""
-    p, alpha = settings.reserve_p, settings.alpha
+    settings = plan.settings
+    p = settings.reserve_p
     dare = merge == "ondare"
     drop = dare and p < 1.0
-    with_tau = dare and alpha != 0.0
+    with_tau = dare and plan.w_tau != 0.0
     args = {
         "upd_k1": 0, "upd_k2": 0, "tau_k1": 0, "tau_k2": 0, "threshold": 0,
-        "p": p, "w_update": 1.0 - alpha, "w_tau": alpha, "tau_clamp": settings.tau_clamp or 0.0,
+        "p": p, "w_update": plan.w_update, "w_tau": plan.w_tau, "tau_clamp": settings.tau_clamp or 0.0,
         "DARE": dare, "DROP": drop, "RESCALE": drop and settings.dare_rescale, "WITH_TAU": with_tau,
         "CLAMP": with_tau and settings.tau_clamp is not None, "TO_SCRATCH": merge == "onties",
         "ACCUMULATE": carry == "accumulate", "ROLL_BACK": carry == "roll_back",
     }  # fmt: skip
     if drop:
-        (args["upd_k1"], args["upd_k2"]), (args["tau_k1"], args["tau_k2"]) = dare_keys(settings, step, name)
-        args["threshold"] = keep_threshold(p)
+        (args["upd_k1"], args["upd_k2"]), (args["tau_k1"], args["tau_k2"]) = plan.dare_keys(record)
+        args["threshold"] = plan.dare_threshold
     return args
+
+
+def _mask_bytes(record: Record) -> torch.Tensor | None:
+    """The element mask as one byte per element, flat (``MASKED``), or ``None``."""
+    return None if record.mask is None else _contiguous(record.mask.reshape(-1)).view(torch.uint8)
+
+
+def _on_device(tensor: torch.Tensor):
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _write_back(written: list[torch.Tensor | None], work: dict[int, torch.Tensor]) -> None:
+    """Copy the contiguous copies the kernels wrote back into their non-contiguous originals."""
+    for original in written:
+        if original is not None and work[id(original)] is not original:
+            original.copy_(work[id(original)])
 
 
 def _contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from online_merging.kernels.plan import Plan
 from online_merging.merging import TaskVector
 from online_merging.optim import functional
 from online_merging.optim.base import OnlineMergingOptimizer
@@ -130,7 +131,7 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
     def _step_group(
         self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor], skip: dict
     ) -> None:
-        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], []
+        states = []
         for param in params:
             state = self.state[param]
             if "step" not in state:
@@ -139,33 +140,10 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             if group["amsgrad"] and "max_exp_avg_sq" not in state:
                 state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            max_exp_avg_sqs.append(state.get("max_exp_avg_sq"))
-            steps.append(state["step"])
-        grads = [p.grad for p in params]
-        inputs = self._kernel_inputs(
-            group, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs], steps, settings, skip
-        )
+            states.append({key: state.get(key) for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")})
         beta1, beta2 = group["betas"]
-        functional.adam(
-            *inputs["columns"],
-            inputs["steps"],
-            inputs["buffers"],
-            inputs["taus"],
-            inputs["names"],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-            settings=inputs["settings"],
-            backend=self.backend,
-            offsets=inputs["offsets"],
-            update_cuts=inputs["update_cuts"],
-            tau_cuts=inputs["tau_cuts"],
-            masks=inputs["masks"],
-        )
-        self._count_steps(params, steps)
+        plan = Plan(
+            "adam", settings, lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+            beta1=beta1, beta2=beta2, eps=group["eps"], amsgrad=group["amsgrad"],
+        )  # fmt: skip
+        functional.step(plan, self._records(plan, settings, params, states, skip), backend=self.backend)

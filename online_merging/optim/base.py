@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -13,6 +12,7 @@ from torch.optim import Optimizer
 
 from online_merging.distributed.collectives import all_true
 from online_merging.kernels import BACKENDS
+from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import TaskVector, canonical_name
 from online_merging.optim.pieces import Piece, calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
@@ -82,12 +82,10 @@ class OnlineMergingOptimizer(Optimizer):
             for name, param in module.named_parameters(remove_duplicate=False):
                 self._aliases.setdefault(param, []).append(canonical_name(name))
         self._names: dict[torch.Tensor, str | None] = {}
-        self._tau_names: dict[torch.Tensor, str] = {}  # the τ entry of each parameter that has one
         self._taus: dict[torch.Tensor, torch.Tensor] = {}  # τ on the parameter's device, made at its first step
         self._pieces: dict[torch.Tensor, list[Piece]] = {}
         self.neuron_mask = _neuron_masks(neuron_mask)
         self._masks: dict[torch.Tensor, torch.Tensor] = {}  # each masked parameter's flat bool element mask
-        self._masks_by_name: dict[str, torch.Tensor] = {}  # the same, by the parameter's name (for ZeRO pieces)
         self._masked_names: set[str] = set()  # the neuron_mask names that matched a parameter
         self._known_names: set[str] = set()  # every name of every parameter given (for τ's extra entries)
         self._first_step_checked = False
@@ -130,7 +128,6 @@ class OnlineMergingOptimizer(Optimizer):
                 shape = _full_shape(param)
                 if tau_shape != shape:
                     raise ValueError(f"task vector entry {name!r} has shape {tau_shape} but {where} has shape {shape}")
-                self._tau_names[param] = name
             mask = self._bind_mask(param, candidates, where)
             if is_dtensor(param) and self._names[param] is not None:
                 self._pieces[param] = dtensor_pieces(self._names[param], param, self.task_vector, mask)
@@ -167,7 +164,6 @@ class OnlineMergingOptimizer(Optimizer):
         device = param.device if param.device.type != "meta" else torch.device("cpu")
         element_mask = mask.reshape(-1).to(device, copy=True).contiguous()
         self._masks[param] = element_mask
-        self._masks_by_name[self._names[param] or name] = element_mask
         return element_mask
 
     def _check_unique(self, param_group: dict[str, Any]) -> None:
@@ -209,7 +205,7 @@ class OnlineMergingOptimizer(Optimizer):
         """
         if self.task_vector is None or not any(g["merge"] is not None and g["params"] for g in self.param_groups):
             return
-        if not self._tau_names:
+        if not any(self._tau_name(param) for param in self._names):
             names = list(self.task_vector)
             params = [n for n in (self._names.get(p) for g in self.param_groups for p in g["params"]) if n]
             raise ValueError(
@@ -224,8 +220,10 @@ class OnlineMergingOptimizer(Optimizer):
             return
         known = self._known_names | {n for aliases in self._aliases.values() for n in aliases}
         used: dict[tuple[int, ...], set[str]] = {}  # the matched entries by shape, for the tied-weight test
-        for param, name in self._tau_names.items():
-            used.setdefault(_full_shape(param), set()).add(name)
+        for param in self._names:
+            name = self._tau_name(param)
+            if name is not None:
+                used.setdefault(_full_shape(param), set()).add(name)
         extra = [n for n in self.task_vector if n not in known and not self._tied_alias(n, used)]
         if extra:
             warnings.warn(
@@ -249,9 +247,7 @@ class OnlineMergingOptimizer(Optimizer):
             if group["merge"] is None or group["alpha"] == 0:
                 continue
             for param in group["params"]:
-                pieces = self._pieces.get(param, ())
-                has_tau = param in self._tau_names or any(piece.tau is not None for piece in pieces)
-                if has_tau and param.dtype in (torch.bfloat16, torch.float16):
+                if self._has_tau(param) and param.dtype in (torch.bfloat16, torch.float16):
                     low.setdefault(param.dtype, []).append(self._names.get(param) or "unnamed")
         for dtype, names in low.items():
             warnings.warn(
@@ -264,11 +260,7 @@ class OnlineMergingOptimizer(Optimizer):
 
     def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
         missing = [
-            self._names[p]
-            for g in groups
-            if g["merge"] is not None
-            for p in g["params"]
-            if p not in self._tau_names and not any(piece.tau is not None for piece in self._pieces.get(p, ()))
+            self._names[p] for g in groups if g["merge"] is not None for p in g["params"] if not self._has_tau(p)
         ]
         if missing:
             warnings.warn(
@@ -284,7 +276,7 @@ class OnlineMergingOptimizer(Optimizer):
     def _step_group(
         self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor], skip: dict
     ) -> None:
-        """Step ``params``; ``skip``: pieces not to step, for :meth:`_kernel_inputs`."""
+        """Step ``params``; ``skip``: pieces not to step, for :meth:`_records`."""
         raise NotImplementedError
 
     # -- stepping ------------------------------------------------------------------------------------------
@@ -327,7 +319,8 @@ class OnlineMergingOptimizer(Optimizer):
                 "optimizer is stepping it: add parameters with add_param_group()"
             )
         names = {p: n for p, n in self._names.items() if n is not None}
-        self._pieces.update(zero_pieces(zero_optimizer, names, self.task_vector, self._masks_by_name))
+        masks = {self._names[p]: mask for p, mask in self._masks.items()}
+        self._pieces.update(zero_pieces(zero_optimizer, names, self.task_vector, masks))
 
     def _check_grad(self, param: torch.Tensor, index: int) -> None:
         grad = param.grad
@@ -395,67 +388,74 @@ class OnlineMergingOptimizer(Optimizer):
         name = self._names.get(param)
         return f"parameter {name!r}" if name else f"an unnamed parameter of param_groups[{index}]"
 
-    def _kernel_inputs(
-        self, group, columns: list[list[torch.Tensor | None]], steps: list[torch.Tensor], settings, skip,
-        new_buffers: list[bool] | None = None,
-    ):  # fmt: skip
-        """Per stepped piece: the views of each column (tensors shaped like the params: param, grad, states), the
-        step counter, step-K buffer, τ, name, global offset, OnTIES cut callables and element mask (``None``: not
-        masked), as ``functional`` takes them;
-        and the settings to step with: no merge at lr 0, which leaves θ as it is, τ included (DCP creates the
-        state of a fresh optimizer by a step at lr 0).
+    def _records(
+        self, plan: Plan, settings: MergeSettings, params: list[torch.Tensor],
+        states: list[dict[str, torch.Tensor | None]], skip, new_buffers: list[bool] | None = None,
+    ) -> list[Record]:  # fmt: skip
+        """One :class:`~online_merging.kernels.plan.Record` per stepped piece of ``params``, whose step counters
+        advance now; ``states``: per tensor, the optimizer state tensors by record field. ``settings``: the
+        group's, which make the step-K buffer also at lr 0 (where the plan has no merge), so that a step at lr 0
+        creates the whole state.
 
-        A whole parameter is one piece. A ZeRO partition or FSDP2 shard holds several: they get copies of the
-        tensor's step counter, less the steps their parameter skipped (``skip``: the pieces to skip now, by
-        tensor, from :meth:`_nonfinite`), and :meth:`_count_steps` then advances it once.
+        A whole parameter is one piece. A ZeRO partition or FSDP2 shard holds several: each counts the tensor's
+        steps less those its parameter skipped (``skip``: the pieces to skip now, by tensor, from
+        :meth:`_nonfinite`), and the tensor's counter advances once.
 
         ``new_buffers`` (SGD): per tensor, whether its momentum buffer was made for this step; a piece takes its
         first momentum step then, or when its parameter skipped every step so far (it never wrote its buffer).
         """
-        params = columns[0]
-        keys = ("steps", "buffers", "taus", "names", "offsets", "update_cuts", "tau_cuts", "masks")
-        out = {"columns": [[] for _ in columns], "first_momentum": [], **{key: [] for key in keys}}
-        new_buffers = new_buffers or [False] * len(columns[0])
-        out["settings"] = dataclasses.replace(settings, merge=None) if group["lr"] == 0 else settings
+        records = []
         for i, param in enumerate(params):
             state = self.state[param]
             pieces = self._pieces.get(param)
-            has_tau = param in self._tau_names or any(piece.tau is not None for piece in pieces or ())
+            has_tau = self._has_tau(param)
             if has_tau and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            buffer = state.get("merge_buffer")
+            tensors = {"param": param, "grad": param.grad, "merge_buffer": state.get("merge_buffer"), **states[i]}
+            new_buffer = bool(new_buffers and new_buffers[i])
+            step = state["step"]
             if pieces is None:
                 if has_tau and param not in self._taus:  # the first step: τ comes to the parameter's device now
-                    self._taus[param] = self.task_vector[self._tau_names[param]].to(param.device)
-                tau, mask = (_follow(cache, param) for cache in (self._taus, self._masks))
-                for column, values in zip(out["columns"], columns, strict=True):
-                    column.append(values[i])
-                entries = [(steps[i], buffer, tau, self._names.get(param), 0, None, None, mask)]
-                out["first_momentum"].append(new_buffers[i])
-            else:
-                skipped = state.get("piece_skips")  # with nonfinite_grads only
-                stepped = [j for j in range(len(pieces)) if j not in skip.get(param, ())]
-                for column, values in zip(out["columns"], columns, strict=True):
-                    column.extend(pieces[j].view(values[i]) for j in stepped)
-                ties = out["settings"].merge == "onties"
-                entries = [
-                    (steps[i].clone() if skipped is None else steps[i] - skipped[j], pieces[j].view(buffer),
-                     pieces[j].tau, pieces[j].name, pieces[j].offset,
-                     pieces[j].update_cut(settings.reserve_p) if ties else None,
-                     pieces[j].tau_cut(settings.reserve_p) if ties else None, pieces[j].mask)
-                    for j in stepped
-                ]  # fmt: skip
-                out["first_momentum"].extend(new_buffers[i] or int(entry[0]) == 0 for entry in entries)
-            for entry in entries:
-                for key, value in zip(keys, entry, strict=True):
-                    out[key].append(value)
-        return out
-
-    def _count_steps(self, params: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
-        """Advance the step counters of the tensors stepped piece by piece (the others count in ``functional``)."""
-        for param, step in zip(params, steps, strict=True):
-            if param in self._pieces:
+                    self._taus[param] = self.task_vector[self._names[param]].to(param.device)
                 step += 1
+                tau, mask = _follow(self._taus, param), _follow(self._masks, param)
+                name = self._names.get(param)
+                records.append(
+                    Record(**tensors, step=int(step), first_momentum=new_buffer, tau=tau, name=name, mask=mask)
+                )
+                continue
+            skipped = state.get("piece_skips")  # with nonfinite_grads only
+            ties = plan.settings.merge == "onties"
+            for j, piece in enumerate(pieces):
+                if j in skip.get(param, ()):
+                    continue
+                count = int(step) + 1 - (0 if skipped is None else int(skipped[j]))
+                p = settings.reserve_p
+                cuts = {"update_cut": piece.update_cut(p), "tau_cut": piece.tau_cut(p)} if ties else {}
+                views = {key: piece.view(value) for key, value in tensors.items()}
+                records.append(
+                    Record(
+                        **views,
+                        **cuts,
+                        step=count,
+                        first_momentum=new_buffer or count == 1,
+                        tau=piece.tau,
+                        name=piece.name,
+                        offset=piece.offset,
+                        mask=piece.mask,
+                    )
+                )
+            step += 1
+        return records
+
+    def _has_tau(self, param: torch.Tensor) -> bool:
+        """Whether τ has an entry for ``param`` by name, or for one of its pieces (a ZeRO partition holds several)."""
+        return self._tau_name(param) is not None or any(piece.tau is not None for piece in self._pieces.get(param, ()))
+
+    def _tau_name(self, param: torch.Tensor) -> str | None:
+        """``param``'s name when τ has an entry of that name (a parameter given whole, or an FSDP2 DTensor)."""
+        name = self._names.get(param)
+        return name if name is not None and self.task_vector is not None and name in self.task_vector else None
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 

@@ -1,151 +1,93 @@
-"""Functional cores of the optimizers: one step over lists of tensors, dispatched to a backend per tensor.
+"""Functional core of the optimizers: one step of a param group's records, dispatched to a backend per tensor.
 
-:class:`OnlineMergingAdam` and :class:`OnlineMergingSGD` gather their state into lists and call these. A tensor may
-be a piece of a named parameter: ``offsets``, ``update_cuts`` and ``tau_cuts`` (per tensor, default 0 and ``None``)
-go to the backend's ``offset``, ``update_cut`` and ``tau_cut`` (see :mod:`online_merging.kernels.eager`).
-``masks`` (per tensor, default ``None``) are the bool element masks of masked updates: the backend's ``mask``.
+:class:`OnlineMergingAdam` and :class:`OnlineMergingSGD` build a :class:`~online_merging.kernels.plan.Plan` and
+one :class:`~online_merging.kernels.plan.Record` per stepped tensor or piece, and call :func:`step`. A backend's
+``step(plan, record)`` does the whole step, except under OnTIES: there it updates the optimizer state and returns
+the flat float32 update Δ (Δc + Δ on a step-K roll-back, 0 where masked); this layer selects the top-p cuts of Δ
+and of τ (τ's computed once per tensor, :func:`~online_merging.merging.sparsify.constant_cut`, or the piece's
+cached cut of the whole) and calls the backend's ``ties_merge(plan, record, total, update_cut, tau_cut)``.
 
-An update cut that is a :class:`~online_merging.merging.PendingCut` (a piece of a sharded tensor) is selected for
-all such tensors together, after their Δ is computed and before they merge: one batched selection (5 collectives)
+A record whose update cut is a :class:`~online_merging.merging.PendingCut` (a piece of a sharded tensor) waits: the
+cuts of all such records are selected together, after their Δ is computed: one batched selection (5 collectives)
 per step instead of one per tensor, holding the tensors' Δ meanwhile, at most ``DEFER_NUMEL`` elements of whole
 tensors at a time.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
 from online_merging.distributed import select_pending
 from online_merging.kernels import get_backend
-from online_merging.kernels.eager import CutFn, Rest
-from online_merging.settings import MergeSettings
+from online_merging.kernels.plan import Plan, Record
+from online_merging.merging import Cut, num_kept
+from online_merging.merging.sparsify import constant_cut
 
-__all__ = ["DEFER_NUMEL", "adam", "sgd"]
+__all__ = ["DEFER_NUMEL", "finish_ties", "step"]
 
 DEFER_NUMEL = 2**28
 """Whole-tensor elements whose Δ may wait for one batched OnTIES selection (each rank holds its pieces' share, in
 float32): more go in several batches. Decided on whole-tensor sizes, so every rank batches alike."""
 
 
-def adam(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    max_exp_avg_sqs: list[torch.Tensor | None],
-    steps: list[torch.Tensor],
-    merge_buffers: list[torch.Tensor | None],
-    taus: list[torch.Tensor | None],
-    names: list[str | None],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    amsgrad: bool,
-    maximize: bool,
-    settings: MergeSettings,
-    backend: str | None = None,
-    offsets: list[int] | None = None,
-    update_cuts: list[CutFn | None] | None = None,
-    tau_cuts: list[CutFn | None] | None = None,
-    masks: list[torch.Tensor | None] | None = None,
-) -> None:
-    """AdamW followed by the online merge; ``steps`` are incremented in place."""
-    pieces = _pieces(len(params), offsets, update_cuts, tau_cuts, masks)
-    waiting = _Waiting()
-    for i, param in enumerate(params):
-        steps[i] += 1
-        rest = get_backend(backend, param.device).adam_step(
-            param, grads[i], exp_avgs[i], exp_avg_sqs[i], max_exp_avg_sqs[i], merge_buffers[i], taus[i],
-            step=int(steps[i]), name=names[i], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, settings=settings, **pieces[i],
-        )  # fmt: skip
-        waiting.add(rest, pieces[i]["update_cut"])
+def step(plan: Plan, records: list[Record], backend: str | ModuleType | None = None) -> None:
+    """Step every record with ``plan``; ``backend``: a name of :data:`~online_merging.kernels.BACKENDS`, a backend
+    module, or ``None`` for the fastest on each tensor's device."""
+    waiting = _Waiting(plan)
+    for record in records:
+        kernels = backend if isinstance(backend, ModuleType) else get_backend(backend, record.param.device)
+        total = kernels.step(plan, record)
+        if total is None:
+            continue
+        if record.waits:
+            record.update_cut.total = total
+            waiting.add(kernels, record, total)
+        else:
+            finish_ties(kernels, plan, record, total)
     waiting.finish()
 
 
-def sgd(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor | None],
-    steps: list[torch.Tensor],
-    merge_buffers: list[torch.Tensor | None],
-    taus: list[torch.Tensor | None],
-    names: list[str | None],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    nesterov: bool,
-    weight_decay: float,
-    maximize: bool,
-    settings: MergeSettings,
-    backend: str | None = None,
-    offsets: list[int] | None = None,
-    update_cuts: list[CutFn | None] | None = None,
-    tau_cuts: list[CutFn | None] | None = None,
-    masks: list[torch.Tensor | None] | None = None,
-    first_momentum: list[bool] | None = None,
-) -> None:
-    """SGD (as ``torch.optim.SGD``) followed by the online merge; ``steps`` are incremented in place.
+def finish_ties(kernels: ModuleType, plan: Plan, record: Record, total: torch.Tensor) -> None:
+    """OnTIES's second phase of ``record``, whose Δ is ``total`` (from ``kernels.step``): the top-p cuts of Δ and
+    of τ, then the backend's merge."""
+    k, tau = num_kept(plan.settings.reserve_p, total.numel()), record.tau
+    if record.update_cut is None:  # the tensor's own top-p
+        update_cut = _global(kernels.topk_cut(total, k), record.offset)
+    else:
+        update_cut = record.update_cut(total)
+    if record.tau_cut is None:  # computed once per τ tensor
+        tau_cut = _global(constant_cut(tau, k), record.offset)
+    else:
+        tau_cut = record.tau_cut(tau.reshape(-1))
+    kernels.ties_merge(plan, record, total, update_cut, tau_cut)
 
-    ``first_momentum`` (per tensor; default: on its first step) says which momentum buffers start now, set to the
-    gradient as torch sets a missing buffer.
-    """
-    pieces = _pieces(len(params), offsets, update_cuts, tau_cuts, masks)
-    waiting = _Waiting()
-    for i, param in enumerate(params):
-        steps[i] += 1
-        first = int(steps[i]) == 1 if first_momentum is None else first_momentum[i]
-        rest = get_backend(backend, param.device).sgd_step(
-            param, grads[i], momentum_buffers[i], merge_buffers[i], taus[i],
-            step=int(steps[i]), name=names[i], lr=lr, momentum=momentum, dampening=dampening,
-            nesterov=nesterov, weight_decay=weight_decay, maximize=maximize, settings=settings,
-            first_momentum=first, **pieces[i],
-        )  # fmt: skip
-        waiting.add(rest, pieces[i]["update_cut"])
-    waiting.finish()
+
+def _global(cut: Cut, offset: int) -> Cut:
+    """A tensor's own cut (local flat indices) in the global indices of the records' cuts."""
+    threshold, cutoff = cut
+    return threshold, cutoff + offset
 
 
 class _Waiting:
-    """The rests of the steps waiting for their batched OnTIES cut (see the module docstring)."""
+    """The OnTIES records waiting for their batched cut (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self.rests: list[Rest] = []
-        self.cuts: list = []
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.entries: list[tuple[ModuleType, Record, torch.Tensor]] = []
         self.numel = 0
 
-    def add(self, rest: Rest, cut) -> None:
-        if rest is None:
-            return
-        self.rests.append(rest)
-        self.cuts.append(cut)
-        self.numel += cut.numel
+    def add(self, kernels: ModuleType, record: Record, total: torch.Tensor) -> None:
+        self.entries.append((kernels, record, total))
+        self.numel += record.update_cut.numel
         if self.numel >= DEFER_NUMEL:
             self.finish()
 
     def finish(self) -> None:
-        """Select the waiting cuts together, then run the rests of their steps, in order."""
-        if self.rests:
-            select_pending(self.cuts)
-            for rest in self.rests:
-                rest()
-        self.rests, self.cuts, self.numel = [], [], 0
-
-
-def _pieces(
-    n: int,
-    offsets: list[int] | None,
-    update_cuts: list[CutFn | None] | None,
-    tau_cuts: list[CutFn | None] | None,
-    masks: list[torch.Tensor | None] | None,
-) -> list[dict]:
-    """The backend's piece (and mask) arguments of each of ``n`` tensors."""
-    return [
-        {"offset": offset, "update_cut": update_cut, "tau_cut": tau_cut, "mask": mask}
-        for offset, update_cut, tau_cut, mask in zip(
-            offsets or [0] * n, update_cuts or [None] * n, tau_cuts or [None] * n, masks or [None] * n, strict=True
-        )
-    ]
+        """Select the waiting cuts together, then merge their records, in order."""
+        if self.entries:
+            select_pending([record.update_cut for _, record, _ in self.entries])
+            for kernels, record, total in self.entries:
+                finish_ties(kernels, self.plan, record, total)
+        self.entries, self.numel = [], 0

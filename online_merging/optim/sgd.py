@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from online_merging.kernels.plan import Plan
 from online_merging.merging import TaskVector
 from online_merging.optim import functional
 from online_merging.optim.base import OnlineMergingOptimizer
@@ -96,7 +97,7 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
     def _step_group(
         self, group: dict[str, Any], settings: MergeSettings, params: list[torch.Tensor], skip: dict
     ) -> None:
-        momentum_buffers, steps, new_buffers = [], [], []
+        states, new_buffers = [], []
         for param in params:
             state = self.state[param]
             if "step" not in state:
@@ -105,30 +106,10 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             new_buffers.append(group["momentum"] != 0 and "momentum_buffer" not in state)
             if new_buffers[-1]:
                 state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            momentum_buffers.append(state.get("momentum_buffer"))
-            steps.append(state["step"])
-        grads = [p.grad for p in params]
-        inputs = self._kernel_inputs(
-            group, [params, grads, momentum_buffers], steps, settings, skip, new_buffers=new_buffers
-        )
-        functional.sgd(
-            *inputs["columns"],
-            inputs["steps"],
-            inputs["buffers"],
-            inputs["taus"],
-            inputs["names"],
-            lr=group["lr"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            nesterov=group["nesterov"],
-            weight_decay=group["weight_decay"],
-            maximize=group["maximize"],
-            settings=inputs["settings"],
-            backend=self.backend,
-            offsets=inputs["offsets"],
-            update_cuts=inputs["update_cuts"],
-            tau_cuts=inputs["tau_cuts"],
-            masks=inputs["masks"],
-            first_momentum=inputs["first_momentum"],
-        )
-        self._count_steps(params, steps)
+            states.append({"momentum_buffer": state.get("momentum_buffer")})
+        plan = Plan(
+            "sgd", settings, lr=group["lr"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+            momentum=group["momentum"], dampening=group["dampening"], nesterov=group["nesterov"],
+        )  # fmt: skip
+        records = self._records(plan, settings, params, states, skip, new_buffers=new_buffers)
+        functional.step(plan, records, backend=self.backend)

@@ -1,0 +1,40 @@
+"""The tests' one-tensor calls of a backend module: a plan and a record built from keywords, stepped in two phases."""
+
+from online_merging.kernels.plan import Plan, Record
+from online_merging.optim import functional
+
+PIECE_KEYS = ("offset", "update_cut", "tau_cut", "mask")
+
+
+def adam_step(module, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, *, step, name, settings,
+              **hyper):  # fmt: skip
+    """One AdamW step of ``param`` by ``module``; ``hyper``: the plan's keywords and the record's piece keywords."""
+    where = {key: hyper.pop(key) for key in PIECE_KEYS if key in hyper}
+    record = Record(
+        param, grad, step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq,
+        merge_buffer=merge_buffer, tau=tau, name=name, **where,
+    )  # fmt: skip
+    return _run(module, Plan("adam", settings, **hyper), record)
+
+
+def sgd_step(module, param, grad, momentum_buffer, merge_buffer, tau, *, step, name, settings, first_momentum,
+             **hyper):  # fmt: skip
+    """One SGD step of ``param`` by ``module`` (see :func:`adam_step`)."""
+    where = {key: hyper.pop(key) for key in PIECE_KEYS if key in hyper}
+    record = Record(
+        param, grad, step, momentum_buffer=momentum_buffer, first_momentum=first_momentum,
+        merge_buffer=merge_buffer, tau=tau, name=name, **where,
+    )  # fmt: skip
+    return _run(module, Plan("sgd", settings, **hyper), record)
+
+
+def _run(module, plan, record):
+    """Step ``record``; when its update cut is a waiting PendingCut, hand it Δ and return the rest of the step."""
+    total = module.step(plan, record)
+    if total is None:
+        return None
+    if record.waits:
+        record.update_cut.total = total
+        return lambda: functional.finish_ties(module, plan, record, total)
+    functional.finish_ties(module, plan, record, total)
+    return None
