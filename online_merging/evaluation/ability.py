@@ -83,7 +83,7 @@ def lm_eval_tokenizer(tokenizer):
 
 
 @contextlib.contextmanager
-def _kept_as_is(model) -> Iterator[None]:
+def kept_as_is(model) -> Iterator[None]:
     """The global RNG states and the model's train/eval mode, restored on exit."""
     import numpy as np
     import torch
@@ -134,7 +134,7 @@ def ability_scores(
     device = str(next(model.parameters()).device)
     logger = logging.getLogger("lm_eval")
     level = logger.level
-    with _kept_as_is(model):
+    with kept_as_is(model):
         logger.setLevel(logging.ERROR)  # lm-eval warns about defaults of every local task, at every call
         try:
             lm = HFLM(pretrained=model, tokenizer=lm_eval_tokenizer(tokenizer), batch_size=batch_size, device=device)

@@ -12,7 +12,6 @@ were before each call.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from online_merging._files import staged_file
+from online_merging.evaluation.ability import kept_as_is
 
 __all__ = ["TaxEvalCallback"]
 
@@ -59,7 +59,7 @@ class TaxEvalCallback(TrainerCallback):
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, float]:
         """Score ``model`` now, leaving the RNGs and its train mode as they were; record and log the figures."""
         start = time.perf_counter()
-        with _preserved(model), torch.no_grad():
+        with kept_as_is(model), torch.no_grad():
             figures = dict(self.score(model))
         point = {"step": step, **figures}
         logs = {"tax/reward": figures["reward"], "tax/ability": figures["ability"]}
@@ -93,30 +93,3 @@ class TaxEvalCallback(TrainerCallback):
         with staged_file(path) as target:
             fig.savefig(target, dpi=120, format="png")
         plt.close(fig)
-
-
-class _preserved:
-    """Restores the Python, NumPy and torch (CPU and CUDA) random states and the model's train mode on exit."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        import numpy
-
-        self.modes = [(module, module.training) for module in self.model.modules()]
-        self.states = (random.getstate(), numpy.random.get_state(), torch.random.get_rng_state())
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        return self
-
-    def __exit__(self, *exc):
-        import numpy
-
-        python, numpy_state, torch_state = self.states
-        random.setstate(python)
-        numpy.random.set_state(numpy_state)
-        torch.random.set_rng_state(torch_state)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        for module, training in self.modes:
-            module.training = training
