@@ -6,8 +6,10 @@ Run from the repository root:
     python benchmarks/step_speed.py --sizes 10 30    # chosen sizes, in millions of parameters
     python benchmarks/step_speed.py --quick --out /tmp/bench   # ~0.1M parameters, a few providers, seconds
 
-Every provider steps the same fp32 parameters (2-D, shaped like a transformer's layers) with the same fixed random
-gradients and the same τ (bf16 by default), with the published settings p = 0.01, α = 1e-7, lr = 1e-5. Per
+Every provider steps the same fp32 parameters (2-D, shaped like a transformer's layers) with the same random
+gradients, drawn anew (untimed) before each sample as in training, and the same τ (bf16 by default), with the
+published settings p = 0.01, α = 1e-7, lr = 1e-5. (With one fixed gradient Adam's update is ±lr in every element, a
+tie that no training run shows after its first step and that makes OnTIES's top-p selection its slowest.) Per
 provider and size: the first step is timed on its own (it may compile a kernel), then ``--warmup`` samples are
 discarded and ``--repeats`` samples are timed, the providers taking turns in each round so that machine noise hits
 all alike (when all their states fit in memory together; otherwise one provider after the other). One sample is
@@ -68,6 +70,12 @@ class Setup:
     task_vector: TaskVector
     hidden: int
     layers: int
+    generator: torch.Generator
+
+    def new_gradients(self) -> None:
+        """Draw every gradient anew, in place."""
+        for _, param in self.params:
+            torch.randn(param.shape, generator=self.generator, device=param.device, out=param.grad).mul_(1e-3)
 
     @property
     def numel(self) -> int:
@@ -93,7 +101,7 @@ def make_setup(millions: float, device: torch.device, tau_dtype: torch.dtype, se
             param.grad = torch.randn(shape, generator=gen, device=device).mul_(1e-3)
             params.append((name, param))
             taus[name] = torch.randn(shape, generator=gen, device=device).mul_(1e-3).to(tau_dtype)
-    return Setup(params, TaskVector(taus), hidden, layers)
+    return Setup(params, TaskVector(taus), hidden, layers, gen)
 
 
 # -- providers -----------------------------------------------------------------------------------------------
@@ -198,7 +206,11 @@ def measure_size(millions: float, table: dict, args: argparse.Namespace, device:
           f"tensors), {'interleaved' if interleaved else 'one provider at a time'}", flush=True)  # fmt: skip
 
     def samples(run: Run, count: int) -> list[float]:
-        return [time_ms(run.optimizer.step, device, run.steps_per_sample) for _ in range(count)]
+        timed = []
+        for _ in range(count):
+            setup.new_gradients()
+            timed.append(time_ms(run.optimizer.step, device, run.steps_per_sample))
+        return timed
 
     if interleaved:
         for name, run in runs.items():

@@ -30,7 +30,7 @@ def sgd_step(module, param, grad, momentum_buffer, merge_buffer, tau, *, step, n
 
 def _run(module, plan, record):
     """Step ``record``; when its update cut is a waiting PendingCut, hand it Δ and return the rest of the step."""
-    total = module.step(plan, record)
+    (total,) = module.step(plan, [record])
     if total is None:
         return None
     if record.waits:

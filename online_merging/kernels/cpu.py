@@ -1,17 +1,21 @@
-"""The fused CPU backend: one C++ pass per tensor (``fused_cpu.cpp``), compiled on first use.
+"""The fused CPU backend: one C++ call steps a param group's tensors (``fused_cpu.cpp``), compiled on first use.
 
-OnDARE, step-K and plain steps read and write each element once. OnTIES makes three passes: the update into
-a float32 scratch, an exact radix selection of the top-p threshold (``topk_cut``; τ's is computed once per τ
-tensor by the functional layer), and the merge. A piece of a larger tensor (see ``plan.Record``) takes the whole
-tensor's cuts, shifted to its own indices. A mask (masked updates) is one more input of the same passes, read as
-one bool per element. float32 parameters (with float32 or bfloat16 τ) run fused; other dtypes and non-contiguous
-tensors fall back to the eager backend. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
+OnDARE, step-K and plain steps read and write each element once. OnTIES of a whole tensor makes two passes: the
+update into a float32 scratch buffer, then the merge; between them, the exact top-p threshold of the update is
+selected among the elements that a bracket around the tensor's previous threshold caught in the first pass, or,
+when the bracket missed (the first step, a sudden change), by a radix selection over the buffer (``topk_cut``).
+τ's cut is computed once per τ tensor. A piece of a larger tensor (see ``plan.Record``) returns its update for the
+functional layer to select the whole tensor's cut, and is merged by ``ties_merge``. A mask (masked updates) is one
+more input of the same passes, read as one bool per element. float32 parameters (with float32 or bfloat16 τ) run
+fused; other dtypes and non-contiguous tensors are stepped by the eager backend. Tensors below 2**19 elements are
+stepped whole by one thread each, larger ones split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile
+without ``-march=native``.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -19,13 +23,13 @@ import torch
 from online_merging.kernels import eager
 from online_merging.kernels.build import load_extension
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import Cut
-from online_merging.merging.sparsify import KEEP_ALL
+from online_merging.merging import Cut, num_kept
+from online_merging.merging.sparsify import KEEP_ALL, constant_cut
 from online_merging.rng import MASK32
 
 __all__ = ["step", "ties_merge", "topk_cut"]
 
-PLAIN, DARE, ACCUMULATE, DARE_MERGE, WRITE_TOTAL, WRITE_TOTAL_MERGE = range(6)  # Mode in fused_cpu.cpp
+PLAIN, DARE, ACCUMULATE, DARE_MERGE, WRITE_TOTAL, WRITE_TOTAL_MERGE, TIES, TIES_MERGE = range(8)  # fused_cpu.cpp
 
 
 def _compile():
@@ -37,40 +41,34 @@ def _compile():
 
 
 _ext = _compile()
-_local = threading.local()  # per thread, a reused scratch buffer: a fresh one per step page-faults every 4 KiB
 
 _MODES = {
     (None, None): PLAIN,
     (None, "accumulate"): ACCUMULATE,
     ("ondare", None): DARE,
     ("ondare", "roll_back"): DARE_MERGE,
-    ("onties", None): WRITE_TOTAL,
-    ("onties", "roll_back"): WRITE_TOTAL_MERGE,
+    ("onties", None): TIES,
+    ("onties", "roll_back"): TIES_MERGE,
 }
+_PIECE = {TIES: WRITE_TOTAL, TIES_MERGE: WRITE_TOTAL_MERGE}  # a piece's OnTIES: its update only
+
+_thresholds: dict[tuple[int, int, int], tuple[float, float, float]] = {}
+"""Per tensor (address, size, mode): its last OnTIES threshold in units of the learning rate (Δ's scale), the
+ratio to the one before, and the relative width of the bracket that should catch the next one: the guess of the
+next step. A guess changes how fast the threshold is found, never which it is."""
+WIDTHS = (2.0**-9, 2.0**-2)  # the narrowest and widest brackets, relative to the guess
 
 
-def step(plan: Plan, record: Record) -> torch.Tensor | None:
-    """Same contract as :func:`online_merging.kernels.eager.step`."""
-    if not _fusable(plan, record):
-        return eager.step(plan, record)
-    r = record
-    mode = _MODES[plan.route(r)]
-    total = _scratch_for(r) if mode >= WRITE_TOTAL else None
-    merge_args = (*_merge_args(plan, r), r.mask)
-    if plan.optimizer == "adam":
-        step_size, sqrt_bias2 = plan.bias_corrections(r.step)
-        _ext.adam_pass(
-            mode, r.param, r.grad, r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None,
-            r.merge_buffer, r.tau, total, plan.beta1, plan.beta2, step_size, sqrt_bias2, plan.eps, plan.maximize,
-            plan.decay, *merge_args,
-        )  # fmt: skip
-    else:
-        _ext.sgd_pass(
-            mode, r.param, r.grad, r.momentum_buffer if plan.momentum != 0.0 else None, r.merge_buffer, r.tau,
-            total, plan.lr, plan.momentum, plan.dampening, plan.weight_decay, plan.nesterov, r.first_momentum,
-            plan.maximize, *merge_args,
-        )  # fmt: skip
-    return total
+def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
+    """Same contract as :func:`online_merging.kernels.eager.step`: one call for the fused records, the eager
+    backend for the rest."""
+    fused = [_fusable(plan, r) for r in records]
+    totals = iter(eager.step(plan, [r for r, ok in zip(records, fused, strict=True) if not ok]))
+    results: list[torch.Tensor | None] = [None if ok else next(totals) for ok in fused]
+    batch = [(i, r) for i, (r, ok) in enumerate(zip(records, fused, strict=True)) if ok]
+    if batch:
+        _step_fused(plan, batch, results)
+    return results
 
 
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
@@ -95,15 +93,77 @@ def topk_cut(x: torch.Tensor, k: int) -> Cut:
     return threshold, cutoff
 
 
-def _scratch_for(record: Record) -> torch.Tensor:
-    """Where the OnTIES pass writes Δ: its own buffer when the merge waits for a batched cut, else a reused one."""
-    n = record.param.numel()
-    if record.waits:
-        return torch.empty(n, dtype=torch.float32)
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None or scratch.numel() < n:
-        scratch = _local.scratch = torch.empty(n, dtype=torch.float32)
-    return scratch[:n]
+def _step_fused(plan: Plan, batch: list[tuple[int, Record]], results: list[torch.Tensor | None]) -> None:
+    """Step the fused records in one call; a piece's OnTIES update goes to ``results``."""
+    adam = plan.optimizer == "adam"
+    tensors: dict[str, list] = {key: [] for key in ("params", "grads", "state1", "state2", "state3", "buffers",
+                                                     "taus", "keeps", "totals")}  # fmt: skip
+    ints: list[int] = []
+    floats: list[float] = []
+    guesses = []
+    p = plan.settings.reserve_p
+    for slot, (i, r) in enumerate(batch):
+        n = r.param.numel()
+        merge, carry = plan.route(r)
+        mode = _MODES[merge, carry]
+        total = None
+        if mode in _PIECE and r.update_cut is not None:
+            mode = _PIECE[mode]
+            total = results[i] = torch.empty(n, dtype=torch.float32)
+        keys = plan.dare_keys(r) if mode in (DARE, DARE_MERGE) and plan.dare_threshold <= MASK32 else ((0, 0), (0, 0))
+        k, tau_cut, guess = 0, (0, 0), (math.nan, 0.0)
+        if mode in (TIES, TIES_MERGE):
+            k = num_kept(p, n)
+            tau_cut = _piece_cut(constant_cut(r.tau, k), 0, n)
+            key = (r.param.data_ptr(), n, mode)
+            guess = _guess(key, plan.lr)
+            guesses.append((slot, key, guess[0]))
+        step_size, sqrt_bias2 = plan.bias_corrections(r.step) if adam else (0.0, 0.0)
+        state = (r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None) if adam else (
+            r.momentum_buffer if plan.momentum != 0.0 else None, None, None)  # fmt: skip
+        for key, value in zip(
+            tensors, (r.param, r.grad, *state, r.merge_buffer if carry else None, r.tau if merge else None, r.mask,
+                      total), strict=True,
+        ):  # fmt: skip
+            tensors[key].append(value)
+        ints += (mode, r.offset, *keys[0], *keys[1], k, *tau_cut)
+        floats += (step_size, sqrt_bias2, float(r.first_momentum), *guess)
+    found = _ext.step_group(
+        adam, **tensors, ints=ints, floats=floats, beta1=plan.beta1, beta2=plan.beta2, eps=plan.eps,
+        amsgrad=plan.amsgrad, lr=plan.lr, momentum=plan.momentum, dampening=plan.dampening,
+        weight_decay=plan.weight_decay, nesterov=plan.nesterov, maximize=plan.maximize, decay=plan.decay,
+        update_scale=plan.w_update * plan.dare_scale, alpha=plan.w_tau, tau_scale=plan.dare_scale,
+        clamp=plan.settings.tau_clamp or 0.0, threshold=plan.dare_threshold,
+        weighted=plan.settings.ties_sign == "weighted",
+    )  # fmt: skip
+    if len(_thresholds) > 2**16:  # addresses of tensors long gone
+        _thresholds.clear()
+    for slot, key, guess in guesses:
+        _learn(key, found[slot], guess, plan.lr)
+
+
+def _guess(key: tuple[int, int, int], lr: float) -> tuple[float, float]:
+    """(threshold, relative width of its bracket) expected of a tensor's OnTIES step: its last threshold times the
+    last ratio between steps. NaN when nothing is known."""
+    known = _thresholds.get(key)
+    if known is None:
+        return math.nan, 0.0
+    value, ratio, width = known
+    return value * ratio * lr, width
+
+
+def _learn(key: tuple[int, int, int], found: float, guess: float, lr: float) -> None:
+    """Remember the threshold found; the next bracket is four times as wide as this guess's error, or narrows slowly
+    from the last one."""
+    if not (math.isfinite(found) and found > 0 and lr > 0):
+        return
+    value, known = found / lr, _thresholds.get(key)
+    if known is None or not math.isfinite(guess):
+        _thresholds[key] = value, 1.0, WIDTHS[1] / 4
+        return
+    ratio = min(max(value / known[0], 0.5), 2.0)
+    width = min(max(4.0 * abs(found / guess - 1.0), 0.85 * known[2], WIDTHS[0]), WIDTHS[1])
+    _thresholds[key] = value, ratio, width
 
 
 def _fusable(plan: Plan, record: Record) -> bool:
@@ -119,14 +179,6 @@ def _fusable(plan: Plan, record: Record) -> bool:
     state += [record.exp_avg, record.exp_avg_sq, record.max_exp_avg_sq] if plan.optimizer == "adam" else []
     state += [record.momentum_buffer] if plan.optimizer == "sgd" else []
     return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in state)
-
-
-def _merge_args(plan: Plan, record: Record) -> tuple:
-    """(update_scale, alpha, tau_scale, clamp, threshold, keys, offset), the trailing arguments of the C++ passes."""
-    keys = [k for key in plan.dare_keys(record) for k in key]
-    scale = plan.dare_scale
-    clamp = plan.settings.tau_clamp or 0.0
-    return plan.w_update * scale, plan.w_tau, scale, clamp, plan.dare_threshold, keys, record.offset
 
 
 def _piece_cut(cut: Cut, offset: int, n: int) -> list[int]:

@@ -5,8 +5,11 @@ fuse the same math into one pass. They read the group's :class:`~online_merging.
 :class:`~online_merging.kernels.plan.Record` (which documents pieces, cuts and masks). Parameters and state are
 written back in their own dtype.
 
-- ``step(plan, record)``: the whole step; under OnTIES, the optimizer state only, returning the flat float32 Δ
-  (Δc + Δ on a step-K roll-back; 0 where masked) whose top-p the functional layer selects.
+- ``step(plan, records)``: each record's whole step, returning a list with one entry per record: ``None``, or
+  under OnTIES for a piece whose cut is of the whole tensor (``record.update_cut`` set), the flat float32 Δ (Δc + Δ
+  on a step-K roll-back; 0 where masked), its optimizer state updated, θ not yet: the functional layer selects the
+  whole tensor's top-p and calls ``ties_merge``. A whole tensor's OnTIES is done in full: its own top-p of Δ, and
+  τ's cut computed once per τ (:func:`~online_merging.merging.sparsify.constant_cut`).
 - ``ties_merge(plan, record, total, update_cut, tau_cut)``: OnTIES's merge of that Δ, given the :data:`Cut` of Δ
   and of τ (global flat indices), then θ and Δc written.
 - ``topk_cut(x, k)``: the :data:`Cut` of the k largest |x| of a flat tensor.
@@ -14,21 +17,52 @@ written back in their own dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import Cut, cut_mask, linear, random_keep, sign_consensus, topk_cut
+from online_merging.merging import Cut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
+from online_merging.merging.sparsify import constant_cut
 
-__all__ = ["merge_update", "step", "ties_merge", "topk_cut"]
+__all__ = ["merge_update", "step", "step_each", "ties_merge", "topk_cut"]
 
 Saved = list[tuple[torch.Tensor, torch.Tensor]]
+OneStep = Callable[[Plan, Record], torch.Tensor | None]
 
 
-def step(plan: Plan, record: Record) -> torch.Tensor | None:
+def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
     """AdamW (decoupled weight decay, as ``torch.optim.AdamW``) or SGD (as ``torch.optim.SGD``, weight decay added
-    to the gradient), then the online merge; under OnTIES the Δ to merge (see the module docstring)."""
+    to the gradient), then the online merge (see the module docstring)."""
+    return step_each(plan, records, _step, ties_merge, topk_cut)
+
+
+def step_each(
+    plan: Plan, records: list[Record], one_step: OneStep, merge: Callable[..., None], select: Callable[..., Cut]
+) -> list[torch.Tensor | None]:
+    """``step`` for a backend that steps one record at a time: ``one_step(plan, record)`` returns OnTIES's Δ, which
+    a whole tensor merges at once by ``merge`` (the backend's ``ties_merge``) with Δ's top-p by ``select``."""
+    results = []
+    for record in records:
+        total = one_step(plan, record)
+        if total is not None and record.update_cut is None:
+            k = num_kept(plan.settings.reserve_p, total.numel())
+            update_cut, tau_cut = select(total, k), constant_cut(record.tau, k)
+            merge(plan, record, total, *(_global(cut, record.offset) for cut in (update_cut, tau_cut)))
+            total = None
+        results.append(total)
+    return results
+
+
+def _step(plan: Plan, record: Record) -> torch.Tensor | None:
     delta = _adam(plan, record) if plan.optimizer == "adam" else _sgd(plan, record)
     return _apply(plan, record, delta)
+
+
+def _global(cut: Cut, offset: int) -> Cut:
+    """A tensor's own cut (local flat indices) in the global indices that ``ties_merge`` takes."""
+    threshold, cutoff = cut
+    return threshold, cutoff + offset
 
 
 def merge_update(delta: torch.Tensor, tau: torch.Tensor, plan: Plan, record: Record) -> torch.Tensor:

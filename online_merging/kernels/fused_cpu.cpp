@@ -1,15 +1,19 @@
-// One fused pass per tensor for the online-merging optimizer step on the CPU (float32 parameters).
+// The online-merging optimizer step on the CPU (float32 parameters): one call steps a param group's tensors.
 //
-// Each element is read once and written once: the Adam (or SGD) moments, the update Δ, the DARE keep
-// decision from the counter-based hash (online_merging/rng.py), the merge with τ, weight decay and step-K.
-// OnTIES needs the top-p threshold of the whole update first, so it runs as: a pass that writes the update
-// to a scratch buffer, an exact radix selection of the threshold, and a pass that merges.
+// Each element is read once and written once: the Adam (or SGD) moments, the update Δ, the DARE keep decision
+// from the counter-based hash (online_merging/rng.py), the merge with τ, weight decay and step-K.
+// OnTIES needs the top-p threshold of the whole update first: a first pass writes Δ to a scratch buffer and, given
+// a guess of the threshold (the tensor's last one), counts the elements above a bracket around it and collects
+// those inside; the exact threshold is selected among them, or, when the bracket misses, by a selection over the
+// scratch buffer; a second pass merges. The answer is the same whatever the guess.
 // Element i's random bits, with g = offset + i its index in the whole parameter (the tensor may be a piece):
 //   bits(g) = lowbias32(lo32(g) ^ k),  k = lowbias32(hi32(g) ^ k2) ^ k1,  kept iff bits < threshold.
 // The loops are branch-free (modes and flags are template parameters) so that the compiler vectorises them.
 // Masked updates (ALLO): with an element mask `keep` (bool per element, MASKED template flag), an element whose
 // keep is false keeps θ and every state value (moments, momentum, step-K buffer) and counts as Δ = 0 in OnTIES's
 // top-p; without one (MASKED = false) `on` is the constant true and the loops are the unmasked ones.
+// Tensors below kWhole elements are stepped whole by one thread each, taken in turn from the group; larger ones
+// one after another, each split over the threads.
 
 #include <torch/extension.h>
 
@@ -17,17 +21,21 @@
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
-#include <functional>
 #include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;
+constexpr int64_t kWhole = 1 << 19;
+constexpr int64_t kScanBlock = 1 << 12;  // OnTIES's first pass scans each block of Δ just written, while in L1
 
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
@@ -71,16 +79,44 @@ enum Mode : int {
   kDare = 1,             // θ ← decay·θ + (1−α)·R(Δ) + α·clamp(R(τ))
   kAccumulate = 2,       // step-K between merges: θ ← decay·θ + Δ, Δc ← Δc + Δ
   kDareMerge = 3,        // step-K merge: θ ← decay·θ − Δc + (1−α)·R(Δc + Δ) + α·clamp(R(τ)), Δc ← 0
-  kWriteTotal = 4,       // OnTIES first pass: scratch ← Δ
-  kWriteTotalMerge = 5,  // OnTIES first pass on a step-K merge step: scratch ← Δc + Δ
+  kWriteTotal = 4,       // OnTIES's first pass of a piece, whose cut is the whole tensor's: total ← Δ
+  kWriteTotalMerge = 5,  // the same on a step-K merge step: total ← Δc + Δ
+  kTies = 6,             // OnTIES of a whole tensor: both passes and the selection between them
+  kTiesMerge = 7,        // the same on a step-K merge step
 };
 
-struct Merge {
-  float decay, update_scale, alpha, tau_scale, clamp;  // clamp = +inf: none
-  uint32_t threshold;
+// The group's constants.
+struct Group {
+  bool adam, amsgrad, momentum_on, weighted;
+  float one_minus_beta1, beta2, one_minus_beta2, eps;                    // Adam
+  float lr, momentum, one_minus_dampening, weight_decay, nesterov;       // SGD (nesterov 0/1)
+  float grad_sign, decay, update_scale, alpha, tau_scale, clamp;         // clamp = +inf: none
+  uint32_t threshold;                                                    // DARE keeps bits below it
   bool keep_all;
+};
+
+// One tensor (a parameter or a piece of one); state it does not use is null.
+struct Slot {
+  float* param;
+  const float* grad;
+  float* state1;  // exp_avg, or SGD's momentum buffer
+  float* state2;  // exp_avg_sq
+  float* state3;  // max_exp_avg_sq
+  float* buffer;  // step-K's Δc
+  const void* tau;
+  bool tau_bf16;
+  const uint8_t* keep;
+  float* total;  // a piece's Δ, for OnTIES's cut of the whole tensor
+  int64_t n;
+  int mode;
   uint32_t k1u, k2u, k1t, k2t;  // keys of the update's and τ's draws
   int64_t offset;                // global flat index of element 0
+  float step_size, bc2_sqrt;     // Adam's bias corrections at this tensor's step
+  float first;                   // SGD: 1 on the momentum buffer's first step
+  int64_t k;                     // OnTIES of a whole tensor: elements of Δ kept
+  std::array<int64_t, 2> tau_cut;
+  float guess, width;  // OnTIES: a guess of Δ's threshold value (0 or NaN: none), bracketed by ±width·guess
+  float found;         // Δ's threshold value, selected
 };
 
 // Adam: updates the moments of element i and returns Δ_i.
@@ -134,63 +170,64 @@ struct SgdRule {
 };
 
 template <int MODE, bool MASKED, typename Rule, typename T>
-void fused_pass(const Rule& rule_, float* __restrict__ param, const T* __restrict__ tau, float* __restrict__ buffer,
-                float* __restrict__ scratch, const uint8_t* __restrict__ keep, const Merge& mg, int64_t n) {
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    // Local copies: loop invariants the compiler can keep in registers (stores to param could alias mg).
-    const Rule rule = rule_;
-    const float decay = mg.decay, update_scale = mg.update_scale, alpha = mg.alpha, tau_scale = mg.tau_scale;
-    const float clamp = mg.clamp;
-    const uint32_t threshold = mg.threshold;
-    const bool keep_all = mg.keep_all;
-    const int64_t offset = mg.offset;
-    for (int64_t lo = begin; lo < end;) {
-      const uint32_t hi = static_cast<uint32_t>((offset + lo) >> 32);
-      // Ranges stay inside one 2**32 block of global indices (one key) and below 2**31 elements (32-bit counter).
-      const int64_t block_end = ((static_cast<int64_t>(hi) + 1) << 32) - offset;
-      const int64_t range_end = std::min({end, block_end, lo + (int64_t(1) << 31)});
-      const uint32_t ku = mix32(hi ^ mg.k2u) ^ mg.k1u;
-      const uint32_t kt = mix32(hi ^ mg.k2t) ^ mg.k1t;
-      const uint32_t base = static_cast<uint32_t>(offset + lo);
-      const uint32_t count = static_cast<uint32_t>(range_end - lo);
-      // The counter is 32-bit because the hash needs the 32-bit index: converting an int64 index blocks SIMD.
+void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __restrict__ tau,
+                 float* __restrict__ out, int64_t begin, int64_t end) {
+  // Local copies: loop invariants the compiler can keep in registers (stores to param could alias them).
+  const Rule rule = rule_;
+  float* __restrict__ param = s.param;
+  float* __restrict__ buffer = s.buffer;
+  const uint8_t* __restrict__ keep = s.keep;
+  const float decay = g.decay, update_scale = g.update_scale, alpha = g.alpha, tau_scale = g.tau_scale;
+  const float clamp = g.clamp;
+  const uint32_t threshold = g.threshold;
+  const bool keep_all = g.keep_all;
+  const int64_t offset = s.offset;
+  for (int64_t lo = begin; lo < end;) {
+    const uint32_t hi = static_cast<uint32_t>((offset + lo) >> 32);
+    // Ranges stay inside one 2**32 block of global indices (one key) and below 2**31 elements (32-bit counter).
+    const int64_t block_end = ((static_cast<int64_t>(hi) + 1) << 32) - offset;
+    const int64_t range_end = std::min({end, block_end, lo + (int64_t(1) << 31)});
+    const uint32_t ku = mix32(hi ^ s.k2u) ^ s.k1u;
+    const uint32_t kt = mix32(hi ^ s.k2t) ^ s.k1t;
+    const uint32_t base = static_cast<uint32_t>(offset + lo);
+    const uint32_t count = static_cast<uint32_t>(range_end - lo);
+    // The counter is 32-bit because the hash needs the 32-bit index: converting an int64 index blocks SIMD.
 #pragma omp simd
-      for (uint32_t j = 0; j < count; ++j) {
-        const int64_t i = lo + j;
-        const uint32_t index = base + j;
-        const float old = param[i];
-        const uint32_t on = on_bits<MASKED>(keep, i);
-        const float delta = rule(i, old, on);
-        if (MODE == kWriteTotal || MODE == kWriteTotalMerge) {
-          scratch[i] = MODE == kWriteTotalMerge ? pick(on, buffer[i] + delta, 0.f) : delta;
-          continue;
-        }
-        float theta = old * decay;
-        if (MODE == kPlain || MODE == kAccumulate) {
-          theta += delta;
-          if (MODE == kAccumulate) {
-            const float accumulated = buffer[i];
-            buffer[i] = pick(on, accumulated + delta, accumulated);
-          }
-        } else {
-          float total = delta;
-          if (MODE == kDareMerge) {
-            const float accumulated = buffer[i];
-            theta -= accumulated;
-            total += accumulated;
-            buffer[i] = pick(on, 0.f, accumulated);
-          }
-          const bool keep_update = (mix32(index ^ ku) < threshold) | keep_all;
-          const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
-          const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
-          // + 0·total: a non-finite update reaches θ even where DARE drops it (as eager.merge_update)
-          theta += ((keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f)) + total * 0.f;
-        }
-        param[i] = pick(on, theta, old);
+    for (uint32_t j = 0; j < count; ++j) {
+      const int64_t i = lo + j;
+      const uint32_t index = base + j;
+      const float old = param[i];
+      const uint32_t on = on_bits<MASKED>(keep, i);
+      const float delta = rule(i, old, on);
+      if (MODE == kWriteTotal || MODE == kWriteTotalMerge) {
+        out[i] = MODE == kWriteTotalMerge ? pick(on, buffer[i] + delta, 0.f) : delta;
+        continue;
       }
-      lo = range_end;
+      float theta = old * decay;
+      if (MODE == kPlain || MODE == kAccumulate) {
+        theta += delta;
+        if (MODE == kAccumulate) {
+          const float accumulated = buffer[i];
+          buffer[i] = pick(on, accumulated + delta, accumulated);
+        }
+      } else {
+        float total = delta;
+        if (MODE == kDareMerge) {
+          const float accumulated = buffer[i];
+          theta -= accumulated;
+          total += accumulated;
+          buffer[i] = pick(on, 0.f, accumulated);
+        }
+        const bool keep_update = (mix32(index ^ ku) < threshold) | keep_all;
+        const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
+        const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
+        // + 0·total: a non-finite update reaches θ even where DARE drops it (as eager.merge_update)
+        theta += ((keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f)) + total * 0.f;
+      }
+      param[i] = pick(on, theta, old);
     }
-  });
+    lo = range_end;
+  }
 }
 
 template <typename X>
@@ -241,6 +278,47 @@ std::array<int64_t, 2> radix_select(const X* x, int64_t n, int64_t k) {
   return {static_cast<int64_t>(prefix), ties.back().second};
 }
 
+// What a scan of x against a bracket [low, high] of magnitude bits found: the elements above it, those inside.
+struct Scan {
+  int64_t above = 0;
+  std::vector<std::pair<uint32_t, int64_t>> inside;
+  bool overflow = false;  // more than the cap inside: not worth selecting from
+};
+
+template <typename X>
+void scan_range(const X* x, int64_t begin, int64_t end, uint32_t low, uint32_t high, int64_t cap, Scan& scan) {
+  constexpr int64_t kBlock = 64;  // small blocks: most hold no candidate, so the scalar collection skips them
+  for (int64_t block = begin; block < end && !scan.overflow; block += kBlock) {
+    const int64_t block_end = std::min<int64_t>(end, block + kBlock);
+    uint32_t above = 0, inside = 0;
+    for (int64_t i = block; i < block_end; ++i) {  // vectorised counts
+      const uint32_t b = abs_bits(x, i);
+      above += b > high;
+      inside += (b >= low) & (b <= high);
+    }
+    scan.above += above;
+    if (inside == 0) continue;
+    for (int64_t i = block; i < block_end; ++i) {
+      const uint32_t b = abs_bits(x, i);
+      if (b >= low && b <= high) scan.inside.emplace_back(b, i);
+    }
+    scan.overflow = static_cast<int64_t>(scan.inside.size()) > cap;
+  }
+}
+
+// The top-k cut {T, cutoff} from scans of all of x, when the k-th element fell inside their bracket.
+std::optional<std::array<int64_t, 2>> resolve(std::vector<Scan>& scans, int64_t k) {
+  int64_t above = 0;
+  std::vector<std::pair<uint32_t, int64_t>> candidates;
+  for (auto& scan : scans) {
+    if (scan.overflow) return std::nullopt;
+    above += scan.above;
+    candidates.insert(candidates.end(), scan.inside.begin(), scan.inside.end());
+  }
+  if (above < k && k <= above + static_cast<int64_t>(candidates.size())) return pick(candidates, k - above - 1);
+  return std::nullopt;
+}
+
 // Top-k of |x|. Returns {T, cutoff}: keep iff bits(|x_i|) > T, or == T and i <= cutoff; exactly k elements,
 // ties at T kept by lower index. A strided sample brackets the k-th value; one pass counts the elements above
 // the bracket and collects those inside it; the answer is selected among them. Radix selection is the fallback
@@ -260,44 +338,11 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
   const uint32_t low = order_statistic(std::min<int64_t>(m - 1, static_cast<int64_t>(rank + margin)));
   // Few elements fall inside [low, high] unless |x| has many ties there; past this cap, radix select is cheaper.
   const int64_t cap = static_cast<int64_t>(8.0 * (2 * margin + 1) * n / m) + 4096;
-  const int threads = at::get_num_threads();
-  std::vector<int64_t> counts(threads, 0);
-  std::vector<std::vector<std::pair<uint32_t, int64_t>>> found(threads);
-  std::atomic<bool> overflow{false};
+  std::vector<Scan> scans(at::get_num_threads());
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    auto& mine = found[at::get_thread_num()];
-    int64_t above = 0;
-    constexpr int64_t kBlock = 64;  // small blocks: most hold no candidate, so the scalar collection skips them
-    for (int64_t block = begin; block < end; block += kBlock) {
-      const int64_t block_end = std::min<int64_t>(end, block + kBlock);
-      int64_t inside = 0;
-      for (int64_t i = block; i < block_end; ++i) {  // vectorised counts
-        const uint32_t b = abs_bits(x, i);
-        above += b > high;
-        inside += (b >= low) & (b <= high);
-      }
-      if (inside == 0) continue;
-      for (int64_t i = block; i < block_end; ++i) {
-        const uint32_t b = abs_bits(x, i);
-        if (b >= low && b <= high) mine.emplace_back(b, i);
-      }
-      if (static_cast<int64_t>(mine.size()) > cap || overflow.load(std::memory_order_relaxed)) {
-        overflow = true;
-        return;
-      }
-    }
-    counts[at::get_thread_num()] += above;
+    scan_range(x, begin, end, low, high, cap, scans[at::get_thread_num()]);
   });
-  int64_t above = 0;
-  std::vector<std::pair<uint32_t, int64_t>> candidates;
-  if (!overflow) {
-    for (int t = 0; t < threads; ++t) {
-      above += counts[t];
-      candidates.insert(candidates.end(), found[t].begin(), found[t].end());
-    }
-  }
-  if (!overflow && above < k && k <= above + static_cast<int64_t>(candidates.size()))
-    return pick(candidates, k - above - 1);
+  if (auto cut = resolve(scans, k)) return *cut;
   return radix_select(x, n, k);
 }
 
@@ -305,157 +350,299 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
 // elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass. The cuts are in local indices: a piece's caller
 // shifts the whole tensor's cutoff by the piece's offset and clamps it to [-1, n].
 template <bool BUFFER, bool MASKED, typename T>
-void ties_pass(float* __restrict__ param, float* __restrict__ buffer, const float* __restrict__ total,
-               const T* __restrict__ tau, const uint8_t* __restrict__ keep, float decay, float alpha,
-               std::array<int64_t, 2> update_cut,
-               std::array<int64_t, 2> tau_cut, bool weighted, int64_t n) {
+void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const float* __restrict__ total,
+                std::array<int64_t, 2> update_cut, std::array<int64_t, 2> tau_cut, int64_t begin, int64_t end) {
+  float* __restrict__ param = s.param;
+  float* __restrict__ buffer = s.buffer;
+  const uint8_t* __restrict__ keep = s.keep;
+  const float decay = g.decay, alpha = g.alpha;
   const uint32_t update_threshold = static_cast<uint32_t>(update_cut[0]);
   const uint32_t tau_threshold = static_cast<uint32_t>(tau_cut[0]);
-  const float wa = weighted ? 1.f - alpha : 1.f, wb = weighted ? alpha : 1.f;
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t lo = begin; lo < end;) {
-      const int64_t range_end = std::min(end, lo + (int64_t(1) << 31));
-      const uint32_t count = static_cast<uint32_t>(range_end - lo);
-      // Ties at the threshold are kept up to the cutoff index: as a 32-bit bound relative to this range.
-      auto tie_bound = [&](int64_t cutoff) {
-        return static_cast<uint32_t>(std::clamp<int64_t>(cutoff - lo + 1, 0, count));
-      };
-      const uint32_t update_ties = tie_bound(update_cut[1]), tau_ties = tie_bound(tau_cut[1]);
+  const float wa = g.weighted ? 1.f - alpha : 1.f, wb = g.weighted ? alpha : 1.f;
+  for (int64_t lo = begin; lo < end;) {
+    const int64_t range_end = std::min(end, lo + (int64_t(1) << 31));
+    const uint32_t count = static_cast<uint32_t>(range_end - lo);
+    // Ties at the threshold are kept up to the cutoff index: as a 32-bit bound relative to this range.
+    auto tie_bound = [&](int64_t cutoff) {
+      return static_cast<uint32_t>(std::clamp<int64_t>(cutoff - lo + 1, 0, count));
+    };
+    const uint32_t update_ties = tie_bound(update_cut[1]), tau_ties = tie_bound(tau_cut[1]);
 #pragma omp simd
-      for (uint32_t j = 0; j < count; ++j) {
-        const int64_t i = lo + j;
-        const float x = total[i];
-        const float t = to_float(tau[i]);
-        const uint32_t xb = abs_bits(total, i), tb = abs_bits(tau, i);
-        const bool keep_x = (xb > update_threshold) | ((xb == update_threshold) & (j < update_ties));
-        const bool keep_t = (tb > tau_threshold) | ((tb == tau_threshold) & (j < tau_ties));
-        const float a = keep_x ? x : 0.f;
-        const float b = keep_t ? t : 0.f;
-        const float s = sign(wa * a + wb * b);
-        const float merged =
-            ((1.f - alpha) * (sign(a) == s ? a : 0.f) + alpha * (sign(b) == s ? b : 0.f)) + x * 0.f;  // 0·x: see DARE
-        const uint32_t on = on_bits<MASKED>(keep, i);
-        const float old = param[i];
-        float theta = old * decay + merged;
-        if (BUFFER) {
-          const float accumulated = buffer[i];
-          theta -= accumulated;
-          buffer[i] = pick(on, 0.f, accumulated);
-        }
-        param[i] = pick(on, theta, old);
+    for (uint32_t j = 0; j < count; ++j) {
+      const int64_t i = lo + j;
+      const float x = total[i];
+      const float t = to_float(tau[i]);
+      const uint32_t xb = abs_bits(total, i), tb = abs_bits(tau, i);
+      const bool keep_x = (xb > update_threshold) | ((xb == update_threshold) & (j < update_ties));
+      const bool keep_t = (tb > tau_threshold) | ((tb == tau_threshold) & (j < tau_ties));
+      const float a = keep_x ? x : 0.f;
+      const float b = keep_t ? t : 0.f;
+      const float sgn = sign(wa * a + wb * b);
+      const float merged =
+          ((1.f - alpha) * (sign(a) == sgn ? a : 0.f) + alpha * (sign(b) == sgn ? b : 0.f)) + x * 0.f;  // see DARE
+      const uint32_t on = on_bits<MASKED>(keep, i);
+      const float old = param[i];
+      float theta = old * decay + merged;
+      if (BUFFER) {
+        const float accumulated = buffer[i];
+        theta -= accumulated;
+        buffer[i] = pick(on, 0.f, accumulated);
       }
-      lo = range_end;
+      param[i] = pick(on, theta, old);
     }
+    lo = range_end;
+  }
+}
+
+// Calls f with the slot's update rule.
+template <typename F>
+void with_rule(const Group& g, const Slot& s, F&& f) {
+  if (g.adam) {
+    if (g.amsgrad)
+      return f(AdamRule<true>{s.grad, s.state1, s.state2, s.state3, g.one_minus_beta1, g.beta2, g.one_minus_beta2,
+                              s.step_size, s.bc2_sqrt, g.eps, g.grad_sign});
+    return f(AdamRule<false>{s.grad, s.state1, s.state2, nullptr, g.one_minus_beta1, g.beta2, g.one_minus_beta2,
+                             s.step_size, s.bc2_sqrt, g.eps, g.grad_sign});
+  }
+  if (g.momentum_on)
+    return f(SgdRule<true>{s.grad, s.state1, g.lr, g.momentum, g.one_minus_dampening, g.weight_decay, g.grad_sign,
+                           g.nesterov, s.first});
+  f(SgdRule<false>{s.grad, nullptr, g.lr, 0.f, 0.f, g.weight_decay, g.grad_sign, 0.f, 0.f});
+}
+
+// Calls f with the slot's τ as a typed pointer.
+template <typename F>
+void with_tau(const Slot& s, F&& f) {
+  if (s.tau_bf16) return f(static_cast<const c10::BFloat16*>(s.tau));
+  f(static_cast<const float*>(s.tau));
+}
+
+// Calls f with std::true_type when the slot is masked, else std::false_type.
+template <typename F>
+void with_mask(const Slot& s, F&& f) {
+  if (s.keep) return f(std::true_type{});
+  f(std::false_type{});
+}
+
+// The first pass of elements [begin, end) in `mode` (kTies and kTiesMerge: their first pass, writing Δ to out).
+void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t begin, int64_t end) {
+  with_rule(g, s, [&](const auto& rule) {
+    with_mask(s, [&](auto masked) {
+      constexpr bool M = decltype(masked)::value;
+      const float* none = nullptr;
+      switch (mode) {
+        case kPlain: return fused_range<kPlain, M>(rule, g, s, none, out, begin, end);
+        case kAccumulate: return fused_range<kAccumulate, M>(rule, g, s, none, out, begin, end);
+        case kWriteTotal:
+        case kTies: return fused_range<kWriteTotal, M>(rule, g, s, none, out, begin, end);
+        case kWriteTotalMerge:
+        case kTiesMerge: return fused_range<kWriteTotalMerge, M>(rule, g, s, none, out, begin, end);
+        case kDare: return with_tau(s, [&](auto t) { fused_range<kDare, M>(rule, g, s, t, out, begin, end); });
+        case kDareMerge:
+          return with_tau(s, [&](auto t) { fused_range<kDareMerge, M>(rule, g, s, t, out, begin, end); });
+      }
+    });
   });
 }
 
-template <bool MASKED, typename Rule>
-void run_mode(int64_t mode, const Rule& rule, const torch::Tensor& param, const c10::optional<torch::Tensor>& tau,
-              const c10::optional<torch::Tensor>& buffer, const c10::optional<torch::Tensor>& scratch,
-              const uint8_t* keep, const Merge& mg) {
-  const int64_t n = param.numel();
-  float* p = param.data_ptr<float>();
-  float* buf = buffer ? buffer->data_ptr<float>() : nullptr;
-  float* out = scratch ? scratch->data_ptr<float>() : nullptr;
-  const float* none = nullptr;
-  switch (mode) {
-    case kPlain: return fused_pass<kPlain, MASKED>(rule, p, none, buf, out, keep, mg, n);
-    case kAccumulate: return fused_pass<kAccumulate, MASKED>(rule, p, none, buf, out, keep, mg, n);
-    case kWriteTotal: return fused_pass<kWriteTotal, MASKED>(rule, p, none, buf, out, keep, mg, n);
-    case kWriteTotalMerge: return fused_pass<kWriteTotalMerge, MASKED>(rule, p, none, buf, out, keep, mg, n);
-    case kDare:
-    case kDareMerge: {
-      TORCH_CHECK(tau.has_value(), "DARE modes need tau");
-      auto run = [&](const auto* t) {
-        if (mode == kDareMerge) return fused_pass<kDareMerge, MASKED>(rule, p, t, buf, out, keep, mg, n);
-        fused_pass<kDare, MASKED>(rule, p, t, buf, out, keep, mg, n);
-      };
-      if (tau->scalar_type() == at::kFloat) return run(tau->data_ptr<float>());
-      return run(tau->data_ptr<c10::BFloat16>());
+void merge_range(const Group& g, const Slot& s, const float* total, std::array<int64_t, 2> update_cut,
+                 std::array<int64_t, 2> tau_cut, bool roll_back, int64_t begin, int64_t end) {
+  with_tau(s, [&](auto t) {
+    with_mask(s, [&](auto masked) {
+      constexpr bool M = decltype(masked)::value;
+      if (roll_back) return ties_range<true, M>(g, s, t, total, update_cut, tau_cut, begin, end);
+      ties_range<false, M>(g, s, t, total, update_cut, tau_cut, begin, end);
+    });
+  });
+}
+
+// f over [0, n): split over the threads, or in this thread.
+template <typename F>
+void over(bool split, int64_t n, const F& f) {
+  if (split) return at::parallel_for(0, n, kGrain, f);
+  f(0, n);
+}
+
+uint32_t float_bits(float x) {
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof b);
+  return b;
+}
+
+// A reused scratch buffer per thread: a fresh one per step page-faults every 4 KiB.
+float* scratch(int64_t n) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
+// OnTIES of a whole tensor: Δ into the scratch buffer, scanned against the bracket of the slot's guess; the cut of
+// its top k; the merge.
+void ties_whole(const Group& g, Slot& s, bool split) {
+  const int64_t n = s.n;
+  float* total = scratch(n);
+  const bool guessed = std::isfinite(s.guess) && s.guess > 0.f && s.k < n;
+  const uint32_t low = float_bits(s.guess * (1.f - s.width)), high = float_bits(s.guess * (1.f + s.width));
+  const int64_t cap = s.k + 4096;
+  std::vector<Scan> scans(split ? at::get_num_threads() : 1);
+  over(split, n, [&](int64_t begin, int64_t end) {
+    Scan& scan = scans[split ? at::get_thread_num() : 0];
+    for (int64_t lo = begin; lo < end; lo += kScanBlock) {
+      const int64_t hi = std::min(end, lo + kScanBlock);
+      pass_range(g, s, s.mode, total, lo, hi);
+      if (guessed) scan_range(total, lo, hi, low, high, cap, scan);
     }
-    default: TORCH_CHECK(false, "unknown mode ", mode);
+  });
+  std::array<int64_t, 2> cut{0, n};  // k = n: every element
+  if (s.k < n) {
+    const auto found = guessed ? resolve(scans, s.k) : std::nullopt;
+    cut = found ? *found : topk_threshold(total, n, s.k);
+    uint32_t bits = static_cast<uint32_t>(cut[0]);
+    std::memcpy(&s.found, &bits, sizeof bits);
   }
+  over(split, n, [&](int64_t begin, int64_t end) {
+    merge_range(g, s, total, cut, s.tau_cut, s.mode == kTiesMerge, begin, end);
+  });
 }
 
-// The rule's pass, masked when `keep` (a bool tensor of the parameter's elements) is given.
-template <typename Rule>
-void run_rule(int64_t mode, const Rule& rule, const torch::Tensor& param, const c10::optional<torch::Tensor>& tau,
-              const c10::optional<torch::Tensor>& buffer, const c10::optional<torch::Tensor>& scratch,
-              const c10::optional<torch::Tensor>& keep, const Merge& mg) {
-  if (keep) {
-    const auto* k = reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>());
-    return run_mode<true>(mode, rule, param, tau, buffer, scratch, k, mg);
-  }
-  run_mode<false>(mode, rule, param, tau, buffer, scratch, nullptr, mg);
+void step_slot(const Group& g, Slot& s, bool split) {
+  if (s.mode == kTies || s.mode == kTiesMerge) return ties_whole(g, s, split);
+  over(split, s.n, [&](int64_t begin, int64_t end) { pass_range(g, s, s.mode, s.total, begin, end); });
 }
 
-Merge merge_of(double decay, double update_scale, double alpha, double tau_scale, double clamp, int64_t threshold,
-               const std::vector<int64_t>& keys, int64_t offset) {
-  TORCH_CHECK(offset >= 0, "offset must be >= 0");
-  TORCH_CHECK(keys.size() == 4, "keys must be (k1, k2) of the update then of tau");
-  const bool keep_all = threshold >= (int64_t(1) << 32);
-  return Merge{static_cast<float>(decay), static_cast<float>(update_scale), static_cast<float>(alpha),
-               static_cast<float>(tau_scale), clamp > 0 ? static_cast<float>(clamp) : INFINITY,
-               keep_all ? 0u : static_cast<uint32_t>(threshold), keep_all,
-               static_cast<uint32_t>(keys[0]), static_cast<uint32_t>(keys[1]), static_cast<uint32_t>(keys[2]),
-               static_cast<uint32_t>(keys[3]), offset};
+float* data_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
+
+void check(const torch::Tensor& t, int64_t n, size_t i, const char* what, at::ScalarType type = at::kFloat) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "tensor ", i, ": ", what, " must be a contiguous CPU tensor");
+  TORCH_CHECK(t.numel() == n, "tensor ", i, ": ", what, " has ", t.numel(), " elements, the parameter ", n);
+  TORCH_CHECK(t.scalar_type() == type, "tensor ", i, ": ", what, " must be ", type);
 }
 
-void check(const torch::Tensor& t, const torch::Tensor& param, const char* what, at::ScalarType type = at::kFloat) {
-  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), what, " must be a contiguous CPU tensor");
-  TORCH_CHECK(t.numel() == param.numel(), what, " has ", t.numel(), " elements, the parameter ", param.numel());
-  TORCH_CHECK(t.scalar_type() == type, what, " must be ", type);
+void check(const c10::optional<torch::Tensor>& t, int64_t n, size_t i, const char* what) {
+  if (t) check(*t, n, i, what);
 }
 
 }  // namespace
 
-void adam_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, torch::Tensor exp_avg, torch::Tensor exp_avg_sq,
-               c10::optional<torch::Tensor> max_exp_avg_sq, c10::optional<torch::Tensor> merge_buffer,
-               c10::optional<torch::Tensor> tau, c10::optional<torch::Tensor> scratch, double beta1, double beta2,
-               double step_size, double bc2_sqrt, double eps, bool maximize, double decay, double update_scale,
-               double alpha, double tau_scale, double clamp, int64_t threshold, std::vector<int64_t> keys,
-               int64_t offset, c10::optional<torch::Tensor> keep) {
-  check(param, param, "param");
-  check(grad, param, "grad");
-  if (keep) check(*keep, param, "keep", at::kBool);
-  check(exp_avg, param, "exp_avg");
-  check(exp_avg_sq, param, "exp_avg_sq");
-  const Merge mg = merge_of(decay, update_scale, alpha, tau_scale, clamp, threshold, keys, offset);
+using Tensors = std::vector<c10::optional<torch::Tensor>>;
+constexpr size_t kInts = 9;  // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
+constexpr size_t kFloats = 5;  // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
+
+// Steps a param group's float32 tensors; returns, per tensor, the OnTIES threshold value selected (NaN: none).
+std::vector<double> step_group(bool adam, std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+                               Tensors state1, Tensors state2, Tensors state3, Tensors buffers, Tensors taus,
+                               Tensors keeps, Tensors totals, std::vector<int64_t> ints, std::vector<double> floats,
+                               double beta1, double beta2, double eps, bool amsgrad, double lr, double momentum,
+                               double dampening, double weight_decay, bool nesterov, bool maximize, double decay,
+                               double update_scale, double alpha, double tau_scale, double clamp, int64_t threshold,
+                               bool weighted) {
+  const size_t count = params.size();
+  for (const auto* list : {&state1, &state2, &state3, &buffers, &taus, &keeps, &totals})
+    TORCH_CHECK(list->size() == count, "every tensor list must have one entry per parameter");
+  TORCH_CHECK(grads.size() == count && ints.size() == kInts * count && floats.size() == kFloats * count,
+              "one gradient, ", kInts, " ints and ", kFloats, " floats per parameter");
+  const bool keep_all = threshold >= (int64_t(1) << 32);
   // 1 − β in double, then rounded: what torch does with its Python-float scalars
-  const float f[7] = {static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
-                      static_cast<float>(step_size), static_cast<float>(bc2_sqrt), static_cast<float>(eps),
-                      maximize ? -1.f : 1.f};
-  if (max_exp_avg_sq) {
-    check(*max_exp_avg_sq, param, "max_exp_avg_sq");
-    const AdamRule<true> rule{grad.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(),
-                              max_exp_avg_sq->data_ptr<float>(), f[0], f[1], f[2], f[3], f[4], f[5], f[6]};
-    return run_rule(mode, rule, param, tau, merge_buffer, scratch, keep, mg);
+  const Group g{adam, amsgrad, momentum != 0.0, weighted,
+                static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
+                static_cast<float>(eps), static_cast<float>(lr), static_cast<float>(momentum),
+                static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay), nesterov ? 1.f : 0.f,
+                maximize ? -1.f : 1.f, static_cast<float>(decay), static_cast<float>(update_scale),
+                static_cast<float>(alpha), static_cast<float>(tau_scale),
+                clamp > 0 ? static_cast<float>(clamp) : INFINITY, keep_all ? 0u : static_cast<uint32_t>(threshold),
+                keep_all};
+  std::vector<Slot> slots(count);
+  for (size_t i = 0; i < count; ++i) {
+    const torch::Tensor& param = params[i];
+    const int64_t n = param.numel();
+    const int64_t* in = &ints[kInts * i];
+    const double* fl = &floats[kFloats * i];
+    const int mode = static_cast<int>(in[0]);
+    TORCH_CHECK(mode >= kPlain && mode <= kTiesMerge, "tensor ", i, ": unknown mode ", mode);
+    check(param, n, i, "param");
+    check(grads[i], n, i, "grad");
+    check(state1[i], n, i, adam ? "exp_avg" : "momentum_buffer");
+    check(state2[i], n, i, "exp_avg_sq");
+    check(state3[i], n, i, "max_exp_avg_sq");
+    check(buffers[i], n, i, "merge_buffer");
+    check(totals[i], n, i, "total");
+    if (keeps[i]) check(*keeps[i], n, i, "keep", at::kBool);
+    TORCH_CHECK(!adam || (state1[i] && state2[i] && (state3[i] || !amsgrad)), "tensor ", i, ": Adam's moments missing");
+    TORCH_CHECK(!g.momentum_on || adam || state1[i], "tensor ", i, ": SGD's momentum buffer missing");
+    const bool merges = mode == kDare || mode == kDareMerge || mode >= kTies;
+    const bool carries = mode == kAccumulate || mode == kDareMerge || mode == kWriteTotalMerge || mode == kTiesMerge;
+    TORCH_CHECK(!merges || taus[i], "tensor ", i, ": this mode merges tau, none given");
+    TORCH_CHECK(!carries || buffers[i], "tensor ", i, ": step-K needs a merge_buffer");
+    TORCH_CHECK(!(mode == kWriteTotal || mode == kWriteTotalMerge) || totals[i], "tensor ", i, ": no total");
+    TORCH_CHECK(in[1] >= 0, "tensor ", i, ": offset must be >= 0");
+    const void* tau = nullptr;
+    bool tau_bf16 = false;
+    if (taus[i]) {
+      const auto& t = *taus[i];
+      TORCH_CHECK(t.is_contiguous() && t.numel() == n, "tensor ", i, ": tau must be contiguous, shaped like param");
+      TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+                  "tensor ", i, ": tau must be float32 or bfloat16");
+      tau = t.data_ptr();
+      tau_bf16 = t.scalar_type() == at::kBFloat16;
+    }
+    if (mode >= kTies) {
+      TORCH_CHECK(in[6] >= 1 && in[6] <= n, "tensor ", i, ": k must be in [1, numel]");
+      TORCH_CHECK(in[7] >= 0 && in[7] <= 0xFFFFFFFFll && in[8] >= -1 && in[8] <= n,
+                  "tensor ", i, ": tau's cut must be a uint32 threshold and a local cutoff in [-1, numel]");
+    }
+    slots[i] = Slot{param.data_ptr<float>(), grads[i].data_ptr<float>(), data_or_null(state1[i]),
+                    data_or_null(state2[i]), data_or_null(state3[i]), data_or_null(buffers[i]), tau, tau_bf16,
+                    keeps[i] ? reinterpret_cast<const uint8_t*>(keeps[i]->data_ptr<bool>()) : nullptr,
+                    data_or_null(totals[i]), n, mode,
+                    static_cast<uint32_t>(in[2]), static_cast<uint32_t>(in[3]), static_cast<uint32_t>(in[4]),
+                    static_cast<uint32_t>(in[5]), in[1], static_cast<float>(fl[0]), static_cast<float>(fl[1]),
+                    static_cast<float>(fl[2]), in[6], {in[7], in[8]}, static_cast<float>(fl[3]),
+                    static_cast<float>(fl[4]), NAN};
   }
-  const AdamRule<false> rule{grad.data_ptr<float>(), exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), nullptr,
-                             f[0], f[1], f[2], f[3], f[4], f[5], f[6]};
-  run_rule(mode, rule, param, tau, merge_buffer, scratch, keep, mg);
+  std::vector<size_t> small, large;
+  for (size_t i = 0; i < count; ++i) (slots[i].n < kWhole ? small : large).push_back(i);
+  std::atomic<size_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (size_t j; (j = next.fetch_add(1)) < small.size();) step_slot(g, slots[small[j]], false);
+  });
+  for (size_t i : large) step_slot(g, slots[i], true);
+  std::vector<double> found(count);
+  for (size_t i = 0; i < count; ++i) found[i] = slots[i].found;
+  return found;
 }
 
-void sgd_pass(int64_t mode, torch::Tensor param, torch::Tensor grad, c10::optional<torch::Tensor> momentum_buffer,
-              c10::optional<torch::Tensor> merge_buffer, c10::optional<torch::Tensor> tau,
-              c10::optional<torch::Tensor> scratch, double lr, double momentum, double dampening, double weight_decay,
-              bool nesterov, bool first, bool maximize, double update_scale, double alpha, double tau_scale,
-              double clamp, int64_t threshold, std::vector<int64_t> keys, int64_t offset,
-              c10::optional<torch::Tensor> keep) {
-  check(param, param, "param");
-  check(grad, param, "grad");
-  if (keep) check(*keep, param, "keep", at::kBool);
-  const Merge mg = merge_of(1.0, update_scale, alpha, tau_scale, clamp, threshold, keys, offset);
-  const float f[5] = {static_cast<float>(lr), static_cast<float>(momentum), static_cast<float>(1.0 - dampening),
-                      static_cast<float>(weight_decay), maximize ? -1.f : 1.f};
-  if (momentum_buffer) {
-    check(*momentum_buffer, param, "momentum_buffer");
-    const SgdRule<true> rule{grad.data_ptr<float>(), momentum_buffer->data_ptr<float>(), f[0], f[1], f[2], f[3], f[4],
-                             nesterov ? 1.f : 0.f, first ? 1.f : 0.f};
-    return run_rule(mode, rule, param, tau, merge_buffer, scratch, keep, mg);
+// OnTIES's merge of a piece whose Δ (``total``) and cuts (local indices) are known.
+void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
+                std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double alpha,
+                bool weighted, c10::optional<torch::Tensor> keep) {
+  const int64_t n = param.numel();
+  check(param, n, 0, "param");
+  check(total, n, 0, "total");
+  check(merge_buffer, n, 0, "merge_buffer");
+  if (keep) check(*keep, n, 0, "keep", at::kBool);
+  TORCH_CHECK(tau.is_contiguous() && tau.numel() == n, "tau must be contiguous, shaped like param");
+  TORCH_CHECK(tau.scalar_type() == at::kFloat || tau.scalar_type() == at::kBFloat16, "tau must be float32 or bfloat16");
+  TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");
+  for (const auto& cut : {update_cut, tau_cut}) {
+    TORCH_CHECK(cut[0] >= 0 && cut[0] <= 0xFFFFFFFFll, "cut threshold must be a uint32 bit pattern");
+    TORCH_CHECK(cut[1] >= -1 && cut[1] <= n, "cut cutoff must be a local index in [-1, numel]");
   }
-  const SgdRule<false> rule{grad.data_ptr<float>(), nullptr, f[0], f[1], f[2], f[3], f[4], 0.f, 0.f};
-  run_rule(mode, rule, param, tau, merge_buffer, scratch, keep, mg);
+  Group g{};
+  g.decay = static_cast<float>(decay);
+  g.alpha = static_cast<float>(alpha);
+  g.weighted = weighted;
+  Slot s{};
+  s.param = param.data_ptr<float>();
+  s.buffer = data_or_null(merge_buffer);
+  s.tau = tau.data_ptr();
+  s.tau_bf16 = tau.scalar_type() == at::kBFloat16;
+  s.keep = keep ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
+  s.n = n;
+  const float* x = total.data_ptr<float>();
+  const std::array<int64_t, 2> uc{update_cut[0], update_cut[1]}, tc{tau_cut[0], tau_cut[1]};
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    merge_range(g, s, x, uc, tc, merge_buffer.has_value(), begin, end);
+  });
 }
 
 std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k) {
@@ -466,43 +653,14 @@ std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k) {
   return {cut[0], cut[1]};
 }
 
-void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
-                std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double alpha,
-                bool weighted, c10::optional<torch::Tensor> keep) {
-  check(param, param, "param");
-  check(total, param, "total");
-  if (keep) check(*keep, param, "keep", at::kBool);
-  const uint8_t* k = keep ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
-  TORCH_CHECK(tau.is_contiguous() && tau.numel() == param.numel(), "tau must be contiguous, shaped like param");
-  float* buf = merge_buffer ? merge_buffer->data_ptr<float>() : nullptr;
-  TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");
-  for (const auto& cut : {update_cut, tau_cut}) {
-    TORCH_CHECK(cut[0] >= 0 && cut[0] <= 0xFFFFFFFFll, "cut threshold must be a uint32 bit pattern");
-    TORCH_CHECK(cut[1] >= -1 && cut[1] <= param.numel(), "cut cutoff must be a local index in [-1, numel]");
-  }
-  const std::array<int64_t, 2> uc{update_cut[0], update_cut[1]}, tc{tau_cut[0], tau_cut[1]};
-  const float d = static_cast<float>(decay), a = static_cast<float>(alpha);
-  auto run = [&](const auto* t) {
-    float* p = param.data_ptr<float>();
-    const float* x = total.data_ptr<float>();
-    const int64_t n = param.numel();
-    if (k) {
-      if (buf) return ties_pass<true, true>(p, buf, x, t, k, d, a, uc, tc, weighted, n);
-      return ties_pass<false, true>(p, buf, x, t, k, d, a, uc, tc, weighted, n);
-    }
-    if (buf) return ties_pass<true, false>(p, buf, x, t, k, d, a, uc, tc, weighted, n);
-    ties_pass<false, false>(p, buf, x, t, k, d, a, uc, tc, weighted, n);
-  };
-  if (tau.scalar_type() == at::kFloat) {
-    run(tau.data_ptr<float>());
-  } else {
-    run(tau.data_ptr<c10::BFloat16>());
-  }
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("adam_pass", &adam_pass, "Fused Adam update and online merge of one float32 tensor");
-  m.def("sgd_pass", &sgd_pass, "Fused SGD update and online merge of one float32 tensor");
+  m.def("step_group", &step_group, "The fused optimizer step and online merge of a param group's float32 tensors",
+        py::arg("adam"), py::arg("params"), py::arg("grads"), py::arg("state1"), py::arg("state2"), py::arg("state3"),
+        py::arg("buffers"), py::arg("taus"), py::arg("keeps"), py::arg("totals"), py::arg("ints"), py::arg("floats"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("amsgrad"), py::arg("lr"), py::arg("momentum"),
+        py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("decay"),
+        py::arg("update_scale"), py::arg("alpha"), py::arg("tau_scale"), py::arg("clamp"), py::arg("threshold"),
+        py::arg("weighted"));
   m.def("topk_threshold", &topk_threshold_of, "Exact top-k |x| threshold: (T, tie cutoff index)");
-  m.def("ties_merge", &ties_merge, "OnTIES merge pass over a precomputed total update");
+  m.def("ties_merge", &ties_merge, "OnTIES merge pass of a float32 tensor over its precomputed total update");
 }

@@ -58,6 +58,8 @@ class Plan:
     """The factor of DARE's kept elements: 1/p when it rescales and drops some, else 1."""
     dare_threshold: int = field(init=False)
     """DARE keeps an element iff its 32 random bits are below this (2**32 at p = 1: all)."""
+    plain: bool = field(init=False)
+    """Whether the merge cannot change the update (:attr:`MergeSettings.is_plain`)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -73,6 +75,7 @@ class Plan:
             "w_tau": alpha,
             "dare_scale": 1.0 / p if settings.dare_rescale and p < 1.0 else 1.0,
             "dare_threshold": keep_threshold(p) if p < 1.0 else 2**32,
+            "plain": settings.is_plain,
         }
         for key, value in derived.items():
             object.__setattr__(self, key, value)
@@ -84,7 +87,7 @@ class Plan:
         plain step remembered in Δc) or "roll_back" (θ − Δc + merge(Δc + Δ), then Δc ← 0).
         """
         settings = self.settings
-        if record.tau is None or settings.is_plain:
+        if record.tau is None or self.plain:
             return None, None
         if settings.merge_every == 1:
             return settings.merge, None

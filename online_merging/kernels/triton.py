@@ -33,6 +33,7 @@ try:
 except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
+from online_merging.kernels import eager
 from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import Cut, cut_mask
 from online_merging.merging import topk_cut as merging_topk_cut
@@ -275,9 +276,14 @@ def _onties_kernel(
     tl.store(param_ptr + offs, (param + update).to(param_ptr.dtype.element_ty), mask=keep)
 
 
-def step(plan: Plan, record: Record) -> torch.Tensor | None:
-    """Same contract as :func:`online_merging.kernels.eager.step`: one launch of ``_adam_kernel`` or
-    ``_sgd_kernel`` (under OnTIES, writing the float32 Δ to a scratch tensor, which it returns)."""
+def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
+    """Same contract as :func:`online_merging.kernels.eager.step`: per record, one launch of ``_adam_kernel`` or
+    ``_sgd_kernel`` (under OnTIES writing Δ to a float32 scratch tensor), and under OnTIES of a whole tensor the
+    selection of its top-p and one launch of ``_onties_kernel``."""
+    return eager.step_each(plan, records, _step, ties_merge, topk_cut)
+
+
+def _step(plan: Plan, record: Record) -> torch.Tensor | None:
     r = record
     n = r.param.numel()
     merge, carry = plan.route(r)

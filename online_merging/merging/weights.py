@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +25,7 @@ _WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoi
 _LEADING_MODULE = re.compile(r"^(module\.)+")
 
 
+@functools.lru_cache(maxsize=2**16)  # the optimizer looks its parameters' names up in τ every step
 def canonical_name(name: str) -> str:
     """A parameter name without wrapper segments: DDP/DeepSpeed ``module.``, ``torch.compile``'s
     ``_orig_mod.``, FSDP1's ``_fsdp_wrapped_module.`` and activation checkpointing's prefix."""

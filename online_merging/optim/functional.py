@@ -1,20 +1,20 @@
-"""Functional core of the optimizers: one step of a param group's records, dispatched to a backend per tensor.
+"""Functional core of the optimizers: one step of a param group's records, by a backend.
 
 :class:`OnlineMergingAdam` and :class:`OnlineMergingSGD` build a :class:`~online_merging.kernels.plan.Plan` and
 one :class:`~online_merging.kernels.plan.Record` per stepped tensor or piece, and call :func:`step`. A backend's
-``step(plan, record)`` does the whole step, except under OnTIES: there it updates the optimizer state and returns
-the flat float32 update Δ (Δc + Δ on a step-K roll-back, 0 where masked); this layer selects the top-p cuts of Δ
-and of τ (τ's computed once per tensor, :func:`~online_merging.merging.sparsify.constant_cut`, or the piece's
+``step(plan, records)`` does each record's whole step, except for OnTIES's pieces of larger tensors (ZeRO
+partitions, FSDP2 shards): there it updates the optimizer state and returns the flat float32 update Δ (Δc + Δ on a
+step-K roll-back, 0 where masked); this layer selects the whole tensor's top-p cut of Δ, takes τ's (the piece's
 cached cut of the whole) and calls the backend's ``ties_merge(plan, record, total, update_cut, tau_cut)``.
 
-A record whose update cut is a :class:`~online_merging.merging.PendingCut` (a piece of a sharded tensor) waits: the
-cuts of all such records are selected together, after their Δ is computed: one batched selection (5 collectives)
-per step instead of one per tensor, holding the tensors' Δ meanwhile, at most ``DEFER_NUMEL`` elements of whole
-tensors at a time.
+A piece whose update cut is a :class:`~online_merging.merging.PendingCut` waits: the cuts of all such records are
+selected together, after their Δ is computed: one batched selection (5 collectives) per step instead of one per
+tensor, holding the tensors' Δ meanwhile, at most ``DEFER_NUMEL`` elements of whole tensors at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from online_merging.distributed import select_pending
 from online_merging.kernels import get_backend
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import Cut, num_kept
+from online_merging.merging import num_kept
 from online_merging.merging.sparsify import constant_cut
 
 __all__ = ["DEFER_NUMEL", "finish_ties", "step"]
@@ -36,38 +36,52 @@ def step(plan: Plan, records: list[Record], backend: str | ModuleType | None = N
     """Step every record with ``plan``; ``backend``: a name of :data:`~online_merging.kernels.BACKENDS`, a backend
     module, or ``None`` for the fastest on each tensor's device."""
     waiting = _Waiting(plan)
-    for record in records:
-        kernels = backend if isinstance(backend, ModuleType) else get_backend(backend, record.param.device)
-        total = kernels.step(plan, record)
-        if total is None:
-            continue
-        if record.waits:
-            record.update_cut.total = total
-            waiting.add(kernels, record, total)
-        else:
-            finish_ties(kernels, plan, record, total)
+    for kernels, batch in _batches(records, backend):
+        for record, total in zip(batch, kernels.step(plan, batch), strict=True):
+            if total is None:
+                continue
+            if record.waits:
+                record.update_cut.total = total
+                waiting.add(kernels, record, total)
+            else:
+                finish_ties(kernels, plan, record, total)
     waiting.finish()
 
 
 def finish_ties(kernels: ModuleType, plan: Plan, record: Record, total: torch.Tensor) -> None:
-    """OnTIES's second phase of ``record``, whose Δ is ``total`` (from ``kernels.step``): the top-p cuts of Δ and
-    of τ, then the backend's merge."""
-    k, tau = num_kept(plan.settings.reserve_p, total.numel()), record.tau
-    if record.update_cut is None:  # the tensor's own top-p
-        update_cut = _global(kernels.topk_cut(total, k), record.offset)
+    """OnTIES's second phase of a piece whose Δ is ``total`` (from ``kernels.step``): the whole tensor's top-p cuts
+    of Δ and of τ (without a cut function, τ is the record's own: its cut is computed once), then the backend's
+    merge."""
+    tau = record.tau.reshape(-1)
+    if record.tau_cut is None:
+        threshold, cutoff = constant_cut(record.tau, num_kept(plan.settings.reserve_p, tau.numel()))
+        tau_cut = threshold, cutoff + record.offset
     else:
-        update_cut = record.update_cut(total)
-    if record.tau_cut is None:  # computed once per τ tensor
-        tau_cut = _global(constant_cut(tau, k), record.offset)
-    else:
-        tau_cut = record.tau_cut(tau.reshape(-1))
-    kernels.ties_merge(plan, record, total, update_cut, tau_cut)
+        tau_cut = record.tau_cut(tau)
+    kernels.ties_merge(plan, record, total, record.update_cut(total), tau_cut)
 
 
-def _global(cut: Cut, offset: int) -> Cut:
-    """A tensor's own cut (local flat indices) in the global indices of the records' cuts."""
-    threshold, cutoff = cut
-    return threshold, cutoff + offset
+def _batches(
+    records: list[Record], backend: str | ModuleType | None
+) -> Iterator[tuple[ModuleType, list[Record]]]:
+    """Runs of consecutive records stepped by one backend call: one backend each, and ending where the waiting
+    records' whole tensors reach ``DEFER_NUMEL`` elements, where :class:`_Waiting` selects their cuts."""
+    batch: list[Record] = []
+    kernels, numel = None, 0
+    for record in records:
+        module = backend if isinstance(backend, ModuleType) else get_backend(backend, record.param.device)
+        if batch and module is not kernels:
+            yield kernels, batch
+            batch = []
+        kernels = module
+        batch.append(record)
+        if record.waits:
+            numel += record.update_cut.numel
+            if numel >= DEFER_NUMEL:
+                yield kernels, batch
+                batch, numel = [], 0
+    if batch:
+        yield kernels, batch
 
 
 class _Waiting:
