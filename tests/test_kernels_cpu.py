@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from online_merging import OnlineMergingAdam, TaskVector
 from online_merging.kernels import cpu, eager
 from online_merging.merging import num_kept, sparsify, topp_mask
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
@@ -26,10 +27,71 @@ def test_radix_selection_equals_a_sort(kind, p):
         "bf16": lambda: torch.randn(SHAPE).bfloat16(),
         "one_value": lambda: torch.full(SHAPE, -0.5),
     }[kind]()
-    cut = cpu._ext.topk_threshold(x.reshape(-1), num_kept(p, x.numel()))
+    *cut, _ = cpu._ext.topk_threshold(x.reshape(-1), num_kept(p, x.numel()))
     mask = _mask_from_cut(x, cut)
     assert int(mask.sum()) == num_kept(p, x.numel())
     assert torch.equal(mask, topp_mask(x, p).reshape(-1))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties_and_zeros", "bf16"])
+@pytest.mark.parametrize("p", [1e-4, 0.01, 0.3])
+def test_a_guessed_threshold_changes_nothing_but_the_speed(kind, p):
+    """OnTIES's first pass scans Δ against a bracket around a guess of its threshold: the cut is the exact one for
+    guesses inside and outside it, brackets narrow (a tie exactly at the threshold) and too wide (past the cap)."""
+    gen = torch.Generator().manual_seed(7)
+    x = {
+        "normal": lambda: torch.randn(SHAPE, generator=gen),
+        "ties_and_zeros": lambda: torch.randint(-3, 4, SHAPE, generator=gen).float(),
+        "bf16": lambda: torch.randn(SHAPE, generator=gen).bfloat16(),
+    }[kind]().reshape(-1)
+    k = num_kept(p, x.numel())
+    *exact, guessed = cpu._ext.topk_threshold(x, k)
+    assert guessed == cpu.NO_GUESS
+    assert torch.equal(_mask_from_cut(x, exact), topp_mask(x, p))
+    value = torch.tensor(exact[0], dtype=torch.int32).view(torch.float32).item()
+    outcomes = set()
+    for scale in (1.0, 1.001, 0.999, 1.05, 0.7, 1.6, 1e-3):
+        for width in (0.0, 1e-6, 0.01, 0.25, 0.99):
+            *cut, guessed = cpu._ext.topk_threshold(x, k, value * scale, width)
+            assert cut == exact, (scale, width)
+            outcomes.add(guessed)
+    # integers: the bracket catches a whole tie, too many to select from
+    assert {cpu.TOO_WIDE} <= outcomes if kind == "ties_and_zeros" else {cpu.HIT, cpu.MISSED} <= outcomes
+
+
+def test_an_optimizer_steps_alike_with_and_without_its_guesses(monkeypatch):
+    """The CPU backend learns each tensor's OnTIES threshold to guess the next; forgetting them before every step
+    leaves every parameter bit for bit the same (random gradients, a step-K and a masked tensor among them)."""
+
+    def run(forget: bool) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(5)
+        shapes = {"a": (300, 200), "b": (1000,), "c": (700, 800)}  # c: past 2**19 elements, split over threads
+        params = {name: torch.nn.Parameter(torch.randn(shape, generator=gen)) for name, shape in shapes.items()}
+        tau = TaskVector({name: 0.01 * torch.randn(shape, generator=gen) for name, shape in shapes.items()})
+        groups = [
+            {"params": [("a", params["a"]), ("c", params["c"])]},
+            {"params": [("b", params["b"])], "merge_every": 3},
+        ]
+        mask = {"a": torch.arange(300) % 3 != 0}
+        opt = OnlineMergingAdam(
+            groups, lr=1e-3, task_vector=tau, merge="onties", reserve_p=0.02, neuron_mask=mask, backend="cpu"
+        )
+        for _ in range(10):
+            for param in params.values():
+                param.grad = torch.randn(param.shape, generator=gen)
+            if forget:
+                cpu._thresholds.clear()
+            opt.step()
+        return [param.detach().clone() for param in params.values()]
+
+    outcomes = []
+    learn = cpu._learn
+    monkeypatch.setattr(cpu, "_learn", lambda *args: outcomes.append(args[3]) or learn(*args))
+    cpu._thresholds.clear()
+    learned = run(forget=False)
+    assert outcomes.count(cpu.HIT) >= 12, str(outcomes)  # the guesses were used
+    for got, expected in zip(run(forget=True), learned, strict=True):
+        assert torch.equal(got, expected)
 
 
 def _run(backend, rule, settings, *, steps=4, tau_dtype=torch.bfloat16, param_dtype=torch.float32, **hyper):

@@ -30,6 +30,7 @@ from online_merging.rng import MASK32
 __all__ = ["step", "ties_merge", "topk_cut"]
 
 PLAIN, DARE, ACCUMULATE, DARE_MERGE, WRITE_TOTAL, WRITE_TOTAL_MERGE, TIES, TIES_MERGE = range(8)  # fused_cpu.cpp
+NO_GUESS, HIT, MISSED, TOO_WIDE = range(4)  # what became of a guessed OnTIES threshold (Guess in fused_cpu.cpp)
 
 
 def _compile():
@@ -51,6 +52,7 @@ _MODES = {
     ("onties", "roll_back"): TIES_MERGE,
 }
 _PIECE = {TIES: WRITE_TOTAL, TIES_MERGE: WRITE_TOTAL_MERGE}  # a piece's OnTIES: its update only
+_TAU_DTYPES = (torch.float32, torch.bfloat16)
 
 _thresholds: dict[tuple[int, int, int], tuple[float, float, float]] = {}
 """Per tensor (address, size, mode): its last OnTIES threshold in units of the learning rate (Δ's scale), the
@@ -89,19 +91,18 @@ def topk_cut(x: torch.Tensor, k: int) -> Cut:
     """The :data:`Cut` of the k largest |x| of a flat float32 tensor, by the C++ radix selection."""
     if k >= x.numel():
         return KEEP_ALL
-    threshold, cutoff = _ext.topk_threshold(x, k)
+    threshold, cutoff, _ = _ext.topk_threshold(x, k)
     return threshold, cutoff
 
 
 def _step_fused(plan: Plan, batch: list[tuple[int, Record]], results: list[torch.Tensor | None]) -> None:
     """Step the fused records in one call; a piece's OnTIES update goes to ``results``."""
     adam = plan.optimizer == "adam"
-    tensors: dict[str, list] = {key: [] for key in ("params", "grads", "state1", "state2", "state3", "buffers",
-                                                     "taus", "keeps", "totals")}  # fmt: skip
+    params, grads, state1, state2, state3, buffers, taus, keeps, totals = lists = tuple([] for _ in range(9))
     ints: list[int] = []
     floats: list[float] = []
-    guesses = []
-    p = plan.settings.reserve_p
+    guesses, corrections = [], {}
+    draws = plan.dare_threshold <= MASK32
     for slot, (i, r) in enumerate(batch):
         n = r.param.numel()
         merge, carry = plan.route(r)
@@ -110,36 +111,39 @@ def _step_fused(plan: Plan, batch: list[tuple[int, Record]], results: list[torch
         if mode in _PIECE and r.update_cut is not None:
             mode = _PIECE[mode]
             total = results[i] = torch.empty(n, dtype=torch.float32)
-        keys = plan.dare_keys(r) if mode in (DARE, DARE_MERGE) and plan.dare_threshold <= MASK32 else ((0, 0), (0, 0))
+        keys = plan.dare_keys(r) if draws and mode in (DARE, DARE_MERGE) else ((0, 0), (0, 0))
         k, tau_cut, guess = 0, (0, 0), (math.nan, 0.0)
         if mode in (TIES, TIES_MERGE):
-            k = num_kept(p, n)
+            k = num_kept(plan.settings.reserve_p, n)
             tau_cut = _piece_cut(constant_cut(r.tau, k), 0, n)
             key = (r.param.data_ptr(), n, mode)
             guess = _guess(key, plan.lr)
             guesses.append((slot, key, guess[0]))
-        step_size, sqrt_bias2 = plan.bias_corrections(r.step) if adam else (0.0, 0.0)
-        state = (r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None) if adam else (
-            r.momentum_buffer if plan.momentum != 0.0 else None, None, None)  # fmt: skip
-        for key, value in zip(
-            tensors, (r.param, r.grad, *state, r.merge_buffer if carry else None, r.tau if merge else None, r.mask,
-                      total), strict=True,
-        ):  # fmt: skip
-            tensors[key].append(value)
+        if adam:
+            if r.step not in corrections:
+                corrections[r.step] = plan.bias_corrections(r.step)
+            step_size, sqrt_bias2 = corrections[r.step]
+            state = (r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None)
+        else:
+            step_size = sqrt_bias2 = 0.0
+            state = (r.momentum_buffer if plan.momentum != 0.0 else None, None, None)
+        tensors = (r.param, r.grad, *state, r.merge_buffer if carry else None, r.tau if merge else None, r.mask, total)
+        for values, tensor in zip(lists, tensors, strict=True):
+            values.append(tensor)
         ints += (mode, r.offset, *keys[0], *keys[1], k, *tau_cut)
         floats += (step_size, sqrt_bias2, float(r.first_momentum), *guess)
-    found = _ext.step_group(
-        adam, **tensors, ints=ints, floats=floats, beta1=plan.beta1, beta2=plan.beta2, eps=plan.eps,
-        amsgrad=plan.amsgrad, lr=plan.lr, momentum=plan.momentum, dampening=plan.dampening,
-        weight_decay=plan.weight_decay, nesterov=plan.nesterov, maximize=plan.maximize, decay=plan.decay,
-        update_scale=plan.w_update * plan.dare_scale, alpha=plan.w_tau, tau_scale=plan.dare_scale,
+    found, guessed = _ext.step_group(
+        adam, params, grads, state1, state2, state3, buffers, taus, keeps, totals, ints, floats,
+        beta1=plan.beta1, beta2=plan.beta2, eps=plan.eps, amsgrad=plan.amsgrad, lr=plan.lr, momentum=plan.momentum,
+        dampening=plan.dampening, weight_decay=plan.weight_decay, nesterov=plan.nesterov, maximize=plan.maximize,
+        decay=plan.decay, update_scale=plan.w_update * plan.dare_scale, alpha=plan.w_tau, tau_scale=plan.dare_scale,
         clamp=plan.settings.tau_clamp or 0.0, threshold=plan.dare_threshold,
         weighted=plan.settings.ties_sign == "weighted",
     )  # fmt: skip
     if len(_thresholds) > 2**16:  # addresses of tensors long gone
         _thresholds.clear()
     for slot, key, guess in guesses:
-        _learn(key, found[slot], guess, plan.lr)
+        _learn(key, found[slot], guess, guessed[slot], plan.lr)
 
 
 def _guess(key: tuple[int, int, int], lr: float) -> tuple[float, float]:
@@ -152,9 +156,9 @@ def _guess(key: tuple[int, int, int], lr: float) -> tuple[float, float]:
     return value * ratio * lr, width
 
 
-def _learn(key: tuple[int, int, int], found: float, guess: float, lr: float) -> None:
+def _learn(key: tuple[int, int, int], found: float, guess: float, guessed: int, lr: float) -> None:
     """Remember the threshold found; the next bracket is four times as wide as this guess's error, or narrows slowly
-    from the last one."""
+    from the last one, or by a quarter when it caught too many elements (``guessed``: what became of the guess)."""
     if not (math.isfinite(found) and found > 0 and lr > 0):
         return
     value, known = found / lr, _thresholds.get(key)
@@ -162,23 +166,26 @@ def _learn(key: tuple[int, int, int], found: float, guess: float, lr: float) -> 
         _thresholds[key] = value, 1.0, WIDTHS[1] / 4
         return
     ratio = min(max(value / known[0], 0.5), 2.0)
-    width = min(max(4.0 * abs(found / guess - 1.0), 0.85 * known[2], WIDTHS[0]), WIDTHS[1])
-    _thresholds[key] = value, ratio, width
+    width = max(4.0 * abs(found / guess - 1.0), 0.85 * known[2])
+    if guessed == TOO_WIDE:
+        width = known[2] / 4
+    _thresholds[key] = value, ratio, min(max(width, WIDTHS[0]), WIDTHS[1])
 
 
 def _fusable(plan: Plan, record: Record) -> bool:
     """float32 contiguous tensors (τ float32 or bfloat16, mask bool): else the eager backend steps the record."""
-    param, tau, mask = record.param, record.tau, record.mask
-    if param.dtype != torch.float32 or param.numel() == 0 or not param.is_contiguous():
+    r = record
+    if r.param.numel() == 0:
         return False
-    if mask is not None and (mask.dtype != torch.bool or not mask.is_contiguous()):
+    if r.mask is not None and (r.mask.dtype != torch.bool or not r.mask.is_contiguous()):
         return False
-    if tau is not None and (tau.dtype not in (torch.float32, torch.bfloat16) or not tau.is_contiguous()):
+    if r.tau is not None and (r.tau.dtype not in _TAU_DTYPES or not r.tau.is_contiguous()):
         return False
-    state = [record.grad, record.merge_buffer]
-    state += [record.exp_avg, record.exp_avg_sq, record.max_exp_avg_sq] if plan.optimizer == "adam" else []
-    state += [record.momentum_buffer] if plan.optimizer == "sgd" else []
-    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in state)
+    state = (r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq) if plan.optimizer == "adam" else (r.momentum_buffer,)
+    for t in (r.param, r.grad, r.merge_buffer, *state):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
+            return False
+    return True
 
 
 def _piece_cut(cut: Cut, offset: int, n: int) -> list[int]:

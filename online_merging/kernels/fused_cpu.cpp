@@ -85,6 +85,9 @@ enum Mode : int {
   kTiesMerge = 7,        // the same on a step-K merge step
 };
 
+// What became of an OnTIES guess.
+enum Guess : int { kNone = 0, kHit = 1, kMissed = 2, kTooWide = 3 };
+
 // The group's constants.
 struct Group {
   bool adam, amsgrad, momentum_on, weighted;
@@ -117,6 +120,7 @@ struct Slot {
   std::array<int64_t, 2> tau_cut;
   float guess, width;  // OnTIES: a guess of Δ's threshold value (0 or NaN: none), bracketed by ±width·guess
   float found;         // Δ's threshold value, selected
+  int guessed;         // what became of the guess: a Guess
 };
 
 // Adam: updates the moments of element i and returns Δ_i.
@@ -287,20 +291,33 @@ struct Scan {
 
 template <typename X>
 void scan_range(const X* x, int64_t begin, int64_t end, uint32_t low, uint32_t high, int64_t cap, Scan& scan) {
-  constexpr int64_t kBlock = 64;  // small blocks: most hold no candidate, so the scalar collection skips them
+  // Vectorised counts per block; the scalar collection visits only the blocks of 16 that hold a candidate.
+  constexpr int64_t kBlock = 64, kPart = 16;
+  auto count_inside = [&](int64_t from, int64_t to) {
+    uint32_t inside = 0;
+    for (int64_t i = from; i < to; ++i) {
+      const uint32_t b = abs_bits(x, i);
+      inside += (b >= low) & (b <= high);
+    }
+    return inside;
+  };
   for (int64_t block = begin; block < end && !scan.overflow; block += kBlock) {
     const int64_t block_end = std::min<int64_t>(end, block + kBlock);
     uint32_t above = 0, inside = 0;
-    for (int64_t i = block; i < block_end; ++i) {  // vectorised counts
+    for (int64_t i = block; i < block_end; ++i) {
       const uint32_t b = abs_bits(x, i);
       above += b > high;
       inside += (b >= low) & (b <= high);
     }
     scan.above += above;
     if (inside == 0) continue;
-    for (int64_t i = block; i < block_end; ++i) {
-      const uint32_t b = abs_bits(x, i);
-      if (b >= low && b <= high) scan.inside.emplace_back(b, i);
+    for (int64_t part = block; part < block_end; part += kPart) {
+      const int64_t part_end = std::min<int64_t>(block_end, part + kPart);
+      if (count_inside(part, part_end) == 0) continue;
+      for (int64_t i = part; i < part_end; ++i) {
+        const uint32_t b = abs_bits(x, i);
+        if (b >= low && b <= high) scan.inside.emplace_back(b, i);
+      }
     }
     scan.overflow = static_cast<int64_t>(scan.inside.size()) > cap;
   }
@@ -476,27 +493,50 @@ float* scratch(int64_t n) {
   return buffer.data();
 }
 
+// The bracket [low, high] of magnitude bits around a guessed threshold value, ±width of it; none without a guess.
+std::optional<std::array<uint32_t, 2>> bracket(float guess, float width) {
+  if (!(std::isfinite(guess) && guess > 0.f)) return std::nullopt;
+  return std::array<uint32_t, 2>{float_bits(guess * (1.f - width)), float_bits(guess * (1.f + width))};
+}
+
+// Scans of a guess's bracket stop collecting past this many candidates: too wide a bracket to select from.
+int64_t bracket_cap(int64_t k) { return k + 4096; }
+
+// The cut of the top k of |x|: among what scans against a guess's bracket found, else by topk_threshold; `guessed`:
+// what became of the guess.
+template <typename X>
+std::array<int64_t, 2> select(std::vector<Scan>& scans, bool scanned, const X* x, int64_t n, int64_t k, int& guessed) {
+  guessed = kNone;
+  if (scanned) {
+    if (auto cut = resolve(scans, k)) {
+      guessed = kHit;
+      return *cut;
+    }
+    const bool wide = std::any_of(scans.begin(), scans.end(), [](const Scan& scan) { return scan.overflow; });
+    guessed = wide ? kTooWide : kMissed;
+  }
+  return topk_threshold(x, n, k);
+}
+
 // OnTIES of a whole tensor: Δ into the scratch buffer, scanned against the bracket of the slot's guess; the cut of
 // its top k; the merge.
 void ties_whole(const Group& g, Slot& s, bool split) {
   const int64_t n = s.n;
   float* total = scratch(n);
-  const bool guessed = std::isfinite(s.guess) && s.guess > 0.f && s.k < n;
-  const uint32_t low = float_bits(s.guess * (1.f - s.width)), high = float_bits(s.guess * (1.f + s.width));
-  const int64_t cap = s.k + 4096;
+  const auto range = s.k < n ? bracket(s.guess, s.width) : std::nullopt;
+  const int64_t cap = bracket_cap(s.k);
   std::vector<Scan> scans(split ? at::get_num_threads() : 1);
   over(split, n, [&](int64_t begin, int64_t end) {
     Scan& scan = scans[split ? at::get_thread_num() : 0];
     for (int64_t lo = begin; lo < end; lo += kScanBlock) {
       const int64_t hi = std::min(end, lo + kScanBlock);
       pass_range(g, s, s.mode, total, lo, hi);
-      if (guessed) scan_range(total, lo, hi, low, high, cap, scan);
+      if (range) scan_range(total, lo, hi, (*range)[0], (*range)[1], cap, scan);
     }
   });
   std::array<int64_t, 2> cut{0, n};  // k = n: every element
   if (s.k < n) {
-    const auto found = guessed ? resolve(scans, s.k) : std::nullopt;
-    cut = found ? *found : topk_threshold(total, n, s.k);
+    cut = select(scans, range.has_value(), total, n, s.k, s.guessed);
     uint32_t bits = static_cast<uint32_t>(cut[0]);
     std::memcpy(&s.found, &bits, sizeof bits);
   }
@@ -528,8 +568,9 @@ using Tensors = std::vector<c10::optional<torch::Tensor>>;
 constexpr size_t kInts = 9;  // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
 constexpr size_t kFloats = 5;  // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
 
-// Steps a param group's float32 tensors; returns, per tensor, the OnTIES threshold value selected (NaN: none).
-std::vector<double> step_group(bool adam, std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
+// Steps a param group's float32 tensors; returns, per tensor, the OnTIES threshold value selected (NaN: none) and
+// what became of its guess (a Guess).
+std::tuple<std::vector<double>, std::vector<int64_t>> step_group(bool adam, std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
                                Tensors state1, Tensors state2, Tensors state3, Tensors buffers, Tensors taus,
                                Tensors keeps, Tensors totals, std::vector<int64_t> ints, std::vector<double> floats,
                                double beta1, double beta2, double eps, bool amsgrad, double lr, double momentum,
@@ -597,7 +638,7 @@ std::vector<double> step_group(bool adam, std::vector<torch::Tensor> params, std
                     static_cast<uint32_t>(in[2]), static_cast<uint32_t>(in[3]), static_cast<uint32_t>(in[4]),
                     static_cast<uint32_t>(in[5]), in[1], static_cast<float>(fl[0]), static_cast<float>(fl[1]),
                     static_cast<float>(fl[2]), in[6], {in[7], in[8]}, static_cast<float>(fl[3]),
-                    static_cast<float>(fl[4]), NAN};
+                    static_cast<float>(fl[4]), NAN, kNone};
   }
   std::vector<size_t> small, large;
   for (size_t i = 0; i < count; ++i) (slots[i].n < kWhole ? small : large).push_back(i);
@@ -607,8 +648,12 @@ std::vector<double> step_group(bool adam, std::vector<torch::Tensor> params, std
   });
   for (size_t i : large) step_slot(g, slots[i], true);
   std::vector<double> found(count);
-  for (size_t i = 0; i < count; ++i) found[i] = slots[i].found;
-  return found;
+  std::vector<int64_t> guessed(count);
+  for (size_t i = 0; i < count; ++i) {
+    found[i] = slots[i].found;
+    guessed[i] = slots[i].guessed;
+  }
+  return {found, guessed};
 }
 
 // OnTIES's merge of a piece whose Δ (``total``) and cuts (local indices) are known.
@@ -645,12 +690,25 @@ void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   });
 }
 
-std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k) {
+// (T, cutoff) of the top k of |x|, given a guess of its threshold value as OnTIES's first pass is (NaN: none), and
+// what became of the guess (a Guess).
+std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k, double guess, double width) {
   TORCH_CHECK(x.is_contiguous() && x.device().is_cpu(), "x must be a contiguous CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   TORCH_CHECK(k >= 1 && k <= x.numel(), "k must be in [1, numel]");
-  const auto cut = x.scalar_type() == at::kFloat ? topk_threshold(x.data_ptr<float>(), x.numel(), k)
-                                                 : topk_threshold(x.data_ptr<c10::BFloat16>(), x.numel(), k);
-  return {cut[0], cut[1]};
+  const int64_t n = x.numel();
+  const auto range = bracket(static_cast<float>(guess), static_cast<float>(width));
+  std::vector<Scan> scans(at::get_num_threads());
+  int guessed = kNone;
+  auto run = [&](const auto* data) {
+    if (range)
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        scan_range(data, begin, end, (*range)[0], (*range)[1], bracket_cap(k), scans[at::get_thread_num()]);
+      });
+    return select(scans, range.has_value(), data, n, k, guessed);
+  };
+  const auto cut = x.scalar_type() == at::kFloat ? run(x.data_ptr<float>()) : run(x.data_ptr<c10::BFloat16>());
+  return {cut[0], cut[1], guessed};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -661,6 +719,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("decay"),
         py::arg("update_scale"), py::arg("alpha"), py::arg("tau_scale"), py::arg("clamp"), py::arg("threshold"),
         py::arg("weighted"));
-  m.def("topk_threshold", &topk_threshold_of, "Exact top-k |x| threshold: (T, tie cutoff index)");
+  m.def("topk_threshold", &topk_threshold_of, "Exact top-k |x| threshold: (T, tie cutoff index, guess)", py::arg("x"),
+        py::arg("k"), py::arg("guess") = NAN, py::arg("width") = 0.0);
   m.def("ties_merge", &ties_merge, "OnTIES merge pass of a float32 tensor over its precomputed total update");
 }

@@ -10,6 +10,7 @@ may have stepped different numbers of times (pieces that skipped a non-finite st
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -152,8 +153,12 @@ class Record:
 
 def dare_keys(settings: MergeSettings, step: int, name: str) -> tuple[tuple[int, int], tuple[int, int]]:
     """Keys of the DARE draws of Δ (at ``step``) and of τ (at step 0 when its mask is drawn once)."""
-    tau_step = 0 if settings.tau_mask == "once" else step
-    return (
-        tensor_key(settings.seed, STREAM_UPDATE, step, name),
-        tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name),
-    )
+    update_key = tensor_key(settings.seed, STREAM_UPDATE, step, name)
+    if settings.tau_mask == "once":
+        return update_key, _tau_key_once(settings.seed, name)
+    return update_key, tensor_key(settings.seed, STREAM_TASK_VECTOR, step, name)
+
+
+@functools.lru_cache(maxsize=2**16)
+def _tau_key_once(seed: int, name: str) -> tuple[int, int]:
+    return tensor_key(seed, STREAM_TASK_VECTOR, 0, name)

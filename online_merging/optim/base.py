@@ -302,7 +302,8 @@ class OnlineMergingOptimizer(Optimizer):
             plan.append((index, group, settings, params))
         skip = self._nonfinite(plan) if self.nonfinite_grads is not None else {}
         for _, group, settings, params in plan:
-            params = [p for p in params if p not in skip or p in self._pieces]
+            if skip:
+                params = [p for p in params if p not in skip or p in self._pieces]
             if params:
                 self._step_group(group, settings, params, skip)
         return loss
@@ -405,31 +406,36 @@ class OnlineMergingOptimizer(Optimizer):
         first momentum step then, or when its parameter skipped every step so far (it never wrote its buffer).
         """
         records = []
+        steps = [self.state[param]["step"] for param in params]
+        torch._foreach_add_(steps, 1)
         for i, param in enumerate(params):
             state = self.state[param]
             pieces = self._pieces.get(param)
-            has_tau = self._has_tau(param)
+            name = self._names.get(param)
+            has_tau = _has_tau(self.task_vector, name, pieces)
             if has_tau and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            tensors = {"param": param, "grad": param.grad, "merge_buffer": state.get("merge_buffer"), **states[i]}
-            new_buffer = bool(new_buffers and new_buffers[i])
-            step = state["step"]
+            merge_buffer, new_buffer = state.get("merge_buffer"), bool(new_buffers and new_buffers[i])
+            step = int(steps[i])
             if pieces is None:
-                if has_tau and param not in self._taus:  # the first step: τ comes to the parameter's device now
-                    self._taus[param] = self.task_vector[self._names[param]].to(param.device)
-                step += 1
-                tau, mask = _follow(self._taus, param), _follow(self._masks, param)
-                name = self._names.get(param)
+                tau = _follow(self._taus, param)
+                if has_tau and tau is None:  # the first step: τ comes to the parameter's device now
+                    tau = self._taus[param] = self.task_vector[name].to(param.device)
+                mask = _follow(self._masks, param) if self._masks else None
                 records.append(
-                    Record(**tensors, step=int(step), first_momentum=new_buffer, tau=tau, name=name, mask=mask)
-                )
+                    Record(
+                        param, param.grad, step, **states[i], merge_buffer=merge_buffer, first_momentum=new_buffer,
+                        tau=tau, name=name, mask=mask,
+                    )
+                )  # fmt: skip
                 continue
+            tensors = {"param": param, "grad": param.grad, "merge_buffer": merge_buffer, **states[i]}
             skipped = state.get("piece_skips")  # with nonfinite_grads only
             ties = plan.settings.merge == "onties"
             for j, piece in enumerate(pieces):
                 if j in skip.get(param, ()):
                     continue
-                count = int(step) + 1 - (0 if skipped is None else int(skipped[j]))
+                count = step - (0 if skipped is None else int(skipped[j]))
                 p = settings.reserve_p
                 cuts = {"update_cut": piece.update_cut(p), "tau_cut": piece.tau_cut(p)} if ties else {}
                 views = {key: piece.view(value) for key, value in tensors.items()}
@@ -445,12 +451,11 @@ class OnlineMergingOptimizer(Optimizer):
                         mask=piece.mask,
                     )
                 )
-            step += 1
         return records
 
     def _has_tau(self, param: torch.Tensor) -> bool:
         """Whether τ has an entry for ``param`` by name, or for one of its pieces (a ZeRO partition holds several)."""
-        return self._tau_name(param) is not None or any(piece.tau is not None for piece in self._pieces.get(param, ()))
+        return _has_tau(self.task_vector, self._names.get(param), self._pieces.get(param))
 
     def _tau_name(self, param: torch.Tensor) -> str | None:
         """``param``'s name when τ has an entry of that name (a parameter given whole, or an FSDP2 DTensor)."""
@@ -545,6 +550,12 @@ def _prefix_hint(tau_names: list[str], param_names: list[str]) -> str:
 
 def _summary(fingerprint: dict | None) -> str:
     return "none" if fingerprint is None else f"{fingerprint['tensors']} tensors summing to {fingerprint['sum']:.6g}"
+
+
+def _has_tau(task_vector: TaskVector | None, name: str | None, pieces: list[Piece] | None) -> bool:
+    """Whether ``task_vector`` has an entry named ``name``, or one of ``pieces`` holds τ."""
+    named = name is not None and task_vector is not None and name in task_vector
+    return named or any(piece.tau is not None for piece in pieces or ())
 
 
 def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
