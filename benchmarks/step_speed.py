@@ -4,6 +4,7 @@ Run from the repository root:
 
     python benchmarks/step_speed.py                  # full: ~10M, 30M, 100M, 300M parameters on CPU (long)
     python benchmarks/step_speed.py --sizes 10 30    # chosen sizes, in millions of parameters
+    python benchmarks/step_speed.py --matrices 8 1024   # instead: 8 square tensors of 1024 x 1024
     python benchmarks/step_speed.py --quick --out /tmp/bench   # ~0.1M parameters, a few providers, seconds
 
 Every provider steps the same fp32 parameters (2-D, shaped like a transformer's layers) with the same random
@@ -104,6 +105,19 @@ def make_setup(millions: float, device: torch.device, tau_dtype: torch.dtype, se
     return Setup(params, TaskVector(taus), hidden, layers, gen)
 
 
+def make_matrices(count: int, size: int, device: torch.device, tau_dtype: torch.dtype, seed: int = 0) -> Setup:
+    """``count`` square tensors of ``size`` x ``size`` (as one layer each of hidden size ``size``)."""
+    gen = torch.Generator(device).manual_seed(seed)
+    params, taus = [], {}
+    for layer in range(count):
+        name = f"matrices.{layer}.weight"
+        param = torch.randn((size, size), generator=gen, device=device).mul_(0.02)
+        param.grad = torch.randn((size, size), generator=gen, device=device).mul_(1e-3)
+        params.append((name, param))
+        taus[name] = torch.randn((size, size), generator=gen, device=device).mul_(1e-3).to(tau_dtype)
+    return Setup(params, TaskVector(taus), size, count, gen)
+
+
 # -- providers -----------------------------------------------------------------------------------------------
 
 
@@ -198,7 +212,11 @@ def _fits_together(numel: int, count: int, device: torch.device) -> bool:
 
 
 def measure_size(millions: float, table: dict, args: argparse.Namespace, device: torch.device) -> list[dict]:
-    setup = make_setup(millions, device, TAU_DTYPES[args.tau_dtype], seed=args.seed)
+    tau_dtype = TAU_DTYPES[args.tau_dtype]
+    if args.matrices:
+        setup = make_matrices(*args.matrices, device, tau_dtype, seed=args.seed)
+    else:
+        setup = make_setup(millions, device, tau_dtype, seed=args.seed)
     numel = setup.numel
     runs = {name: Run(name, k) for name, (_, k) in table.items()}
     interleaved = _fits_together(numel, len(runs), device)
@@ -309,6 +327,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=float, nargs="+", help="millions of parameters (default by device)")
+    parser.add_argument("--matrices", type=int, nargs=2, metavar=("COUNT", "SIZE"),
+                        help="instead of --sizes: COUNT square tensors of SIZE x SIZE")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=7, help="timed samples per provider and size")
     parser.add_argument("--warmup", type=int, default=1, help="untimed samples after the first step")
     parser.add_argument("--providers", nargs="+", help="keep only providers matching these glob patterns")
@@ -321,6 +341,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.repeats, args.no_plot = args.sizes or [0.1], 2, True
+    if args.matrices:
+        if args.sizes or min(args.matrices) < 1:
+            parser.error("--matrices takes two positive ints and replaces --sizes")
+        args.sizes = [args.matrices[0] * args.matrices[1] ** 2 / 1e6]
     if args.sizes is None:
         args.sizes = [100, 300, 1000] if torch.device(args.device).type == "cuda" else [10, 30, 100, 300]
     if args.repeats < 1 or args.warmup < 0:
