@@ -1,7 +1,7 @@
 """Backends of the optimizer step. Each module exposes ``step``, ``ties_merge`` and ``topk_cut`` (see ``eager``).
 
 - ``eager``: plain torch ops, any device; the readable float32 version.
-- ``cpu``: one fused C++ pass per tensor (compiled on first use with torch's cpp_extension).
+- ``cpu``: one fused C++ call per param group (compiled on first use with torch's cpp_extension).
 - ``triton``: one fused Triton kernel per tensor, for CUDA tensors.
 """
 

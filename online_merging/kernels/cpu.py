@@ -7,8 +7,8 @@ when the bracket missed (the first step, a sudden change), by a radix selection 
 τ's cut is computed once per τ tensor. A piece of a larger tensor (see ``plan.Record``) returns its update for the
 functional layer to select the whole tensor's cut, and is merged by ``ties_merge``. A mask (masked updates) is one
 more input of the same passes, read as one bool per element. float32 parameters (with float32 or bfloat16 τ) run
-fused; other dtypes and non-contiguous tensors are stepped by the eager backend. Tensors below 2**19 elements are
-stepped whole by one thread each, larger ones split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile
+fused; other dtypes and non-contiguous tensors are stepped by the eager backend. A tensor below 2**19 elements, or
+at most a quarter of the group's per thread, is stepped whole by one thread; larger ones are split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile
 without ``-march=native``.
 """
 
@@ -83,7 +83,7 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
     weighted = plan.settings.ties_sign == "weighted"
     _ext.ties_merge(
         record.param, buffer, total, record.tau, _piece_cut(update_cut, offset, n), _piece_cut(tau_cut, offset, n),
-        plan.decay, plan.w_tau, weighted, record.mask,
+        plan.decay, plan.w_update, plan.w_tau, weighted, record.mask,
     )  # fmt: skip
 
 
@@ -136,7 +136,7 @@ def _step_fused(plan: Plan, batch: list[tuple[int, Record]], results: list[torch
         adam, params, grads, state1, state2, state3, buffers, taus, keeps, totals, ints, floats,
         beta1=plan.beta1, beta2=plan.beta2, eps=plan.eps, amsgrad=plan.amsgrad, lr=plan.lr, momentum=plan.momentum,
         dampening=plan.dampening, weight_decay=plan.weight_decay, nesterov=plan.nesterov, maximize=plan.maximize,
-        decay=plan.decay, update_scale=plan.w_update * plan.dare_scale, alpha=plan.w_tau, tau_scale=plan.dare_scale,
+        decay=plan.decay, update_weight=plan.w_update, tau_weight=plan.w_tau, dare_scale=plan.dare_scale,
         clamp=plan.settings.tau_clamp or 0.0, threshold=plan.dare_threshold,
         weighted=plan.settings.ties_sign == "weighted",
     )  # fmt: skip

@@ -12,8 +12,9 @@
 // Masked updates (ALLO): with an element mask `keep` (bool per element, MASKED template flag), an element whose
 // keep is false keeps θ and every state value (moments, momentum, step-K buffer) and counts as Δ = 0 in OnTIES's
 // top-p; without one (MASKED = false) `on` is the constant true and the loops are the unmasked ones.
-// Tensors below kWhole elements are stepped whole by one thread each, taken in turn from the group; larger ones
-// one after another, each split over the threads.
+// A tensor is stepped whole by one thread (the threads take the group's tensors in turn) when it is small (below
+// kWhole elements) or a small share of the group (at most 1/(4·threads)): its passes then stay in the thread's
+// caches. Other tensors are stepped one after another, each split over the threads.
 
 #include <torch/extension.h>
 
@@ -76,7 +77,7 @@ inline uint32_t on_bits(const uint8_t* keep, int64_t i) {
 // What happens once the update Δ of an element is known.
 enum Mode : int {
   kPlain = 0,            // θ ← decay·θ + Δ
-  kDare = 1,             // θ ← decay·θ + (1−α)·R(Δ) + α·clamp(R(τ))
+  kDare = 1,             // θ ← decay·θ + (1−α)·R(Δ) + α·clamp(R(τ)); weights (1−α), α: the plan's
   kAccumulate = 2,       // step-K between merges: θ ← decay·θ + Δ, Δc ← Δc + Δ
   kDareMerge = 3,        // step-K merge: θ ← decay·θ − Δc + (1−α)·R(Δc + Δ) + α·clamp(R(τ)), Δc ← 0
   kWriteTotal = 4,       // OnTIES's first pass of a piece, whose cut is the whole tensor's: total ← Δ
@@ -93,7 +94,9 @@ struct Group {
   bool adam, amsgrad, momentum_on, weighted;
   float one_minus_beta1, beta2, one_minus_beta2, eps;                    // Adam
   float lr, momentum, one_minus_dampening, weight_decay, nesterov;       // SGD (nesterov 0/1)
-  float grad_sign, decay, update_scale, alpha, tau_scale, clamp;         // clamp = +inf: none
+  float grad_sign, decay, clamp;                                         // clamp = +inf: none
+  float update_weight, tau_weight;                                       // the merge's weights of Δ and τ
+  float update_scale, tau_scale;                                         // DARE's: its weight times 1/p, and 1/p
   uint32_t threshold;                                                    // DARE keeps bits below it
   bool keep_all;
 };
@@ -181,7 +184,7 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
   float* __restrict__ param = s.param;
   float* __restrict__ buffer = s.buffer;
   const uint8_t* __restrict__ keep = s.keep;
-  const float decay = g.decay, update_scale = g.update_scale, alpha = g.alpha, tau_scale = g.tau_scale;
+  const float decay = g.decay, update_scale = g.update_scale, alpha = g.tau_weight, tau_scale = g.tau_scale;
   const float clamp = g.clamp;
   const uint32_t threshold = g.threshold;
   const bool keep_all = g.keep_all;
@@ -289,6 +292,7 @@ struct Scan {
   bool overflow = false;  // more than the cap inside: not worth selecting from
 };
 
+// Counts the elements of x[begin, end) whose magnitude bits are above `high`, collects those in [low, high].
 template <typename X>
 void scan_range(const X* x, int64_t begin, int64_t end, uint32_t low, uint32_t high, int64_t cap, Scan& scan) {
   // Vectorised counts per block; the scalar collection visits only the blocks of 16 that hold a candidate.
@@ -372,10 +376,10 @@ void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const 
   float* __restrict__ param = s.param;
   float* __restrict__ buffer = s.buffer;
   const uint8_t* __restrict__ keep = s.keep;
-  const float decay = g.decay, alpha = g.alpha;
+  const float decay = g.decay, wu = g.update_weight, wt = g.tau_weight;
   const uint32_t update_threshold = static_cast<uint32_t>(update_cut[0]);
   const uint32_t tau_threshold = static_cast<uint32_t>(tau_cut[0]);
-  const float wa = g.weighted ? 1.f - alpha : 1.f, wb = g.weighted ? alpha : 1.f;
+  const float wa = g.weighted ? wu : 1.f, wb = g.weighted ? wt : 1.f;
   for (int64_t lo = begin; lo < end;) {
     const int64_t range_end = std::min(end, lo + (int64_t(1) << 31));
     const uint32_t count = static_cast<uint32_t>(range_end - lo);
@@ -396,7 +400,7 @@ void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const 
       const float b = keep_t ? t : 0.f;
       const float sgn = sign(wa * a + wb * b);
       const float merged =
-          ((1.f - alpha) * (sign(a) == sgn ? a : 0.f) + alpha * (sign(b) == sgn ? b : 0.f)) + x * 0.f;  // see DARE
+          (wu * (sign(a) == sgn ? a : 0.f) + wt * (sign(b) == sgn ? b : 0.f)) + x * 0.f;  // 0·x: see DARE
       const uint32_t on = on_bits<MASKED>(keep, i);
       const float old = param[i];
       float theta = old * decay + merged;
@@ -570,13 +574,12 @@ constexpr size_t kFloats = 5;  // per tensor: step size, √(1 − β2^t), first
 
 // Steps a param group's float32 tensors; returns, per tensor, the OnTIES threshold value selected (NaN: none) and
 // what became of its guess (a Guess).
-std::tuple<std::vector<double>, std::vector<int64_t>> step_group(bool adam, std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads,
-                               Tensors state1, Tensors state2, Tensors state3, Tensors buffers, Tensors taus,
-                               Tensors keeps, Tensors totals, std::vector<int64_t> ints, std::vector<double> floats,
-                               double beta1, double beta2, double eps, bool amsgrad, double lr, double momentum,
-                               double dampening, double weight_decay, bool nesterov, bool maximize, double decay,
-                               double update_scale, double alpha, double tau_scale, double clamp, int64_t threshold,
-                               bool weighted) {
+std::tuple<std::vector<double>, std::vector<int64_t>> step_group(
+    bool adam, std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads, Tensors state1, Tensors state2,
+    Tensors state3, Tensors buffers, Tensors taus, Tensors keeps, Tensors totals, std::vector<int64_t> ints,
+    std::vector<double> floats, double beta1, double beta2, double eps, bool amsgrad, double lr, double momentum,
+    double dampening, double weight_decay, bool nesterov, bool maximize, double decay, double update_weight,
+    double tau_weight, double dare_scale, double clamp, int64_t threshold, bool weighted) {
   const size_t count = params.size();
   for (const auto* list : {&state1, &state2, &state3, &buffers, &taus, &keeps, &totals})
     TORCH_CHECK(list->size() == count, "every tensor list must have one entry per parameter");
@@ -588,10 +591,10 @@ std::tuple<std::vector<double>, std::vector<int64_t>> step_group(bool adam, std:
                 static_cast<float>(1.0 - beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta2),
                 static_cast<float>(eps), static_cast<float>(lr), static_cast<float>(momentum),
                 static_cast<float>(1.0 - dampening), static_cast<float>(weight_decay), nesterov ? 1.f : 0.f,
-                maximize ? -1.f : 1.f, static_cast<float>(decay), static_cast<float>(update_scale),
-                static_cast<float>(alpha), static_cast<float>(tau_scale),
-                clamp > 0 ? static_cast<float>(clamp) : INFINITY, keep_all ? 0u : static_cast<uint32_t>(threshold),
-                keep_all};
+                maximize ? -1.f : 1.f, static_cast<float>(decay), clamp > 0 ? static_cast<float>(clamp) : INFINITY,
+                static_cast<float>(update_weight), static_cast<float>(tau_weight),
+                static_cast<float>(update_weight * dare_scale), static_cast<float>(dare_scale),
+                keep_all ? 0u : static_cast<uint32_t>(threshold), keep_all};
   std::vector<Slot> slots(count);
   for (size_t i = 0; i < count; ++i) {
     const torch::Tensor& param = params[i];
@@ -641,7 +644,10 @@ std::tuple<std::vector<double>, std::vector<int64_t>> step_group(bool adam, std:
                     static_cast<float>(fl[4]), NAN, kNone};
   }
   std::vector<size_t> small, large;
-  for (size_t i = 0; i < count; ++i) (slots[i].n < kWhole ? small : large).push_back(i);
+  int64_t numel = 0;
+  for (const Slot& slot : slots) numel += slot.n;
+  const int64_t share = numel / (4 * at::get_num_threads());
+  for (size_t i = 0; i < count; ++i) (slots[i].n < kWhole || slots[i].n <= share ? small : large).push_back(i);
   std::atomic<size_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (size_t j; (j = next.fetch_add(1)) < small.size();) step_slot(g, slots[small[j]], false);
@@ -658,8 +664,8 @@ std::tuple<std::vector<double>, std::vector<int64_t>> step_group(bool adam, std:
 
 // OnTIES's merge of a piece whose Δ (``total``) and cuts (local indices) are known.
 void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
-                std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double alpha,
-                bool weighted, c10::optional<torch::Tensor> keep) {
+                std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double update_weight,
+                double tau_weight, bool weighted, c10::optional<torch::Tensor> keep) {
   const int64_t n = param.numel();
   check(param, n, 0, "param");
   check(total, n, 0, "total");
@@ -674,7 +680,8 @@ void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   }
   Group g{};
   g.decay = static_cast<float>(decay);
-  g.alpha = static_cast<float>(alpha);
+  g.update_weight = static_cast<float>(update_weight);
+  g.tau_weight = static_cast<float>(tau_weight);
   g.weighted = weighted;
   Slot s{};
   s.param = param.data_ptr<float>();
@@ -717,7 +724,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("buffers"), py::arg("taus"), py::arg("keeps"), py::arg("totals"), py::arg("ints"), py::arg("floats"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("amsgrad"), py::arg("lr"), py::arg("momentum"),
         py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("decay"),
-        py::arg("update_scale"), py::arg("alpha"), py::arg("tau_scale"), py::arg("clamp"), py::arg("threshold"),
+        py::arg("update_weight"), py::arg("tau_weight"), py::arg("dare_scale"), py::arg("clamp"), py::arg("threshold"),
         py::arg("weighted"));
   m.def("topk_threshold", &topk_threshold_of, "Exact top-k |x| threshold: (T, tie cutoff index, guess)", py::arg("x"),
         py::arg("k"), py::arg("guess") = NAN, py::arg("width") = 0.0);
