@@ -109,3 +109,15 @@ def test_sharded_step_quick_mode(tmp_path, monkeypatch):
     for name, row in rows.items():
         assert len(row["samples_ms"]) == 2 and all(math.isfinite(t) and t > 0 for t in row["samples_ms"]), name
     assert rows["adamw_foreach"]["ratio_to_adamw"] == 1.0
+
+
+def test_python_share_times_the_kernel_inside_the_step():
+    """benchmarks/python_share.py: the C++ call it times is part of each step it times, for both merges."""
+    spec = importlib.util.spec_from_file_location("python_share", SCRIPT.with_name("python_share.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--sizes", "0.05", "--steps", "3"])
+    assert [row["merge"] for row in rows] == ["ondare", "onties"]
+    for row in rows:
+        assert 0 < row["kernel_ms"] < row["step_ms"], row
+        assert row["tensors"] > 1 and row["adamw_ms"] > 0
