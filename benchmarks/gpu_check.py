@@ -296,7 +296,7 @@ def run_speed(device: torch.device, millions: float, repeats: int, copy_bps: flo
     patterns = [p.format(backend=backend) for p in SPEED_PROVIDERS]
     providers = step_speed.providers(device, quick=False)
     table = {n: v for n, v in providers.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
-    args = argparse.Namespace(tau_dtype="bf16", seed=0, warmup=2, repeats=repeats)
+    args = argparse.Namespace(tau_dtype="bf16", seed=0, warmup=2, repeats=repeats, matrices=None)
     rows = step_speed.measure_size(millions, table, args, device)
     step_speed.add_ratios(rows)
     for row in rows:
