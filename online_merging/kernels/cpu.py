@@ -8,7 +8,8 @@ when the bracket missed (the first step, a sudden change), by a radix selection 
 functional layer to select the whole tensor's cut, and is merged by ``ties_merge``. A mask (masked updates) is one
 more input of the same passes, read as one bool per element. float32 parameters (with float32 or bfloat16 τ) run
 fused; other dtypes and non-contiguous tensors are stepped by the eager backend. A tensor below 2**19 elements, or
-at most a quarter of the group's per thread, is stepped whole by one thread; larger ones are split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile
+at most a quarter of the group's per thread and 2**24 elements, is stepped whole by one thread; larger ones are
+split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile
 without ``-march=native``.
 """
 

@@ -13,8 +13,9 @@
 // keep is false keeps θ and every state value (moments, momentum, step-K buffer) and counts as Δ = 0 in OnTIES's
 // top-p; without one (MASKED = false) `on` is the constant true and the loops are the unmasked ones.
 // A tensor is stepped whole by one thread (the threads take the group's tensors in turn) when it is small (below
-// kWhole elements) or a small share of the group (at most 1/(4·threads)): its passes then stay in the thread's
-// caches. Other tensors are stepped one after another, each split over the threads.
+// kWhole elements) or a small share of the group (at most 1/(4·threads), and at most kWholeMax elements, which
+// bounds each thread's OnTIES scratch buffer): its passes then stay in the thread's caches. Other tensors are
+// stepped one after another, each split over the threads.
 
 #include <torch/extension.h>
 
@@ -36,6 +37,7 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kWhole = 1 << 19;
+constexpr int64_t kWholeMax = 1 << 24;
 constexpr int64_t kScanBlock = 1 << 12;  // OnTIES's first pass scans each block of Δ just written, while in L1
 
 inline uint32_t mix32(uint32_t x) {
@@ -647,7 +649,10 @@ std::tuple<std::vector<double>, std::vector<int64_t>> step_group(
   int64_t numel = 0;
   for (const Slot& slot : slots) numel += slot.n;
   const int64_t share = numel / (4 * at::get_num_threads());
-  for (size_t i = 0; i < count; ++i) (slots[i].n < kWhole || slots[i].n <= share ? small : large).push_back(i);
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t n = slots[i].n;
+    (n < kWhole || (n <= share && n <= kWholeMax) ? small : large).push_back(i);
+  }
   std::atomic<size_t> next{0};
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (size_t j; (j = next.fetch_add(1)) < small.size();) step_slot(g, slots[small[j]], false);
