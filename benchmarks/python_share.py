@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"{'µs/tensor':>9} {'AdamW ms':>8}")  # fmt: skip
     for r in rows:
         python_ms = r["step_ms"] - r["kernel_ms"]
-        print(f"{r['merge']:<8} {r['numel'] / 1e6:>7.1f}M {r['tensors']:>7} {r['step_ms']:>8.2f} {r['kernel_ms']:>7.2f} "
-              f"{python_ms:>9.2f} {python_ms / r['tensors'] * 1e3:>9.1f} {r['adamw_ms']:>8.2f}")  # fmt: skip
+        print(f"{r['merge']:<8} {r['numel'] / 1e6:>7.1f}M {r['tensors']:>7} {r['step_ms']:>8.2f} "
+              f"{r['kernel_ms']:>7.2f} {python_ms:>9.2f} {python_ms / r['tensors'] * 1e3:>9.1f} "
+              f"{r['adamw_ms']:>8.2f}")  # fmt: skip
     return rows
 
 

@@ -1,4 +1,4 @@
-"""The eager backend: one optimizer step of one tensor in plain torch ops, float32 arithmetic.
+"""The eager backend: the optimizer step of a group's tensors, one at a time, in plain torch ops, float32 arithmetic.
 
 Every backend module (``eager``, ``cpu``, ``triton``) exposes the functions below with these signatures; the others
 fuse the same math into one pass. They read the group's :class:`~online_merging.kernels.plan.Plan` and the tensor's

@@ -61,9 +61,7 @@ def finish_ties(kernels: ModuleType, plan: Plan, record: Record, total: torch.Te
     kernels.ties_merge(plan, record, total, record.update_cut(total), tau_cut)
 
 
-def _batches(
-    records: list[Record], backend: str | ModuleType | None
-) -> Iterator[tuple[ModuleType, list[Record]]]:
+def _batches(records: list[Record], backend: str | ModuleType | None) -> Iterator[tuple[ModuleType, list[Record]]]:
     """Runs of consecutive records stepped by one backend call: one backend each, and ending where the waiting
     records' whole tensors reach ``DEFER_NUMEL`` elements, where :class:`_Waiting` selects their cuts."""
     batch: list[Record] = []
