@@ -5,6 +5,7 @@ import torch
 
 from online_merging import OnlineMergingAdam, TaskVector
 from online_merging.kernels import cpu, eager
+from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import num_kept, sparsify, topp_mask
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
 from tests.backend_calls import adam_step, sgd_step
@@ -187,3 +188,34 @@ def test_tau_threshold_cache_is_not_fooled_by_a_new_tensor_at_a_recycled_address
         sgd_step(eager, reference, grad, None, None, tau, **kwargs)
         torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)
         del tau
+
+
+@pytest.mark.parametrize("merge", ["ondare", "onties"])
+def test_a_group_of_fused_and_eager_tensors_steps_each_as_its_own(merge):
+    """One CPU call steps the float32 tensors of a group and hands the others (bf16, non-contiguous) to eager:
+    every tensor ends as it does when stepped alone, whatever its place in the group."""
+    settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": merge, "reserve_p": 0.2, "alpha": 0.1})
+    plan = Plan("adam", settings, lr=1e-2, weight_decay=0.1)
+    kinds = ["float32", "bfloat16", "float32", "transposed", "float32"]
+
+    def records():
+        made = []
+        for i, kind in enumerate(kinds):
+            shape = (30 + i, 20)
+            param = torch.randn(shape, generator=torch.Generator().manual_seed(i))
+            if kind == "bfloat16":
+                param = param.bfloat16()
+            elif kind == "transposed":  # same shape, column-major: not contiguous
+                param = param.t().contiguous().t()
+            grad = torch.randn(param.shape, generator=torch.Generator().manual_seed(100 + i)).to(param.dtype)
+            tau = 0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(200 + i))
+            made.append(Record(param, grad, 1, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param),
+                               tau=tau.bfloat16(), name=f"w{i}"))  # fmt: skip
+        return made
+
+    together = records()
+    assert cpu.step(plan, together) == [None] * len(kinds)
+    for i, record in enumerate(records()):
+        alone = cpu if kinds[i] == "float32" else eager
+        assert alone.step(plan, [record]) == [None]
+        assert torch.equal(together[i].param, record.param), kinds[i]

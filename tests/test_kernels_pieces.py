@@ -2,6 +2,7 @@
 
 import importlib
 import itertools
+import types
 
 import pytest
 import torch
@@ -306,3 +307,21 @@ def test_functional_passes_the_pieces_on():
         ]
         functional.step(plan, records, backend="eager")
     assert torch.equal(whole, flat)
+
+
+def test_functional_steps_each_run_of_one_backend_in_one_call(monkeypatch):
+    """Records whose tensors need different backends (e.g. CPU and CUDA parameters in one group) are stepped in
+    runs, one backend call per run of consecutive records of that backend, each record exactly once and in order."""
+    calls = []
+
+    def backend(label):
+        module = types.ModuleType(label)
+        module.step = lambda plan, records: calls.append((label, [r.name for r in records])) or [None] * len(records)
+        return module
+
+    first, second = backend("first"), backend("second")
+    owners = iter([first, first, second, first])  # get_backend is asked once per record, in order
+    monkeypatch.setattr(functional, "get_backend", lambda name, device: next(owners))
+    records = [Record(torch.zeros(3), torch.zeros(3), 1, name=name) for name in "abcd"]
+    functional.step(Plan("adam", settings_of(MERGES["ondare"]), lr=1e-2), records)
+    assert calls == [("first", ["a", "b"]), ("second", ["c"]), ("first", ["d"])]
