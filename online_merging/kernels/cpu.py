@@ -9,8 +9,7 @@ functional layer to select the whole tensor's cut, and is merged by ``ties_merge
 more input of the same passes, read as one bool per element. float32 parameters (with float32 or bfloat16 τ) run
 fused; other dtypes and non-contiguous tensors are stepped by the eager backend. A tensor below 2**19 elements, or
 at most a quarter of the group's per thread and 2**24 elements, is stepped whole by one thread; larger ones are
-split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile
-without ``-march=native``.
+split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from online_merging.kernels import eager
 from online_merging.kernels.build import load_extension
 from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import Cut, num_kept
-from online_merging.merging.sparsify import KEEP_ALL, constant_cut
+from online_merging.merging.sparsify import KEEP_ALL
 from online_merging.rng import MASK32
 
 __all__ = ["step", "ties_merge", "topk_cut"]
@@ -102,7 +101,7 @@ def _step_fused(plan: Plan, batch: list[tuple[int, Record]], results: list[torch
     params, grads, state1, state2, state3, buffers, taus, keeps, totals = lists = tuple([] for _ in range(9))
     ints: list[int] = []
     floats: list[float] = []
-    guesses, corrections = [], {}
+    guesses = []
     draws = plan.dare_threshold <= MASK32
     for slot, (i, r) in enumerate(batch):
         n = r.param.numel()
@@ -116,14 +115,12 @@ def _step_fused(plan: Plan, batch: list[tuple[int, Record]], results: list[torch
         k, tau_cut, guess = 0, (0, 0), (math.nan, 0.0)
         if mode in (TIES, TIES_MERGE):
             k = num_kept(plan.settings.reserve_p, n)
-            tau_cut = _piece_cut(constant_cut(r.tau, k), 0, n)
+            tau_cut = _piece_cut(plan.tau_cut(r), r.offset, n)
             key = (r.param.data_ptr(), n, mode)
             guess = _guess(key, plan.lr)
             guesses.append((slot, key, guess[0]))
         if adam:
-            if r.step not in corrections:
-                corrections[r.step] = plan.bias_corrections(r.step)
-            step_size, sqrt_bias2 = corrections[r.step]
+            step_size, sqrt_bias2 = plan.bias_corrections(r.step)
             state = (r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None)
         else:
             step_size = sqrt_bias2 = 0.0

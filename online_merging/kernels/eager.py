@@ -9,7 +9,7 @@ written back in their own dtype.
   under OnTIES for a piece whose cut is of the whole tensor (``record.update_cut`` set), the flat float32 Δ (Δc + Δ
   on a step-K roll-back; 0 where masked), its optimizer state updated, θ not yet: the functional layer selects the
   whole tensor's top-p and calls ``ties_merge``. A whole tensor's OnTIES is done in full: its own top-p of Δ, and
-  τ's cut computed once per τ (:func:`~online_merging.merging.sparsify.constant_cut`).
+  τ's cut (:meth:`~online_merging.kernels.plan.Plan.tau_cut`, computed once per τ).
 - ``ties_merge(plan, record, total, update_cut, tau_cut)``: OnTIES's merge of that Δ, given the :data:`Cut` of Δ
   and of τ (global flat indices), then θ and Δc written.
 - ``topk_cut(x, k)``: the :data:`Cut` of the k largest |x| of a flat tensor.
@@ -23,7 +23,6 @@ import torch
 
 from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import Cut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
-from online_merging.merging.sparsify import constant_cut
 
 __all__ = ["merge_update", "step", "step_each", "ties_merge", "topk_cut"]
 
@@ -46,9 +45,8 @@ def step_each(
     for record in records:
         total = one_step(plan, record)
         if total is not None and record.update_cut is None:
-            k = num_kept(plan.settings.reserve_p, total.numel())
-            update_cut, tau_cut = select(total, k), constant_cut(record.tau, k)
-            merge(plan, record, total, *(_global(cut, record.offset) for cut in (update_cut, tau_cut)))
+            threshold, cutoff = select(total, num_kept(plan.settings.reserve_p, total.numel()))
+            merge(plan, record, total, (threshold, cutoff + record.offset), plan.tau_cut(record))
             total = None
         results.append(total)
     return results
@@ -57,12 +55,6 @@ def step_each(
 def _step(plan: Plan, record: Record) -> torch.Tensor | None:
     delta = _adam(plan, record) if plan.optimizer == "adam" else _sgd(plan, record)
     return _apply(plan, record, delta)
-
-
-def _global(cut: Cut, offset: int) -> Cut:
-    """A tensor's own cut (local flat indices) in the global indices that ``ties_merge`` takes."""
-    threshold, cutoff = cut
-    return threshold, cutoff + offset
 
 
 def merge_update(delta: torch.Tensor, tau: torch.Tensor, plan: Plan, record: Record) -> torch.Tensor:

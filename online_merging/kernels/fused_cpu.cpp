@@ -297,33 +297,20 @@ struct Scan {
 // Counts the elements of x[begin, end) whose magnitude bits are above `high`, collects those in [low, high].
 template <typename X>
 void scan_range(const X* x, int64_t begin, int64_t end, uint32_t low, uint32_t high, int64_t cap, Scan& scan) {
-  // Vectorised counts per block; the scalar collection visits only the blocks of 16 that hold a candidate.
-  constexpr int64_t kBlock = 64, kPart = 16;
-  auto count_inside = [&](int64_t from, int64_t to) {
-    uint32_t inside = 0;
-    for (int64_t i = from; i < to; ++i) {
-      const uint32_t b = abs_bits(x, i);
-      inside += (b >= low) & (b <= high);
-    }
-    return inside;
-  };
+  constexpr int64_t kBlock = 64;  // small blocks: most hold no candidate, so the scalar collection skips them
   for (int64_t block = begin; block < end && !scan.overflow; block += kBlock) {
     const int64_t block_end = std::min<int64_t>(end, block + kBlock);
     uint32_t above = 0, inside = 0;
-    for (int64_t i = block; i < block_end; ++i) {
+    for (int64_t i = block; i < block_end; ++i) {  // vectorised counts
       const uint32_t b = abs_bits(x, i);
       above += b > high;
       inside += (b >= low) & (b <= high);
     }
     scan.above += above;
     if (inside == 0) continue;
-    for (int64_t part = block; part < block_end; part += kPart) {
-      const int64_t part_end = std::min<int64_t>(block_end, part + kPart);
-      if (count_inside(part, part_end) == 0) continue;
-      for (int64_t i = part; i < part_end; ++i) {
-        const uint32_t b = abs_bits(x, i);
-        if (b >= low && b <= high) scan.inside.emplace_back(b, i);
-      }
+    for (int64_t i = block; i < block_end; ++i) {
+      const uint32_t b = abs_bits(x, i);
+      if (b >= low && b <= high) scan.inside.emplace_back(b, i);
     }
     scan.overflow = static_cast<int64_t>(scan.inside.size()) > cap;
   }

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from online_merging.merging import Cut, PendingCut
+from online_merging.merging import Cut, PendingCut, num_kept
+from online_merging.merging.sparsify import constant_cut
 from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, keep_threshold, tensor_key
 from online_merging.settings import MergeSettings
 
@@ -59,8 +60,6 @@ class Plan:
     """The factor of DARE's kept elements: 1/p when it rescales and drops some, else 1."""
     dare_threshold: int = field(init=False)
     """DARE keeps an element iff its 32 random bits are below this (2**32 at p = 1: all)."""
-    plain: bool = field(init=False)
-    """Whether the merge cannot change the update (:attr:`MergeSettings.is_plain`)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -76,7 +75,6 @@ class Plan:
             "w_tau": alpha,
             "dare_scale": 1.0 / p if settings.dare_rescale and p < 1.0 else 1.0,
             "dare_threshold": keep_threshold(p) if p < 1.0 else 2**32,
-            "plain": settings.is_plain,
         }
         for key, value in derived.items():
             object.__setattr__(self, key, value)
@@ -88,7 +86,7 @@ class Plan:
         plain step remembered in Δc) or "roll_back" (θ − Δc + merge(Δc + Δ), then Δc ← 0).
         """
         settings = self.settings
-        if record.tau is None or self.plain:
+        if record.tau is None or settings.is_plain:
             return None, None
         if settings.merge_every == 1:
             return settings.merge, None
@@ -101,6 +99,15 @@ class Plan:
     def bias_corrections(self, step: int) -> tuple[float, float]:
         """Adam's (step size −lr / (1 − β1^t), √(1 − β2^t)) at step t."""
         return -self.lr / (1.0 - self.beta1**step), (1.0 - self.beta2**step) ** 0.5
+
+    def tau_cut(self, record: Record) -> Cut:
+        """OnTIES's top-p cut of the record's τ, in global flat indices: its cut function's (a piece's, of the whole
+        τ), or of its own τ, computed once per τ tensor (:func:`~online_merging.merging.sparsify.constant_cut`)."""
+        tau = record.tau.reshape(-1)
+        if record.tau_cut is not None:
+            return record.tau_cut(tau)
+        threshold, cutoff = constant_cut(record.tau, num_kept(self.settings.reserve_p, tau.numel()))
+        return threshold, cutoff + record.offset
 
     def dare_keys(self, record: Record) -> tuple[tuple[int, int], tuple[int, int]]:
         """The record's DARE keys (of Δ and of τ); zeros for an unnamed tensor, which is never merged."""

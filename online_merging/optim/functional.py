@@ -22,8 +22,6 @@ import torch
 from online_merging.distributed import select_pending
 from online_merging.kernels import get_backend
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import num_kept
-from online_merging.merging.sparsify import constant_cut
 
 __all__ = ["DEFER_NUMEL", "finish_ties", "step"]
 
@@ -35,71 +33,54 @@ float32): more go in several batches. Decided on whole-tensor sizes, so every ra
 def step(plan: Plan, records: list[Record], backend: str | ModuleType | None = None) -> None:
     """Step every record with ``plan``; ``backend``: a name of :data:`~online_merging.kernels.BACKENDS`, a backend
     module, or ``None`` for the fastest on each tensor's device."""
-    waiting = _Waiting(plan)
-    for kernels, batch in _batches(records, backend):
+    waiting: list[tuple[ModuleType, Record, torch.Tensor]] = []
+    for kernels, batch, select_now in _batches(records, backend):
         for record, total in zip(batch, kernels.step(plan, batch), strict=True):
             if total is None:
                 continue
             if record.waits:
                 record.update_cut.total = total
-                waiting.add(kernels, record, total)
+                waiting.append((kernels, record, total))
             else:
                 finish_ties(kernels, plan, record, total)
-    waiting.finish()
+        if select_now:
+            _select_and_finish(plan, waiting)
+            waiting = []
+    _select_and_finish(plan, waiting)
 
 
 def finish_ties(kernels: ModuleType, plan: Plan, record: Record, total: torch.Tensor) -> None:
     """OnTIES's second phase of a piece whose Δ is ``total`` (from ``kernels.step``): the whole tensor's top-p cuts
-    of Δ and of τ (without a cut function, τ is the record's own: its cut is computed once), then the backend's
-    merge."""
-    tau = record.tau.reshape(-1)
-    if record.tau_cut is None:
-        threshold, cutoff = constant_cut(record.tau, num_kept(plan.settings.reserve_p, tau.numel()))
-        tau_cut = threshold, cutoff + record.offset
-    else:
-        tau_cut = record.tau_cut(tau)
-    kernels.ties_merge(plan, record, total, record.update_cut(total), tau_cut)
+    of Δ and of τ, then the backend's merge."""
+    kernels.ties_merge(plan, record, total, record.update_cut(total), plan.tau_cut(record))
 
 
-def _batches(records: list[Record], backend: str | ModuleType | None) -> Iterator[tuple[ModuleType, list[Record]]]:
-    """Runs of consecutive records stepped by one backend call: one backend each, and ending where the waiting
-    records' whole tensors reach ``DEFER_NUMEL`` elements, where :class:`_Waiting` selects their cuts."""
+def _batches(
+    records: list[Record], backend: str | ModuleType | None
+) -> Iterator[tuple[ModuleType, list[Record], bool]]:
+    """Runs of consecutive records stepped by one backend call, one backend each, and whether the waiting records'
+    cuts are to be selected after the run: when their whole tensors reach ``DEFER_NUMEL`` elements."""
     batch: list[Record] = []
     kernels, numel = None, 0
     for record in records:
         module = backend if isinstance(backend, ModuleType) else get_backend(backend, record.param.device)
         if batch and module is not kernels:
-            yield kernels, batch
+            yield kernels, batch, False
             batch = []
         kernels = module
         batch.append(record)
         if record.waits:
             numel += record.update_cut.numel
             if numel >= DEFER_NUMEL:
-                yield kernels, batch
+                yield kernels, batch, True
                 batch, numel = [], 0
     if batch:
-        yield kernels, batch
+        yield kernels, batch, False
 
 
-class _Waiting:
-    """The OnTIES records waiting for their batched cut (see the module docstring)."""
-
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        self.entries: list[tuple[ModuleType, Record, torch.Tensor]] = []
-        self.numel = 0
-
-    def add(self, kernels: ModuleType, record: Record, total: torch.Tensor) -> None:
-        self.entries.append((kernels, record, total))
-        self.numel += record.update_cut.numel
-        if self.numel >= DEFER_NUMEL:
-            self.finish()
-
-    def finish(self) -> None:
-        """Select the waiting cuts together, then merge their records, in order."""
-        if self.entries:
-            select_pending([record.update_cut for _, record, _ in self.entries])
-            for kernels, record, total in self.entries:
-                finish_ties(kernels, self.plan, record, total)
-        self.entries, self.numel = [], 0
+def _select_and_finish(plan: Plan, waiting: list[tuple[ModuleType, Record, torch.Tensor]]) -> None:
+    """Select the waiting records' cuts together, then merge the records, in order."""
+    if waiting:
+        select_pending([record.update_cut for _, record, _ in waiting])
+        for kernels, record, total in waiting:
+            finish_ties(kernels, plan, record, total)
