@@ -319,9 +319,9 @@ def test_functional_steps_each_run_of_one_backend_in_one_call(monkeypatch):
         module.step = lambda plan, records: calls.append((label, [r.name for r in records])) or [None] * len(records)
         return module
 
-    first, second = backend("first"), backend("second")
-    owners = iter([first, first, second, first])  # get_backend is asked once per record, in order
-    monkeypatch.setattr(functional, "get_backend", lambda name, device: next(owners))
-    records = [Record(torch.zeros(3), torch.zeros(3), 1, name=name) for name in "abcd"]
+    owners = {"cpu": backend("first"), "meta": backend("second")}
+    monkeypatch.setattr(functional, "get_backend", lambda name, device: owners[device.type])
+    devices = {"a": "cpu", "b": "cpu", "c": "meta", "d": "cpu"}
+    records = [Record(torch.zeros(3, device=d), torch.zeros(3, device=d), 1, name=n) for n, d in devices.items()]
     functional.step(Plan("adam", settings_of(MERGES["ondare"]), lr=1e-2), records)
     assert calls == [("first", ["a", "b"]), ("second", ["c"]), ("first", ["d"])]

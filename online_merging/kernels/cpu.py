@@ -62,14 +62,14 @@ WIDTHS = (2.0**-9, 2.0**-2)  # the narrowest and widest brackets, relative to th
 
 
 def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
-    """Same contract as :func:`online_merging.kernels.eager.step`: one call for the fused records, the eager
-    backend for the rest."""
-    fused = [_fusable(plan, r) for r in records]
-    totals = iter(eager.step(plan, [r for r, ok in zip(records, fused, strict=True) if not ok]))
-    results: list[torch.Tensor | None] = [None if ok else next(totals) for ok in fused]
-    batch = [(i, r) for i, (r, ok) in enumerate(zip(records, fused, strict=True)) if ok]
-    if batch:
-        _step_fused(plan, batch, results)
+    """Same contract as :func:`online_merging.kernels.eager.step`: one call for the records the kernel can step
+    (float32 contiguous tensors, τ float32 or bfloat16, mask bool), the eager backend for the rest."""
+    results: list[torch.Tensor | None] = [None] * len(records)
+    stepped = _step_fused(plan, records, results)
+    left = [i for i, done in enumerate(stepped) if not done]
+    if left:
+        for i, total in zip(left, eager.step(plan, [records[i] for i in left]), strict=True):
+            results[i] = total
     return results
 
 
@@ -95,15 +95,18 @@ def topk_cut(x: torch.Tensor, k: int) -> Cut:
     return threshold, cutoff
 
 
-def _step_fused(plan: Plan, batch: list[tuple[int, Record]], results: list[torch.Tensor | None]) -> None:
-    """Step the fused records in one call; a piece's OnTIES update goes to ``results``."""
+def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | None]) -> list[bool]:
+    """Step the records the kernel can in one call, a piece's OnTIES update going to ``results``; which were."""
     adam = plan.optimizer == "adam"
-    params, grads, state1, state2, state3, buffers, taus, keeps, totals = lists = tuple([] for _ in range(9))
+    tensors: list[torch.Tensor | None] = []
     ints: list[int] = []
     floats: list[float] = []
     guesses = []
     draws = plan.dare_threshold <= MASK32
-    for slot, (i, r) in enumerate(batch):
+    corrections = {}  # Adam's bias corrections by step count: the records of a group mostly share one
+    amsgrad, momentum = plan.amsgrad, plan.momentum != 0.0
+    no_keys, no_guess = ((0, 0), (0, 0)), (math.nan, 0.0)
+    for i, r in enumerate(records):
         n = r.param.numel()
         merge, carry = plan.route(r)
         mode = _MODES[merge, carry]
@@ -111,37 +114,37 @@ def _step_fused(plan: Plan, batch: list[tuple[int, Record]], results: list[torch
         if mode in _PIECE and r.update_cut is not None:
             mode = _PIECE[mode]
             total = results[i] = torch.empty(n, dtype=torch.float32)
-        keys = plan.dare_keys(r) if draws and mode in (DARE, DARE_MERGE) else ((0, 0), (0, 0))
-        k, tau_cut, guess = 0, (0, 0), (math.nan, 0.0)
+        keys = plan.dare_keys(r) if draws and mode in (DARE, DARE_MERGE) else no_keys
+        k, tau_cut, guess = 0, (0, 0), no_guess
         if mode in (TIES, TIES_MERGE):
             k = num_kept(plan.settings.reserve_p, n)
             tau_cut = _piece_cut(plan.tau_cut(r), r.offset, n)
             key = (r.param.data_ptr(), n, mode)
             guess = _guess(key, plan.lr)
-            guesses.append((slot, key, guess[0]))
+            guesses.append((i, key, guess[0]))
         if adam:
-            step_size, sqrt_bias2 = plan.bias_corrections(r.step)
-            state = (r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None)
+            step_size, sqrt_bias2 = corrections.get(r.step) or corrections.setdefault(
+                r.step, plan.bias_corrections(r.step)
+            )
+            tensors += (r.param, r.grad, r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if amsgrad else None)
         else:
             step_size = sqrt_bias2 = 0.0
-            state = (r.momentum_buffer if plan.momentum != 0.0 else None, None, None)
-        tensors = (r.param, r.grad, *state, r.merge_buffer if carry else None, r.tau if merge else None, r.mask, total)
-        for values, tensor in zip(lists, tensors, strict=True):
-            values.append(tensor)
+            tensors += (r.param, r.grad, r.momentum_buffer if momentum else None, None, None)
+        tensors += (r.merge_buffer if carry else None, r.tau if merge else None, r.mask, total)
         ints += (mode, r.offset, *keys[0], *keys[1], k, *tau_cut)
         floats += (step_size, sqrt_bias2, float(r.first_momentum), *guess)
-    found, guessed = _ext.step_group(
-        adam, params, grads, state1, state2, state3, buffers, taus, keeps, totals, ints, floats,
-        beta1=plan.beta1, beta2=plan.beta2, eps=plan.eps, amsgrad=plan.amsgrad, lr=plan.lr, momentum=plan.momentum,
-        dampening=plan.dampening, weight_decay=plan.weight_decay, nesterov=plan.nesterov, maximize=plan.maximize,
-        decay=plan.decay, update_weight=plan.w_update, tau_weight=plan.w_tau, dare_scale=plan.dare_scale,
-        clamp=plan.settings.tau_clamp or 0.0, threshold=plan.dare_threshold,
-        weighted=plan.settings.ties_sign == "weighted",
+    found, guessed, stepped = _ext.step_group(
+        adam, tensors, ints, floats, beta1=plan.beta1, beta2=plan.beta2, eps=plan.eps, amsgrad=plan.amsgrad,
+        lr=plan.lr, momentum=plan.momentum, dampening=plan.dampening, weight_decay=plan.weight_decay,
+        nesterov=plan.nesterov, maximize=plan.maximize, decay=plan.decay, update_weight=plan.w_update,
+        tau_weight=plan.w_tau, dare_scale=plan.dare_scale, clamp=plan.settings.tau_clamp or 0.0,
+        threshold=plan.dare_threshold, weighted=plan.settings.ties_sign == "weighted",
     )  # fmt: skip
     if len(_thresholds) > 2**16:  # addresses of tensors long gone
         _thresholds.clear()
-    for slot, key, guess in guesses:
-        _learn(key, found[slot], guess, guessed[slot], plan.lr)
+    for i, key, guess in guesses:
+        _learn(key, found[i], guess, guessed[i], plan.lr)
+    return stepped
 
 
 def _guess(key: tuple[int, int, int], lr: float) -> tuple[float, float]:

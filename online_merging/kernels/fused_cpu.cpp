@@ -19,6 +19,10 @@
 
 #include <torch/extension.h>
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -294,25 +298,58 @@ struct Scan {
   bool overflow = false;  // more than the cap inside: not worth selecting from
 };
 
-// Counts the elements of x[begin, end) whose magnitude bits are above `high`, collects those in [low, high].
+// Collects the elements of x[i, i + lanes) flagged in `inside` (bit j: element i + j); false past the cap.
+template <typename X>
+bool collect(const X* x, int64_t i, uint32_t inside, int64_t cap, Scan& scan) {
+  for (; inside != 0; inside &= inside - 1) {
+    const int j = __builtin_ctz(inside);
+    scan.inside.emplace_back(abs_bits(x, i + j), i + j);
+  }
+  scan.overflow = static_cast<int64_t>(scan.inside.size()) > cap;
+  return !scan.overflow;
+}
+
+// Counts the elements of x[begin, end) whose magnitude bits are above `high`, collects those in [low, high]; stops
+// collecting past `cap` (``scan.overflow``). Vectors of lanes are compared at once and only a vector with an
+// element inside the bracket (rare) is looked into, by its bit mask. Magnitude bits are below 2**31, so signed
+// and unsigned comparisons agree.
 template <typename X>
 void scan_range(const X* x, int64_t begin, int64_t end, uint32_t low, uint32_t high, int64_t cap, Scan& scan) {
-  constexpr int64_t kBlock = 64;  // small blocks: most hold no candidate, so the scalar collection skips them
-  for (int64_t block = begin; block < end && !scan.overflow; block += kBlock) {
-    const int64_t block_end = std::min<int64_t>(end, block + kBlock);
+  const uint32_t span = high - low;  // b in [low, high] iff b − low <= span, unsigned
+  int64_t i = begin;
+  if constexpr (std::is_same_v<X, float>) {
+#if defined(__AVX512F__)
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), vlow = _mm512_set1_epi32(static_cast<int>(low)),
+                  vspan = _mm512_set1_epi32(static_cast<int>(span)), vhigh = _mm512_set1_epi32(static_cast<int>(high));
+    for (; i + 16 <= end; i += 16) {
+      const __m512i b = _mm512_and_si512(_mm512_loadu_si512(x + i), magnitude);
+      scan.above += __builtin_popcount(_mm512_cmpgt_epu32_mask(b, vhigh));
+      const uint32_t inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(b, vlow), vspan);
+      if (inside != 0 && !collect(x, i, inside, cap, scan)) return;
+    }
+#elif defined(__AVX2__)
+    const __m256i magnitude = _mm256_set1_epi32(0x7FFFFFFF), below = _mm256_set1_epi32(static_cast<int>(low) - 1),
+                  vhigh = _mm256_set1_epi32(static_cast<int>(high));
+    for (; i + 8 <= end; i += 8) {
+      const __m256i b = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), magnitude);
+      const __m256i over = _mm256_cmpgt_epi32(b, vhigh);
+      scan.above += __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(over)));
+      const __m256i inside = _mm256_andnot_si256(over, _mm256_cmpgt_epi32(b, below));
+      const uint32_t mask = _mm256_movemask_ps(_mm256_castsi256_ps(inside));
+      if (mask != 0 && !collect(x, i, mask, cap, scan)) return;
+    }
+#endif
+  }
+  for (int64_t block = i; block < end; block += 32) {  // counts vectorised by the compiler, 32 lanes at a time
+    const int64_t lanes = std::min<int64_t>(end - block, 32);
     uint32_t above = 0, inside = 0;
-    for (int64_t i = block; i < block_end; ++i) {  // vectorised counts
-      const uint32_t b = abs_bits(x, i);
+    for (int64_t j = 0; j < lanes; ++j) {
+      const uint32_t b = abs_bits(x, block + j);
       above += b > high;
-      inside += (b >= low) & (b <= high);
+      inside |= static_cast<uint32_t>(b - low <= span) << j;
     }
     scan.above += above;
-    if (inside == 0) continue;
-    for (int64_t i = block; i < block_end; ++i) {
-      const uint32_t b = abs_bits(x, i);
-      if (b >= low && b <= high) scan.inside.emplace_back(b, i);
-    }
-    scan.overflow = static_cast<int64_t>(scan.inside.size()) > cap;
+    if (inside != 0 && !collect(x, block, inside, cap, scan)) return;
   }
 }
 
@@ -489,7 +526,7 @@ float* scratch(int64_t n) {
 // The bracket [low, high] of magnitude bits around a guessed threshold value, ±width of it; none without a guess.
 std::optional<std::array<uint32_t, 2>> bracket(float guess, float width) {
   if (!(std::isfinite(guess) && guess > 0.f)) return std::nullopt;
-  return std::array<uint32_t, 2>{float_bits(guess * (1.f - width)), float_bits(guess * (1.f + width))};
+  return std::array<uint32_t, 2>{float_bits(std::max(0.f, guess * (1.f - width))), float_bits(guess * (1.f + width))};
 }
 
 // Scans of a guess's bracket stop collecting past this many candidates: too wide a bracket to select from.
@@ -558,22 +595,35 @@ void check(const c10::optional<torch::Tensor>& t, int64_t n, size_t i, const cha
 }  // namespace
 
 using Tensors = std::vector<c10::optional<torch::Tensor>>;
-constexpr size_t kInts = 9;  // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
-constexpr size_t kFloats = 5;  // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
+constexpr size_t kTensors = 9;  // per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total
+constexpr size_t kInts = 9;     // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
+constexpr size_t kFloats = 5;   // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
 
-// Steps a param group's float32 tensors; returns, per tensor, the OnTIES threshold value selected (NaN: none) and
-// what became of its guess (a Guess).
-std::tuple<std::vector<double>, std::vector<int64_t>> step_group(
-    bool adam, std::vector<torch::Tensor> params, std::vector<torch::Tensor> grads, Tensors state1, Tensors state2,
-    Tensors state3, Tensors buffers, Tensors taus, Tensors keeps, Tensors totals, std::vector<int64_t> ints,
-    std::vector<double> floats, double beta1, double beta2, double eps, bool amsgrad, double lr, double momentum,
-    double dampening, double weight_decay, bool nesterov, bool maximize, double decay, double update_weight,
-    double tau_weight, double dare_scale, double clamp, int64_t threshold, bool weighted) {
-  const size_t count = params.size();
-  for (const auto* list : {&state1, &state2, &state3, &buffers, &taus, &keeps, &totals})
-    TORCH_CHECK(list->size() == count, "every tensor list must have one entry per parameter");
-  TORCH_CHECK(grads.size() == count && ints.size() == kInts * count && floats.size() == kFloats * count,
-              "one gradient, ", kInts, " ints and ", kFloats, " floats per parameter");
+// Whether this kernel can step a tensor given as these kTensors entries: every one that is given (param and grad
+// must be) contiguous, on the CPU, float32 (τ float32 or bfloat16, the keep mask bool) and shaped like param.
+bool fusable(const c10::optional<torch::Tensor>* t) {
+  if (!t[0] || !t[1] || t[0]->numel() == 0) return false;
+  const int64_t n = t[0]->numel();
+  for (size_t j = 0; j < kTensors; ++j) {
+    if (!t[j]) continue;
+    const auto type = t[j]->scalar_type();
+    const bool typed = j == 6 ? type == at::kFloat || type == at::kBFloat16 : type == (j == 7 ? at::kBool : at::kFloat);
+    if (!typed || !t[j]->is_contiguous() || !t[j]->device().is_cpu() || t[j]->numel() != n) return false;
+  }
+  return true;
+}
+
+// Steps a param group's tensors (``tensors``: kTensors entries each) except those it cannot (see ``fusable``);
+// returns, per tensor, the OnTIES threshold value selected (NaN: none), what became of its guess (a Guess), and
+// whether it was stepped.
+std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_group(
+    bool adam, Tensors tensors, std::vector<int64_t> ints, std::vector<double> floats, double beta1, double beta2,
+    double eps, bool amsgrad, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
+    bool maximize, double decay, double update_weight, double tau_weight, double dare_scale, double clamp,
+    int64_t threshold, bool weighted) {
+  const size_t count = tensors.size() / kTensors;
+  TORCH_CHECK(tensors.size() == kTensors * count && ints.size() == kInts * count && floats.size() == kFloats * count,
+              kTensors, " tensors, ", kInts, " ints and ", kFloats, " floats per parameter");
   const bool keep_all = threshold >= (int64_t(1) << 32);
   // 1 − β in double, then rounded: what torch does with its Python-float scalars
   const Group g{adam, amsgrad, momentum != 0.0, weighted,
@@ -584,59 +634,47 @@ std::tuple<std::vector<double>, std::vector<int64_t>> step_group(
                 static_cast<float>(update_weight), static_cast<float>(tau_weight),
                 static_cast<float>(update_weight * dare_scale), static_cast<float>(dare_scale),
                 keep_all ? 0u : static_cast<uint32_t>(threshold), keep_all};
-  std::vector<Slot> slots(count);
+  std::vector<Slot> slots;
+  std::vector<size_t> stepped_index;
+  std::vector<bool> stepped(count, false);
   for (size_t i = 0; i < count; ++i) {
-    const torch::Tensor& param = params[i];
-    const int64_t n = param.numel();
+    const c10::optional<torch::Tensor>* t = &tensors[kTensors * i];
+    if (!fusable(t)) continue;
+    const int64_t n = t[0]->numel();
     const int64_t* in = &ints[kInts * i];
     const double* fl = &floats[kFloats * i];
     const int mode = static_cast<int>(in[0]);
     TORCH_CHECK(mode >= kPlain && mode <= kTiesMerge, "tensor ", i, ": unknown mode ", mode);
-    check(param, n, i, "param");
-    check(grads[i], n, i, "grad");
-    check(state1[i], n, i, adam ? "exp_avg" : "momentum_buffer");
-    check(state2[i], n, i, "exp_avg_sq");
-    check(state3[i], n, i, "max_exp_avg_sq");
-    check(buffers[i], n, i, "merge_buffer");
-    check(totals[i], n, i, "total");
-    if (keeps[i]) check(*keeps[i], n, i, "keep", at::kBool);
-    TORCH_CHECK(!adam || (state1[i] && state2[i] && (state3[i] || !amsgrad)), "tensor ", i, ": Adam's moments missing");
-    TORCH_CHECK(!g.momentum_on || adam || state1[i], "tensor ", i, ": SGD's momentum buffer missing");
+    TORCH_CHECK(!adam || (t[2] && t[3] && (t[4] || !amsgrad)), "tensor ", i, ": Adam's moments missing");
+    TORCH_CHECK(!g.momentum_on || adam || t[2], "tensor ", i, ": SGD's momentum buffer missing");
     const bool merges = mode == kDare || mode == kDareMerge || mode >= kTies;
     const bool carries = mode == kAccumulate || mode == kDareMerge || mode == kWriteTotalMerge || mode == kTiesMerge;
-    TORCH_CHECK(!merges || taus[i], "tensor ", i, ": this mode merges tau, none given");
-    TORCH_CHECK(!carries || buffers[i], "tensor ", i, ": step-K needs a merge_buffer");
-    TORCH_CHECK(!(mode == kWriteTotal || mode == kWriteTotalMerge) || totals[i], "tensor ", i, ": no total");
+    TORCH_CHECK(!merges || t[6], "tensor ", i, ": this mode merges tau, none given");
+    TORCH_CHECK(!carries || t[5], "tensor ", i, ": step-K needs a merge_buffer");
+    TORCH_CHECK(!(mode == kWriteTotal || mode == kWriteTotalMerge) || t[8], "tensor ", i, ": no total");
     TORCH_CHECK(in[1] >= 0, "tensor ", i, ": offset must be >= 0");
-    const void* tau = nullptr;
-    bool tau_bf16 = false;
-    if (taus[i]) {
-      const auto& t = *taus[i];
-      TORCH_CHECK(t.is_contiguous() && t.numel() == n, "tensor ", i, ": tau must be contiguous, shaped like param");
-      TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
-                  "tensor ", i, ": tau must be float32 or bfloat16");
-      tau = t.data_ptr();
-      tau_bf16 = t.scalar_type() == at::kBFloat16;
-    }
     if (mode >= kTies) {
       TORCH_CHECK(in[6] >= 1 && in[6] <= n, "tensor ", i, ": k must be in [1, numel]");
       TORCH_CHECK(in[7] >= 0 && in[7] <= 0xFFFFFFFFll && in[8] >= -1 && in[8] <= n,
                   "tensor ", i, ": tau's cut must be a uint32 threshold and a local cutoff in [-1, numel]");
     }
-    slots[i] = Slot{param.data_ptr<float>(), grads[i].data_ptr<float>(), data_or_null(state1[i]),
-                    data_or_null(state2[i]), data_or_null(state3[i]), data_or_null(buffers[i]), tau, tau_bf16,
-                    keeps[i] ? reinterpret_cast<const uint8_t*>(keeps[i]->data_ptr<bool>()) : nullptr,
-                    data_or_null(totals[i]), n, mode,
-                    static_cast<uint32_t>(in[2]), static_cast<uint32_t>(in[3]), static_cast<uint32_t>(in[4]),
-                    static_cast<uint32_t>(in[5]), in[1], static_cast<float>(fl[0]), static_cast<float>(fl[1]),
-                    static_cast<float>(fl[2]), in[6], {in[7], in[8]}, static_cast<float>(fl[3]),
-                    static_cast<float>(fl[4]), NAN, kNone};
+    stepped[i] = true;
+    stepped_index.push_back(i);
+    slots.push_back(Slot{t[0]->data_ptr<float>(), t[1]->data_ptr<float>(), data_or_null(t[2]), data_or_null(t[3]),
+                         data_or_null(t[4]), data_or_null(t[5]), t[6] ? t[6]->data_ptr() : nullptr,
+                         t[6] && t[6]->scalar_type() == at::kBFloat16,
+                         t[7] ? reinterpret_cast<const uint8_t*>(t[7]->data_ptr<bool>()) : nullptr,
+                         data_or_null(t[8]), n, mode,
+                         static_cast<uint32_t>(in[2]), static_cast<uint32_t>(in[3]), static_cast<uint32_t>(in[4]),
+                         static_cast<uint32_t>(in[5]), in[1], static_cast<float>(fl[0]), static_cast<float>(fl[1]),
+                         static_cast<float>(fl[2]), in[6], {in[7], in[8]}, static_cast<float>(fl[3]),
+                         static_cast<float>(fl[4]), NAN, kNone});
   }
   std::vector<size_t> small, large;
   int64_t numel = 0;
   for (const Slot& slot : slots) numel += slot.n;
   const int64_t share = numel / (4 * at::get_num_threads());
-  for (size_t i = 0; i < count; ++i) {
+  for (size_t i = 0; i < slots.size(); ++i) {
     const int64_t n = slots[i].n;
     (n < kWhole || (n <= share && n <= kWholeMax) ? small : large).push_back(i);
   }
@@ -645,13 +683,13 @@ std::tuple<std::vector<double>, std::vector<int64_t>> step_group(
     for (size_t j; (j = next.fetch_add(1)) < small.size();) step_slot(g, slots[small[j]], false);
   });
   for (size_t i : large) step_slot(g, slots[i], true);
-  std::vector<double> found(count);
-  std::vector<int64_t> guessed(count);
-  for (size_t i = 0; i < count; ++i) {
-    found[i] = slots[i].found;
-    guessed[i] = slots[i].guessed;
+  std::vector<double> found(count, NAN);
+  std::vector<int64_t> guessed(count, kNone);
+  for (size_t j = 0; j < slots.size(); ++j) {
+    found[stepped_index[j]] = slots[j].found;
+    guessed[stepped_index[j]] = slots[j].guessed;
   }
-  return {found, guessed};
+  return {found, guessed, stepped};
 }
 
 // OnTIES's merge of a piece whose Δ (``total``) and cuts (local indices) are known.
@@ -712,8 +750,7 @@ std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k, double guess,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_group", &step_group, "The fused optimizer step and online merge of a param group's float32 tensors",
-        py::arg("adam"), py::arg("params"), py::arg("grads"), py::arg("state1"), py::arg("state2"), py::arg("state3"),
-        py::arg("buffers"), py::arg("taus"), py::arg("keeps"), py::arg("totals"), py::arg("ints"), py::arg("floats"),
+        py::arg("adam"), py::arg("tensors"), py::arg("ints"), py::arg("floats"),
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("amsgrad"), py::arg("lr"), py::arg("momentum"),
         py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("decay"),
         py::arg("update_weight"), py::arg("tau_weight"), py::arg("dare_scale"), py::arg("clamp"), py::arg("threshold"),

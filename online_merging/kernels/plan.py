@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -103,10 +104,9 @@ class Plan:
     def tau_cut(self, record: Record) -> Cut:
         """OnTIES's top-p cut of the record's τ, in global flat indices: its cut function's (a piece's, of the whole
         τ), or of its own τ, computed once per τ tensor (:func:`~online_merging.merging.sparsify.constant_cut`)."""
-        tau = record.tau.reshape(-1)
         if record.tau_cut is not None:
-            return record.tau_cut(tau)
-        threshold, cutoff = constant_cut(record.tau, num_kept(self.settings.reserve_p, tau.numel()))
+            return record.tau_cut(record.tau.reshape(-1))
+        threshold, cutoff = constant_cut(record.tau, num_kept(self.settings.reserve_p, record.tau.numel()))
         return threshold, cutoff + record.offset
 
     def dare_keys(self, record: Record) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -116,9 +116,9 @@ class Plan:
         return dare_keys(self.settings, record.step, record.name)
 
 
-@dataclass(frozen=True)
-class Record:
-    """One tensor stepped with a :class:`Plan`: a parameter, or a piece of one (ZeRO, FSDP).
+class Record(NamedTuple):
+    """One tensor stepped with a :class:`Plan`: a parameter, or a piece of one (ZeRO, FSDP). A named tuple, cheap
+    to make for each tensor at each step.
 
     Tensors are views shaped like ``param`` (flat for a piece); state a backend does not use is ``None``:
     ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (Adam), ``momentum_buffer`` (SGD, with momentum),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 
+@functools.lru_cache(maxsize=2**12)
 def num_kept(p: float, numel: int) -> int:
     """k = ceil(p * n), with p * n first rounded to 9 significant digits so that 0.01 * 300 keeps 3, not 4."""
     return min(numel, math.ceil(float(f"{p * numel:.9g}")))

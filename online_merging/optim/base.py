@@ -408,24 +408,21 @@ class OnlineMergingOptimizer(Optimizer):
         records = []
         steps = [self.state[param]["step"] for param in params]
         torch._foreach_add_(steps, 1)
+        step_k = settings.merge_every > 1 and not settings.is_plain
         for i, param in enumerate(params):
             state = self.state[param]
             pieces = self._pieces.get(param)
-            name = self._names.get(param)
-            has_tau = _has_tau(self.task_vector, name, pieces)
-            if has_tau and settings.merge_every > 1 and not settings.is_plain and "merge_buffer" not in state:
+            tau = self._tau(param) if pieces is None else None
+            if step_k and "merge_buffer" not in state and (tau is not None or self._has_tau(param)):
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             merge_buffer, new_buffer = state.get("merge_buffer"), bool(new_buffers and new_buffers[i])
             step = int(steps[i])
             if pieces is None:
-                tau = _follow(self._taus, param)
-                if has_tau and tau is None:  # the first step: τ comes to the parameter's device now
-                    tau = self._taus[param] = self.task_vector[name].to(param.device)
                 mask = _follow(self._masks, param) if self._masks else None
                 records.append(
                     Record(
                         param, param.grad, step, **states[i], merge_buffer=merge_buffer, first_momentum=new_buffer,
-                        tau=tau, name=name, mask=mask,
+                        tau=tau, name=self._names.get(param), mask=mask,
                     )
                 )  # fmt: skip
                 continue
@@ -452,6 +449,16 @@ class OnlineMergingOptimizer(Optimizer):
                     )
                 )
         return records
+
+    def _tau(self, param: torch.Tensor) -> torch.Tensor | None:
+        """τ of a parameter stepped whole, on its device (moved there at its first step, and when the model moves);
+        ``None`` when τ has no entry for it."""
+        tau = _follow(self._taus, param)
+        if tau is None:
+            name = self._tau_name(param)
+            if name is not None:
+                tau = self._taus[param] = self.task_vector[name].to(param.device)
+        return tau
 
     def _has_tau(self, param: torch.Tensor) -> bool:
         """Whether τ has an entry for ``param`` by name, or for one of its pieces (a ZeRO partition holds several)."""

@@ -61,15 +61,19 @@ def _batches(
     """Runs of consecutive records stepped by one backend call, one backend each, and whether the waiting records'
     cuts are to be selected after the run: when their whole tensors reach ``DEFER_NUMEL`` elements."""
     batch: list[Record] = []
-    kernels, numel = None, 0
+    kernels, numel, device = None, 0, None
     for record in records:
-        module = backend if isinstance(backend, ModuleType) else get_backend(backend, record.param.device)
+        if isinstance(backend, ModuleType):
+            module = backend
+        elif record.param.device != device:
+            device = record.param.device
+            module = get_backend(backend, device)
         if batch and module is not kernels:
             yield kernels, batch, False
             batch = []
         kernels = module
         batch.append(record)
-        if record.waits:
+        if record.update_cut is not None and record.waits:
             numel += record.update_cut.numel
             if numel >= DEFER_NUMEL:
                 yield kernels, batch, True
