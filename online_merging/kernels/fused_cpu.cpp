@@ -60,7 +60,7 @@ inline float to_float(c10::BFloat16 x) {
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
-inline float sign(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }
+inline int sign(float x) { return (x > 0.f) - (x < 0.f); }  // 0 for ±0 and NaN
 
 // a where the bit mask `on` is all ones, b where it is 0: a branch-free blend of the bit patterns, exact for every
 // value (-0, inf, NaN). With `on` the constant ~0u (unmasked passes) it folds to a. The mask is read as bytes
@@ -424,7 +424,7 @@ void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const 
       const bool keep_t = (tb > tau_threshold) | ((tb == tau_threshold) & (j < tau_ties));
       const float a = keep_x ? x : 0.f;
       const float b = keep_t ? t : 0.f;
-      const float sgn = sign(wa * a + wb * b);
+      const int sgn = sign(wa * a + wb * b);
       const float merged =
           (wu * (sign(a) == sgn ? a : 0.f) + wt * (sign(b) == sgn ? b : 0.f)) + x * 0.f;  // 0·x: see DARE
       const uint32_t on = on_bits<MASKED>(keep, i);
