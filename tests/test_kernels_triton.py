@@ -1,13 +1,18 @@
 """The Triton backend against the eager one, on CPU tensors under the Triton interpreter."""
 
 import importlib
+import json
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import online_merging.kernels as kernels
 from online_merging.kernels import eager
+from online_merging.kernels.plan import Plan, Record
 from online_merging.rng import STREAM_UPDATE, keep_threshold, random_bits, tensor_key
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
 from tests.backend_calls import adam_step, sgd_step
@@ -199,6 +204,64 @@ def test_non_contiguous_tensors(backend, merge):
         call(eager, "adam", ref, grad, tau, step, settings, ADAM)
         call(backend, "adam", out, grad, tau, step, settings, ADAM)
         assert_matches(out, ref)
+
+
+GROUP = {  # name: (shape, dtype, masked, offset, transposed); one launch for each (dtype, masked)
+    "one": ((1,), torch.float32, False, 0, False),
+    "block_and_one": ((1025,), torch.float32, False, 0, False),
+    "two_blocks": ((2048,), torch.float32, False, 0, False),
+    "piece": ((700,), torch.float32, False, 3000, False),  # of a larger tensor: DARE draws at global indices
+    "transposed": ((30, 40), torch.float32, False, 0, True),  # stepped in contiguous copies, written back
+    "bf16": ((100,), torch.bfloat16, False, 0, False),
+    "masked": ((500,), torch.float32, True, 0, False),
+}
+
+
+@pytest.mark.parametrize(("opt", "merge"), [("adam", "ondare"), ("sgd", "ondare"), ("adam", None), ("adam", "onties")])
+def test_a_group_is_stepped_in_one_launch_per_signature(backend, monkeypatch, opt, merge):
+    """The records of a group that compile alike (route, dtypes, mask or none) are stepped in one launch, each as
+    the eager backend steps it alone; OnTIES steps each record alone (its Δ needs a scratch tensor and a cut)."""
+    settings = merge_settings(**MIXED, merge=merge)
+    hyper = hyper_of(opt)
+    plan = Plan(opt, settings, **hyper)
+    launches, launch = [], backend._launch
+    monkeypatch.setattr(backend, "_launch", lambda plan, group: launches.append(len(group)) or launch(plan, group))
+
+    def records(seed):
+        gen = torch.Generator().manual_seed(seed)
+        made = []
+        for name, (shape, dtype, masked, offset, transposed) in GROUP.items():
+            state = make_state(opt, shape, dtype, settings, hyper, gen)
+            if transposed:
+                state = {key: value.t().contiguous().t() for key, value in state.items()}
+            grad = torch.randn(shape, generator=gen).to(dtype)
+            tau = torch.randn(shape, generator=gen).bfloat16()
+            mask = torch.rand(shape, generator=gen).reshape(-1) < 0.5 if masked else None
+            made.append(Record(state.pop("param"), grad, 2, **state, tau=tau, name=name, offset=offset, mask=mask))
+        return made
+
+    together = records(5)
+    assert backend.step(plan, together) == [None] * len(GROUP)
+    assert sorted(launches) == ([1] * len(GROUP) if merge == "onties" else [1, 1, 5])
+    for grouped, alone in zip(together, records(5), strict=True):
+        assert eager.step(plan, [alone]) == [None]
+        expected = {key: value for key, value in alone._asdict().items() if isinstance(value, torch.Tensor)}
+        assert_matches({key: getattr(grouped, key) for key in expected}, expected)
+
+
+def test_kernels_compile_for_a_gpu():
+    """The kernels pass Triton's compiler and ptxas for an H100 (sm_90), in a process without the interpreter
+    (``tests/triton_ptx.py``); a group's aligned tensors get 128-bit loads, which only the alignment hint gives."""
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton has no ptxas")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.triton_ptx"], capture_output=True, text=True, env=env,
+        cwd=Path(__file__).resolve().parents[1], timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    loads = json.loads(run.stdout.splitlines()[-1])
+    assert len(loads) == 5 and loads["adam_ondare"] > 0 and loads["adam_ondare_unaligned"] == 0, loads
 
 
 def test_selected_on_cpu_under_the_interpreter(backend):

@@ -2,7 +2,7 @@
 
 - ``eager``: plain torch ops, any device; the readable float32 version.
 - ``cpu``: one fused C++ call per param group (compiled on first use with torch's cpp_extension).
-- ``triton``: one fused Triton kernel per tensor, for CUDA tensors.
+- ``triton``: one fused Triton kernel launch per param group, for CUDA tensors.
 """
 
 from __future__ import annotations

@@ -1,17 +1,24 @@
-"""The Triton backend: ``eager``'s step fused into one kernel per tensor (OnTIES: two kernels around a top-p).
+"""The Triton backend: ``eager``'s step fused into one kernel launch per param group (OnTIES: two kernels around a
+top-p, per tensor).
 
 Same signatures and math as ``eager``: float32 arithmetic rounded op by op as torch's kernels do (an FMA where
 they fuse one), every tensor written back in its own dtype. DARE masks come from the counter-based hash of
 ``online_merging.rng`` computed in uint32, so they are bit-identical to the other backends'.
 
+One launch steps all the tensors of a group that compile alike (device, route, dtypes, mask or none), as torch's
+fused AdamW does: a table on the device holds a row per tensor (its pointers, size, offset, DARE keys and bias
+corrections, see ``_ROW``) and the cumulative counts of their blocks, and each program finds its tensor by a
+binary search of them. A full block's loads are vectorised; the last block of a tensor is bounds-masked.
+
 Meant for CUDA tensors. It also runs on CPU tensors under the Triton interpreter when ``TRITON_INTERPRET=1`` is
 set before this module is imported (the tests do that); the kernels call only builtins of ``triton.language``,
 because its ``@jit`` helpers (``tl.zeros`` ...) stay compiled when ``triton`` was imported before the variable.
+``tests/triton_ptx.py`` compiles them for an H100 without one.
 
 OnTIES needs the exact top-p of the whole tensor, which one elementwise pass cannot know: the first kernel
 updates the optimizer state and writes Δθ (plus the step-K buffer) to a float32 scratch tensor, the functional
 layer selects the top-p cuts of it and of τ, and a second kernel (``ties_merge``) does the sign consensus and
-writes θ.
+writes θ. Its tensors are launched one at a time, so that one scratch tensor at a time is held.
 
 A tensor may be a piece of a larger one (see ``plan.Record``): DARE hashes the global index ``offset + i``, and
 OnTIES keeps what the whole tensor's cuts keep.
@@ -46,8 +53,17 @@ _BLOCK = 1024
 # torch rounds every op on its own except where its kernels fuse (the explicit tl.fma calls): no contraction.
 # Asking explicitly also keeps Triton 3.9 from warning that its default will change.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
-# Per-step integers: specialising on them (== 1, divisible by 16) would only add compiled variants.
-_NO_SPECIALIZE = ["upd_k1", "upd_k2", "tau_k1", "tau_k2", "threshold", "offset"]
+_ROW = tl.constexpr(17)
+"""int64 fields of a record's row in a launch's table: 9 pointers (param, grad, 3 state tensors, step-K buffer, τ,
+OnTIES scratch, mask; 0 where absent), its size, offset and 4 DARE keys, Adam's step size and √(1 − β2^t) (float64
+bits)."""
+_TYPED = ("T_PARAM", "T_GRAD", "T_STATE1", "T_STATE2", "T_STATE3", "T_BUFFER", "T_TAU")  # the pointers' dtypes
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.float64: tl.float64,
+}
 
 
 @triton.jit
@@ -147,24 +163,90 @@ def _finish(
         tl.store(param_ptr + offs, param.to(param_ptr.dtype.element_ty), mask=keep)
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+@triton.jit
+def _locate(table, records, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's record, as its row of ``table``, and the index of its block's first element in the record.
+
+    After the ``records`` rows come the cumulative block counts (``records + 1`` of them, from 0): the record is the
+    last whose count is at most the program's index, found by a binary search of ``LOG`` halvings.
+    """
+    index = tl.program_id(0).to(tl.int64)
+    starts = table + records * _ROW
+    low = index * 0
+    high = low + records
+    for _ in tl.static_range(LOG):
+        middle = (low + high) // 2
+        right = tl.load(starts + middle) <= index
+        low = tl.where(right, middle, low)
+        high = tl.where(right, high, middle)
+    return table + low * _ROW, (index - tl.load(starts + low)) * BLOCK
+
+
+@triton.jit
+def _pointer(row, field: tl.constexpr, T: tl.constexpr, ALIGNED: tl.constexpr):
+    """Field ``field`` of a record's row as a pointer to ``T`` (16-byte aligned when ALIGNED)."""
+    pointer = tl.load(row + field).to(tl.pointer_type(T))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _scalar(row, field: tl.constexpr):
+    """Field ``field`` of a record's row: a float64's bits, as float32 (as a Python float argument would be)."""
+    return tl.load(row + field).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit(do_not_specialize=["records", "threshold"])
 def _adam_kernel(
-    param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr, buffer_ptr, tau_ptr, scratch_ptr, mask_ptr, n,
-    lerp_weight, beta2, one_minus_beta2, eps, step_size, sqrt_bias2, decay,
-    offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    table, records, lerp_weight, beta2, one_minus_beta2, eps, decay, threshold, p, w_update, w_tau, tau_clamp,
+    T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr, T_STATE2: tl.constexpr,
+    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """AdamW and the online merge of one block (``eager._adam``):
+    """AdamW and the online merge of one block of one of the group's tensors (``_adam_block``). A full block has
+    the bounds mask ``offs >= 0``, true and known constant to the compiler, which then vectorises its loads and
+    stores; ``offs < n`` (n from the table, of unknown divisibility) is kept for a tensor's last block."""
+    row, block_start = _locate(table, records, LOG, BLOCK)
+    offs = block_start + tl.arange(0, BLOCK)
+    n = tl.load(row + 9)
+    if block_start + BLOCK <= n:
+        _adam_block(
+            row, block_start, offs, offs >= 0, lerp_weight, beta2, one_minus_beta2, eps, decay,
+            threshold, p, w_update, w_tau, tau_clamp, T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_BUFFER, T_TAU,
+            AMSGRAD, MAXIMIZE, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, ALIGNED,
+        )  # fmt: skip
+    else:
+        _adam_block(
+            row, block_start, offs, offs < n, lerp_weight, beta2, one_minus_beta2, eps, decay,
+            threshold, p, w_update, w_tau, tau_clamp, T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_BUFFER, T_TAU,
+            AMSGRAD, MAXIMIZE, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, ALIGNED,
+        )  # fmt: skip
+
+
+@triton.jit
+def _adam_block(
+    row, block_start, offs, in_bounds, lerp_weight, beta2, one_minus_beta2, eps, decay, threshold, p, w_update, w_tau,
+    tau_clamp, T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr, T_STATE2: tl.constexpr,
+    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
+    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """AdamW and the online merge of the elements ``offs`` (``in_bounds``) of the record at ``row`` (``eager._adam``):
 
     g = ±grad,  m ← lerp(m, g, 1−β1),  v ← β2·v + (1−β2)·g²,  v̂ ← max(v̂, v) if AMSGRAD else v,
     Δ = (−lr / (1−β1^t))·m / (sqrt(v̂) / sqrt(1−β2^t) + ε),  then ``_finish`` with decay = 1 − lr·λ.
+    The tensors, offset, DARE keys and bias corrections are the record's (see ``_ROW``).
     """
-    block_start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = block_start + tl.arange(0, BLOCK)
-    in_bounds = offs < n
+    param_ptr, grad_ptr = _pointer(row, 0, T_PARAM, ALIGNED), _pointer(row, 1, T_GRAD, ALIGNED)
+    exp_avg_ptr, exp_avg_sq_ptr = _pointer(row, 2, T_STATE1, ALIGNED), _pointer(row, 3, T_STATE2, ALIGNED)
+    max_exp_avg_sq_ptr, buffer_ptr = _pointer(row, 4, T_STATE3, ALIGNED), _pointer(row, 5, T_BUFFER, ALIGNED)
+    tau_ptr, scratch_ptr = _pointer(row, 6, T_TAU, ALIGNED), _pointer(row, 7, tl.float32, ALIGNED)
+    mask_ptr, step_size, sqrt_bias2 = _pointer(row, 8, tl.uint8, ALIGNED), _scalar(row, 15), _scalar(row, 16)
     keep = in_bounds
     if MASKED:
         keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
@@ -187,30 +269,64 @@ def _adam_kernel(
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     _finish(
         param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
-        offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
-        DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED,
+        tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14), threshold, p,
+        w_update, w_tau, tau_clamp, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED,
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+@triton.jit(do_not_specialize=["records", "threshold"])
 def _sgd_kernel(
-    param_ptr, grad_ptr, momentum_ptr, buffer_ptr, tau_ptr, scratch_ptr, mask_ptr, n,
-    neg_lr, momentum, one_minus_dampening, weight_decay, decay,
-    offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    table, records, neg_lr, momentum, one_minus_dampening, weight_decay, decay, threshold, p, w_update, w_tau,
+    tau_clamp,
+    T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr, T_STATE2: tl.constexpr,
+    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """SGD as ``torch.optim.SGD`` and the online merge of one block (``eager._sgd``):
+    """SGD and the online merge of one block of one of the group's tensors (``_sgd_block``), full blocks apart as
+    in ``_adam_kernel``."""
+    row, block_start = _locate(table, records, LOG, BLOCK)
+    offs = block_start + tl.arange(0, BLOCK)
+    n = tl.load(row + 9)
+    if block_start + BLOCK <= n:
+        _sgd_block(
+            row, block_start, offs, offs >= 0, neg_lr, momentum, one_minus_dampening, weight_decay,
+            decay, threshold, p, w_update, w_tau, tau_clamp, T_PARAM, T_GRAD, T_STATE1, T_BUFFER, T_TAU, MAXIMIZE,
+            WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE,
+            ROLL_BACK, MASKED, ALIGNED,
+        )  # fmt: skip
+    else:
+        _sgd_block(
+            row, block_start, offs, offs < n, neg_lr, momentum, one_minus_dampening, weight_decay,
+            decay, threshold, p, w_update, w_tau, tau_clamp, T_PARAM, T_GRAD, T_STATE1, T_BUFFER, T_TAU, MAXIMIZE,
+            WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE,
+            ROLL_BACK, MASKED, ALIGNED,
+        )  # fmt: skip
+
+
+@triton.jit
+def _sgd_block(
+    row, block_start, offs, in_bounds, neg_lr, momentum, one_minus_dampening, weight_decay, decay, threshold, p,
+    w_update, w_tau, tau_clamp, T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr,
+    T_BUFFER: tl.constexpr, T_TAU: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
+    MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+    DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
+    TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """SGD as ``torch.optim.SGD`` and the online merge of the elements ``offs`` of the record at ``row``
+    (``eager._sgd``):
 
     g = ±grad + λ·θ,  b ← g when it starts (FIRST_STEP) else μ·b + (1−d)·g,  g ← g + μ·b if NESTEROV else b  (MOMENTUM),
-    Δ = −lr·g,  then ``_finish`` with decay = 1.
+    Δ = −lr·g,  then ``_finish`` with decay = 1. The momentum buffer is the record's first state tensor.
     """
-    block_start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = block_start + tl.arange(0, BLOCK)
-    in_bounds = offs < n
+    param_ptr, grad_ptr = _pointer(row, 0, T_PARAM, ALIGNED), _pointer(row, 1, T_GRAD, ALIGNED)
+    momentum_ptr, buffer_ptr = _pointer(row, 2, T_STATE1, ALIGNED), _pointer(row, 5, T_BUFFER, ALIGNED)
+    tau_ptr, scratch_ptr = _pointer(row, 6, T_TAU, ALIGNED), _pointer(row, 7, tl.float32, ALIGNED)
+    mask_ptr = _pointer(row, 8, tl.uint8, ALIGNED)
     keep = in_bounds
     if MASKED:
         keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
@@ -230,8 +346,8 @@ def _sgd_kernel(
         grad = tl.fma(momentum, buf, grad) if NESTEROV else buf
     _finish(
         param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
-        offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
-        DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED,
+        tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14), threshold, p,
+        w_update, w_tau, tau_clamp, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED,
     )  # fmt: skip
 
 
@@ -277,63 +393,107 @@ def _onties_kernel(
 
 
 def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
-    """Same contract as :func:`online_merging.kernels.eager.step`: per record, one launch of ``_adam_kernel`` or
-    ``_sgd_kernel`` (under OnTIES writing Δ to a float32 scratch tensor), and under OnTIES of a whole tensor the
-    selection of its top-p and one launch of ``_onties_kernel``."""
-    return eager.step_each(plan, records, _step, ties_merge, topk_cut)
+    """Same contract as :func:`online_merging.kernels.eager.step`: one launch of ``_adam_kernel`` or ``_sgd_kernel``
+    for all the records that compile alike (same device, route, dtypes, mask or none); under OnTIES one launch per
+    record (its Δ into a float32 scratch tensor of its own) and for a whole tensor the selection of its top-p and
+    one launch of ``_onties_kernel``."""
+    ties = [plan.route(record)[0] == "onties" for record in records]
+    alone = [record for record, onties in zip(records, ties, strict=True) if onties]
+    totals = iter(eager.step_each(plan, alone, _step_alone, ties_merge, topk_cut))
+    launches: dict[tuple, list[Record]] = {}
+    for record, onties in zip(records, ties, strict=True):
+        if not onties and record.param.numel() > 0:
+            launches.setdefault(_signature(plan, record), []).append(record)
+    for launch in launches.values():
+        _launch(plan, launch)
+    return [next(totals) if onties else None for onties in ties]
 
 
-def _step(plan: Plan, record: Record) -> torch.Tensor | None:
+def _step_alone(plan: Plan, record: Record) -> torch.Tensor:
+    """OnTIES's first pass of one record: its Δ, in a float32 scratch tensor."""
+    if record.param.numel() == 0:
+        return record.param.new_empty(0, dtype=torch.float32)
+    return _launch(plan, [record])[0]
+
+
+def _signature(plan: Plan, record: Record) -> tuple:
+    """What the records of one launch share: device, route, SGD's first momentum step, mask or none, dtypes."""
+    first = plan.optimizer == "sgd" and plan.momentum != 0.0 and record.first_momentum
+    return (record.param.device, plan.route(record), first, record.mask is not None, *_dtypes(plan, record))
+
+
+def _dtypes(plan: Plan, record: Record) -> list[torch.dtype | None]:
+    return [None if t is None else t.dtype for t in _inputs(plan, record)[:7]]
+
+
+def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
+    """The record's tensors in a row of the table, as used by its route: param, grad, the three state tensors
+    (Adam's moments and AMSGrad's maximum, or SGD's momentum), step-K's buffer, τ, mask (as bytes)."""
     r = record
-    n = r.param.numel()
     merge, carry = plan.route(r)
-    if n == 0:
-        return r.param.new_empty(0, dtype=torch.float32) if merge == "onties" else None
     if plan.optimizer == "adam":
-        kernel = _adam_kernel
         state = [r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None]
-        step_size, sqrt_bias2 = plan.bias_corrections(r.step)
-        scalars = {
-            "lerp_weight": 1.0 - plan.beta1,
-            "beta2": plan.beta2,
-            "one_minus_beta2": 1.0 - plan.beta2,
-            "eps": plan.eps,
-            "step_size": step_size,
-            "sqrt_bias2": sqrt_bias2,
-        }
+    else:
+        state = [r.momentum_buffer if plan.momentum != 0.0 else None, None, None]
+    buffer = r.merge_buffer if carry is not None else None
+    return [r.param, r.grad, *state, buffer, r.tau if merge is not None else None, _mask_bytes(r)]
+
+
+def _launch(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
+    """One launch of the optimizer's kernel over records of one signature; each record's OnTIES scratch (Δ), or
+    ``None`` when it merges in this pass. Non-contiguous tensors are stepped in contiguous copies, written back."""
+    merge, carry = plan.route(records[0])
+    device = records[0].param.device
+    adam = plan.optimizer == "adam"
+    rows, scales, starts, used, copies, scratches = [], [], [0], [], [], []
+    for r in records:
+        n = r.param.numel()
+        inputs = _inputs(plan, r)
+        # under OnTIES this pass writes only the state and the scratch: θ and Δc are ``ties_merge``'s
+        written = inputs[2:5] if merge == "onties" else [inputs[0], *inputs[2:6]]
+        work = {id(t): _contiguous(t) for t in written if t is not None}
+        copies.append((written, work))
+        scratch = torch.empty(n, dtype=torch.float32, device=device) if merge == "onties" else None
+        scratches.append(scratch)
+        tensors = [work[id(t)] if id(t) in work else _contiguous(t) for t in inputs]
+        tensors.insert(7, scratch)
+        used += [t for t in tensors if t is not None]
+        keys = plan.dare_keys(r) if merge == "ondare" and plan.dare_threshold < 2**32 else ((0, 0), (0, 0))
+        rows.append([0 if t is None else t.data_ptr() for t in tensors] + [n, r.offset, *keys[0], *keys[1]])
+        scales.append(plan.bias_corrections(r.step) if adam else (0.0, 0.0))
+        starts.append(starts[-1] + triton.cdiv(n, _BLOCK))
+    fields = torch.cat([torch.tensor(rows), torch.tensor(scales, dtype=torch.float64).view(torch.int64)], dim=1)
+    table = torch.cat([fields.reshape(-1), torch.tensor(starts)])
+    if device.type == "cuda":  # copied from pinned memory: no wait for the work queued before
+        table = table.pin_memory().to(device, non_blocking=True)
+    types = (tl.float32 if dtype is None else _TL_DTYPES[dtype] for dtype in _dtypes(plan, records[0]))
+    dtypes = dict(zip(_TYPED, types, strict=True))
+    aligned = all(t.data_ptr() % 16 == 0 for t in used)
+    if adam:
+        kernel = _adam_kernel
+        scalars = {"lerp_weight": 1.0 - plan.beta1, "beta2": plan.beta2, "one_minus_beta2": 1.0 - plan.beta2,
+                   "eps": plan.eps}  # fmt: skip
         flags = {"AMSGRAD": plan.amsgrad, "MAXIMIZE": plan.maximize}
     else:
         kernel = _sgd_kernel
-        state = [r.momentum_buffer if plan.momentum != 0.0 else None]
-        scalars = {
-            "neg_lr": -plan.lr,
-            "momentum": plan.momentum,
-            "one_minus_dampening": 1.0 - plan.dampening,
-            "weight_decay": plan.weight_decay,
-        }
+        scalars = {"neg_lr": -plan.lr, "momentum": plan.momentum, "one_minus_dampening": 1.0 - plan.dampening,
+                   "weight_decay": plan.weight_decay}  # fmt: skip
         flags = {
             "MAXIMIZE": plan.maximize,
             "WEIGHT_DECAY": plan.weight_decay != 0.0,
             "MOMENTUM": plan.momentum != 0.0,
-            "FIRST_STEP": r.first_momentum,
+            "FIRST_STEP": plan.momentum != 0.0 and records[0].first_momentum,
             "NESTEROV": plan.nesterov,
         }
-    tau = r.tau if merge is not None else None
-    buffer = r.merge_buffer if carry is not None else None
-    # under OnTIES this pass writes only the state and the scratch: θ and Δc are ``ties_merge``'s
-    written = state if merge == "onties" else [r.param, *state, buffer]
-    work = {id(t): _contiguous(t) for t in written if t is not None}
-    param_c, buffer_c = (work.get(id(t), _contiguous(t)) for t in (r.param, buffer))
-    state_c = [work.get(id(t)) for t in state]
-    scratch = torch.empty(n, dtype=torch.float32, device=r.param.device) if merge == "onties" else None
-    with _on_device(r.param):
-        kernel[(triton.cdiv(n, _BLOCK),)](
-            param_c, _contiguous(r.grad), *state_c, buffer_c, _contiguous(tau), scratch, _mask_bytes(r), n,
-            **scalars, decay=plan.decay, offset=r.offset, **_merge_args(plan, r, merge, carry), **flags,
-            MASKED=r.mask is not None, BLOCK=_BLOCK, **_LAUNCH,
+    with _on_device(records[0].param):
+        kernel[(starts[-1],)](
+            table, len(records), **scalars, decay=plan.decay, **_merge_args(plan, merge, carry), **dtypes, **flags,
+            MASKED=records[0].mask is not None, ALIGNED=aligned, LOG=max(1, len(records).bit_length()),
+            BLOCK=_BLOCK, **_LAUNCH,
         )  # fmt: skip
-    _write_back(written, work)
-    return scratch
+    for written, work in copies:
+        _write_back(written, work)
+    return scratches
 
 
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
@@ -363,24 +523,19 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
 topk_cut = merging_topk_cut
 
 
-def _merge_args(plan: Plan, record: Record, merge: str | None, carry: str | None) -> dict:
-    """The merge scalars and constexpr flags of ``_finish``."""
+def _merge_args(plan: Plan, merge: str | None, carry: str | None) -> dict:
+    """The merge scalars and constexpr flags of ``_finish`` (the DARE keys are each record's, in the table)."""
     settings = plan.settings
     p = settings.reserve_p
     dare = merge == "ondare"
     drop = dare and p < 1.0
     with_tau = dare and plan.w_tau != 0.0
-    args = {
-        "upd_k1": 0, "upd_k2": 0, "tau_k1": 0, "tau_k2": 0, "threshold": 0,
-        "p": p, "w_update": plan.w_update, "w_tau": plan.w_tau, "tau_clamp": settings.tau_clamp or 0.0,
-        "DARE": dare, "DROP": drop, "RESCALE": drop and settings.dare_rescale, "WITH_TAU": with_tau,
-        "CLAMP": with_tau and settings.tau_clamp is not None, "TO_SCRATCH": merge == "onties",
+    return {
+        "threshold": plan.dare_threshold if drop else 0, "p": p, "w_update": plan.w_update, "w_tau": plan.w_tau,
+        "tau_clamp": settings.tau_clamp or 0.0, "DARE": dare, "DROP": drop, "RESCALE": drop and settings.dare_rescale,
+        "WITH_TAU": with_tau, "CLAMP": with_tau and settings.tau_clamp is not None, "TO_SCRATCH": merge == "onties",
         "ACCUMULATE": carry == "accumulate", "ROLL_BACK": carry == "roll_back",
     }  # fmt: skip
-    if drop:
-        (args["upd_k1"], args["upd_k2"]), (args["tau_k1"], args["tau_k2"]) = plan.dare_keys(record)
-        args["threshold"] = plan.dare_threshold
-    return args
 
 
 def _mask_bytes(record: Record) -> torch.Tensor | None:
