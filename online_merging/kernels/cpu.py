@@ -4,13 +4,12 @@ OnDARE, step-K and plain steps read and write each element once. OnTIES of a who
 update into a float32 scratch buffer, then the merge; between them, the exact top-p threshold of the update is
 selected among the elements that a bracket around the tensor's previous threshold caught in the first pass, or,
 when the bracket missed (the first step, a sudden change), by a radix selection over the buffer (``topk_cut``).
-τ's cut is computed once per τ tensor. OnDARE with τ's mask drawn once and p <= 1/32 reads τ as the elements that
-mask keeps (``KEPT_TAU_THRESHOLD``), not the dense τ. A piece of a larger tensor (see ``plan.Record``) returns its
-update for the functional layer to select the whole tensor's cut, and is merged by ``ties_merge``. A mask (masked
-updates) is one more input of the same passes, read as one bool per element. float32 parameters (with float32 or
-bfloat16 τ) run fused; other dtypes and non-contiguous tensors are stepped by the eager backend. A tensor below
-2**19 elements, or at most a quarter of the group's per thread and 2**24 elements, is stepped whole by one thread;
-larger ones are split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
+τ's cut is computed once per τ tensor. A piece of a larger tensor (see ``plan.Record``) returns its update for the
+functional layer to select the whole tensor's cut, and is merged by ``ties_merge``. A mask (masked updates) is one
+more input of the same passes, read as one bool per element. float32 parameters (with float32 or bfloat16 τ) run
+fused; other dtypes and non-contiguous tensors are stepped by the eager backend. A tensor below 2**19 elements, or
+at most a quarter of the group's per thread and 2**24 elements, is stepped whole by one thread; larger ones are
+split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
 """
 
 from __future__ import annotations
@@ -60,11 +59,10 @@ _thresholds: dict[tuple[int, int, int], tuple[float, float, float]] = {}
 ratio to the one before, and the relative width of the bracket that should catch the next one: the guess of the
 next step. A guess changes how fast the threshold is found, never which it is."""
 WIDTHS = (2.0**-9, 2.0**-2)  # the narrowest and widest brackets, relative to the guess
-KEPT_TAU_THRESHOLD = 2**27
-"""OnDARE reads τ as the elements its once-drawn mask keeps when it keeps at most 1/32 of them (the hash's keep
-threshold at most this; the published p = 0.01): 12 bytes each (index, float32 value), made once per τ tensor and
-held beside it (at most 0.375 bytes a parameter, 0.12 at p = 0.01), against 2 bytes an element of a bfloat16 τ
-read every step."""
+KEPT_TAU_THRESHOLD = 2**29
+"""OnDARE reads τ as the elements its once-drawn mask keeps when it keeps at most an eighth of them (p <= 1/8, the
+kept-threshold of the hash at most this): 12 bytes each (index, float32 value), made once per τ tensor, against 2
+bytes an element of a dense bfloat16 τ read every step."""
 
 
 def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
