@@ -7,7 +7,6 @@ from online_merging import OnlineMergingAdam, TaskVector
 from online_merging.kernels import cpu, eager
 from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import num_kept, sparsify, topp_mask
-from online_merging.rng import STREAM_TASK_VECTOR, bernoulli_mask, keep_threshold, tensor_key
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
 from tests.backend_calls import adam_step, sgd_step
 
@@ -189,61 +188,6 @@ def test_tau_threshold_cache_is_not_fooled_by_a_new_tensor_at_a_recycled_address
         sgd_step(eager, reference, grad, None, None, tau, **kwargs)
         torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-7)
         del tau
-
-
-@pytest.mark.parametrize("tau_dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("offset", [0, 2**32 - 1000])
-def test_kept_tau_is_the_mask_rng_draws(tau_dtype, offset):
-    """The elements of τ that the C++ kernel reads as OnDARE's kept ones are those of ``rng.bernoulli_mask`` (the
-    eager backend's draw), at global indices across a 2**32 boundary too."""
-    g = torch.Generator().manual_seed(1)
-    tau = torch.randn(3001, generator=g).to(tau_dtype)
-    key, p = tensor_key(3, STREAM_TASK_VECTOR, 0, "w"), 0.05
-    index, values = cpu._ext.kept_tau(tau, *key, keep_threshold(p), offset)
-    expected = bernoulli_mask(key, p, tau.shape, offset=offset).nonzero().reshape(-1)
-    assert 100 < len(expected) < 200 and torch.equal(index, expected)
-    assert values.dtype == torch.float32 and torch.equal(values, tau[expected].float())
-
-
-@pytest.mark.parametrize("rule", ["adam", "sgd"])
-@pytest.mark.parametrize("merge_every", [1, 2])
-def test_ondare_steps_alike_with_tau_dense_or_as_its_kept_elements(monkeypatch, rule, merge_every):
-    """With τ's mask drawn once and p <= 1/8 the kernel reads τ as the elements its mask keeps; every parameter and
-    state ends bit for bit as with the dense τ: a masked tensor, a piece past 2**32, one split over the threads."""
-    settings = MergeSettings(**{**MERGE_DEFAULTS, "reserve_p": 0.05, "alpha": 0.3, "merge_every": merge_every})
-    hyper = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8} if rule == "adam" else {"momentum": 0.9}
-    plan = Plan(rule, settings, lr=1e-2, weight_decay=0.1, **hyper)
-    shapes = {"a": (300, 200), "b": (1000,), "c": (700, 900)}  # c: past 2**19 elements, split over threads
-
-    packed = []
-    kept_tau = cpu._kept_tau
-    monkeypatch.setattr(cpu, "_kept_tau", lambda *args: packed.append(args[0].shape) or kept_tau(*args))
-
-    def run(threshold: int) -> list[torch.Tensor]:
-        monkeypatch.setattr(cpu, "KEPT_TAU_THRESHOLD", threshold)
-        packed.clear()
-        g = torch.Generator().manual_seed(2)
-        states = {name: {key: torch.randn(shape, generator=g).abs() for key in ("param", "m", "v", "buffer")}
-                  for name, shape in shapes.items()}  # fmt: skip
-        taus = {name: (0.1 * torch.randn(shape, generator=g)).bfloat16() for name, shape in shapes.items()}
-        mask = torch.rand(1000, generator=g) < 0.7
-        for step in (1, 2):
-            grads = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
-            records = []
-            for name, state in states.items():
-                moments = dict(exp_avg=state["m"], exp_avg_sq=state["v"]) if rule == "adam" else {
-                    "momentum_buffer": state["m"]}  # fmt: skip
-                records.append(Record(
-                    state["param"], grads[name], step, **moments, merge_buffer=state["buffer"], tau=taus[name],
-                    name=name, offset=2**32 - 500 if name == "b" else 0, mask=mask if name == "b" else None,
-                ))  # fmt: skip
-            assert cpu.step(plan, records) == [None] * 3
-        assert len(packed) == (0 if threshold < 0 else 6 // merge_every)  # merge steps only
-        return [t for state in states.values() for t in state.values()]
-
-    sparse_threshold = cpu.KEPT_TAU_THRESHOLD
-    for dense, sparse in zip(run(-1), run(sparse_threshold), strict=True):
-        assert torch.equal(dense, sparse)
 
 
 @pytest.mark.parametrize("merge", ["ondare", "onties"])

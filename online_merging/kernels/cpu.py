@@ -24,7 +24,7 @@ from online_merging.kernels import eager
 from online_merging.kernels.build import load_extension
 from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import Cut, num_kept
-from online_merging.merging.sparsify import KEEP_ALL, once_per_tensor
+from online_merging.merging.sparsify import KEEP_ALL
 from online_merging.rng import MASK32
 
 __all__ = ["step", "ties_merge", "topk_cut"]
@@ -59,10 +59,6 @@ _thresholds: dict[tuple[int, int, int], tuple[float, float, float]] = {}
 ratio to the one before, and the relative width of the bracket that should catch the next one: the guess of the
 next step. A guess changes how fast the threshold is found, never which it is."""
 WIDTHS = (2.0**-9, 2.0**-2)  # the narrowest and widest brackets, relative to the guess
-KEPT_TAU_THRESHOLD = 2**29
-"""OnDARE reads τ as the elements its once-drawn mask keeps when it keeps at most an eighth of them (p <= 1/8, the
-kept-threshold of the hash at most this): 12 bytes each (index, float32 value), made once per τ tensor, against 2
-bytes an element of a dense bfloat16 τ read every step."""
 
 
 def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
@@ -110,7 +106,6 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
     corrections = {}  # Adam's bias corrections by step count: the records of a group mostly share one
     amsgrad, momentum = plan.amsgrad, plan.momentum != 0.0
     no_keys, no_guess = ((0, 0), (0, 0)), (math.nan, 0.0)
-    kept_tau = plan.settings.tau_mask == "once" and plan.dare_threshold <= KEPT_TAU_THRESHOLD
     for i, r in enumerate(records):
         n = r.param.numel()
         merge, carry = plan.route(r)
@@ -136,8 +131,6 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
             step_size = sqrt_bias2 = 0.0
             tensors += (r.param, r.grad, r.momentum_buffer if momentum else None, None, None)
         tensors += (r.merge_buffer if carry else None, r.tau if merge else None, r.mask, total)
-        sparse = kept_tau and mode in (DARE, DARE_MERGE)
-        tensors += _kept_tau(r.tau, keys[1], plan.dare_threshold, r.offset) if sparse else (None, None)
         ints += (mode, r.offset, *keys[0], *keys[1], k, *tau_cut)
         floats += (step_size, sqrt_bias2, float(r.first_momentum), *guess)
     found, guessed, stepped = _ext.step_group(
@@ -152,16 +145,6 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
     for i, key, guess in guesses:
         _learn(key, found[i], guess, guessed[i], plan.lr)
     return stepped
-
-
-def _kept_tau(tau: torch.Tensor, key: tuple[int, int], threshold: int, offset: int) -> tuple:
-    """(local indices, float32 values) of the elements of ``tau`` that OnDARE's mask of ``key`` keeps, made once
-    per τ tensor; (None, None) for a τ the kernel cannot read."""
-    if tau.dtype not in _TAU_DTYPES or not tau.is_contiguous():
-        return None, None
-    return once_per_tensor(
-        tau, "kept_tau", (key, threshold, offset), lambda: _ext.kept_tau(tau, *key, threshold, offset)
-    )
 
 
 def _guess(key: tuple[int, int, int], lr: float) -> tuple[float, float]:

@@ -117,9 +117,6 @@ struct Slot {
   float* buffer;  // step-K's Δc
   const void* tau;
   bool tau_bf16;
-  const int64_t* tau_index;  // OnDARE with τ's mask drawn once: the local indices it keeps, ascending (else null)
-  const float* tau_value;    // and τ there
-  int64_t tau_kept;
   const uint8_t* keep;
   float* total;  // a piece's Δ, for OnTIES's cut of the whole tensor
   int64_t n;
@@ -185,7 +182,6 @@ struct SgdRule {
   }
 };
 
-// `tau` points at τ's element `begin` (DARE modes only).
 template <int MODE, bool MASKED, typename Rule, typename T>
 void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __restrict__ tau,
                  float* __restrict__ out, int64_t begin, int64_t end) {
@@ -237,7 +233,7 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
         }
         const bool keep_update = (mix32(index ^ ku) < threshold) | keep_all;
         const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
-        const float t = std::min(std::max(to_float(tau[i - begin]) * tau_scale, -clamp), clamp);
+        const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
         // + 0·total: a non-finite update reaches θ even where DARE drops it (as eager.merge_update)
         theta += ((keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f)) + total * 0.f;
       }
@@ -475,22 +471,6 @@ void with_mask(const Slot& s, F&& f) {
   f(std::false_type{});
 }
 
-// OnDARE with τ given by the elements its mask keeps: each block of the pass reads τ from a buffer in L1 holding
-// them (zero elsewhere, which the mask drops) instead of the dense τ, whose bytes would cost as much as a moment's
-// read; the same values reach the same arithmetic.
-template <int MODE, bool MASKED, typename Rule>
-void sparse_dare(const Rule& rule, const Group& g, const Slot& s, float* out, int64_t begin, int64_t end) {
-  thread_local std::vector<float> block(kScanBlock);
-  const int64_t* index = s.tau_index;
-  int64_t next = std::lower_bound(index, index + s.tau_kept, begin) - index;
-  for (int64_t lo = begin; lo < end; lo += kScanBlock) {
-    const int64_t hi = std::min(end, lo + kScanBlock);
-    std::fill(block.begin(), block.begin() + (hi - lo), 0.f);
-    for (; next < s.tau_kept && index[next] < hi; ++next) block[index[next] - lo] = s.tau_value[next];
-    fused_range<MODE, MASKED>(rule, g, s, block.data(), out, lo, hi);
-  }
-}
-
 // The first pass of elements [begin, end) in `mode` (kTies and kTiesMerge: their first pass, writing Δ to out).
 void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t begin, int64_t end) {
   with_rule(g, s, [&](const auto& rule) {
@@ -504,12 +484,9 @@ void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t beg
         case kTies: return fused_range<kWriteTotal, M>(rule, g, s, none, out, begin, end);
         case kWriteTotalMerge:
         case kTiesMerge: return fused_range<kWriteTotalMerge, M>(rule, g, s, none, out, begin, end);
-        case kDare:
-          if (s.tau_index) return sparse_dare<kDare, M>(rule, g, s, out, begin, end);
-          return with_tau(s, [&](auto t) { fused_range<kDare, M>(rule, g, s, t + begin, out, begin, end); });
+        case kDare: return with_tau(s, [&](auto t) { fused_range<kDare, M>(rule, g, s, t, out, begin, end); });
         case kDareMerge:
-          if (s.tau_index) return sparse_dare<kDareMerge, M>(rule, g, s, out, begin, end);
-          return with_tau(s, [&](auto t) { fused_range<kDareMerge, M>(rule, g, s, t + begin, out, begin, end); });
+          return with_tau(s, [&](auto t) { fused_range<kDareMerge, M>(rule, g, s, t, out, begin, end); });
       }
     });
   });
@@ -618,25 +595,20 @@ void check(const c10::optional<torch::Tensor>& t, int64_t n, size_t i, const cha
 }  // namespace
 
 using Tensors = std::vector<c10::optional<torch::Tensor>>;
-// per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total, and OnDARE's τ as the elements its mask
-// keeps (local indices, values; see sparse_dare)
-constexpr size_t kTensors = 11;
+constexpr size_t kTensors = 9;  // per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total
 constexpr size_t kInts = 9;     // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
 constexpr size_t kFloats = 5;   // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
 
 // Whether this kernel can step a tensor given as these kTensors entries: every one that is given (param and grad
-// must be) contiguous, on the CPU, float32 (τ float32 or bfloat16, the keep mask bool, the kept indices int64) and
-// shaped like param (the kept indices and values alike).
+// must be) contiguous, on the CPU, float32 (τ float32 or bfloat16, the keep mask bool) and shaped like param.
 bool fusable(const c10::optional<torch::Tensor>* t) {
-  if (!t[0] || !t[1] || t[0]->numel() == 0 || static_cast<bool>(t[9]) != static_cast<bool>(t[10])) return false;
+  if (!t[0] || !t[1] || t[0]->numel() == 0) return false;
   const int64_t n = t[0]->numel();
   for (size_t j = 0; j < kTensors; ++j) {
     if (!t[j]) continue;
     const auto type = t[j]->scalar_type();
-    const auto expected = j == 7 ? at::kBool : j == 9 ? at::kLong : at::kFloat;
-    const bool typed = type == expected || (j == 6 && type == at::kBFloat16);
-    const int64_t size = j >= 9 ? t[9]->numel() : n;
-    if (!typed || !t[j]->is_contiguous() || !t[j]->device().is_cpu() || t[j]->numel() != size) return false;
+    const bool typed = j == 6 ? type == at::kFloat || type == at::kBFloat16 : type == (j == 7 ? at::kBool : at::kFloat);
+    if (!typed || !t[j]->is_contiguous() || !t[j]->device().is_cpu() || t[j]->numel() != n) return false;
   }
   return true;
 }
@@ -691,8 +663,6 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
     slots.push_back(Slot{t[0]->data_ptr<float>(), t[1]->data_ptr<float>(), data_or_null(t[2]), data_or_null(t[3]),
                          data_or_null(t[4]), data_or_null(t[5]), t[6] ? t[6]->data_ptr() : nullptr,
                          t[6] && t[6]->scalar_type() == at::kBFloat16,
-                         t[9] ? t[9]->data_ptr<int64_t>() : nullptr, t[10] ? t[10]->data_ptr<float>() : nullptr,
-                         t[9] ? t[9]->numel() : 0,
                          t[7] ? reinterpret_cast<const uint8_t*>(t[7]->data_ptr<bool>()) : nullptr,
                          data_or_null(t[8]), n, mode,
                          static_cast<uint32_t>(in[2]), static_cast<uint32_t>(in[3]), static_cast<uint32_t>(in[4]),
@@ -757,24 +727,6 @@ void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   });
 }
 
-// The elements of τ (a tensor, or the piece from global index `offset` of one) that OnDARE's mask of key (k1, k2)
-// keeps, as fused_range draws it: their local indices, ascending, and their values in float32.
-std::tuple<torch::Tensor, torch::Tensor> kept_tau(torch::Tensor tau, int64_t k1, int64_t k2, int64_t threshold,
-                                                  int64_t offset) {
-  TORCH_CHECK(tau.is_contiguous() && tau.device().is_cpu(), "tau must be a contiguous CPU tensor");
-  TORCH_CHECK(tau.scalar_type() == at::kFloat || tau.scalar_type() == at::kBFloat16, "tau must be float32 or bfloat16");
-  TORCH_CHECK(threshold >= 0 && threshold < (int64_t(1) << 32) && offset >= 0, "threshold must be a uint32, offset >= 0");
-  const int64_t n = tau.numel();
-  std::vector<int64_t> kept;
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t global = offset + i;
-    const uint32_t key = mix32(static_cast<uint32_t>(global >> 32) ^ static_cast<uint32_t>(k2)) ^ static_cast<uint32_t>(k1);
-    if (mix32(static_cast<uint32_t>(global) ^ key) < static_cast<uint32_t>(threshold)) kept.push_back(i);
-  }
-  auto index = torch::from_blob(kept.data(), {static_cast<int64_t>(kept.size())}, torch::kLong).clone();
-  return {index, tau.reshape(-1).index_select(0, index).to(torch::kFloat)};
-}
-
 // (T, cutoff) of the top k of |x|, given a guess of its threshold value as OnTIES's first pass is (NaN: none), and
 // what became of the guess (a Guess).
 std::vector<int64_t> topk_threshold_of(torch::Tensor x, int64_t k, double guess, double width) {
@@ -806,6 +758,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("topk_threshold", &topk_threshold_of, "Exact top-k |x| threshold: (T, tie cutoff index, guess)", py::arg("x"),
         py::arg("k"), py::arg("guess") = NAN, py::arg("width") = 0.0);
   m.def("ties_merge", &ties_merge, "OnTIES merge pass of a float32 tensor over its precomputed total update");
-  m.def("kept_tau", &kept_tau, "The elements of tau that OnDARE's mask keeps: (local indices, float32 values)",
-        py::arg("tau"), py::arg("k1"), py::arg("k2"), py::arg("threshold"), py::arg("offset"));
 }

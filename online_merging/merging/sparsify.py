@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,6 @@ __all__ = [
     "kth_largest_bits",
     "magnitude_bits",
     "num_kept",
-    "once_per_tensor",
     "random_keep",
     "topk_cut",
     "topk_mask",
@@ -117,26 +115,18 @@ def topk_cut(x: torch.Tensor, k: int) -> Cut:
     return threshold, cutoff
 
 
-_once: dict[tuple[int, str], tuple] = {}
-
-
-def once_per_tensor(x: torch.Tensor, what: str, arguments: tuple, compute: Callable[[], Any]) -> Any:
-    """``compute()``, the value ``what`` of ``x`` for ``arguments``, computed once while this very tensor lives
-    unchanged (same object, same ``_version``) and is asked with the same arguments. A weak reference keys it, since
-    ids recur."""
-    key = (id(x), what)
-    cached = _once.get(key)
-    if cached is None or cached[0]() is not x or cached[1:3] != (x._version, arguments):
-        cached = (weakref.ref(x), x._version, arguments, compute())
-        _once[key] = cached
-        weakref.finalize(x, _once.pop, key, None)
-    return cached[3]
+_constant_cuts: dict[int, tuple] = {}
 
 
 def constant_cut(x: torch.Tensor, k: int) -> Cut:
-    """:func:`topk_cut` of a tensor that does not change from step to step (τ), computed once
-    (:func:`once_per_tensor`)."""
-    return once_per_tensor(x, "topk_cut", (k,), lambda: topk_cut(x, k))
+    """:func:`topk_cut` of a tensor that does not change from step to step (τ): computed once while this very tensor
+    lives unchanged (same object, same ``_version``). A weak reference keys it, since ids recur."""
+    cached = _constant_cuts.get(id(x))
+    if cached is None or cached[0]() is not x or cached[1:3] != (x._version, k):
+        cached = (weakref.ref(x), x._version, k, topk_cut(x, k))
+        _constant_cuts[id(x)] = cached
+        weakref.finalize(x, _constant_cuts.pop, id(x), None)
+    return cached[3]
 
 
 def kth_largest_bits(bits: torch.Tensor, k: int, width: int) -> int:
