@@ -1,4 +1,4 @@
-"""The Triton backend's kernels compiled for a GPU without one (``python -m tests.triton_ptx``): they pass Triton's
+"""The Triton backend's kernels compiled for a GPU without one (``python tests/triton_ptx.py``): they pass Triton's
 compiler and ptxas for sm_90, not only its interpreter. Prints, as JSON, each variant's count of 128-bit global loads
 (``ld.global.v4``), which the kernels get only where the compiler knows their pointers aligned."""
 
