@@ -159,6 +159,24 @@ def test_unsupported_dtypes_fall_back_to_eager():
     assert torch.equal(fused, _run(eager, "adam", settings, param_dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_merge_of_a_piece_the_kernel_cannot_step_is_eagers(dtype):
+    """The kernel merges float32 pieces and says when it cannot (a bf16 piece): the eager merge then runs, and
+    both backends end alike."""
+    settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": "onties", "reserve_p": 0.1, "alpha": 0.3})
+    plan = Plan("adam", settings, lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(4)
+    param, tau, total = (torch.randn(500, generator=g) for _ in range(3))
+    cut = cpu.topk_cut(total, 50)
+    results = []
+    for module in (cpu, eager):
+        record = Record(param.clone().to(dtype), torch.zeros(500, dtype=dtype), 1, tau=tau.bfloat16(), name="w")
+        module.ties_merge(plan, record, total, cut, cpu.topk_cut(tau, 50))
+        results.append(record.param)
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-6)
+    assert not torch.equal(results[0], param.to(dtype))
+
+
 @pytest.mark.parametrize("backend", ["cpu", "eager"])
 def test_tau_threshold_is_computed_once_per_tensor_and_p(monkeypatch, backend):
     updates, taus = [], []

@@ -52,7 +52,6 @@ _MODES = {
     ("onties", "roll_back"): TIES_MERGE,
 }
 _PIECE = {TIES: WRITE_TOTAL, TIES_MERGE: WRITE_TOTAL_MERGE}  # a piece's OnTIES: its update only
-_TAU_DTYPES = (torch.float32, torch.bfloat16)
 
 _thresholds: dict[tuple[int, int, int], tuple[float, float, float]] = {}
 """Per tensor (address, size, mode): its last OnTIES threshold in units of the learning rate (Δ's scale), the
@@ -74,17 +73,18 @@ def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
 
 
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
-    """Same contract as :func:`online_merging.kernels.eager.ties_merge`."""
-    if not _fusable(plan, record):
-        return eager.ties_merge(plan, record, total, update_cut, tau_cut)
+    """Same contract as :func:`online_merging.kernels.eager.ties_merge`: the kernel's merge, or the eager one for
+    tensors the kernel cannot step."""
     _, carry = plan.route(record)
     buffer = record.merge_buffer if carry == "roll_back" else None
     n, offset = record.param.numel(), record.offset
     weighted = plan.settings.ties_sign == "weighted"
-    _ext.ties_merge(
+    merged = _ext.ties_merge(
         record.param, buffer, total, record.tau, _piece_cut(update_cut, offset, n), _piece_cut(tau_cut, offset, n),
         plan.decay, plan.w_update, plan.w_tau, weighted, record.mask,
     )  # fmt: skip
+    if not merged:
+        eager.ties_merge(plan, record, total, update_cut, tau_cut)
 
 
 def topk_cut(x: torch.Tensor, k: int) -> Cut:
@@ -103,7 +103,6 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
     floats: list[float] = []
     guesses = []
     draws = plan.dare_threshold <= MASK32
-    corrections = {}  # Adam's bias corrections by step count: the records of a group mostly share one
     amsgrad, momentum = plan.amsgrad, plan.momentum != 0.0
     no_keys, no_guess = ((0, 0), (0, 0)), (math.nan, 0.0)
     for i, r in enumerate(records):
@@ -123,9 +122,7 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
             guess = _guess(key, plan.lr)
             guesses.append((i, key, guess[0]))
         if adam:
-            step_size, sqrt_bias2 = corrections.get(r.step) or corrections.setdefault(
-                r.step, plan.bias_corrections(r.step)
-            )
+            step_size, sqrt_bias2 = plan.bias_corrections(r.step)
             tensors += (r.param, r.grad, r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if amsgrad else None)
         else:
             step_size = sqrt_bias2 = 0.0
@@ -171,22 +168,6 @@ def _learn(key: tuple[int, int, int], found: float, guess: float, guessed: int, 
     if guessed == TOO_WIDE:
         width = known[2] / 4
     _thresholds[key] = value, ratio, min(max(width, WIDTHS[0]), WIDTHS[1])
-
-
-def _fusable(plan: Plan, record: Record) -> bool:
-    """float32 contiguous tensors (τ float32 or bfloat16, mask bool): else the eager backend steps the record."""
-    r = record
-    if r.param.numel() == 0:
-        return False
-    if r.mask is not None and (r.mask.dtype != torch.bool or not r.mask.is_contiguous()):
-        return False
-    if r.tau is not None and (r.tau.dtype not in _TAU_DTYPES or not r.tau.is_contiguous()):
-        return False
-    state = (r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq) if plan.optimizer == "adam" else (r.momentum_buffer,)
-    for t in (r.param, r.grad, r.merge_buffer, *state):
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous()):
-            return False
-    return True
 
 
 def _piece_cut(cut: Cut, offset: int, n: int) -> list[int]:

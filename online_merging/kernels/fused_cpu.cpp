@@ -582,16 +582,6 @@ void step_slot(const Group& g, Slot& s, bool split) {
 
 float* data_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 
-void check(const torch::Tensor& t, int64_t n, size_t i, const char* what, at::ScalarType type = at::kFloat) {
-  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "tensor ", i, ": ", what, " must be a contiguous CPU tensor");
-  TORCH_CHECK(t.numel() == n, "tensor ", i, ": ", what, " has ", t.numel(), " elements, the parameter ", n);
-  TORCH_CHECK(t.scalar_type() == type, "tensor ", i, ": ", what, " must be ", type);
-}
-
-void check(const c10::optional<torch::Tensor>& t, int64_t n, size_t i, const char* what) {
-  if (t) check(*t, n, i, what);
-}
-
 }  // namespace
 
 using Tensors = std::vector<c10::optional<torch::Tensor>>;
@@ -599,10 +589,10 @@ constexpr size_t kTensors = 9;  // per tensor: param, grad, 3 states, step-K buf
 constexpr size_t kInts = 9;     // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
 constexpr size_t kFloats = 5;   // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
 
-// Whether this kernel can step a tensor given as these kTensors entries: every one that is given (param and grad
+// Whether this kernel can read and write a tensor given as these kTensors entries: every one that is given (param
 // must be) contiguous, on the CPU, float32 (τ float32 or bfloat16, the keep mask bool) and shaped like param.
 bool fusable(const c10::optional<torch::Tensor>* t) {
-  if (!t[0] || !t[1] || t[0]->numel() == 0) return false;
+  if (!t[0] || t[0]->numel() == 0) return false;
   const int64_t n = t[0]->numel();
   for (size_t j = 0; j < kTensors; ++j) {
     if (!t[j]) continue;
@@ -639,7 +629,7 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
   std::vector<bool> stepped(count, false);
   for (size_t i = 0; i < count; ++i) {
     const c10::optional<torch::Tensor>* t = &tensors[kTensors * i];
-    if (!fusable(t)) continue;
+    if (!t[1] || !fusable(t)) continue;
     const int64_t n = t[0]->numel();
     const int64_t* in = &ints[kInts * i];
     const double* fl = &floats[kFloats * i];
@@ -692,17 +682,14 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
   return {found, guessed, stepped};
 }
 
-// OnTIES's merge of a piece whose Δ (``total``) and cuts (local indices) are known.
-void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
+// OnTIES's merge of a piece whose Δ (``total``) and cuts (local indices) are known; false, changing nothing, for
+// tensors this kernel cannot read or write (see ``fusable``).
+bool ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
                 std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double update_weight,
                 double tau_weight, bool weighted, c10::optional<torch::Tensor> keep) {
+  const c10::optional<torch::Tensor> tensors[kTensors] = {param, {}, {}, {}, {}, merge_buffer, tau, keep, total};
+  if (!fusable(tensors)) return false;
   const int64_t n = param.numel();
-  check(param, n, 0, "param");
-  check(total, n, 0, "total");
-  check(merge_buffer, n, 0, "merge_buffer");
-  if (keep) check(*keep, n, 0, "keep", at::kBool);
-  TORCH_CHECK(tau.is_contiguous() && tau.numel() == n, "tau must be contiguous, shaped like param");
-  TORCH_CHECK(tau.scalar_type() == at::kFloat || tau.scalar_type() == at::kBFloat16, "tau must be float32 or bfloat16");
   TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");
   for (const auto& cut : {update_cut, tau_cut}) {
     TORCH_CHECK(cut[0] >= 0 && cut[0] <= 0xFFFFFFFFll, "cut threshold must be a uint32 bit pattern");
@@ -725,6 +712,7 @@ void ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
     merge_range(g, s, x, uc, tc, merge_buffer.has_value(), begin, end);
   });
+  return true;
 }
 
 // (T, cutoff) of the top k of |x|, given a guess of its threshold value as OnTIES's first pass is (NaN: none), and
@@ -757,5 +745,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weighted"));
   m.def("topk_threshold", &topk_threshold_of, "Exact top-k |x| threshold: (T, tie cutoff index, guess)", py::arg("x"),
         py::arg("k"), py::arg("guess") = NAN, py::arg("width") = 0.0);
-  m.def("ties_merge", &ties_merge, "OnTIES merge pass of a float32 tensor over its precomputed total update");
+  m.def("ties_merge", &ties_merge,
+        "OnTIES merge pass of a float32 tensor over its precomputed total update; false when it cannot step it");
 }

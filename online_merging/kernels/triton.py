@@ -400,10 +400,11 @@ def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
     ties = [plan.route(record)[0] == "onties" for record in records]
     alone = [record for record, onties in zip(records, ties, strict=True) if onties]
     totals = iter(eager.step_each(plan, alone, _step_alone, ties_merge, topk_cut))
-    launches: dict[tuple, list[Record]] = {}
+    launches: dict[tuple, list[tuple[Record, list]]] = {}
     for record, onties in zip(records, ties, strict=True):
         if not onties and record.param.numel() > 0:
-            launches.setdefault(_signature(plan, record), []).append(record)
+            inputs = _inputs(plan, record)
+            launches.setdefault(_signature(plan, record, inputs), []).append((record, inputs))
     for launch in launches.values():
         _launch(plan, launch)
     return [next(totals) if onties else None for onties in ties]
@@ -413,17 +414,18 @@ def _step_alone(plan: Plan, record: Record) -> torch.Tensor:
     """OnTIES's first pass of one record: its Δ, in a float32 scratch tensor."""
     if record.param.numel() == 0:
         return record.param.new_empty(0, dtype=torch.float32)
-    return _launch(plan, [record])[0]
+    return _launch(plan, [(record, _inputs(plan, record))])[0]
 
 
-def _signature(plan: Plan, record: Record) -> tuple:
-    """What the records of one launch share: device, route, SGD's first momentum step, mask or none, dtypes."""
+def _signature(plan: Plan, record: Record, inputs: list) -> tuple:
+    """What the records of one launch share: device, route, SGD's first momentum step, mask or none, the dtypes of
+    their typed pointers."""
     first = plan.optimizer == "sgd" and plan.momentum != 0.0 and record.first_momentum
-    return (record.param.device, plan.route(record), first, record.mask is not None, *_dtypes(plan, record))
+    return (record.param.device, plan.route(record), first, record.mask is not None, *_dtypes(inputs))
 
 
-def _dtypes(plan: Plan, record: Record) -> list[torch.dtype | None]:
-    return [None if t is None else t.dtype for t in _inputs(plan, record)[:7]]
+def _dtypes(inputs: list) -> list[torch.dtype | None]:
+    return [None if t is None else t.dtype for t in inputs[: len(_TYPED)]]
 
 
 def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
@@ -439,16 +441,17 @@ def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
     return [r.param, r.grad, *state, buffer, r.tau if merge is not None else None, _mask_bytes(r)]
 
 
-def _launch(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
-    """One launch of the optimizer's kernel over records of one signature; each record's OnTIES scratch (Δ), or
-    ``None`` when it merges in this pass. Non-contiguous tensors are stepped in contiguous copies, written back."""
+def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor | None]:
+    """One launch of the optimizer's kernel over records of one signature, each with its ``_inputs``; each record's
+    OnTIES scratch (Δ), or ``None`` when it merges in this pass. Non-contiguous tensors are stepped in contiguous
+    copies, written back."""
+    records = [record for record, _ in launch]
     merge, carry = plan.route(records[0])
     device = records[0].param.device
     adam = plan.optimizer == "adam"
     rows, scales, starts, used, copies, scratches = [], [], [0], [], [], []
-    for r in records:
+    for r, inputs in launch:
         n = r.param.numel()
-        inputs = _inputs(plan, r)
         # under OnTIES this pass writes only the state and the scratch: θ and Δc are ``ties_merge``'s
         written = inputs[2:5] if merge == "onties" else [inputs[0], *inputs[2:6]]
         work = {id(t): _contiguous(t) for t in written if t is not None}
@@ -466,7 +469,7 @@ def _launch(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
     table = torch.cat([fields.reshape(-1), torch.tensor(starts)])
     if device.type == "cuda":  # copied from pinned memory: no wait for the work queued before
         table = table.pin_memory().to(device, non_blocking=True)
-    types = (tl.float32 if dtype is None else _TL_DTYPES[dtype] for dtype in _dtypes(plan, records[0]))
+    types = (tl.float32 if dtype is None else _TL_DTYPES[dtype] for dtype in _dtypes(launch[0][1]))
     dtypes = dict(zip(_TYPED, types, strict=True))
     aligned = all(t.data_ptr() % 16 == 0 for t in used)
     if adam:

@@ -73,7 +73,7 @@ def _batches(
             batch = []
         kernels = module
         batch.append(record)
-        if record.update_cut is not None and record.waits:
+        if record.waits:
             numel += record.update_cut.numel
             if numel >= DEFER_NUMEL:
                 yield kernels, batch, True
