@@ -65,6 +65,7 @@ class ReferenceOnlineMerging:
         self.v_max = {name: torch.zeros_like(p) for name, p in self.params.items()}
         self.accumulated = {name: torch.zeros_like(p) for name, p in self.params.items()}  # Δc of Alg. 2
         self.momentum_started: set[str] = set()  # SGD: the names whose momentum buffer exists
+        self.anchor: dict[str, torch.Tensor] = {}  # θ_sft: each parameter before its first step
 
     def step(self, grads: dict[str, torch.Tensor]) -> None:
         for name, grad in grads.items():
@@ -72,19 +73,21 @@ class ReferenceOnlineMerging:
             theta = self.params[name]
             update = self._adam(name, grad.double()) if self.optimizer == "adam" else self._sgd(name, grad.double())
             h = self.hyper
+            pull = self._pull_weight() * (self.anchor.setdefault(name, theta.clone()) - theta)  # before the step
             if self.optimizer == "adam":
                 theta.mul_(1 - h["lr"] * h["weight_decay"])  # decoupled weight decay, before the update
             plain = h["merge"] is None or (h["merge"] == "ondare" and h["reserve_p"] == 1 and h["alpha"] == 0)
             if name not in self.tau or plain:
-                theta.add_(update)
+                theta.add_(self._pulled(update, pull, None))
                 continue
             K = h["merge_every"]
             if self.t[name] % K != 0:  # Alg. 2: a plain step, remembered
-                theta.add_(update)
+                theta.add_(self._pulled(update, pull, None))
                 self.accumulated[name].add_(update)
                 continue
             total = self.accumulated[name] + update  # Alg. 2: roll back Δc and merge Δc + Δθ
-            theta.sub_(self.accumulated[name]).add_(self._merge(name, total))
+            merged, kept = self._merge(name, total)
+            theta.sub_(self.accumulated[name]).add_(self._pulled(merged, pull, kept))
             self.accumulated[name].zero_()
 
     # -- the plain updates Δθ --------------------------------------------------------------------------------
@@ -118,25 +121,46 @@ class ReferenceOnlineMerging:
             g = g + h["momentum"] * self.m[name] if h["nesterov"] else self.m[name]
         return -h["lr"] * g
 
+    # -- the pull toward θ_sft -------------------------------------------------------------------------------
+
+    def _pull_weight(self) -> float:
+        h = self.hyper
+        return h["pull"] * h["lr"] if h["pull_unit"] == "lr" else h["pull"]  # in lr units: λ_t = λ·lr_t
+
+    def _pulled(self, merged: torch.Tensor, pull: torch.Tensor, kept: torch.Tensor | None) -> torch.Tensor:
+        """F + P on every element, on the kept ones (``kept``: 1 where the update's sparsification kept it), or
+        where the signs of F and P agree (else the larger of the two); 0·F keeps a non-finite F."""
+        elements = self.hyper["pull_elements"]
+        if elements == "consensus":
+            elected = torch.sign(merged + pull)
+            return merged * (torch.sign(merged) == elected) + pull * (torch.sign(pull) == elected) + 0 * merged
+        if elements == "kept" and kept is not None:
+            return merged + pull * kept
+        return merged + pull
+
     # -- the merge F(Δθ) ⊕ F(τ) ------------------------------------------------------------------------------
 
-    def _merge(self, name: str, update: torch.Tensor) -> torch.Tensor:
-        """The masks multiply: a non-finite update element stays non-finite where dropped (0·NaN), as with AdamW."""
+    def _merge(self, name: str, update: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merge and where it kept Δθ (1, else 0). The masks multiply: a non-finite update element stays
+        non-finite where dropped (0·NaN), as with AdamW."""
         h, tau = self.hyper, self.tau[name]
         p = h["reserve_p"]
         alpha = h["alpha"] * h["lr"] if h["alpha_unit"] == "lr" else h["alpha"]  # in lr units: α_t = α·lr_t
         if h["merge"] == "ondare":  # Eq. 3-4
             scale = 1 / p if h["dare_rescale"] else 1.0
-            kept_update = update * self._bernoulli(name, STREAM_UPDATE, self.t[name], tau.shape) * scale
+            kept = self._bernoulli(name, STREAM_UPDATE, self.t[name], tau.shape)
             tau_step = 0 if h["tau_mask"] == "once" else self.t[name]
             kept_tau = tau * self._bernoulli(name, STREAM_TASK_VECTOR, tau_step, tau.shape) * scale
             if h["tau_clamp"] is not None:
                 kept_tau = kept_tau.clamp(-h["tau_clamp"], h["tau_clamp"])
-            return (1 - alpha) * kept_update + alpha * kept_tau
+            kept_update = update * kept * scale
+            return (1 - alpha) * kept_update + alpha * kept_tau, kept
         # OnTIES, Eq. 5-7: trim both, elect a sign, drop what disagrees with it
-        a, b = _top_fraction(update, p), _top_fraction(tau, p)
+        kept = _top_fraction(update, p)
+        a, b = update * kept, tau * _top_fraction(tau, p)
         elected = torch.sign(a + b) if h["ties_sign"] == "unweighted" else torch.sign((1 - alpha) * a + alpha * b)
-        return (1 - alpha) * a * (torch.sign(a) == elected) + alpha * b * (torch.sign(b) == elected)
+        merged = (1 - alpha) * a * (torch.sign(a) == elected) + alpha * b * (torch.sign(b) == elected)
+        return merged, kept
 
     def _bernoulli(self, name: str, stream: int, step: int, shape: torch.Size) -> torch.Tensor:
         """1 with probability p, from the uniform u = bits / 2**32 of each element."""
@@ -149,9 +173,9 @@ class ReferenceOnlineMerging:
 
 
 def _top_fraction(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the ⌈p·n⌉ largest |x| by a full stable sort (ties: lower flat index first)."""
+    """1 at the ⌈p·n⌉ largest |x| by a full stable sort (ties: lower flat index first), else 0."""
     flat = x.reshape(-1)
     order = torch.sort(flat.abs(), descending=True, stable=True).indices
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[order[: num_kept(p, flat.numel())]] = True
-    return (flat * keep).reshape(x.shape)
+    keep = torch.zeros_like(flat, dtype=torch.float64)
+    keep[order[: num_kept(p, flat.numel())]] = 1.0
+    return keep.reshape(x.shape)

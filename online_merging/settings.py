@@ -13,6 +13,7 @@ MERGES = ("ondare", "onties")
 TAU_MASKS = ("once", "every_step")
 TIES_SIGNS = ("unweighted", "weighted")
 ALPHA_UNITS = ("absolute", "lr")
+PULL_ELEMENTS = ("all", "kept", "consensus")
 NONFINITE_POLICIES = (None, "raise", "skip")
 
 MERGE_DEFAULTS: dict[str, Any] = {
@@ -26,8 +27,12 @@ MERGE_DEFAULTS: dict[str, Any] = {
     "tau_mask": "once",
     "tau_clamp": 1.0,
     "ties_sign": "unweighted",
+    "pull": 0.0,
+    "pull_unit": "lr",
+    "pull_elements": "all",
 }
-"""Defaults of the published online-merging script (OnDARE, p = 0.01, α = 1e-7); per param group."""
+"""Defaults of the published online-merging script (OnDARE, p = 0.01, α = 1e-7), no pull toward the SFT model;
+per param group."""
 
 
 def check_range(where: str, name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> None:
@@ -54,22 +59,29 @@ class MergeSettings:
     tau_mask: str
     tau_clamp: float | None
     ties_sign: str
+    pull: float
+    pull_unit: str
+    pull_elements: str
 
     @classmethod
     def from_group(cls, group: dict[str, Any], where: str = "") -> MergeSettings:
-        """The group's settings for this step, checked, with a merge weight in learning-rate units
-        (``alpha_unit="lr"``) resolved to the absolute weight α·lr at the group's current ``lr``."""
+        """The group's settings for this step, checked, with a merge weight or pull in learning-rate units
+        (``alpha_unit`` or ``pull_unit`` ``"lr"``) resolved to the absolute value (α·lr, λ·lr) at the group's
+        current ``lr``."""
         settings = cls(**{key: group[key] for key in MERGE_DEFAULTS})
         settings.check(where)
-        if settings.alpha_unit == "lr":
-            alpha = settings.alpha * group["lr"]
-            if alpha > 1.0:
+        resolved = {}
+        for name, unit, what in (("alpha", "alpha_unit", "merge weight"), ("pull", "pull_unit", "pull per step")):
+            if getattr(settings, unit) != "lr":
+                continue
+            value = getattr(settings, name) * group["lr"]
+            if value > 1.0:
                 raise ValueError(
-                    f"Invalid {where}'alpha': {settings.alpha!r} with alpha_unit='lr' at lr={group['lr']!r} is a "
-                    f"merge weight of {alpha!r} (expected at most 1)"
+                    f"Invalid {where}{name!r}: {getattr(settings, name)!r} with {unit}='lr' at lr={group['lr']!r} is "
+                    f"a {what} of {value!r} (expected at most 1)"
                 )
-            settings = dataclasses.replace(settings, alpha=alpha, alpha_unit="absolute")
-        return settings
+            resolved |= {name: value, unit: "absolute"}
+        return dataclasses.replace(settings, **resolved) if resolved else settings
 
     def check(self, where: str = "") -> None:
         if self.merge not in (None, *MERGES):
@@ -90,6 +102,13 @@ class MergeSettings:
             check_range(where, "tau_clamp", self.tau_clamp, 0.0, math.inf, low_open=True, high_open=True)
         if self.ties_sign not in TIES_SIGNS:
             raise ValueError(f"Invalid {where}'ties_sign': {self.ties_sign!r} (expected one of {TIES_SIGNS})")
+        if self.pull_unit not in ALPHA_UNITS:
+            raise ValueError(f"Invalid {where}'pull_unit': {self.pull_unit!r} (expected one of {ALPHA_UNITS})")
+        check_range(where, "pull", self.pull, 0.0, 1.0 if self.pull_unit == "absolute" else math.inf)
+        if self.pull_elements not in PULL_ELEMENTS:
+            raise ValueError(
+                f"Invalid {where}'pull_elements': {self.pull_elements!r} (expected one of {PULL_ELEMENTS})"
+            )
 
     @property
     def is_plain(self) -> bool:

@@ -63,6 +63,8 @@ WIDTHS = (2.0**-9, 2.0**-2)  # the narrowest and widest brackets, relative to th
 def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
     """Same contract as :func:`online_merging.kernels.eager.step`: one call for the records the kernel can step
     (float32 contiguous tensors, τ float32 or bfloat16, mask bool), the eager backend for the rest."""
+    if plan.w_pull != 0.0:  # the pull toward the SFT model is not fused yet
+        return eager.step(plan, records)
     results: list[torch.Tensor | None] = [None] * len(records)
     stepped = _step_fused(plan, records, results)
     left = [i for i, done in enumerate(stepped) if not done]
@@ -75,6 +77,8 @@ def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
     """Same contract as :func:`online_merging.kernels.eager.ties_merge`: the kernel's merge, or the eager one for
     tensors the kernel cannot step."""
+    if plan.w_pull != 0.0:
+        return eager.ties_merge(plan, record, total, update_cut, tau_cut)
     _, carry = plan.route(record)
     buffer = record.merge_buffer if carry == "roll_back" else None
     n, offset = record.param.numel(), record.offset

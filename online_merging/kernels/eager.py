@@ -23,6 +23,7 @@ import torch
 
 from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import Cut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
+from online_merging.rng import bernoulli_mask
 
 __all__ = ["merge_update", "step", "step_each", "ties_merge", "topk_cut"]
 
@@ -82,7 +83,9 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
     total = total.reshape(param.shape)
     mask = None if record.mask is None else record.mask.reshape(param.shape)
     saved = None if mask is None else _save(param, buffer)
-    update = torch.where(cut_mask(total, update_cut, offset=offset), total, 0.0)
+    pull = _pull(plan, record)
+    kept = cut_mask(total, update_cut, offset=offset)
+    update = torch.where(kept, total, 0.0)
     task = torch.where(cut_mask(tau, tau_cut, offset=offset), tau.float(), 0.0)
     merged = sign_consensus(
         [update, task], [plan.w_update, plan.w_tau], weighted_election=plan.settings.ties_sign == "weighted"
@@ -92,7 +95,7 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
         target.mul_(plan.decay)
     if buffer is not None:
         target.sub_(buffer)
-    target.add_(merged + total * 0.0)
+    target.add_(with_pull(plan, merged, pull, kept) + total * 0.0)
     if buffer is not None:
         buffer.zero_()
     _write_back(param, target)
@@ -101,7 +104,7 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
 
 
 def _apply(plan: Plan, record: Record, delta: torch.Tensor) -> torch.Tensor | None:
-    """θ ← decay·θ + (merged) Δθ, with step-K (Lu et al. 2024, Alg. 2) when ``merge_every`` > 1; under OnTIES,
+    """θ ← decay·θ + (merged) Δθ [+ the pull toward θ_sft, see :func:`with_pull`], with step-K (Lu et al. 2024, Alg. 2) when ``merge_every`` > 1; under OnTIES,
     the Δ to merge instead.
 
     Step-K: on steps that are not a multiple of K the plain Δθ is applied and accumulated in the merge buffer
@@ -117,25 +120,59 @@ def _apply(plan: Plan, record: Record, delta: torch.Tensor) -> torch.Tensor | No
         total = buffer.float() + delta if carry == "roll_back" else delta
         return (total if mask is None else torch.where(mask, total, 0.0)).reshape(-1)
     saved = None if mask is None else _save(param, buffer)
+    pull = _pull(plan, record)
     target = param.float()
     if plan.decay != 1.0:
         target.mul_(plan.decay)
     if merge is None:
-        target.add_(delta)
+        target.add_(with_pull(plan, delta, pull, None))
         if carry == "accumulate":
             buffer.add_(delta)
-    elif carry is None:
-        target.add_(merge_update(delta, record.tau, plan, record))
     else:
-        total = buffer.float() + delta
-        if mask is not None:
-            total = torch.where(mask, total, 0.0)
-        target.sub_(buffer).add_(merge_update(total, record.tau, plan, record))
-        buffer.zero_()
+        total = delta
+        if carry is not None:
+            total = buffer.float() + delta
+            if mask is not None:
+                total = torch.where(mask, total, 0.0)
+            target.sub_(buffer)
+            buffer.zero_()
+        merged = merge_update(total, record.tau, plan, record)
+        target.add_(merged if pull is None else with_pull(plan, merged, pull, _dare_kept(plan, record, total)))
     _write_back(param, target)
     if saved is not None:
         _restore(saved, mask)
     return None
+
+
+def _pull(plan: Plan, record: Record) -> torch.Tensor | None:
+    """The pull toward the SFT model, λ·(θ_sft − θ) with θ before the step, float32; ``None`` without one."""
+    if plan.w_pull == 0.0 or record.anchor is None:
+        return None
+    return (record.anchor.float() - record.param.float()) * plan.w_pull
+
+
+def with_pull(plan: Plan, merged: torch.Tensor, pull: torch.Tensor | None, kept: torch.Tensor | None) -> torch.Tensor:
+    """The step's merged update F with the pull P added where ``pull_elements`` says: ``"all"``: F + P; ``"kept"``:
+    F + P where the update's sparsification kept the element (``kept``; ``None``: it kept all); ``"consensus"``:
+    TIES's sign consensus of F and P (F + P where their signs agree, else the larger of the two), + 0·F so that a
+    non-finite F still reaches θ."""
+    if pull is None:
+        return merged
+    elements = plan.settings.pull_elements
+    if elements == "consensus":
+        return sign_consensus([merged, pull], [1.0, 1.0]) + merged * 0.0
+    if elements == "kept" and kept is not None:
+        pull = torch.where(kept, pull, 0.0)
+    return merged + pull
+
+
+def _dare_kept(plan: Plan, record: Record, total: torch.Tensor) -> torch.Tensor | None:
+    """Where OnDARE's draw of Δ keeps an element this step (``None``: all, at p = 1)."""
+    p = plan.settings.reserve_p
+    if p >= 1.0:
+        return None
+    key, _ = plan.dare_keys(record)
+    return bernoulli_mask(key, p, total.shape, offset=record.offset, device=total.device)
 
 
 def _adam(plan: Plan, record: Record) -> torch.Tensor:

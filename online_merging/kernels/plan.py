@@ -36,8 +36,8 @@ class Plan:
 
     ``optimizer`` is ``"adam"`` (AdamW: ``beta1``, ``beta2``, ``eps``, ``amsgrad``; decoupled weight decay) or
     ``"sgd"`` (``torch.optim.SGD``: ``momentum``, ``dampening``, ``nesterov``; weight decay in the gradient).
-    At lr 0 the plan has no merge, which leaves θ as it is, τ included (DCP creates the state of a fresh optimizer
-    by a step at lr 0).
+    At lr 0 the plan has no merge and no pull, which leaves θ as it is, τ included (DCP creates the state of a
+    fresh optimizer by a step at lr 0).
     """
 
     optimizer: str
@@ -61,6 +61,8 @@ class Plan:
     """The factor of DARE's kept elements: 1/p when it rescales and drops some, else 1."""
     dare_threshold: int = field(init=False)
     """DARE keeps an element iff its 32 random bits are below this (2**32 at p = 1: all)."""
+    w_pull: float = field(init=False)
+    """λ of the pull toward the SFT model, per step and absolute: θ gains λ·(θ_sft − θ) (0: no pull)."""
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -76,6 +78,7 @@ class Plan:
             "w_tau": alpha,
             "dare_scale": 1.0 / p if settings.dare_rescale and p < 1.0 else 1.0,
             "dare_threshold": keep_threshold(p) if p < 1.0 else 2**32,
+            "w_pull": settings.pull if self.lr != 0 else 0.0,
         }
         for key, value in derived.items():
             object.__setattr__(self, key, value)
@@ -133,6 +136,9 @@ class Record(NamedTuple):
     ``mask`` (ALLO's masked updates; ``None``: every element is updated) is a bool tensor of ``param.numel()``
     elements, row-major: where it is False the element keeps its value and its state exactly, its Δθ counts as 0
     in OnTIES's top-p, and τ is not merged into it.
+
+    ``anchor``: θ_sft, the parameter's value at its first step (optimizer state ``sft_anchor``), which the pull
+    (``Plan.w_pull``) draws θ toward; ``None`` without a pull.
     """
 
     param: torch.Tensor
@@ -150,6 +156,7 @@ class Record(NamedTuple):
     update_cut: CutFn | None = None
     tau_cut: CutFn | None = None
     mask: torch.Tensor | None = None
+    anchor: torch.Tensor | None = None
 
     @property
     def waits(self) -> bool:

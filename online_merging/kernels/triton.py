@@ -397,6 +397,8 @@ def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
     for all the records that compile alike (same device, route, dtypes, mask or none); under OnTIES one launch per
     record (its Δ into a float32 scratch tensor of its own) and for a whole tensor the selection of its top-p and
     one launch of ``_onties_kernel``."""
+    if plan.w_pull != 0.0:  # the pull toward the SFT model is not fused yet
+        return eager.step(plan, records)
     ties = [plan.route(record)[0] == "onties" for record in records]
     alone = [record for record, onties in zip(records, ties, strict=True) if onties]
     totals = iter(eager.step_each(plan, alone, _step_alone, ties_merge, topk_cut))
@@ -502,6 +504,8 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor 
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
     """Same contract as :func:`online_merging.kernels.eager.ties_merge`: one launch of ``_onties_kernel``, given
     the cuts' keep-masks as bytes (none when both keep all)."""
+    if plan.w_pull != 0.0:
+        return eager.ties_merge(plan, record, total, update_cut, tau_cut)
     r = record
     n = r.param.numel()
     if n == 0:

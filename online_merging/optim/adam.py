@@ -24,7 +24,8 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         \begin{aligned}
         &\Delta\theta_t = -\eta\,\hat m_t / (\sqrt{\hat v_t} + \epsilon)
             \quad\text{(Adam, bias-corrected moments)} \\
-        &\theta_t = (1 - \eta\lambda)\,\theta_{t-1} + F(\Delta\theta_t) \oplus F(\tau),
+        &\theta_t = (1 - \eta\lambda)\,\theta_{t-1} + F(\Delta\theta_t) \oplus F(\tau)
+            \;[+\,\mu(\theta_{sft} - \theta_{t-1})],
             \qquad \tau = \theta_{sft} - \theta_{base} \\
         &\text{OnDARE: } (1-\alpha)\,F_R(\Delta\theta_t) + \alpha\,F_R(\tau),
             \ F_R \text{ keeps each element with probability } p \\
@@ -51,6 +52,13 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         tau_clamp: clamp the rescaled, sparsified τ to ±this in OnDARE (published code); ``None`` disables.
         ties_sign: OnTIES sign election from the ``"unweighted"`` sum τ + Δ (published code) or the
             ``"weighted"`` sum of Eq. 7.
+        pull: λ of a pull toward the SFT model, decoupled like the weight decay: each step also adds
+            λ·(θ_sft − θ), θ_sft being the parameter's value at its first step (kept in the optimizer state: one
+            more copy of the parameters, in their dtype). 0 (default) disables it; it needs no task vector.
+        pull_unit: ``"lr"`` (default: λ·lr per step, as AdamW's weight decay) or ``"absolute"``.
+        pull_elements: ``"all"`` elements; ``"kept"``: those the step's sparsification of Δ keeps (OnDARE's
+            draw, OnTIES's top-p; all without a merge); ``"consensus"``: TIES's sign consensus of the merged update
+            and the pull (where they disagree, the larger wins).
         nonfinite_grads: ``None`` (no check, no device sync), ``"raise"`` (naming the parameter, before any
             change) or ``"skip"`` (that parameter keeps its value and moments; see ``nonfinite_skips``).
         backend: ``"eager"``, ``"cpu"`` (fused C++), ``"triton"`` (CUDA) or ``None``: the fastest for each
@@ -85,6 +93,9 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
         tau_mask: str = MERGE_DEFAULTS["tau_mask"],
         tau_clamp: float | None = MERGE_DEFAULTS["tau_clamp"],
         ties_sign: str = MERGE_DEFAULTS["ties_sign"],
+        pull: float = MERGE_DEFAULTS["pull"],
+        pull_unit: str = MERGE_DEFAULTS["pull_unit"],
+        pull_elements: str = MERGE_DEFAULTS["pull_elements"],
         nonfinite_grads: str | None = None,
         backend: str | None = None,
         neuron_mask: Mapping[str, torch.Tensor] | None = None,
@@ -106,6 +117,9 @@ class OnlineMergingAdam(OnlineMergingOptimizer):
             tau_mask=tau_mask,
             tau_clamp=tau_clamp,
             ties_sign=ties_sign,
+            pull=pull,
+            pull_unit=pull_unit,
+            pull_elements=pull_elements,
         )
         super().__init__(
             params,

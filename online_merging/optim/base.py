@@ -299,6 +299,8 @@ class OnlineMergingOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for param in params:
                 self._check_grad(param, index)
+            if settings.pull > 0:
+                self._check_anchors(params, index)
             plan.append((index, group, settings, params))
         skip = self._nonfinite(plan) if self.nonfinite_grads is not None else {}
         for _, group, settings, params in plan:
@@ -407,6 +409,9 @@ class OnlineMergingOptimizer(Optimizer):
         """
         records = []
         steps = [self.state[param]["step"] for param in params]
+        pull = settings.pull > 0
+        if pull:
+            self._make_anchors(params)
         torch._foreach_add_(steps, 1)
         step_k = settings.merge_every > 1 and not settings.is_plain
         for i, param in enumerate(params):
@@ -423,10 +428,13 @@ class OnlineMergingOptimizer(Optimizer):
                     Record(
                         param, param.grad, step, **states[i], merge_buffer=merge_buffer, first_momentum=new_buffer,
                         tau=tau, name=self._names.get(param), mask=mask,
+                        anchor=state.get("sft_anchor") if pull else None,
                     )
                 )  # fmt: skip
                 continue
             tensors = {"param": param, "grad": param.grad, "merge_buffer": merge_buffer, **states[i]}
+            if pull:
+                tensors["anchor"] = state["sft_anchor"]
             skipped = state.get("piece_skips")  # with nonfinite_grads only
             ties = plan.settings.merge == "onties"
             for j, piece in enumerate(pieces):
@@ -449,6 +457,24 @@ class OnlineMergingOptimizer(Optimizer):
                     )
                 )
         return records
+
+    def _check_anchors(self, params: list[torch.Tensor], index: int) -> None:
+        """Refuse a pull on a parameter that stepped without one: its SFT value, the pull's target, was not kept."""
+        for param in params:
+            state = self.state.get(param, {})
+            if "step" in state and "sft_anchor" not in state and state["step"] > 0:
+                raise ValueError(
+                    f"Invalid param_groups[{index}] 'pull': it is on for {self._describe(param, index)}, which has "
+                    "already stepped without it, so its SFT value (the pull's target) was not kept: set pull > 0 "
+                    "from the first step, or load a checkpoint made with it; nothing was changed"
+                )
+
+    def _make_anchors(self, params: list[torch.Tensor]) -> None:
+        """Keep θ_sft, each parameter's value before its first step, in ``state["sft_anchor"]``, in the parameter's
+        dtype so that the pull's target is exact."""
+        for param in params:
+            if "sft_anchor" not in self.state[param]:
+                self.state[param]["sft_anchor"] = param.detach().clone(memory_format=torch.preserve_format)
 
     def _tau(self, param: torch.Tensor) -> torch.Tensor | None:
         """τ of a parameter stepped whole, on its device (moved there at its first step, and when the model moves);

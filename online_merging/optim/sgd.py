@@ -53,6 +53,9 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
         tau_mask: str = MERGE_DEFAULTS["tau_mask"],
         tau_clamp: float | None = MERGE_DEFAULTS["tau_clamp"],
         ties_sign: str = MERGE_DEFAULTS["ties_sign"],
+        pull: float = MERGE_DEFAULTS["pull"],
+        pull_unit: str = MERGE_DEFAULTS["pull_unit"],
+        pull_elements: str = MERGE_DEFAULTS["pull_elements"],
         nonfinite_grads: str | None = None,
         backend: str | None = None,
         neuron_mask: Mapping[str, torch.Tensor] | None = None,
@@ -74,6 +77,9 @@ class OnlineMergingSGD(OnlineMergingOptimizer):
             tau_mask=tau_mask,
             tau_clamp=tau_clamp,
             ties_sign=ties_sign,
+            pull=pull,
+            pull_unit=pull_unit,
+            pull_elements=pull_elements,
         )
         super().__init__(
             params,
