@@ -104,8 +104,8 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
 
 
 def _apply(plan: Plan, record: Record, delta: torch.Tensor) -> torch.Tensor | None:
-    """θ ← decay·θ + (merged) Δθ [+ the pull toward θ_sft, see :func:`with_pull`], with step-K (Lu et al. 2024, Alg. 2) when ``merge_every`` > 1; under OnTIES,
-    the Δ to merge instead.
+    """θ ← decay·θ + (merged) Δθ (+ the pull toward θ_sft, see :func:`with_pull`), with step-K (Lu et al. 2024,
+    Alg. 2) when ``merge_every`` > 1; under OnTIES, the Δ to merge instead.
 
     Step-K: on steps that are not a multiple of K the plain Δθ is applied and accumulated in the merge buffer
     (Δc); on every K-th step θ is rolled back by Δc and F(Δc + Δθ) ⊕ F(τ) is applied. With a mask, masked-out
