@@ -393,6 +393,14 @@ def format_summary(summary: dict) -> str:
         "margin, accuracy: TRL's rewards/margins and rewards/accuracies at the last logged step (-: not logged)."
     )
     lines.extend(f"{run['method']}: model saved in {run['output_dir']}" for run in summary["runs"])
+    made = summary.get("provenance")
+    if made:
+        line = f"made on {made['cpu']}, torch {made['torch']}, transformers {made['transformers']}, trl {made['trl']}"
+        world = made.get("world")
+        if world:
+            how = "shipped with the package: the same on every machine" if world["shipped"] else "built on this machine"
+            line += f"; world {world['key']} ({how}), weights fingerprint {world['fingerprint']}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -477,10 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     lab = bench.add_parser(
         "tax-lab",
         help="the alignment-tax lab: reward gained per ability lost, every method, on the embedded world",
-        description="Tune every method's grid (AdamW, EMA, BEMA, MA, a larger β, RPO, TR-DPO, OnDARE, OnTIES, ALLO's "
-        "key neurons, KTO) on tuning replicates of the embedded world, run each best setting on test replicates, and "
-        "write matched-reward ability (MRA) with bootstrap intervals against AdamW, a markdown table, tuned.json and "
-        "plots; --explore varies online merging's factors one at a time instead. See docs/results.md.",
+        description="Tune every method's grid (AdamW, EMA, BEMA, MA, a larger β, RPO, TR-DPO, OnDARE, OnTIES, the "
+        "pull toward SFT, ALLO's key neurons, stacks X → MA, KTO) on tuning replicates of the embedded world, run each "
+        "best setting on test replicates of every test world (set test_worlds=default,second), and write "
+        "matched-reward ability (MRA) with bootstrap intervals against AdamW, a table per world, the recommended "
+        "pipeline, tuned.json and plots; --explore varies online merging's factors one at a time instead. See "
+        "docs/results.md.",
     )
     lab.add_argument("--quick", action="store_true", help="tune on one replicate, test on another, smaller world")
     lab.add_argument("--seeds", type=_integers, help="test model seeds, e.g. 2,3,4 (default: the mode's)")

@@ -229,6 +229,29 @@ def test_build_is_deterministic_and_leaves_the_caller_alone(tmp_path):
     assert worlds[0].preference_dataset().to_dict() == worlds[1].preference_dataset().to_dict()
 
 
+def test_the_default_world_ships_with_the_package_and_is_copied_not_trained(tmp_path, monkeypatch):
+    """The shipped weights are the default config's (a change of ``WorldConfig()`` or ``WORLD_VERSION`` that orphans
+    them fails here: rebuild and ship them again), and a build copies them: the same world on every machine."""
+    assert [path.name for path in world_build.SHIPPED.iterdir()] == [WorldConfig().key()]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("trained instead of copied")
+
+    monkeypatch.setattr(world_build, "pretrain", fail)
+    monkeypatch.setattr(world_build, "sft", fail)
+    world = build_world(WorldConfig(), cache_dir=tmp_path, progress=False)
+    shipped = world_build.SHIPPED / WorldConfig().key()
+    assert world.info["shipped"] is True
+    assert world.fingerprint == world_build.weights_fingerprint(shipped / "base", shipped / "sft")
+    assert world.info["sft_metrics"]["ability"] > 0.5  # a trained model, not a fresh one
+
+
+def test_fingerprints_tell_worlds_apart(quick_world, tmp_path):
+    other = build_world(WorldConfig.quick(seed=1, pretrain_steps=3, sft_steps=3), cache_dir=tmp_path, progress=False)
+    assert quick_world.fingerprint == quick_world.info["fingerprint"]
+    assert other.fingerprint != quick_world.fingerprint and other.info["shipped"] is False
+
+
 def test_preference_and_kto_datasets(quick_world):
     cfg = quick_world.config
     train, test = quick_world.preference_dataset("train"), quick_world.preference_dataset("test")

@@ -13,6 +13,7 @@ from typing import Any
 from online_merging._files import check_not_input, staged_file, write_text
 from online_merging.integrations.recipe import RecipeArguments
 from online_merging.integrations.trainer import use_online_merging_optimizer
+from online_merging.provenance import provenance
 
 __all__ = ["RunResult", "run_recipe"]
 
@@ -75,7 +76,7 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
         baseline.output_dir = str(Path(config.output_dir) / "adamw_baseline")
         baseline.learning_rate = recipe.adamw_learning_rate or config.learning_rate
         runs.append((plain, baseline))
-    summary: dict[str, Any] = {"recipe": asdict(recipe), "runs": []}
+    summary: dict[str, Any] = {"recipe": asdict(recipe), "provenance": provenance(world), "runs": []}
     score = _scorer(recipe, world)
     if score is not None:
         model, tokenizer = _load_model(recipe, world)

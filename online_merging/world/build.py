@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import os
 import random
@@ -24,7 +25,12 @@ from online_merging.world.skills import QA, SkillData, completion, make_skills, 
 from online_merging.world.tokenizer import build_tokenizer
 from online_merging.world.train import make_model, pretrain, sft
 
-__all__ = ["World", "build_world", "default_cache_dir"]
+__all__ = ["SHIPPED", "World", "build_world", "default_cache_dir", "weights_fingerprint"]
+
+SHIPPED = Path(__file__).with_name("shipped")
+"""Worlds whose base and SFT weights ship with the package (the default world), by ``WorldConfig.key()``: they
+are copied, not trained, so they are the same on every machine. Elsewhere a build's rounding depends on the CPU
+and the library versions; its fingerprint (``world.json``) tells two builds apart."""
 
 
 def default_cache_dir() -> Path:
@@ -41,6 +47,17 @@ class World:
 
     def __repr__(self) -> str:
         return f"World({self.root})"
+
+    @functools.cached_property
+    def info(self) -> dict:
+        """``world.json``: the config, ``fingerprint`` (of the base and SFT weights), ``shipped`` (copied from the
+        package rather than trained here), the SFT model's metrics and the build time."""
+        return json.loads((self.root / "world.json").read_text())
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the base and SFT weights: equal on two machines only if the worlds are equal bit for bit."""
+        return self.info.get("fingerprint") or weights_fingerprint(self.base_dir, self.sft_dir)
 
     @property
     def base_dir(self) -> Path:
@@ -144,26 +161,55 @@ def _no_transformers_progress_bars():
             logging.enable_progress_bar()
 
 
+def weights_fingerprint(*directories: Path) -> str:
+    """sha256 (16 hex digits) of the tensors of each directory's ``model.safetensors``, by name: their bytes, not
+    the file's metadata."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    for directory in directories:
+        with safe_open(directory / "model.safetensors", "pt") as tensors:
+            for name in sorted(tensors.keys()):
+                digest.update(name.encode())
+                digest.update(tensors.get_tensor(name).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _build_into(cfg: WorldConfig, root: Path, final: Path, progress: bool) -> None:
     world, tokenizer, start = World(cfg, root), build_tokenizer(), time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = make_model(cfg)
-    _log(
-        f"Building the synthetic world ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M-parameter Llama, "
-        f"{cfg.pretrain_steps} pre-training and {cfg.sft_steps} SFT steps) into {final}",
-        progress,
-    )
-    pretrain(model, world.data, cfg, progress=progress)
-    for directory in (world.base_dir, world.sft_dir):
-        if directory == world.sft_dir:
-            sft(model, world.data, cfg, progress=progress)
+    shipped = SHIPPED / cfg.key()
+    if shipped.is_dir():
+        _log(f"Copying the shipped world {cfg.key()} into {final}", progress)
+        for directory in (world.base_dir, world.sft_dir):
+            shutil.copytree(shipped / directory.name, directory)
+            tokenizer.save_pretrained(directory)
+        from transformers import LlamaForCausalLM
+
         with _no_transformers_progress_bars():
-            model.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
+            model = LlamaForCausalLM.from_pretrained(world.sft_dir)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = make_model(cfg)
+        _log(
+            f"Building the synthetic world ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M-parameter "
+            f"Llama, {cfg.pretrain_steps} pre-training and {cfg.sft_steps} SFT steps) into {final}",
+            progress,
+        )
+        pretrain(model, world.data, cfg, progress=progress)
+        for directory in (world.base_dir, world.sft_dir):
+            if directory == world.sft_dir:
+                sft(model, world.data, cfg, progress=progress)
+            with _no_transformers_progress_bars():
+                model.save_pretrained(directory)
+            tokenizer.save_pretrained(directory)
     metrics = world.evaluate(model, tokenizer)
     seconds = round(time.perf_counter() - start, 1)
-    info = {"world_version": WORLD_VERSION, "config": cfg.to_dict(), "build_seconds": seconds, "sft_metrics": metrics}
+    info = {
+        "world_version": WORLD_VERSION, "config": cfg.to_dict(), "shipped": shipped.is_dir(),
+        "fingerprint": weights_fingerprint(world.base_dir, world.sft_dir), "build_seconds": seconds,
+        "sft_metrics": metrics,
+    }  # fmt: skip
     (root / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     summary = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("reward", "reward_greedy", "ability", "ability_greedy"))
     _log(f"Built in {seconds} s; the SFT model scores {summary}", progress)
