@@ -8,15 +8,18 @@ from online_merging.cli import main
 from online_merging.evaluation import ability_at_reward, bootstrap_ci, hypervolume, pareto_front
 from online_merging.lab import LabConfig, run_lab, runner
 from online_merging.lab import lab as lab_module
-from online_merging.lab.explore import CENTRE, FACTORS, first_stage, second_stage
-from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides
+from online_merging.lab.explore import CENTRE, FACTORS, ONTIES_CENTRE, first_stage, second_stage
+from online_merging.lab.methods import GRID_SIZE, MA_WEIGHTS, METHODS, ONLINE_MERGING, run_overrides
+from online_merging.lab.report import _markdown as report_markdown
 from online_merging.lab.report import summarize, write_report
 from online_merging.lab.runner import RunConfig, train_run
 from online_merging.lab.tuning import interpolation_error, pick_settings, reachable_levels
 from online_merging.world import WorldConfig
 
 REQUIRED = ("adamw", "ema", "bema", "ma", "kl_beta", "rpo", "tr_dpo", "ondare", "onties", "allo_mask_k15")
-REQUIRED += ("kto_adamw", "kto_ondare")
+REQUIRED += ("kto_adamw", "kto_ondare", "onties_ma", "rpo_ma", "rpo_onties", "rpo_onties_ma", "pull", "onties_pull")
+REQUIRED += ("onties_pull_ma",)
+STACKS = {"onties_ma": "onties", "rpo_ma": "rpo", "rpo_onties_ma": "rpo_onties", "onties_pull_ma": "onties_pull"}
 NEW_FIELDS = ("setting", "mra", "mra_ci", "mra_vs_adamw", "mra_vs_adamw_ci", "wins", "per_replicate")
 
 
@@ -81,6 +84,55 @@ def test_averages_and_merges_read_the_adamw_run_that_tracks_them():
     assert "save_model" not in run_overrides(METHODS["ondare"].grid[0])
 
 
+def test_a_stack_sweeps_the_model_of_its_rows_run():
+    for stack, row in STACKS.items():
+        assert [{k: v for k, v in s.items() if k != "merge_weights"} for s in METHODS[stack].grid] == list(
+            METHODS[row].grid), stack  # fmt: skip
+        for setting in METHODS[stack].grid:
+            assert setting["merge_weights"] == MA_WEIGHTS
+            plain = {k: v for k, v in setting.items() if k != "merge_weights"}
+            assert run_overrides(setting) == run_overrides(plain) | {"save_model": True}, stack
+            run, merge = LabConfig().source(2, 0, setting)
+            assert merge is not None and merge.run == run and run.save_model
+    assert {"onties_ma", "rpo_onties", "rpo_onties_ma", "onties_pull", "onties_pull_ma"} <= set(ONLINE_MERGING)
+    assert not {"ma", "pull", "rpo_ma", "allo_mask_k15", "kto_ondare"} & set(ONLINE_MERGING)
+    for setting in METHODS["rpo_onties"].grid:
+        assert setting["merge"] == "onties" and setting["reserve_p"] == 0.1 and setting["rpo_weight"] in (0.3, 1.0)
+    for name in ("pull", "onties_pull"):
+        run = LabConfig().run_config(0, 0, run_overrides(METHODS[name].grid[0]))
+        assert run.optimizer == "adam" and run.pull > 0 and (run.pull_unit, run.pull_elements) == ("lr", "all")
+
+
+def test_the_second_world_differs_in_size_and_reward_share_and_is_never_tuned_on():
+    config = LabConfig()
+    default, second = config.test_world("default", 2), config.test_world("second", 2)
+    assert default == dataclasses.replace(WorldConfig(), seed=2)
+    changed = {k for k, v in second.to_dict().items() if v != default.to_dict()[k]}
+    assert changed == {"hidden_size", "intermediate_size", "sure_fraction"}
+    assert (second.hidden_size, second.intermediate_size, second.sure_fraction) == (96, 288, 0.35)
+    assert {w for w, _, _ in config.tuning_replicates()} == {"default"}
+    assert config.test_replicates() == [(w, s, o) for w in ("default", "second") for s in (2, 3, 4) for o in (0, 1)]
+    assert config.run_config(3, 1, {}, "second").world == config.test_world("second", 3)
+    quick = LabConfig.quick().test_world("second", 1)  # made from the plan's world: as small as its first
+    assert quick.num_layers == LabConfig.quick().world.num_layers and quick.hidden_size == 96
+    assert config.with_settings(["test_worlds=default"]).test_replicates()[-1] == ("default", 4, 1)
+    with pytest.raises(ValueError, match="Invalid test_worlds"):
+        LabConfig(test_worlds=("default", "third"))
+
+
+def test_a_run_and_its_stacks_run_share_one_training(monkeypatch):
+    trained, merged = [], []
+    monkeypatch.setattr(lab_module, "_build", lambda world: {"reward": 0.1})
+    monkeypatch.setattr(lab_module, "_init_worker", lambda: None)
+    monkeypatch.setattr(runner, "train_run", lambda run: trained.append(run) or {"points": [run.save_model]})
+    monkeypatch.setattr(runner, "evaluate_merges", lambda job: merged.append(job) or {"points": []})
+    config = LabConfig(world=WorldConfig.quick())
+    jobs = [config.source(0, 0, METHODS[name].grid[0]) for name in ("onties", "onties_ma", "rpo")]
+    _, runs, merges = lab_module._execute(jobs, workers=1, progress=False)
+    assert [run.save_model for run in trained] == [True, False] and list(merges) == [merged[0].key()]
+    assert runs[jobs[0][0].key()] == runs[jobs[1][0].key()] == {"points": [True]}  # onties reads onties_ma's run
+
+
 # -- tuning: a pure function of made-up trajectories ----------------------------------------------------------------
 
 
@@ -137,7 +189,9 @@ def _points(trajectory):
 
 
 def test_report_scores_mra_at_levels_common_to_the_compared_methods(tmp_path):
-    config = LabConfig(seeds=(2,), data_orders=(0, 1), methods=("adamw", "ondare", "kto_adamw"))
+    config = LabConfig(
+        seeds=(2,), data_orders=(0, 1), methods=("adamw", "ondare", "kto_adamw"), test_worlds=("default",)
+    )
     reps = ["seed2/order0", "seed2/order1"]
     found = {
         "adamw": {r: _points(_line(0.95, 0.5)) for r in reps},
@@ -145,10 +199,11 @@ def test_report_scores_mra_at_levels_common_to_the_compared_methods(tmp_path):
         "kto_adamw": {r: _points(_line(0.65, 0.1)) for r in reps},  # secondary: it does not cut the levels
     }
     settings = {"adamw": {"lr": 1.0}, "ondare": METHODS["ondare"].grid[1], "kto_adamw": {"trainer": "kto"}}
-    results = summarize(config, found, settings)
-    assert results["levels"] == {reps[0]: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], reps[1]: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
-                                                                                   0.9]}  # fmt: skip
-    ondare, adamw = results["methods"]["ondare"], results["methods"]["adamw"]
+    results = summarize(config, {"default": found}, settings)
+    table = results["worlds"]["default"]
+    assert table["levels"] == {reps[0]: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], reps[1]: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                                                                                 0.9]}  # fmt: skip
+    ondare, adamw = table["methods"]["ondare"], table["methods"]["adamw"]
     mean_reward = {reps[0]: sum((0.3, 0.4, 0.5, 0.6, 0.7, 0.8)) / 6, reps[1]: 0.6}
     expected = {r: 1 - s * (mean_reward[r] - 0.1) for r, s in zip(reps, (0.4, 0.6), strict=True)}
     assert ondare["per_replicate"][reps[0]]["mra"] == pytest.approx(expected[reps[0]])
@@ -156,15 +211,49 @@ def test_report_scores_mra_at_levels_common_to_the_compared_methods(tmp_path):
     diffs = [expected[r] - (1 - 0.5 * (mean_reward[r] - 0.1)) for r in reps]
     assert ondare["mra_vs_adamw"] == pytest.approx(sum(diffs) / 2) and ondare["wins"] == 1
     assert adamw["mra_vs_adamw"] is None and adamw["wins"] is None
-    assert results["methods"]["kto_adamw"]["mra"] is None  # it misses the levels the main table reaches
-    assert results["recommended"] == {"method": "ondare", "setting": METHODS["ondare"].grid[1]}
+    assert table["methods"]["kto_adamw"]["mra"] is None  # it misses the levels the main table reaches
+    recommended = results["recommended"]  # the one candidate, though it does not hold (it loses on order1)
+    assert recommended["method"] == "ondare" and recommended["setting"] == METHODS["ondare"].grid[1]
+    assert recommended["holds"] is False and recommended["worst"] == pytest.approx(ondare["mra_vs_adamw"])
+    assert results["online_vs_ma"] is None  # no ma row
     write_report(results, tmp_path / "out")
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     for name in found:
-        assert set(NEW_FIELDS) <= set(saved["methods"][name]), name
+        assert set(NEW_FIELDS) <= set(saved["worlds"]["default"]["methods"][name]), name
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| `ondare` |" in table and "Secondary (KTO)" in table and "not reached" in table
     assert (tmp_path / "out" / "fronts.png").stat().st_size > 0
+    assert lab_module.read_tuned(tmp_path / "out" / "tuned.json") == settings
+
+
+def test_the_recommended_pipeline_holds_on_both_worlds():
+    """The best row by its smaller Δ vs AdamW over the worlds, among those above 0 on both; the best pipeline with an
+    online merge against MA alone."""
+    config = LabConfig(seeds=(2, 3, 4), data_orders=(0,), methods=("adamw", "ma", "onties", "onties_ma", "ema"))
+    reps = ["seed2/order0", "seed3/order0", "seed4/order0"]
+
+    def rows(slopes: dict) -> dict:  # per method one slope per replicate (less is better)
+        return {name: {r: _points(_line(0.95, s + 0.01 * i)) for i, r in enumerate(reps)} for name, s in
+                slopes.items()}  # fmt: skip
+
+    found = {
+        "default": rows({"adamw": 0.5, "ma": 0.4, "onties": 0.45, "onties_ma": 0.3, "ema": 0.2}),
+        "second": rows({"adamw": 0.5, "ma": 0.4, "onties": 0.45, "onties_ma": 0.35, "ema": 0.55}),  # ema fails here
+    }
+    settings = {name: METHODS[name].grid[0] for name in config.methods}
+    results = summarize(config, found, settings)
+    best = results["recommended"]
+    assert best["method"] == "onties_ma" and best["holds"] and best["setting"] == METHODS["onties_ma"].grid[0]
+    assert best["worst"] == pytest.approx(0.15 * 0.5)  # Δ slope 0.15 on the second world × (mean level − 0.1)
+    assert best["worlds"]["default"]["wins"] == 3 and best["worlds"]["second"]["replicates"] == 3
+    versus_ma = results["online_vs_ma"]
+    assert versus_ma["method"] == "onties_ma" and versus_ma["versus"] == "ma" and versus_ma["holds"]
+    assert versus_ma["worlds"]["second"]["mean"] == pytest.approx(0.05 * 0.5)
+    text = report_markdown(results)
+    assert "## World `second` (hidden 96, 3 layers, 35% of the SFT targets rewarded)" in text
+    assert (
+        "Recommended pipeline" in text and "Best pipeline with an online merge, against MA alone: `onties_ma`" in text
+    )
 
 
 # -- --tuned: write, read, run ----------------------------------------------------------------------------------------
@@ -197,7 +286,9 @@ def test_tuned_runs_the_given_settings_on_the_test_replicates_without_tuning(tmp
 
     def fake_trajectories(config, settings, replicates, workers, progress):
         seen.append((dict(settings), list(replicates)))
-        return {name: {f"seed{s}/order{o}": _points(_line(0.95, 0.5)) for s, o in replicates} for name in settings}
+        worlds = dict.fromkeys(w for w, _, _ in replicates)
+        return {w: {name: {f"seed{s}/order{o}": _points(_line(0.95, 0.5)) for _, s, o in replicates}
+                    for name in settings} for w in worlds}  # fmt: skip
 
     monkeypatch.setattr(lab_module, "_trajectories", fake_trajectories)
     monkeypatch.setattr(lab_module, "tune", lambda *a, **k: pytest.fail("--tuned must not tune"))
@@ -207,9 +298,10 @@ def test_tuned_runs_the_given_settings_on_the_test_replicates_without_tuning(tmp
     code = main(["bench", "tax-lab", "--tuned", str(tmp_path / "tuned.json"), "--seeds", "0,1", "--data-orders", "3",
                  "--out", str(out)])  # fmt: skip
     assert code == 0
-    assert seen == [(settings, [(0, 3), (1, 3)])]
+    assert seen == [(settings, [("default", 0, 3), ("default", 1, 3), ("second", 0, 3), ("second", 1, 3)])]
     assert lab_module.read_tuned(out / "tuned.json") == settings  # written back, readable again
-    assert json.loads((out / "results.json").read_text())["methods"]["ondare"]["setting"]["alpha"] == 3.0
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["worlds"]["second"]["methods"]["ondare"]["setting"]["alpha"] == 3.0
 
 
 def test_bad_tuned_file_is_one_line_naming_the_file_and_key(tmp_path, capsys):
@@ -230,11 +322,20 @@ def test_test_replicates_must_not_be_tuning_replicates():
 
 def test_exploration_varies_one_factor_at_a_time_then_combines_the_best():
     rows = first_stage()
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     for name, (factor, setting) in rows.items():
         if factor in FACTORS:
-            assert {k for k in setting if setting[k] != CENTRE.get(k)} == {factor}, name
+            assert {k for k in setting if setting[k] != CENTRE.get(k, defaults[k])} == {factor}, name
+    other_values = {f"{f}={v}" for f, values in FACTORS.items() for v in values if v != CENTRE.get(f, defaults[f])}
+    assert {name for name, (factor, _) in rows.items() if factor in FACTORS} == other_values  # none is the centre
     assert rows["update sparsification alone (α = 0)"][1]["alpha"] == 0.0
     assert rows["τ term alone (p = 1)"][1]["reserve_p"] == 1.0
+    pulls = {name: setting for name, (_, setting) in rows.items() if "pull" in setting}
+    assert {s["pull"] for s in pulls.values() if s.get("merge") == "onties"} == {50.0, 150.0, 500.0}
+    assert {s.get("pull_elements", "all") for s in pulls.values()} == {"all", "kept", "consensus"}
+    for setting in pulls.values():
+        base = ONTIES_CENTRE if setting.get("merge") == "onties" else {"optimizer": "adam", "merge": None, "lr": 1.0}
+        assert {k for k in setting if setting[k] != base.get(k)} <= {"pull", "pull_elements"}
     scores = dict.fromkeys(rows, 0.5) | {"alpha=10.0": 0.6, "alpha=30.0": 0.55, "tau_mask=every_step": 0.58}
     scores |= {"merge_every=5": 0.52, "reserve_p=0.1": 0.4}
     stage2 = second_stage(scores, rows)
@@ -258,28 +359,43 @@ def _smoke_config(**overrides) -> LabConfig:
 
 @pytest.mark.slow
 def test_lab_smoke_end_to_end(world_cache, tmp_path):
-    """Tune → test on a tiny world: every method yields a trajectory from SFT; files exist; the rerun is cached."""
+    """Tune on the default world → test on both worlds, tiny: every method yields a trajectory from SFT, a stack
+    its sweep; files exist; the rerun is cached."""
     out = tmp_path / "lab"
     results = run_lab(out, config=_smoke_config(), workers=2, progress=False)
     for name in ("results.json", "results.md", "tuned.json", "fronts.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved["methods"]) == set(METHODS)
-    for name, m in saved["methods"].items():
-        assert set(NEW_FIELDS) <= set(m), name
-        (points,) = [p["points"] for p in m["per_replicate"].values()]
-        assert points[0]["ability"] == 1.0 and points[0]["step"] == 0, name  # the SFT point first
-        assert len(points) == (11 if name == "ma" else 3), name
-        picked = METHODS[name].grid[saved["tuning"][name]["best"]]
-        assert m["setting"] == json.loads(json.dumps(picked)), name
-        assert len(saved["tuning"][name]["scores"]) == 2, name
-    assert [p["weight"] for p in saved["methods"]["ma"]["per_replicate"]["seed0/order1"]["points"][1:]] == [
-        0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # fmt: skip
-    # the BEMA trajectory is the callback's weights, not the model's
-    bema, adamw = (saved["methods"][n]["per_replicate"]["seed0/order1"]["points"] for n in ("bema", "adamw"))
-    assert bema[1]["ability"] != adamw[1]["ability"]
+    assert list(saved["worlds"]) == ["default", "second"]
+    assert saved["worlds"]["second"]["world"]["sure_fraction"] == 0.35
+    for table in saved["worlds"].values():
+        assert set(table["methods"]) == set(METHODS)
+        for name, m in table["methods"].items():
+            assert set(NEW_FIELDS) <= set(m), name
+            (points,) = [p["points"] for p in m["per_replicate"].values()]
+            assert points[0]["ability"] == 1.0 and points[0]["step"] == 0, name  # the SFT point first
+            assert len(points) == (11 if "merge_weights" in METHODS[name].grid[0] else 3), name
+            picked = METHODS[name].grid[saved["tuning"][name]["best"]]
+            assert m["setting"] == saved["settings"][name] == json.loads(json.dumps(picked)), name
+            assert len(saved["tuning"][name]["scores"]) == 2, name
+        for name in ("ma", "onties_ma"):
+            assert [p["weight"] for p in table["methods"][name]["per_replicate"]["seed0/order1"]["points"][1:]] == [
+                0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # fmt: skip
+        # the BEMA trajectory is the callback's weights, not the model's
+        bema, adamw = (table["methods"][n]["per_replicate"]["seed0/order1"]["points"] for n in ("bema", "adamw"))
+        assert bema[1]["ability"] != adamw[1]["ability"]
+        # OnTIES → MA ends at the OnTIES model: the same run
+        onties, stack = (table["methods"][n] for n in ("onties", "onties_ma"))
+        if onties["setting"] == {k: v for k, v in stack["setting"].items() if k != "merge_weights"}:
+            assert onties["per_replicate"]["seed0/order1"]["points"][-1]["reward"] == stack["per_replicate"][
+                "seed0/order1"]["points"][-1]["reward"]  # fmt: skip
+    assert saved["recommended"] is None or saved["recommended"]["method"] in METHODS
+    assert "## World `second`" in (out / "results.md").read_text()
     again = run_lab(tmp_path / "again", config=_smoke_config(), workers=1, progress=False, tuned=out / "tuned.json")
-    assert again["methods"]["ondare"]["per_replicate"] == results["methods"]["ondare"]["per_replicate"]
+    for world in ("default", "second"):
+        for name in ("ondare", "onties_ma"):
+            assert again["worlds"][world]["methods"][name]["per_replicate"] == results["worlds"][world]["methods"][
+                name]["per_replicate"]  # fmt: skip
 
 
 def test_new_run_fields_reach_the_optimizer_and_keep_old_keys(world_cache):
@@ -289,12 +405,16 @@ def test_new_run_fields_reach_the_optimizer_and_keep_old_keys(world_cache):
     plain = RunConfig(world=config.world)
     later = ("pairwise_normalized", "probe_entanglement", "neuron_k", "unlearn_steps", "noisy_token_percentile")
     later += ("seed", "dare_rescale", "tau_mask", "tau_clamp", "ties_sign", "bema", "rpo_weight", "ref_sync_alpha")
-    fields = {k: v for k, v in dataclasses.asdict(plain).items() if k not in (*later, "ref_sync_steps")}
+    later += ("ref_sync_steps", "pull", "pull_unit", "pull_elements")
+    fields = {k: v for k, v in dataclasses.asdict(plain).items() if k not in later}
     text = json.dumps({"version": runner.LAB_VERSION, **fields}, sort_keys=True)
     assert plain.key() == hashlib.sha256(text.encode()).hexdigest()[:16]
     assert run.key() != dataclasses.replace(run, tau_mask="every_step").key()
+    pulled = dataclasses.replace(run, pull=50.0)
+    assert run.key() != pulled.key() != dataclasses.replace(pulled, pull_elements="kept").key()
     once, every = train_run(run), train_run(dataclasses.replace(run, tau_mask="every_step"))
     assert once["points"] != every["points"]  # the option reaches the optimizer
+    assert train_run(pulled)["points"] != once["points"]  # and so does the pull
 
 
 @pytest.mark.slow

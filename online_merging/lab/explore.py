@@ -5,7 +5,8 @@ tuning replicates only, then the promising combinations, chosen from the first s
 
 The centre is OnDARE-Adam with the published mask semantics, p = 0.01 and α = 3 in learning-rate units (over the
 lab's 40 steps at 4.5e-5, a τ drift of α·Σ_t η_t / p ≈ 0.54 τ_i, near the paper's best; docs/algorithm.md). Each
-row is scored by MRA at the levels the centre-lr AdamW run reaches on each replicate.
+row is scored by MRA at the levels the centre-lr AdamW run reaches on each replicate. Around OnTIES (p 0.1, α 3,
+lr ×3): its sign rule, and the online pull toward SFT (strength, which elements it pulls, and without a merge).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from online_merging._files import check_folder_target, staged_folder
 from online_merging.evaluation.fronts import bootstrap_ci, common_levels, hypervolume, matched_reward_ability
 from online_merging.lab.lab import LabConfig, _trajectories, replicate_label
 from online_merging.lab.methods import setting_label
+from online_merging.lab.runner import RunConfig
 
-__all__ = ["CENTRE", "FACTORS", "ONTIES_CENTRE", "run_exploration", "second_stage"]
+__all__ = ["CENTRE", "FACTORS", "ONTIES_CENTRE", "PULL_ROWS", "run_exploration", "second_stage"]
 
 CENTRE = {"optimizer": "adam", "merge": "ondare", "alpha_unit": "lr", "reserve_p": 0.01, "alpha": 3.0}
 FACTORS: dict[str, tuple] = {
@@ -35,7 +37,15 @@ FACTORS: dict[str, tuple] = {
 """OnDARE's factors, each varied alone around :data:`CENTRE` (whose value is in each tuple)."""
 ONTIES_CENTRE = {**CENTRE, "merge": "onties", "reserve_p": 0.1, "lr": 3.0}
 """OnTIES at the lab's best first-edition setting; its update has no rescaling option (it is always unrescaled)."""
-ONTIES_FACTORS: dict[str, tuple] = {"ties_sign": ("unweighted", "weighted")}
+ONTIES_FACTORS: dict[str, tuple] = {"ties_sign": ("unweighted", "weighted"), "pull": (0.0, 50.0, 150.0, 500.0)}
+"""OnTIES's factors around :data:`ONTIES_CENTRE`; the pull toward SFT in lr units (its total strength over the
+lab's 40 steps at lr ×3 is pull × 5.4e-3: 0.27, 0.81, 2.7)."""
+PULL_ROWS = {
+    "onties pull=150.0, kept elements": {**ONTIES_CENTRE, "pull": 150.0, "pull_elements": "kept"},
+    "onties pull=150.0, consensus elements": {**ONTIES_CENTRE, "pull": 150.0, "pull_elements": "consensus"},
+    "adamw + pull=150.0 (lr ×1)": {"optimizer": "adam", "merge": None, "pull": 150.0, "lr": 1.0},
+}
+"""The pull's other rows: which elements it pulls, and the pull without a merge (OnlineMergingAdam, merge None)."""
 DECOMPOSITION = {
     "update sparsification alone (α = 0)": {**CENTRE, "alpha": 0.0},
     "τ term alone (p = 1)": {**CENTRE, "reserve_p": 1.0},
@@ -45,16 +55,19 @@ ADAMW = {"lr": 1.0}
 
 def first_stage() -> dict[str, tuple[str | None, dict]]:
     """{row name: (factor or None, setting)}: AdamW at the centre lr, the centres, every factor's other values,
-    the decomposition rows."""
+    the decomposition rows, the pull's rows."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     rows: dict[str, tuple[str | None, dict]] = {"adamw (centre lr)": (None, ADAMW), "centre (OnDARE)": (None, CENTRE)}
     rows["centre (OnTIES)"] = (None, ONTIES_CENTRE)
     for centre, factors, prefix in ((CENTRE, FACTORS, ""), (ONTIES_CENTRE, ONTIES_FACTORS, "onties ")):
         for factor, values in factors.items():
             for value in values:
-                if value != centre.get(factor):
+                if value != centre.get(factor, defaults[factor]):
                     rows[f"{prefix}{factor}={value}"] = (factor, {**centre, factor: value})
     for name, setting in DECOMPOSITION.items():
         rows[name] = (None, setting)
+    for name, setting in PULL_ROWS.items():
+        rows[name] = ("pull_elements" if "pull_elements" in setting else None, setting)
     return rows
 
 
@@ -131,14 +144,14 @@ def run_exploration(
     check_folder_target(out_dir, name="out_dir")
     config = config or (LabConfig.quick() if quick else LabConfig())
     replicates = config.tuning_replicates()
-    labels = [replicate_label(*r) for r in replicates]
+    labels = [replicate_label(s, o) for _, s, o in replicates]
     start = time.perf_counter()
     rows = first_stage()
-    found = _trajectories(config, {n: s for n, (_, s) in rows.items()}, replicates, workers, progress)
+    (found,) = _trajectories(config, {n: s for n, (_, s) in rows.items()}, replicates, workers, progress).values()
     _, figures = _score(found, labels, config.levels)
     stage2 = second_stage({n: f["mra"] for n, f in figures.items()}, rows)
     if stage2:
-        found |= _trajectories(config, stage2, replicates, workers, progress)
+        found |= _trajectories(config, stage2, replicates, workers, progress)["default"]
     levels, figures = _score(found, labels, config.levels)
     table = []
     for name in found:
@@ -150,7 +163,7 @@ def run_exploration(
         "levels": levels,
         "replicates": labels,
         "run": {
-            "config": dataclasses.asdict(replace(config, methods=())),
+            "config": dataclasses.asdict(replace(config, methods=(), test_worlds=("default",))),
             "seconds": round(time.perf_counter() - start, 1),
             "workers": workers,
         },

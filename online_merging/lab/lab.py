@@ -1,5 +1,6 @@
-"""The lab's plan and its execution: tune every method's grid on some replicates, run the best setting on others;
-worlds, training runs and offline merges run in parallel worker processes."""
+"""The lab's plan and its execution: tune every method's grid on some replicates of the default world, run the
+best setting on other replicates of every test world; worlds, training runs and offline merges run in parallel
+worker processes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,14 +23,28 @@ from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides, settin
 from online_merging.lab.tuning import pick_settings
 from online_merging.world import WorldConfig, build_world
 
-__all__ = ["LabConfig", "read_tuned", "run_lab", "trajectory", "tune", "write_tuned"]
+__all__ = ["TEST_WORLDS", "LabConfig", "read_tuned", "run_lab", "second_world", "trajectory", "tune", "write_tuned"]
+
+
+def second_world(world: WorldConfig) -> WorldConfig:
+    """The second test world: ``world`` with a ¾-wide model (hidden and MLP sizes; from the default world's 128 and
+    384: 96 and 288, about 0.56× the non-embedding weights) and 35 % of the SFT targets in the rewarded style
+    instead of 20 %. Narrower, so it builds and trains faster than ``world``; a larger reward share, so that its SFT
+    model starts nearer the reward levels and still aligns within the lab's 40 steps. Defined from the plan's world,
+    so that quick and smoke plans get a second world as small as their first."""
+    return replace(world, hidden_size=world.hidden_size * 3 // 4, intermediate_size=world.intermediate_size * 3 // 4,
+                   sure_fraction=0.35)  # fmt: skip
+
+
+TEST_WORLDS: dict[str, Callable[[WorldConfig], WorldConfig]] = {"default": lambda world: world, "second": second_world}
+"""The worlds a plan can test on, each made from the plan's world (``LabConfig.world``, the one tuned on)."""
 
 
 @dataclass(frozen=True)
 class LabConfig:
-    """What the lab runs: the world (its ``seed`` replaced by each model seed), the tuning and test replicates
-    (model seed × data order), the training budget shared by every method, and how many settings of each grid to
-    search."""
+    """What the lab runs: the world (its ``seed`` replaced by each model seed), the tuning replicates (model seed
+    × data order, of ``world``), the test worlds (``TEST_WORLDS``, made from ``world``) and their replicates, the
+    training budget shared by every method, and how many settings of each grid to search."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
     tune_seeds: tuple[int, ...] = (0, 1)
@@ -42,6 +58,7 @@ class LabConfig:
     grid: int = GRID_SIZE
     levels: tuple[float, ...] = MRA_LEVELS  # reward levels of the MRA (those the compared runs reach count)
     methods: tuple[str, ...] = tuple(METHODS)
+    test_worlds: tuple[str, ...] = tuple(TEST_WORLDS)  # tuned on the default world, tested on each of these
 
     @classmethod
     def quick(cls, **overrides) -> LabConfig:
@@ -62,11 +79,12 @@ class LabConfig:
         return cls(**{**settings, **overrides})
 
     def __post_init__(self):
-        object.__setattr__(self, "methods", tuple(self.methods))
-        unknown = set(self.methods) - set(METHODS)
-        if unknown:
-            raise ValueError(f"Invalid methods: {sorted(unknown)} (known: {', '.join(METHODS)})")
-        for name in ("tune_seeds", "tune_orders", "seeds", "data_orders"):
+        for name, known in (("methods", METHODS), ("test_worlds", TEST_WORLDS)):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            unknown = set(getattr(self, name)) - set(known)
+            if unknown:
+                raise ValueError(f"Invalid {name}: {sorted(unknown)} (known: {', '.join(known)})")
+        for name in ("tune_seeds", "tune_orders", "seeds", "data_orders", "test_worlds"):
             if not getattr(self, name):
                 raise ValueError(f"Invalid {name}: empty (the lab needs at least one)")
         if not 1 <= self.grid <= GRID_SIZE:
@@ -91,16 +109,21 @@ class LabConfig:
                 config = replace(config, **{name: value})
         return config
 
-    def tuning_replicates(self) -> list[tuple[int, int]]:
-        return [(s, o) for s in self.tune_seeds for o in self.tune_orders]
+    def tuning_replicates(self) -> list[tuple[str, int, int]]:
+        """(world, model seed, data order) triples, all of the default world."""
+        return [("default", s, o) for s in self.tune_seeds for o in self.tune_orders]
 
-    def test_replicates(self) -> list[tuple[int, int]]:
-        return [(s, o) for s in self.seeds for o in self.data_orders]
+    def test_replicates(self) -> list[tuple[str, int, int]]:
+        """(world, model seed, data order) triples: ``seeds`` × ``data_orders`` on every test world."""
+        return [(w, s, o) for w in self.test_worlds for s in self.seeds for o in self.data_orders]
 
-    def run_config(self, seed: int, order: int, overrides: dict) -> runner.RunConfig:
+    def test_world(self, name: str, seed: int) -> WorldConfig:
+        return replace(TEST_WORLDS[name](self.world), seed=seed)
+
+    def run_config(self, seed: int, order: int, overrides: dict, world: str = "default") -> runner.RunConfig:
         fields = {k: v for k, v in overrides.items() if k != "lr"}
         return runner.RunConfig(
-            world=replace(self.world, seed=seed),
+            world=self.test_world(world, seed),
             data_seed=order,
             lr=self.lr * overrides.get("lr", 1.0),
             steps=self.steps,
@@ -109,9 +132,11 @@ class LabConfig:
             **fields,
         )
 
-    def source(self, seed: int, order: int, setting: dict) -> tuple[runner.RunConfig, runner.MergeJob | None]:
+    def source(
+        self, seed: int, order: int, setting: dict, world: str = "default"
+    ) -> tuple[runner.RunConfig, runner.MergeJob | None]:
         """The run a setting's trajectory comes from, and the merge job for an offline sweep."""
-        run = self.run_config(seed, order, run_overrides(setting))
+        run = self.run_config(seed, order, run_overrides(setting), world)
         if "merge_weights" not in setting:
             return run, None
         specs = tuple(("ma", (("method", "ma"), ("alpha", w))) for w in setting["merge_weights"])
@@ -171,9 +196,13 @@ class _Inline:
 def _execute(jobs, workers: int, progress: bool, prebuild=()) -> tuple[dict, dict, dict]:
     """Run the worlds, runs and merges that ``jobs`` ((RunConfig, MergeJob or None) pairs) need, each as soon as
     what it needs is done, and build the ``prebuild`` worlds meanwhile. Returns the SFT metrics per world key, and
-    the run and merge results per job key."""
+    the run and merge results per job key. A run that differs from another only by not saving its model reads
+    that one's result (the same training: a stack X → MA and its row X share it)."""
     worlds = {world.key(): world for world in prebuild} | {run.world.key(): run.world for run, _ in jobs}
     runs = {run.key(): run for run, _ in jobs}
+    saving = {key: replace(run, save_model=True).key() for key, run in runs.items() if not run.save_model}
+    shared = {key: other for key, other in saving.items() if other in runs}
+    runs = {key: run for key, run in runs.items() if key not in shared}
     merges = {merge.key(): merge for _, merge in jobs if merge is not None}
     from tqdm.auto import tqdm
 
@@ -213,6 +242,7 @@ def _execute(jobs, workers: int, progress: bool, prebuild=()) -> tuple[dict, dic
     finally:
         executor.shutdown(cancel_futures=True)
         bar.close()
+    run_results |= {key: run_results[other] for key, other in shared.items()}
     return sft, run_results, merge_results
 
 
@@ -235,28 +265,30 @@ def trajectory(setting: dict, run: runner.RunConfig, merge: runner.MergeJob | No
 
 
 def _trajectories(config: LabConfig, settings: dict, replicates, workers: int, progress: bool, prebuild=()) -> dict:
-    """{name: {replicate label: trajectory}} of each setting of ``settings`` (keyed by a method, or anything)."""
-    planned = {(name, seed, order): config.source(seed, order, setting) for name, setting in settings.items()
-               for seed, order in replicates}  # fmt: skip
+    """{world: {name: {replicate label: trajectory}}} of each setting of ``settings`` (keyed by a method, or
+    anything) on each (world, seed, order) of ``replicates``."""
+    planned = {(name, *replicate): config.source(*replicate[1:], setting, replicate[0])
+               for name, setting in settings.items() for replicate in replicates}  # fmt: skip
     done = _execute(list(planned.values()), workers, progress, prebuild)
-    found: dict = {name: {} for name in settings}
-    for (name, seed, order), (run, merge) in planned.items():
-        found[name][replicate_label(seed, order)] = trajectory(settings[name], run, merge, done)
+    found: dict = {world: {name: {} for name in settings} for world in dict.fromkeys(r[0] for r in replicates)}
+    for (name, world, seed, order), (run, merge) in planned.items():
+        found[world][name][replicate_label(seed, order)] = trajectory(settings[name], run, merge, done)
     return found
 
 
 def tune(config: LabConfig, *, workers: int = 2, progress: bool = True) -> tuple[dict, dict]:
-    """Search the first ``config.grid`` settings of every method on the tuning replicates by MRA; return the
-    picked setting per method and the search (``pick_settings``'s figures, with the settings' labels)."""
+    """Search the first ``config.grid`` settings of every method on the tuning replicates (of the default world)
+    by MRA; return the picked setting per method and the search (``pick_settings``'s figures, with the settings'
+    labels)."""
     from online_merging.lab.report import xy
 
     grid = {(name, i): s for name in config.methods for i, s in enumerate(METHODS[name].grid[: config.grid])}
-    test_worlds = [replace(config.world, seed=seed) for seed in config.seeds]  # built while the tuning runs train
-    found = _trajectories(config, grid, config.tuning_replicates(), workers, progress, test_worlds)
+    test_worlds = [config.test_world(w, s) for w, s, _ in config.test_replicates()]  # built while the tuning trains
+    (found,) = _trajectories(config, grid, config.tuning_replicates(), workers, progress, test_worlds).values()
     grids = {name: {} for name in config.methods}
     for (name, i), per_replicate in found.items():
         grids[name][i] = {r: xy(t) for r, t in per_replicate.items()}
-    labels = [replicate_label(s, o) for s, o in config.tuning_replicates()]
+    labels = [replicate_label(s, o) for _, s, o in config.tuning_replicates()]
     picked = pick_settings(grids, labels, config.levels)
     for name, figures in picked.items():
         figures["settings"] = [setting_label(s) for s in METHODS[name].grid[: config.grid]]
@@ -266,7 +298,7 @@ def tune(config: LabConfig, *, workers: int = 2, progress: bool = True) -> tuple
 def _check_split(config: LabConfig) -> None:
     shared = set(config.tuning_replicates()) & set(config.test_replicates())
     if shared:
-        shown = ", ".join(replicate_label(*r) for r in sorted(shared))
+        shown = ", ".join(replicate_label(s, o) for _, s, o in sorted(shared))
         raise ValueError(f"Invalid seeds/data_orders: the test replicates {shown} are tuning replicates too")
 
 
@@ -325,8 +357,8 @@ def run_lab(
     tuned: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
-    """Tune every method on the tuning replicates, run its best setting on the test replicates, and write
-    ``results.json``, ``results.md``, ``tuned.json`` and the PNG plots into ``out_dir``.
+    """Tune every method on the tuning replicates, run its best setting on the test replicates of every test world,
+    and write ``results.json``, ``results.md``, ``tuned.json`` and the PNG plots into ``out_dir``.
 
     ``config`` (default ``LabConfig.quick()`` or ``LabConfig()``) is the plan; ``seeds``, ``data_orders`` (the test
     replicates) and ``methods`` override its fields. With ``tuned`` (a ``tuned.json``) nothing is tuned: its

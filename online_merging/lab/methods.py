@@ -5,8 +5,9 @@ lab's learning rate) and, for the methods read off another run, which trajectory
 
 - ``variant``: the EMA or BEMA weights tracked along an AdamW run (``ema=c``, ``bema:...``); those runs carry every
   EMA and BEMA setting of the grid (``AVERAGED``), so the averages cost evaluations, not training;
-- ``merge_weights``: an offline MA sweep of an AdamW run's final model with its SFT model (the sweep is the
-  trajectory: SFT, increasing weight, the aligned model).
+- ``merge_weights``: an offline MA sweep of the run's final model with its SFT model (the sweep is the trajectory:
+  SFT, increasing weight, the aligned model). On an AdamW run it is the ``ma`` row; on any other run a stack
+  ("X → MA", rows ``*_ma``), tuned like every row: its grid is X's, each setting scored by its sweep's MRA.
 
 Every grid has ``GRID_SIZE`` settings; the lab searches the first ``LabConfig.grid`` of them on the tuning
 replicates and runs the best alone on the test replicates. ``secondary`` rows (KTO) are reported in their own table.
@@ -16,7 +17,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["AVERAGED", "EMA_COEFFICIENTS", "GRID_SIZE", "MA_WEIGHTS", "METHODS", "Method", "setting_label"]
+__all__ = [
+    "AVERAGED",
+    "EMA_COEFFICIENTS",
+    "GRID_SIZE",
+    "MA_WEIGHTS",
+    "METHODS",
+    "ONLINE_MERGING",
+    "PULLS",
+    "Method",
+    "run_overrides",
+    "setting_label",
+]
 
 GRID_SIZE = 6
 
@@ -55,6 +67,24 @@ _ONDARE = {"optimizer": "adam", "merge": "ondare", "alpha_unit": "lr"}
 # From the exploration (docs/results.md): p, τ's mask and the clamp change nothing, α up to 30 (lr units) next to
 # nothing and 100 hurts, so OnDARE's grid is its learning rate at two weights, around AdamW's tuned lr (×0.75)
 _ONDARE_GRID = tuple({**_ONDARE, "reserve_p": 0.01, "alpha": a, "lr": m} for m in (1.0, 0.75, 1.5) for a in (3.0, 30.0))
+_ONTIES = {**_ONDARE, "merge": "onties", "reserve_p": 0.1, "alpha": 3.0}
+_ONTIES_GRID = tuple({**_ONTIES, "reserve_p": p, "lr": m} for p in (0.1, 0.3) for m in (2.0, 3.0, 5.0))
+_RPO_GRID = tuple({"rpo_weight": w, "lr": m} for w in (0.1, 0.3, 1.0) for m in (1.0, 2.0))
+_RPO_ONTIES_GRID = tuple({**_ONTIES, "rpo_weight": w, "lr": m} for w in (0.3, 1.0) for m in (2.0, 3.0, 5.0))
+PULLS = (50.0, 150.0, 500.0)
+"""Placeholder strengths of the online pull toward SFT, in lr units (the per-step pull is pull × lr): over the
+lab's 40 steps at 4.5e-5 × m its total strength is pull × 1.8e-3 × m, i.e. 0.09 m … 0.9 m (to be set by the
+exploration)."""
+_PULL_GRID = tuple({"optimizer": "adam", "merge": None, "pull": s, "lr": m} for s in PULLS for m in (1.0, 2.0))
+_ONTIES_PULL_GRID = tuple({**_ONTIES, "pull": s, "lr": m} for s in PULLS for m in (2.0, 3.0))
+
+
+def _then_ma(grid: tuple[dict, ...]) -> tuple[dict, ...]:
+    """Each setting of ``grid``, its run's final model then averaged offline with SFT (the ``MA_WEIGHTS`` sweep)."""
+    return tuple({**s, "merge_weights": MA_WEIGHTS} for s in grid)
+
+
+_MA = f"→ offline MA with SFT, weights {MA_WEIGHTS[0]} … {MA_WEIGHTS[-1]}"
 
 METHODS: dict[str, Method] = {
     "adamw": Method("DPO with Trainer's AdamW (grid: learning rate)", tuple({"lr": m} for m in ADAMW_LRS)),
@@ -74,23 +104,26 @@ METHODS: dict[str, Method] = {
         "DPO with a larger β (the KL strength), AdamW (grid: β × lr)",
         tuple({"beta": b, "lr": m} for b in (0.2, 0.3, 0.5) for m in (1.0, 2.0)),
     ),
-    "rpo": Method(
-        'RPO: DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1, w]), AdamW (grid: w × lr)',
-        tuple({"rpo_weight": w, "lr": m} for w in (0.1, 0.3, 1.0) for m in (1.0, 2.0)),
-    ),
+    "rpo": Method('RPO: DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1, w]), AdamW (grid: w × lr)', _RPO_GRID),
+    "rpo_ma": Method(f"RPO (as rpo) {_MA} (grid: rpo's)", _then_ma(_RPO_GRID)),
     "tr_dpo": Method(
         "TR-DPO: DPOConfig(sync_ref_model=True, ref_model_mixup_alpha, ref_model_sync_steps), AdamW "
         "(grid: mixup α × sync steps)",
         tuple({"ref_sync_alpha": a, "ref_sync_steps": k} for a in (0.1, 0.6) for k in (2, 5, 10)),
     ),
     "ondare": Method("DPO with OnDARE-Adam, p 0.01, α in lr units (grid: lr × α)", _ONDARE_GRID),
-    "onties": Method(
-        "DPO with OnTIES-Adam (top-p update, unrescaled), α 3 in lr units (grid: p × lr)",
-        tuple(
-            {**_ONDARE, "merge": "onties", "reserve_p": p, "alpha": 3.0, "lr": m}
-            for p in (0.1, 0.3)
-            for m in (2.0, 3.0, 5.0)
-        ),
+    "onties": Method("DPO with OnTIES-Adam (top-p update, unrescaled), α 3 in lr units (grid: p × lr)", _ONTIES_GRID),
+    "onties_ma": Method(f"OnTIES (as onties) {_MA} (grid: onties's)", _then_ma(_ONTIES_GRID)),
+    "rpo_onties": Method("RPO's loss with OnTIES-Adam, p 0.1, α 3 in lr units (grid: w × lr)", _RPO_ONTIES_GRID),
+    "rpo_onties_ma": Method(f"RPO with OnTIES (as rpo_onties) {_MA} (grid: rpo_onties's)", _then_ma(_RPO_ONTIES_GRID)),
+    "pull": Method(
+        "DPO with OnlineMergingAdam without a merge, pulled toward SFT: θ += pull·lr·(θ_sft − θ) each step "
+        "(grid: pull × lr)",
+        _PULL_GRID,
+    ),
+    "onties_pull": Method("OnTIES, p 0.1, α 3 in lr units, pulled toward SFT (grid: pull × lr)", _ONTIES_PULL_GRID),
+    "onties_pull_ma": Method(
+        f"OnTIES with the pull (as onties_pull) {_MA} (grid: onties_pull's)", _then_ma(_ONTIES_PULL_GRID)
     ),
     "allo_mask_k15": Method(
         "DPO on ALLO's top 15 % key neurons (OnlineMergingAdam without a merge) (grid: lr)",
@@ -104,18 +137,22 @@ METHODS: dict[str, Method] = {
     ),
 }
 
-ONLINE_MERGING = ("ondare", "onties")
-"""The online-merging methods, among which ``recommended`` is chosen."""
+ONLINE_MERGING = tuple(name for name, m in METHODS.items() if not m.secondary and any(s.get("merge") for s in m.grid))
+"""The main-table rows whose pipeline contains an online merge (OnDARE or OnTIES with τ; the pull alone, an online
+average with SFT, is not one): the best of them is compared with ``ma``."""
 
 
 def run_overrides(setting: dict) -> dict:
     """The ``RunConfig`` overrides of the run a setting reads its trajectory from: AdamW runs save their model
-    (MA merges it), and at ``AVERAGED_LRS`` they also track every EMA and BEMA setting."""
+    (MA merges it) and at ``AVERAGED_LRS`` also track every EMA and BEMA setting; any other run saves its model
+    when the setting sweeps it (``merge_weights``)."""
     overrides = {k: v for k, v in setting.items() if k not in ("variant", "merge_weights")}
-    if "variant" in setting or "merge_weights" in setting or not overrides.keys() - {"lr"}:  # an AdamW run
+    if not overrides.keys() - {"lr"}:  # an AdamW run
         overrides |= AVERAGED
         if overrides.get("lr", 1.0) in AVERAGED_LRS:
             overrides |= _AVERAGED_RUN
+    elif "merge_weights" in setting:
+        overrides["save_model"] = True
     return overrides
 
 

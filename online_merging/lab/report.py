@@ -14,10 +14,11 @@ from pathlib import Path
 
 from online_merging._files import staged_folder
 from online_merging.evaluation.fronts import bootstrap_ci, common_levels, hypervolume, matched_reward_ability
+from online_merging.lab.lab import TEST_WORLDS
 from online_merging.lab.methods import METHODS, ONLINE_MERGING, setting_label
 from online_merging.lab.tuning import interpolation_error, replicate_spread
 
-__all__ = ["kept", "summarize", "write_report", "xy"]
+__all__ = ["best_pipeline", "kept", "summarize", "versus", "world_table", "write_report", "xy"]
 
 
 def _kept(metrics: dict, sft: dict, key: str) -> float:
@@ -48,14 +49,39 @@ def _mean(values: list) -> float | None:
 
 
 def summarize(config, found: dict, settings: dict, search: dict | None = None) -> dict:
-    """The ``results.json`` content from each method's test trajectories (``{method: {replicate: points}}``).
+    """The ``results.json`` content from the test trajectories of every world (``{world: {method: {replicate:
+    points}}}``): per world its table (:func:`world_table`), the tuned ``settings``, the tuning ``search``, and two
+    verdicts over the worlds, each a paired comparison per world (:func:`versus`):
+
+    - ``recommended``, the pipeline to use: among the main-table rows, those whose Δ MRA vs tuned AdamW has its
+      interval above 0 on every test world ("holds"), the one whose smaller Δ over the worlds is the largest; if
+      none holds, the row with the largest smaller Δ, with ``"holds": false``. It may be an offline stack (X → MA).
+    - ``online_vs_ma``: the same rule among the rows that contain an online merge (``ONLINE_MERGING``), against
+      ``ma`` instead of AdamW: does the best pipeline with an online merge beat MA alone on every world?
+    """
+    worlds = {name: world_table(config, name, per_method, settings) for name, per_method in found.items()}
+    main = [name for name in METHODS if not METHODS[name].secondary]
+    recommended = best_pipeline(worlds, main, "adamw")
+    if recommended is not None:
+        recommended = {"method": recommended["method"], "setting": settings[recommended["method"]], **recommended}
+    return {
+        "worlds": worlds,
+        "settings": settings,
+        "recommended": recommended,
+        "online_vs_ma": best_pipeline(worlds, ONLINE_MERGING, "ma"),
+        "tuning": search,
+    }
+
+
+def world_table(config, world: str, found: dict, settings: dict) -> dict:
+    """One test world's table from each method's trajectories there (``{method: {replicate: points}}``).
 
     The levels of a replicate are the ``config.levels`` (``MRA_LEVELS``) that every main-table method reaches
     there; every method, the secondary ones too, is scored at them. Per method: MRA (mean over replicates,
     bootstrap interval), the paired difference to AdamW with its interval and wins, the hypervolume of the
     trajectory points (secondary), and per replicate the MRA, hypervolume and :func:`interpolation_error`.
     """
-    replicates = [f"seed{s}/order{o}" for s, o in config.test_replicates()]
+    replicates = [f"seed{s}/order{o}" for w, s, o in config.test_replicates() if w == world]
     main = [name for name in found if not METHODS[name].secondary]
     levels = {r: common_levels([xy(found[name][r]) for name in main], config.levels) for r in replicates}
     methods = {}
@@ -72,7 +98,7 @@ def summarize(config, found: dict, settings: dict, search: dict | None = None) -
             }
         mras = [per_replicate[r]["mra"] for r in replicates]
         volumes = [per_replicate[r]["hypervolume"] for r in replicates]
-        entry = {
+        methods[name] = {
             "description": METHODS[name].description,
             "secondary": METHODS[name].secondary,
             "setting": settings[name],
@@ -87,25 +113,54 @@ def summarize(config, found: dict, settings: dict, search: dict | None = None) -
             "wins": None,
             "per_replicate": per_replicate,
         }
-        if name != "adamw" and "adamw" in found and entry["mra"] is not None and methods["adamw"]["mra"] is not None:
-            diffs = [per_replicate[r]["mra"] - methods["adamw"]["per_replicate"][r]["mra"] for r in replicates]
-            entry.update(mra_vs_adamw=_mean(diffs), mra_vs_adamw_ci=bootstrap_ci(diffs), wins=sum(d > 0 for d in diffs))
-        methods[name] = entry
-    online = [n for n in ONLINE_MERGING if n in methods and methods[n]["mra"] is not None]
-    best = max(online, key=lambda n: methods[n]["mra"], default=None)
+    table = {"world": TEST_WORLDS[world](config.world).to_dict(), "methods": methods, "levels": levels,
+             "replicates": replicates}  # fmt: skip
+    for name, entry in methods.items():
+        diff = None if name == "adamw" else versus(table, name, "adamw")
+        if diff is not None:
+            entry.update(mra_vs_adamw=diff["mean"], mra_vs_adamw_ci=diff["ci"], wins=diff["wins"])
     errors = [e for m in methods.values() for e in (p["interpolation_error"] for p in m["per_replicate"].values())]
     spreads = [m["mra_spread"] for m in methods.values() if m["mra_spread"] is not None]
-    return {
-        "methods": methods,
-        "recommended": None if best is None else {"method": best, "setting": settings[best]},
-        "levels": levels,
-        "replicates": replicates,
-        "tuning": search,
-        "interpolation": {
-            "max_error": max((e for e in errors if e is not None), default=None),
-            "median_spread": statistics.median(spreads) if spreads else None,
-        },
+    table["interpolation"] = {
+        "max_error": max((e for e in errors if e is not None), default=None),
+        "median_spread": statistics.median(spreads) if spreads else None,
     }
+    return table
+
+
+def versus(table: dict, name: str, baseline: str) -> dict | None:
+    """``name``'s paired MRA difference to ``baseline`` on one world's replicates: ``{"mean", "ci", "wins",
+    "replicates"}``; None when either is missing or misses a level on some replicate."""
+    methods = table["methods"]
+    if name not in methods or baseline not in methods:
+        return None
+    mras = [(methods[name]["per_replicate"][r]["mra"], methods[baseline]["per_replicate"][r]["mra"])
+            for r in table["replicates"]]  # fmt: skip
+    if any(None in pair for pair in mras):
+        return None
+    diffs = [a - b for a, b in mras]
+    return {
+        "mean": _mean(diffs),
+        "ci": bootstrap_ci(diffs),
+        "wins": sum(d > 0 for d in diffs),
+        "replicates": len(diffs),
+    }
+
+
+def best_pipeline(worlds: dict, candidates, baseline: str) -> dict | None:
+    """Among ``candidates`` scored against ``baseline`` on every world, the best by the rule of :func:`summarize`:
+    ``{"method", "versus": baseline, "worlds": {world: versus(...)}, "worst": the smaller mean difference, "holds":
+    every world's interval above 0}``; None when no candidate is scored on every world."""
+    scored = {}
+    for name in candidates:
+        per_world = {world: versus(table, name, baseline) for world, table in worlds.items()}
+        if name != baseline and None not in per_world.values():
+            worst = min(v["mean"] for v in per_world.values())
+            holds = all(v["ci"][0] > 0 for v in per_world.values())
+            scored[name] = {"method": name, "versus": baseline, "worlds": per_world, "worst": worst, "holds": holds}
+    if not scored:
+        return None
+    return max(scored.values(), key=lambda s: (s["holds"], s["worst"]))  # ties: the first in METHODS order
 
 
 def _fmt_ci(value: float | None, ci: list[float] | None, signed: bool = False) -> str:
@@ -115,13 +170,13 @@ def _fmt_ci(value: float | None, ci: list[float] | None, signed: bool = False) -
     return f"{value:{sign}.3f} [{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
 
 
-def markdown_table(results: dict, secondary: bool = False) -> str:
-    """One row per method: its tuned setting, MRA with its interval, the paired difference to AdamW with its
-    interval and wins, and the hypervolume."""
+def markdown_table(table: dict, secondary: bool = False) -> str:
+    """One row per method of a world's ``table``: its tuned setting, MRA with its interval, the paired difference
+    to AdamW with its interval and wins, and the hypervolume."""
     head = ["method", "tuned setting", "MRA [95% CI]", "Δ MRA vs AdamW [95% CI] (wins)", "hypervolume [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    n = len(results["replicates"])
-    for name, m in results["methods"].items():
+    n = len(table["replicates"])
+    for name, m in table["methods"].items():
         if m["secondary"] != secondary:
             continue
         diff = "—" if name == "adamw" else _fmt_ci(m["mra_vs_adamw"], m["mra_vs_adamw_ci"], signed=True)
@@ -158,80 +213,121 @@ def _write_report(results: dict, out: Path) -> None:
 
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(_markdown(results))
-    write_tuned(out / "tuned.json", {name: m["setting"] for name, m in results["methods"].items()})
+    write_tuned(out / "tuned.json", results["settings"])
     _plots(results, out)
 
 
-def _markdown(results: dict) -> str:
-    levels = results["levels"]
-    text = "# Alignment-tax lab (second edition: tuned, then tested)\n\n" + markdown_table(results)
-    if any(m["secondary"] for m in results["methods"].values()):
-        text += "\n## Secondary (KTO)\n\n" + markdown_table(results, secondary=True)
-    shown = "; ".join(f"{r}: {', '.join(f'{x:g}' for x in ls) or 'none'}" for r, ls in levels.items())
+def _world_section(name: str, table: dict) -> str:
+    world = table["world"]
+    text = (
+        f"## World `{name}` (hidden {world['hidden_size']}, {world['num_layers']} layers, "
+        f"{world['sure_fraction']:.0%} of the SFT targets rewarded)\n\n" + markdown_table(table)
+    )
+    if any(m["secondary"] for m in table["methods"].values()):
+        text += f"\n### Secondary (KTO), world `{name}`\n\n" + markdown_table(table, secondary=True)
+    shown = "; ".join(f"{r}: {', '.join(f'{x:g}' for x in ls) or 'none'}" for r, ls in table["levels"].items())
     text += f"\nMRA levels (reached by every main-table method on the replicate): {shown}.\n"
-    check = results["interpolation"]
+    check = table["interpolation"]
     if check["max_error"] is not None and check["median_spread"] is not None:
         text += (
             f"\nInterpolation check: halving the evaluation density moves a run's MRA by at most "
             f"{check['max_error']:.4f}; the median spread of a method's MRA over the replicates (standard deviation) "
             f"is {check['median_spread']:.4f}.\n"
         )
+    return text
+
+
+def _verdict(best: dict) -> str:
+    """Per world the paired difference with its interval and wins, and whether it holds on every world."""
+    shown = "; ".join(f"`{world}` {_fmt_ci(v['mean'], v['ci'], signed=True)} ({v['wins']}/{v['replicates']})"
+                      for world, v in best["worlds"].items())  # fmt: skip
+    return f"Δ MRA vs `{best['versus']}`: {shown}; above 0 on every world: {'yes' if best['holds'] else 'no'}."
+
+
+def _markdown(results: dict) -> str:
+    text = "# Alignment-tax lab (tuned on the default world, tested on every test world)\n"
+    for name, table in results["worlds"].items():
+        text += "\n" + _world_section(name, table)
+    text += "\n## Pipelines\n"
     if results.get("recommended"):
         best = results["recommended"]
-        text += f"\nRecommended online-merging setting (best held-out MRA): `{best['method']}`, "
-        text += f"{setting_label(best['setting'])}.\n"
+        text += (
+            f"\nRecommended pipeline (among the rows above 0 against tuned AdamW on every world, the largest smaller "
+            f"Δ): `{best['method']}`, {setting_label(best['setting'])}. {_verdict(best)}\n"
+        )
+    if results.get("online_vs_ma"):
+        best = results["online_vs_ma"]
+        text += f"\nBest pipeline with an online merge, against MA alone: `{best['method']}`, "
+        text += f"{setting_label(results['settings'][best['method']])}. {_verdict(best)}\n"
     if results.get("tuning"):
         text += "\n## Tuning (mean MRA over the tuning replicates)\n\n" + tuning_table(results["tuning"])
     run = results.get("run")
     if run:
+        n = sum(len(table["replicates"]) for table in results["worlds"].values())
         text += (
-            f"\n{len(results['replicates'])} test replicates (seed × data order); this invocation "
-            f"{run['seconds']:.0f} s wall time with {run['workers']} workers (cached jobs are not rerun).\n"
+            f"\n{n} test replicates (world × seed × data order); this invocation {run['seconds']:.0f} s wall time "
+            f"with {run['workers']} workers (cached jobs are not rerun).\n"
         )
     return text
 
 
 def _plots(results: dict, out: Path) -> None:
+    """``fronts.png``: the test trajectories, a block of panels (one per replicate) per world; ``mra.png``: MRA
+    with intervals, one panel per world."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = results["methods"]
-    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(methods)}
-    replicates = results["replicates"]
-    cols = min(3, len(replicates))
-    rows = math.ceil(len(replicates) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.4 * rows), squeeze=False)
-    for ax, replicate in zip(axes.flat, replicates, strict=False):
-        for name, m in methods.items():
-            points = xy(m["per_replicate"][replicate]["points"])
-            ls = ":" if m["secondary"] else "-"
-            ax.plot(*zip(*points, strict=True), ls, marker="o", ms=2, lw=1, color=colors[name], label=name)
-        for level in results["levels"][replicate]:
-            ax.axvline(level, color="k", lw=0.3, alpha=0.3)
-        ax.set(xlim=(0, 1.02), ylim=(0, 1.1), xlabel='reward P(" sure,")', ylabel="ability kept (of SFT)")
-        ax.set_title(f"test trajectories, {replicate}")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(replicates) :]:
-        ax.axis("off")
+    worlds = results["worlds"]
+    names = list(dict.fromkeys(name for table in worlds.values() for name in table["methods"]))
+    colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
+    cols = min(3, max(len(table["replicates"]) for table in worlds.values()))
+    blocks = {world: math.ceil(len(table["replicates"]) / cols) for world, table in worlds.items()}
+    fig, axes = plt.subplots(sum(blocks.values()), cols, figsize=(5.2 * cols, 4.4 * sum(blocks.values())),
+                             squeeze=False)  # fmt: skip
+    row = 0
+    for world, table in worlds.items():
+        block = axes[row : row + blocks[world]].flat
+        for ax, replicate in zip(block, table["replicates"], strict=False):
+            for name, m in table["methods"].items():
+                points = xy(m["per_replicate"][replicate]["points"])
+                ls = ":" if m["secondary"] else "-"
+                ax.plot(*zip(*points, strict=True), ls, marker="o", ms=2, lw=1, color=colors[name], label=name)
+            for level in table["levels"][replicate]:
+                ax.axvline(level, color="k", lw=0.3, alpha=0.3)
+            ax.set(xlim=(0, 1.02), ylim=(0, 1.1), xlabel='reward P(" sure,")', ylabel="ability kept (of SFT)")
+            ax.set_title(f"test trajectories, {world} world, {replicate}")
+            ax.grid(alpha=0.3)
+        for ax in list(axes[row : row + blocks[world]].flat)[len(table["replicates"]) :]:
+            ax.axis("off")
+        row += blocks[world]
     axes.flat[0].legend(fontsize=6, ncol=2, loc="lower left")
     fig.tight_layout()
     fig.savefig(out / "fronts.png", dpi=100)
     plt.close(fig)
 
-    scored = [n for n, m in methods.items() if m["mra"] is not None]
-    if scored:
-        fig, ax = plt.subplots(figsize=(1 + 0.7 * len(scored), 3.8))
-        values = [methods[n]["mra"] for n in scored]
-        errors = [[v - methods[n]["mra_ci"][0] for n, v in zip(scored, values, strict=True)]]
-        errors.append([methods[n]["mra_ci"][1] - v for n, v in zip(scored, values, strict=True)])
-        ax.bar(scored, values, yerr=errors, color=[colors[n] for n in scored], capsize=3)
-        if "adamw" in scored:
+    scored = {
+        world: [n for n, m in table["methods"].items() if m["mra"] is not None] for world, table in worlds.items()
+    }
+    if not any(scored.values()):
+        return
+    width = 1 + 0.7 * max(len(names) for names in scored.values())
+    fig, axes = plt.subplots(len(worlds), 1, figsize=(width, 3.8 * len(worlds)), squeeze=False)
+    for ax, (world, table) in zip(axes.flat, worlds.items(), strict=True):
+        methods, shown = table["methods"], scored[world]
+        ax.set_title(f"{world} world")
+        if not shown:
+            continue
+        values = [methods[n]["mra"] for n in shown]
+        errors = [[v - methods[n]["mra_ci"][0] for n, v in zip(shown, values, strict=True)]]
+        errors.append([methods[n]["mra_ci"][1] - v for n, v in zip(shown, values, strict=True)])
+        ax.bar(shown, values, yerr=errors, color=[colors[n] for n in shown], capsize=3)
+        if "adamw" in shown:
             ax.axhline(methods["adamw"]["mra"], color="k", ls="--", lw=0.8)
         low, high = max(0, min(values) - 0.1), min(1.1, max(values) + 0.05)
         ax.set(ylabel="MRA (ability kept at matched reward)", ylim=(low, high))
         ax.tick_params(axis="x", rotation=60)
-        fig.tight_layout()
-        fig.savefig(out / "mra.png", dpi=100)
-        plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(out / "mra.png", dpi=100)
+    plt.close(fig)

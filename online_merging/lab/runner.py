@@ -35,6 +35,7 @@ _LATER_FIELDS = {
     "pairwise_normalized": False, "probe_entanglement": False, "neuron_k": 0.0, "unlearn_steps": 0,
     "noisy_token_percentile": 0.0, "seed": 0, "dare_rescale": True, "tau_mask": "once", "tau_clamp": 1.0,
     "ties_sign": "unweighted", "bema": (), "rpo_weight": 0.0, "ref_sync_alpha": 0.0, "ref_sync_steps": 0,
+    "pull": 0.0, "pull_unit": "lr", "pull_elements": "all",
 }  # fmt: skip
 """Fields added after version 1 and their defaults: in the key only when changed, so that earlier results stay
 valid."""
@@ -70,6 +71,9 @@ class RunConfig:
     tau_mask: str = "once"  # OnDARE: τ's mask drawn "once" or "every_step"
     tau_clamp: float | None = 1.0  # OnDARE: the sparsified τ clamped to ±this; None: not clamped
     ties_sign: str = "unweighted"  # OnTIES: sign elected from τ + Δ ("unweighted") or α·τ + (1−α)·Δ ("weighted")
+    pull: float = 0.0  # OnlineMergingAdam/SGD: each step θ += λ·(θ_sft − θ), λ = pull (× lr with pull_unit "lr")
+    pull_unit: str = "lr"  # or "absolute"
+    pull_elements: str = "all"  # or "kept" (the elements the update keeps), "consensus" (TIES sign consensus)
     momentum: float = 0.0
     pairwise_normalized: bool = False  # DPO with PairwiseNormalizedDPOTrainer
     neuron_k: float = 0.0  # ALLO: train only the top k fraction of neurons, located by a NEURON_PROBE_STEPS probe
@@ -187,6 +191,8 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
                       ref_model_sync_steps=run.ref_sync_steps)  # fmt: skip
     if run.trainer != "dpo" and (run.rpo_weight or run.ref_sync_steps):
         raise ValueError(f"Invalid trainer: {run.trainer!r} (rpo_weight and ref_sync_steps are DPO settings)")
+    if run.pull and run.optimizer == "adamw":
+        raise ValueError("Invalid optimizer: 'adamw' (the pull toward SFT is OnlineMergingAdam's: optimizer='adam')")
     if run.bema and run.unlearn_steps:
         raise ValueError("Invalid bema: BEMA is tracked along one training stage (expected unlearn_steps=0)")
     trainer_cls, extra = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[run.trainer], {}
@@ -215,6 +221,8 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
             merge_every=run.merge_every, seed=run.seed, dare_rescale=run.dare_rescale, tau_mask=run.tau_mask,
             tau_clamp=run.tau_clamp, ties_sign=run.ties_sign,
         )  # fmt: skip
+        if run.pull:
+            settings.update(pull=run.pull, pull_unit=run.pull_unit, pull_elements=run.pull_elements)
         if run.optimizer == "sgd":
             settings["momentum"] = run.momentum
         if masks is not None:
