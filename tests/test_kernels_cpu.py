@@ -1,12 +1,14 @@
 """The fused C++ CPU backend against the eager backend (same math, float32)."""
 
+import itertools
+
 import pytest
 import torch
 
 from online_merging import OnlineMergingAdam, TaskVector
 from online_merging.kernels import cpu, eager
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import num_kept, sparsify, topp_mask
+from online_merging.merging import PendingCut, num_kept, sparsify, topk_cut, topp_mask
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
 from tests.backend_calls import adam_step, sgd_step
 
@@ -237,3 +239,79 @@ def test_a_group_of_fused_and_eager_tensors_steps_each_as_its_own(merge):
         alone = cpu if kinds[i] == "float32" else eager
         assert alone.step(plan, [record]) == [None]
         assert torch.equal(together[i].param, record.param), kinds[i]
+
+
+PULL_ROUTES = {
+    "plain": dict(merge=None),
+    "ondare": dict(merge="ondare", reserve_p=0.3, alpha=0.1),
+    "ondare-p1": dict(merge="ondare", reserve_p=1.0, alpha=0.2, tau_clamp=None),
+    "onties": dict(merge="onties", reserve_p=0.3, alpha=0.1),
+    "stepK-ondare": dict(merge="ondare", reserve_p=0.3, alpha=0.1, merge_every=2),
+    "stepK-onties": dict(merge="onties", reserve_p=0.2, alpha=0.3, merge_every=2, ties_sign="weighted"),
+}
+PULL_HYPER = {
+    "adam": {"lr": 1e-2, "eps": 1e-3, "weight_decay": 0.1},
+    "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01},
+}
+
+
+class _NoEager:
+    """Stands in for ``eager`` in cpu.py: a fallback to it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the CPU backend fell back to eager.{name}")
+
+
+def _pulled_run(module, opt, settings, *, masked, bounds, steps=4):
+    """``steps`` steps of a flat tensor stepped as the pieces [bounds[j], bounds[j + 1]) (one piece: whole), pulled
+    toward an anchor θ_sft some way off; OnTIES's pieces merged with the whole tensor's cut of their joined Δ."""
+    gen = torch.Generator().manual_seed(9)
+    n = bounds[-1]
+    param = torch.randn(n, generator=gen)
+    anchor = param + 0.2 * torch.randn(n, generator=gen)
+    tau = 0.05 * torch.randn(n, generator=gen)
+    if opt == "adam":
+        state = {"exp_avg": 0.1 * torch.randn(n, generator=gen), "exp_avg_sq": 0.01 * torch.rand(n, generator=gen)}
+    else:
+        state = {"momentum_buffer": torch.zeros(n)}
+    if settings.merge_every > 1:
+        state["merge_buffer"] = torch.zeros(n)
+    mask = torch.rand(n, generator=gen) < 0.7 if masked else None
+    plan = Plan(opt, settings, **PULL_HYPER[opt])
+    k = num_kept(settings.reserve_p, n)
+    whole_tau_cut = sparsify.topk_cut(tau, k)
+    pieces = list(itertools.pairwise(bounds))
+    for step in range(1, steps + 1):
+        grad = torch.randn(n, generator=gen)
+        records = []
+        for lo, hi in pieces:
+            where = {}
+            if len(pieces) > 1:
+                where = dict(offset=lo, update_cut=PendingCut(offset=lo, k=k, numel=n), tau_cut=lambda x: whole_tau_cut)
+            records.append(Record(
+                param[lo:hi], grad[lo:hi], step, **{key: value[lo:hi] for key, value in state.items()},
+                first_momentum=step == 1, tau=tau[lo:hi], name="w", mask=None if mask is None else mask[lo:hi],
+                anchor=anchor[lo:hi], **where,
+            ))  # fmt: skip
+        totals = module.step(plan, records)
+        if totals[0] is not None:  # OnTIES's pieces on a merge step
+            cut = topk_cut(torch.cat(totals), k)
+            for record, total in zip(records, totals, strict=True):
+                module.ties_merge(plan, record, total, cut, plan.tau_cut(record))
+    return {"param": param, **state}
+
+
+@pytest.mark.parametrize("elements", ["all", "kept", "consensus"])
+@pytest.mark.parametrize("route", list(PULL_ROUTES))
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+@pytest.mark.parametrize(("masked", "bounds"), [(False, (0, 3233)), (True, (0, 3233)), (True, (0, 1000, 1001, 3233))])
+def test_pull_matches_eager_fused(monkeypatch, elements, route, opt, masked, bounds):
+    """The pull toward θ_sft in the kernel (no fallback to eager) as in eager: each of its modes on each route,
+    whole tensors and pieces, masked or not."""
+    settings = MergeSettings(**{**MERGE_DEFAULTS, **PULL_ROUTES[route], "pull": 0.05, "pull_unit": "absolute",
+                                "pull_elements": elements})  # fmt: skip
+    reference = _pulled_run(eager, opt, settings, masked=masked, bounds=bounds)
+    monkeypatch.setattr(cpu, "eager", _NoEager())
+    fused = _pulled_run(cpu, opt, settings, masked=masked, bounds=bounds)
+    for key, expected in reference.items():
+        torch.testing.assert_close(fused[key], expected, rtol=1e-5, atol=1e-6 / settings.reserve_p, msg=key)

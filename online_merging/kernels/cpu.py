@@ -6,10 +6,11 @@ selected among the elements that a bracket around the tensor's previous threshol
 when the bracket missed (the first step, a sudden change), by a radix selection over the buffer (``topk_cut``).
 τ's cut is computed once per τ tensor. A piece of a larger tensor (see ``plan.Record``) returns its update for the
 functional layer to select the whole tensor's cut, and is merged by ``ties_merge``. A mask (masked updates) is one
-more input of the same passes, read as one bool per element. float32 parameters (with float32 or bfloat16 τ) run
-fused; other dtypes and non-contiguous tensors are stepped by the eager backend. A tensor below 2**19 elements, or
-at most a quarter of the group's per thread and 2**24 elements, is stepped whole by one thread; larger ones are
-split over the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
+more input of the same passes, read as one bool per element; so is the anchor θ_sft of the pull toward the SFT
+model, added where θ is written (OnTIES: in the merge). float32 parameters (with float32 or bfloat16 τ) run fused;
+other dtypes and non-contiguous tensors are stepped by the eager backend. A tensor below 2**19 elements, or at most
+a quarter of the group's per thread and 2**24 elements, is stepped whole by one thread; larger ones are split over
+the threads. Set ``ONLINE_MERGING_PORTABLE=1`` to compile without ``-march=native``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ __all__ = ["step", "ties_merge", "topk_cut"]
 
 PLAIN, DARE, ACCUMULATE, DARE_MERGE, WRITE_TOTAL, WRITE_TOTAL_MERGE, TIES, TIES_MERGE = range(8)  # fused_cpu.cpp
 NO_GUESS, HIT, MISSED, TOO_WIDE = range(4)  # what became of a guessed OnTIES threshold (Guess in fused_cpu.cpp)
+PULL_ELEMENTS = {"all": 0, "kept": 1, "consensus": 2}  # PullElements in fused_cpu.cpp
 
 
 def _compile():
@@ -63,8 +65,6 @@ WIDTHS = (2.0**-9, 2.0**-2)  # the narrowest and widest brackets, relative to th
 def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
     """Same contract as :func:`online_merging.kernels.eager.step`: one call for the records the kernel can step
     (float32 contiguous tensors, τ float32 or bfloat16, mask bool), the eager backend for the rest."""
-    if plan.w_pull != 0.0:  # the pull toward the SFT model is not fused yet
-        return eager.step(plan, records)
     results: list[torch.Tensor | None] = [None] * len(records)
     stepped = _step_fused(plan, records, results)
     left = [i for i, done in enumerate(stepped) if not done]
@@ -77,15 +77,14 @@ def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
     """Same contract as :func:`online_merging.kernels.eager.ties_merge`: the kernel's merge, or the eager one for
     tensors the kernel cannot step."""
-    if plan.w_pull != 0.0:
-        return eager.ties_merge(plan, record, total, update_cut, tau_cut)
     _, carry = plan.route(record)
     buffer = record.merge_buffer if carry == "roll_back" else None
     n, offset = record.param.numel(), record.offset
     weighted = plan.settings.ties_sign == "weighted"
     merged = _ext.ties_merge(
         record.param, buffer, total, record.tau, _piece_cut(update_cut, offset, n), _piece_cut(tau_cut, offset, n),
-        plan.decay, plan.w_update, plan.w_tau, weighted, record.mask,
+        plan.decay, plan.w_update, plan.w_tau, weighted, record.mask, _anchor(plan, record), plan.w_pull,
+        PULL_ELEMENTS[plan.settings.pull_elements],
     )  # fmt: skip
     if not merged:
         eager.ties_merge(plan, record, total, update_cut, tau_cut)
@@ -131,7 +130,7 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
         else:
             step_size = sqrt_bias2 = 0.0
             tensors += (r.param, r.grad, r.momentum_buffer if momentum else None, None, None)
-        tensors += (r.merge_buffer if carry else None, r.tau if merge else None, r.mask, total)
+        tensors += (r.merge_buffer if carry else None, r.tau if merge else None, r.mask, total, _anchor(plan, r))
         ints += (mode, r.offset, *keys[0], *keys[1], k, *tau_cut)
         floats += (step_size, sqrt_bias2, float(r.first_momentum), *guess)
     found, guessed, stepped = _ext.step_group(
@@ -139,13 +138,19 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
         lr=plan.lr, momentum=plan.momentum, dampening=plan.dampening, weight_decay=plan.weight_decay,
         nesterov=plan.nesterov, maximize=plan.maximize, decay=plan.decay, update_weight=plan.w_update,
         tau_weight=plan.w_tau, dare_scale=plan.dare_scale, clamp=plan.settings.tau_clamp or 0.0,
-        threshold=plan.dare_threshold, weighted=plan.settings.ties_sign == "weighted",
+        threshold=plan.dare_threshold, weighted=plan.settings.ties_sign == "weighted", pull=plan.w_pull,
+        pull_elements=PULL_ELEMENTS[plan.settings.pull_elements],
     )  # fmt: skip
     if len(_thresholds) > 2**16:  # addresses of tensors long gone
         _thresholds.clear()
     for i, key, guess in guesses:
         _learn(key, found[i], guess, guessed[i], plan.lr)
     return stepped
+
+
+def _anchor(plan: Plan, record: Record) -> torch.Tensor | None:
+    """The record's θ_sft when the step pulls θ toward it, else ``None``."""
+    return record.anchor if plan.w_pull != 0.0 else None
 
 
 def _guess(key: tuple[int, int, int], lr: float) -> tuple[float, float]:

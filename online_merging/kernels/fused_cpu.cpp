@@ -8,10 +8,14 @@
 // scratch buffer; a second pass merges. The answer is the same whatever the guess.
 // Element i's random bits, with g = offset + i its index in the whole parameter (the tensor may be a piece):
 //   bits(g) = lowbias32(lo32(g) ^ k),  k = lowbias32(hi32(g) ^ k2) ^ k1,  kept iff bits < threshold.
-// The loops are branch-free (modes and flags are template parameters) so that the compiler vectorises them.
+// The loops are branch-free (modes and flags are template parameters) so that the compiler vectorises them; what
+// they call is always inlined, which the many instantiations would otherwise exhaust GCC's inlining budget for.
 // Masked updates (ALLO): with an element mask `keep` (bool per element, MASKED template flag), an element whose
 // keep is false keeps θ and every state value (moments, momentum, step-K buffer) and counts as Δ = 0 in OnTIES's
 // top-p; without one (MASKED = false) `on` is the constant true and the loops are the unmasked ones.
+// The pull toward the SFT model (PULL template flag, a slot with an anchor θ_sft): P = λ·(θ_sft − θ), θ before the
+// step, joins the merged update F where ``pull_elements`` says (see with_pull); OnTIES adds it in its merge pass,
+// which reads θ before the step as well.
 // A tensor is stepped whole by one thread (the threads take the group's tensors in turn) when it is small (below
 // kWhole elements) or a small share of the group (at most 1/(4·threads), and at most kWholeMax elements, which
 // bounds each thread's OnTIES scratch buffer): its passes then stay in the thread's caches. Other tensors are
@@ -105,6 +109,8 @@ struct Group {
   float update_scale, tau_scale;                                         // DARE's: its weight times 1/p, and 1/p
   uint32_t threshold;                                                    // DARE keeps bits below it
   bool keep_all;
+  float pull;                                                            // λ of the pull toward θ_sft
+  bool pull_all, pull_consensus;                                         // pull_elements "all", "consensus"
 };
 
 // One tensor (a parameter or a piece of one); state it does not use is null.
@@ -118,7 +124,8 @@ struct Slot {
   const void* tau;
   bool tau_bf16;
   const uint8_t* keep;
-  float* total;  // a piece's Δ, for OnTIES's cut of the whole tensor
+  float* total;         // a piece's Δ, for OnTIES's cut of the whole tensor
+  const float* anchor;  // θ_sft, or null: no pull
   int64_t n;
   int mode;
   uint32_t k1u, k2u, k1t, k2t;  // keys of the update's and τ's draws
@@ -132,6 +139,21 @@ struct Slot {
   int guessed;         // what became of the guess: a Guess
 };
 
+// What pull_elements is in the C++ call.
+enum PullElements : int { kPullAll = 0, kPullKept = 1, kPullConsensus = 2 };
+
+// F + P as eager.with_pull: F + P where `add` (every element for "all", those the update's sparsification kept
+// for "kept"), or, where `consensus` is all ones, TIES's sign consensus of F and P, + 0·F. The sign elected from a
+// NaN sum is NaN in torch, which no sign equals: nothing is kept there. A bit blend, not a branch: GCC vectorises.
+[[gnu::always_inline]] inline float with_pull(float f, float p, bool add, uint32_t consensus) {
+  const float sum = f + p;
+  const int elected = sign(sum);
+  const bool voted = sum == sum;
+  const float agreed =
+      ((voted & (sign(f) == elected) ? f : 0.f) + (voted & (sign(p) == elected) ? p : 0.f)) + f * 0.f;
+  return pick(consensus, agreed, f + (add ? p : 0.f));
+}
+
 // Adam: updates the moments of element i and returns Δ_i.
 template <bool AMSGRAD>
 struct AdamRule {
@@ -144,7 +166,7 @@ struct AdamRule {
   // The same operations in the same order as torch's AdamW (lerp, addcmul, sqrt / bc2 + eps), so that with
   // -ffp-contract=off the update is bit-identical to the eager backend's.
   // Masked out (on = 0): the moments keep their values and Δ = 0.
-  inline float operator()(int64_t i, float, uint32_t on) const {
+  [[gnu::always_inline]] inline float operator()(int64_t i, float, uint32_t on) const {
     const float g = grad[i] * grad_sign;
     const float m_old = exp_avg[i];
     const float m = m_old + one_minus_beta1 * (g - m_old);
@@ -170,7 +192,7 @@ struct SgdRule {
   float* __restrict__ momentum_buffer;
   float lr, momentum, one_minus_dampening, weight_decay, grad_sign, nesterov, first;
 
-  inline float operator()(int64_t i, float theta, uint32_t on) const {
+  [[gnu::always_inline]] inline float operator()(int64_t i, float theta, uint32_t on) const {
     float g = grad[i] * grad_sign + weight_decay * theta;
     if (MOMENTUM) {
       const float previous = momentum_buffer[i];
@@ -182,7 +204,7 @@ struct SgdRule {
   }
 };
 
-template <int MODE, bool MASKED, typename Rule, typename T>
+template <int MODE, bool MASKED, bool PULL, typename Rule, typename T>
 void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __restrict__ tau,
                  float* __restrict__ out, int64_t begin, int64_t end) {
   // Local copies: loop invariants the compiler can keep in registers (stores to param could alias them).
@@ -190,10 +212,12 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
   float* __restrict__ param = s.param;
   float* __restrict__ buffer = s.buffer;
   const uint8_t* __restrict__ keep = s.keep;
+  const float* __restrict__ anchor = s.anchor;
   const float decay = g.decay, update_scale = g.update_scale, alpha = g.tau_weight, tau_scale = g.tau_scale;
-  const float clamp = g.clamp;
+  const float clamp = g.clamp, pull = g.pull;
   const uint32_t threshold = g.threshold;
-  const bool keep_all = g.keep_all;
+  const bool keep_all = g.keep_all, pull_all = g.pull_all;
+  const uint32_t pull_consensus = 0u - static_cast<uint32_t>(g.pull_consensus);
   const int64_t offset = s.offset;
   for (int64_t lo = begin; lo < end;) {
     const uint32_t hi = static_cast<uint32_t>((offset + lo) >> 32);
@@ -217,8 +241,9 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
         continue;
       }
       float theta = old * decay;
+      const float p = PULL ? (anchor[i] - old) * pull : 0.f;
       if (MODE == kPlain || MODE == kAccumulate) {
-        theta += delta;
+        theta += PULL ? with_pull(delta, p, true, pull_consensus) : delta;
         if (MODE == kAccumulate) {
           const float accumulated = buffer[i];
           buffer[i] = pick(on, accumulated + delta, accumulated);
@@ -235,7 +260,8 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
         const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
         const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
         // + 0·total: a non-finite update reaches θ even where DARE drops it (as eager.merge_update)
-        theta += ((keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f)) + total * 0.f;
+        const float merged = ((keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f)) + total * 0.f;
+        theta += PULL ? with_pull(merged, p, keep_update | pull_all, pull_consensus) : merged;
       }
       param[i] = pick(on, theta, old);
     }
@@ -393,16 +419,19 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
   return radix_select(x, n, k);
 }
 
-// θ ← decay·θ − Δc + (1−α)·a' + α·b', with a = T(total), b = T(τ) and a', b' their elements that agree with the
-// elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass. The cuts are in local indices: a piece's caller
-// shifts the whole tensor's cutoff by the piece's offset and clamps it to [-1, n].
-template <bool BUFFER, bool MASKED, typename T>
+// θ ← decay·θ − Δc + (1−α)·a' + α·b' [with the pull], with a = T(total), b = T(τ) and a', b' their elements that
+// agree with the elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass. The cuts are in local indices: a
+// piece's caller shifts the whole tensor's cutoff by the piece's offset and clamps it to [-1, n].
+template <bool BUFFER, bool MASKED, bool PULL, typename T>
 void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const float* __restrict__ total,
                 std::array<int64_t, 2> update_cut, std::array<int64_t, 2> tau_cut, int64_t begin, int64_t end) {
   float* __restrict__ param = s.param;
   float* __restrict__ buffer = s.buffer;
   const uint8_t* __restrict__ keep = s.keep;
-  const float decay = g.decay, wu = g.update_weight, wt = g.tau_weight;
+  const float* __restrict__ anchor = s.anchor;
+  const float decay = g.decay, wu = g.update_weight, wt = g.tau_weight, pull = g.pull;
+  const bool pull_all = g.pull_all;
+  const uint32_t pull_consensus = 0u - static_cast<uint32_t>(g.pull_consensus);
   const uint32_t update_threshold = static_cast<uint32_t>(update_cut[0]);
   const uint32_t tau_threshold = static_cast<uint32_t>(tau_cut[0]);
   const float wa = g.weighted ? wu : 1.f, wb = g.weighted ? wt : 1.f;
@@ -425,17 +454,19 @@ void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const 
       const float a = keep_x ? x : 0.f;
       const float b = keep_t ? t : 0.f;
       const int sgn = sign(wa * a + wb * b);
-      const float merged =
-          (wu * (sign(a) == sgn ? a : 0.f) + wt * (sign(b) == sgn ? b : 0.f)) + x * 0.f;  // 0·x: see DARE
+      const float consensus = wu * (sign(a) == sgn ? a : 0.f) + wt * (sign(b) == sgn ? b : 0.f);
       const uint32_t on = on_bits<MASKED>(keep, i);
       const float old = param[i];
-      float theta = old * decay + merged;
+      const float pulled =
+          PULL ? with_pull(consensus, (anchor[i] - old) * pull, keep_x | pull_all, pull_consensus) : consensus;
+      const float merged = pulled + x * 0.f;  // 0·x: see DARE
+      float theta = old * decay;  // (decay·θ − Δc) + merged, in eager's order
       if (BUFFER) {
         const float accumulated = buffer[i];
         theta -= accumulated;
         buffer[i] = pick(on, 0.f, accumulated);
       }
-      param[i] = pick(on, theta, old);
+      param[i] = pick(on, theta + merged, old);
     }
     lo = range_end;
   }
@@ -471,23 +502,33 @@ void with_mask(const Slot& s, F&& f) {
   f(std::false_type{});
 }
 
+// Calls f with std::true_type when the slot is pulled toward its anchor, else std::false_type.
+template <typename F>
+void with_anchor(const Slot& s, F&& f) {
+  if (s.anchor) return f(std::true_type{});
+  f(std::false_type{});
+}
+
 // The first pass of elements [begin, end) in `mode` (kTies and kTiesMerge: their first pass, writing Δ to out).
 void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t begin, int64_t end) {
   with_rule(g, s, [&](const auto& rule) {
     with_mask(s, [&](auto masked) {
-      constexpr bool M = decltype(masked)::value;
-      const float* none = nullptr;
-      switch (mode) {
-        case kPlain: return fused_range<kPlain, M>(rule, g, s, none, out, begin, end);
-        case kAccumulate: return fused_range<kAccumulate, M>(rule, g, s, none, out, begin, end);
-        case kWriteTotal:
-        case kTies: return fused_range<kWriteTotal, M>(rule, g, s, none, out, begin, end);
-        case kWriteTotalMerge:
-        case kTiesMerge: return fused_range<kWriteTotalMerge, M>(rule, g, s, none, out, begin, end);
-        case kDare: return with_tau(s, [&](auto t) { fused_range<kDare, M>(rule, g, s, t, out, begin, end); });
-        case kDareMerge:
-          return with_tau(s, [&](auto t) { fused_range<kDareMerge, M>(rule, g, s, t, out, begin, end); });
-      }
+      with_anchor(s, [&](auto pulled) {
+        constexpr bool M = decltype(masked)::value, P = decltype(pulled)::value;
+        const float* none = nullptr;
+        switch (mode) {
+          case kPlain: return fused_range<kPlain, M, P>(rule, g, s, none, out, begin, end);
+          case kAccumulate: return fused_range<kAccumulate, M, P>(rule, g, s, none, out, begin, end);
+          case kWriteTotal:  // θ is not written: no pull
+          case kTies: return fused_range<kWriteTotal, M, false>(rule, g, s, none, out, begin, end);
+          case kWriteTotalMerge:
+          case kTiesMerge: return fused_range<kWriteTotalMerge, M, false>(rule, g, s, none, out, begin, end);
+          case kDare:
+            return with_tau(s, [&](auto t) { fused_range<kDare, M, P>(rule, g, s, t, out, begin, end); });
+          case kDareMerge:
+            return with_tau(s, [&](auto t) { fused_range<kDareMerge, M, P>(rule, g, s, t, out, begin, end); });
+        }
+      });
     });
   });
 }
@@ -496,9 +537,11 @@ void merge_range(const Group& g, const Slot& s, const float* total, std::array<i
                  std::array<int64_t, 2> tau_cut, bool roll_back, int64_t begin, int64_t end) {
   with_tau(s, [&](auto t) {
     with_mask(s, [&](auto masked) {
-      constexpr bool M = decltype(masked)::value;
-      if (roll_back) return ties_range<true, M>(g, s, t, total, update_cut, tau_cut, begin, end);
-      ties_range<false, M>(g, s, t, total, update_cut, tau_cut, begin, end);
+      with_anchor(s, [&](auto pulled) {
+        constexpr bool M = decltype(masked)::value, P = decltype(pulled)::value;
+        if (roll_back) return ties_range<true, M, P>(g, s, t, total, update_cut, tau_cut, begin, end);
+        ties_range<false, M, P>(g, s, t, total, update_cut, tau_cut, begin, end);
+      });
     });
   });
 }
@@ -585,12 +628,13 @@ float* data_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_
 }  // namespace
 
 using Tensors = std::vector<c10::optional<torch::Tensor>>;
-constexpr size_t kTensors = 9;  // per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total
-constexpr size_t kInts = 9;     // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
-constexpr size_t kFloats = 5;   // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
+constexpr size_t kTensors = 10;  // per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total, anchor
+constexpr size_t kInts = 9;      // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
+constexpr size_t kFloats = 5;    // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
 
 // Whether this kernel can read and write a tensor given as these kTensors entries: every one that is given (param
-// must be) contiguous, on the CPU, float32 (τ float32 or bfloat16, the keep mask bool) and shaped like param.
+// must be) contiguous, on the CPU, float32 (τ float32 or bfloat16, the keep mask bool) and shaped like param; an
+// anchor too (θ_sft, in the param's dtype).
 bool fusable(const c10::optional<torch::Tensor>* t) {
   if (!t[0] || t[0]->numel() == 0) return false;
   const int64_t n = t[0]->numel();
@@ -610,7 +654,7 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
     bool adam, Tensors tensors, std::vector<int64_t> ints, std::vector<double> floats, double beta1, double beta2,
     double eps, bool amsgrad, double lr, double momentum, double dampening, double weight_decay, bool nesterov,
     bool maximize, double decay, double update_weight, double tau_weight, double dare_scale, double clamp,
-    int64_t threshold, bool weighted) {
+    int64_t threshold, bool weighted, double pull, int64_t pull_elements) {
   const size_t count = tensors.size() / kTensors;
   TORCH_CHECK(tensors.size() == kTensors * count && ints.size() == kInts * count && floats.size() == kFloats * count,
               kTensors, " tensors, ", kInts, " ints and ", kFloats, " floats per parameter");
@@ -623,7 +667,9 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
                 maximize ? -1.f : 1.f, static_cast<float>(decay), clamp > 0 ? static_cast<float>(clamp) : INFINITY,
                 static_cast<float>(update_weight), static_cast<float>(tau_weight),
                 static_cast<float>(update_weight * dare_scale), static_cast<float>(dare_scale),
-                keep_all ? 0u : static_cast<uint32_t>(threshold), keep_all};
+                keep_all ? 0u : static_cast<uint32_t>(threshold), keep_all, static_cast<float>(pull),
+                pull_elements == kPullAll, pull_elements == kPullConsensus};
+  TORCH_CHECK(pull_elements >= kPullAll && pull_elements <= kPullConsensus, "unknown pull_elements ", pull_elements);
   std::vector<Slot> slots;
   std::vector<size_t> stepped_index;
   std::vector<bool> stepped(count, false);
@@ -654,7 +700,7 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
                          data_or_null(t[4]), data_or_null(t[5]), t[6] ? t[6]->data_ptr() : nullptr,
                          t[6] && t[6]->scalar_type() == at::kBFloat16,
                          t[7] ? reinterpret_cast<const uint8_t*>(t[7]->data_ptr<bool>()) : nullptr,
-                         data_or_null(t[8]), n, mode,
+                         data_or_null(t[8]), data_or_null(t[9]), n, mode,
                          static_cast<uint32_t>(in[2]), static_cast<uint32_t>(in[3]), static_cast<uint32_t>(in[4]),
                          static_cast<uint32_t>(in[5]), in[1], static_cast<float>(fl[0]), static_cast<float>(fl[1]),
                          static_cast<float>(fl[2]), in[6], {in[7], in[8]}, static_cast<float>(fl[3]),
@@ -686,11 +732,14 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
 // tensors this kernel cannot read or write (see ``fusable``).
 bool ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
                 std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double update_weight,
-                double tau_weight, bool weighted, c10::optional<torch::Tensor> keep) {
-  const c10::optional<torch::Tensor> tensors[kTensors] = {param, {}, {}, {}, {}, merge_buffer, tau, keep, total};
+                double tau_weight, bool weighted, c10::optional<torch::Tensor> keep,
+                c10::optional<torch::Tensor> anchor, double pull, int64_t pull_elements) {
+  const c10::optional<torch::Tensor> tensors[kTensors] = {param, {}, {}, {}, {}, merge_buffer, tau, keep, total,
+                                                          anchor};
   if (!fusable(tensors)) return false;
   const int64_t n = param.numel();
   TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");
+  TORCH_CHECK(pull_elements >= kPullAll && pull_elements <= kPullConsensus, "unknown pull_elements ", pull_elements);
   for (const auto& cut : {update_cut, tau_cut}) {
     TORCH_CHECK(cut[0] >= 0 && cut[0] <= 0xFFFFFFFFll, "cut threshold must be a uint32 bit pattern");
     TORCH_CHECK(cut[1] >= -1 && cut[1] <= n, "cut cutoff must be a local index in [-1, numel]");
@@ -700,12 +749,16 @@ bool ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   g.update_weight = static_cast<float>(update_weight);
   g.tau_weight = static_cast<float>(tau_weight);
   g.weighted = weighted;
+  g.pull = static_cast<float>(pull);
+  g.pull_all = pull_elements == kPullAll;
+  g.pull_consensus = pull_elements == kPullConsensus;
   Slot s{};
   s.param = param.data_ptr<float>();
   s.buffer = data_or_null(merge_buffer);
   s.tau = tau.data_ptr();
   s.tau_bf16 = tau.scalar_type() == at::kBFloat16;
   s.keep = keep ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
+  s.anchor = data_or_null(anchor);
   s.n = n;
   const float* x = total.data_ptr<float>();
   const std::array<int64_t, 2> uc{update_cut[0], update_cut[1]}, tc{tau_cut[0], tau_cut[1]};
@@ -742,7 +795,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("amsgrad"), py::arg("lr"), py::arg("momentum"),
         py::arg("dampening"), py::arg("weight_decay"), py::arg("nesterov"), py::arg("maximize"), py::arg("decay"),
         py::arg("update_weight"), py::arg("tau_weight"), py::arg("dare_scale"), py::arg("clamp"), py::arg("threshold"),
-        py::arg("weighted"));
+        py::arg("weighted"), py::arg("pull"), py::arg("pull_elements"));
   m.def("topk_threshold", &topk_threshold_of, "Exact top-k |x| threshold: (T, tie cutoff index, guess)", py::arg("x"),
         py::arg("k"), py::arg("guess") = NAN, py::arg("width") = 0.0);
   m.def("ties_merge", &ties_merge,
