@@ -13,6 +13,7 @@ import torch
 import online_merging.kernels as kernels
 from online_merging.kernels import eager
 from online_merging.kernels.plan import Plan, Record
+from online_merging.merging import PendingCut, num_kept, topk_cut
 from online_merging.rng import STREAM_UPDATE, keep_threshold, random_bits, tensor_key
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
 from tests.backend_calls import adam_step, sgd_step
@@ -249,6 +250,67 @@ def test_a_group_is_stepped_in_one_launch_per_signature(backend, monkeypatch, op
         assert_matches({key: getattr(grouped, key) for key in expected}, expected)
 
 
+PULLED = {  # name: (optimizer, merge settings, masked, as two pieces)
+    "plain-all": ("adam", {"merge": None, "pull_elements": "all"}, False, False),
+    "ondare-kept-masked": ("sgd", {**MIXED, "pull_elements": "kept"}, True, False),
+    "stepK-ondare-consensus": ("adam", {**MIXED, "merge_every": 2, "pull_elements": "consensus"}, False, False),
+    "onties-kept-masked": ("adam", {**MIXED, "merge": "onties", "pull_elements": "kept"}, True, False),
+    "stepK-onties-consensus": (
+        "sgd", {**MIXED, "merge": "onties", "merge_every": 2, "ties_sign": "weighted", "pull_elements": "consensus"},
+        False, False,
+    ),
+    "onties-pieces-all": ("adam", {**MIXED, "merge": "onties", "pull_elements": "all"}, True, True),
+}  # fmt: skip
+
+
+def run_pulled(module, opt, settings, *, masked, pieces, steps=4):
+    """``steps`` steps of a 1100-element tensor (or of its pieces [0, 400) and [400, 1100), OnTIES's merged with
+    the whole tensor's cut of their joined Δ), pulled toward an anchor θ_sft some way off; the state at the end."""
+    gen = torch.Generator().manual_seed(13)
+    n, hyper = 1100, hyper_of(opt)
+    state = make_state(opt, (n,), torch.float32, settings, hyper, gen)
+    anchor = state["param"] + 0.2 * torch.randn(n, generator=gen)
+    tau = 0.5 * torch.randn(n, generator=gen)
+    mask = torch.rand(n, generator=gen) < 0.7 if masked else None
+    plan = Plan(opt, settings, **hyper)
+    k = num_kept(settings.reserve_p, n)
+    tau_cut = topk_cut(tau, k)
+    bounds = [(0, 400), (400, n)] if pieces else [(0, n)]
+    for step in range(1, steps + 1):
+        grad = torch.randn(n, generator=gen)
+        records = []
+        for lo, hi in bounds:
+            where = {}
+            if pieces:
+                where = dict(offset=lo, update_cut=PendingCut(offset=lo, k=k, numel=n), tau_cut=lambda x: tau_cut)
+            tensors = {key: value[lo:hi] for key, value in state.items() if key != "param"}
+            records.append(Record(
+                state["param"][lo:hi], grad[lo:hi], step, **tensors, first_momentum=step == 1, tau=tau[lo:hi],
+                name="block.weight", mask=None if mask is None else mask[lo:hi], anchor=anchor[lo:hi], **where,
+            ))  # fmt: skip
+        totals = module.step(plan, records)
+        if totals[0] is not None:  # OnTIES's pieces on a merge step
+            cut = topk_cut(torch.cat(totals), k)
+            for record, total in zip(records, totals, strict=True):
+                module.ties_merge(plan, record, total, cut, plan.tau_cut(record))
+    return state
+
+
+@pytest.mark.parametrize("case", list(PULLED))
+def test_pull_matches_eager(backend, monkeypatch, case):
+    """The pull toward θ_sft in the kernels (eager's step and merge are not called) as in eager."""
+    opt, overrides, masked, pieces = PULLED[case]
+    settings = merge_settings(**overrides, pull=0.05, pull_unit="absolute")
+    reference = run_pulled(eager, opt, settings, masked=masked, pieces=pieces)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton backend stepped eagerly")
+
+    monkeypatch.setattr(eager, "step", fail)
+    monkeypatch.setattr(eager, "ties_merge", fail)
+    assert_matches(run_pulled(backend, opt, settings, masked=masked, pieces=pieces), reference)
+
+
 def test_kernels_compile_for_a_gpu():
     """The kernels pass Triton's compiler and ptxas for an H100 (sm_90), in a process without the interpreter
     (``tests/triton_ptx.py``); a group's aligned tensors get 128-bit loads, which only the alignment hint gives."""
@@ -259,7 +321,8 @@ def test_kernels_compile_for_a_gpu():
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     loads = json.loads(run.stdout.splitlines()[-1])
-    assert len(loads) == 5 and loads["adam_ondare"] > 0 and loads["adam_ondare_unaligned"] == 0, loads
+    assert len(loads) == 7 and loads["adam_ondare"] > 0 and loads["adam_ondare_unaligned"] == 0, loads
+    assert loads["adam_ondare_pull_kept"] > 0, loads
 
 
 def test_selected_on_cpu_under_the_interpreter(backend):

@@ -17,21 +17,21 @@ from triton.compiler import ASTSource
 from online_merging.kernels import triton as backend
 
 TARGET = GPUTarget("cuda", 90, 32)  # an H100
-TYPES = {f"T_{name}": tl.float32 for name in ("PARAM", "GRAD", "STATE1", "STATE2", "STATE3", "BUFFER")}
+TYPES = {f"T_{name}": tl.float32 for name in ("PARAM", "GRAD", "STATE1", "STATE2", "STATE3", "BUFFER", "ANCHOR")}
 FLAGS = {
     "DARE": True, "DROP": True, "RESCALE": True, "WITH_TAU": True, "CLAMP": True, "TO_SCRATCH": False,
-    "ACCUMULATE": False, "ROLL_BACK": False, "MASKED": False, "ALIGNED": True, "LOG": 7, "BLOCK": 1024,
+    "ACCUMULATE": False, "ROLL_BACK": False, "MASKED": False, "PULL": 0, "ALIGNED": True, "LOG": 7, "BLOCK": 1024,
 }  # fmt: skip
 MERGE = {"table": "*i64", "records": "i64", "decay": "fp32", "threshold": "i64", "p": "fp32", "w_update": "fp32",
-         "w_tau": "fp32", "tau_clamp": "fp32", **TYPES, "T_TAU": tl.bfloat16, **FLAGS}  # fmt: skip
+         "w_tau": "fp32", "tau_clamp": "fp32", "pull": "fp32", **TYPES, "T_TAU": tl.bfloat16, **FLAGS}  # fmt: skip
 ADAM = {**MERGE, "lerp_weight": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32", "AMSGRAD": False,
         "MAXIMIZE": False}  # fmt: skip
 SGD = {**MERGE, "neg_lr": "fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32",
        "MAXIMIZE": True, "WEIGHT_DECAY": True, "MOMENTUM": True, "FIRST_STEP": False, "NESTEROV": True}  # fmt: skip
 ONTIES = {"param_ptr": "*fp32", "total_ptr": "*fp32", "tau_ptr": "*bf16", "update_keep_ptr": "*u8",
-          "tau_keep_ptr": "*u8", "buffer_ptr": "*fp32", "mask_ptr": "*u8", "n": "i64", "decay": "fp32",
-          "w_update": "fp32", "w_tau": "fp32", "TRIM": True, "WEIGHTED": True, "ROLL_BACK": True, "MASKED": True,
-          "BLOCK": 1024}  # fmt: skip
+          "tau_keep_ptr": "*u8", "buffer_ptr": "*fp32", "mask_ptr": "*u8", "anchor_ptr": "*fp32", "n": "i64",
+          "decay": "fp32", "w_update": "fp32", "w_tau": "fp32", "pull": "fp32", "TRIM": True, "WEIGHTED": True,
+          "ROLL_BACK": True, "MASKED": True, "PULL": 0, "BLOCK": 1024}  # fmt: skip
 VARIANTS = {
     "adam_ondare": (backend._adam_kernel, ADAM),
     "adam_ondare_unaligned": (backend._adam_kernel, {**ADAM, "ALIGNED": False}),
@@ -44,6 +44,8 @@ VARIANTS = {
         {**SGD, **dict.fromkeys(TYPES, tl.bfloat16), "DARE": False, "FIRST_STEP": True, "ACCUMULATE": True},
     ),
     "onties_merge": (backend._onties_kernel, ONTIES),
+    "adam_ondare_pull_kept": (backend._adam_kernel, {**ADAM, "PULL": backend._PULL["kept"]}),
+    "onties_merge_pull_consensus": (backend._onties_kernel, {**ONTIES, "PULL": backend._PULL["consensus"]}),
 }
 
 

@@ -26,6 +26,10 @@ OnTIES keeps what the whole tensor's cuts keep.
 A mask (masked updates, see ``plan.Record``) is one more input, one byte per element (``MASKED``): every store of
 θ and state is masked by it as well as by the bounds, so masked-out elements are read but never written, and
 their Δ is written to the OnTIES scratch as 0. Without one, ``keep`` is the bounds mask and nothing changes.
+
+The pull toward the SFT model (``Plan.w_pull``) reads one more tensor, the record's anchor θ_sft, where θ is written
+(OnTIES: in ``_onties_kernel``, θ being still the one before the step there); ``PULL`` says how it joins the update
+(``_with_pull``).
 """
 
 from __future__ import annotations
@@ -53,11 +57,14 @@ _BLOCK = 1024
 # torch rounds every op on its own except where its kernels fuse (the explicit tl.fma calls): no contraction.
 # Asking explicitly also keeps Triton 3.9 from warning that its default will change.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
-_ROW = tl.constexpr(17)
-"""int64 fields of a record's row in a launch's table: 9 pointers (param, grad, 3 state tensors, step-K buffer, τ,
-OnTIES scratch, mask; 0 where absent), its size, offset and 4 DARE keys, Adam's step size and √(1 − β2^t) (float64
-bits)."""
-_TYPED = ("T_PARAM", "T_GRAD", "T_STATE1", "T_STATE2", "T_STATE3", "T_BUFFER", "T_TAU")  # the pointers' dtypes
+_ROW = tl.constexpr(18)
+"""int64 fields of a record's row in a launch's table: 10 pointers (param, grad, 3 state tensors, step-K buffer, τ,
+the pull's anchor, OnTIES scratch, mask; 0 where absent), its size, offset and 4 DARE keys, Adam's step size and
+√(1 − β2^t) (float64 bits)."""
+_TYPED = ("T_PARAM", "T_GRAD", "T_STATE1", "T_STATE2", "T_STATE3", "T_BUFFER", "T_TAU", "T_ANCHOR")  # their dtypes
+_KEPT, _CONSENSUS = tl.constexpr(2), tl.constexpr(3)
+_PULL = {"all": 1, "kept": 2, "consensus": 3}
+"""``PULL`` of the kernels for each ``pull_elements`` (0: no pull)."""
 _TL_DTYPES = {
     torch.float32: tl.float32,
     torch.bfloat16: tl.bfloat16,
@@ -108,10 +115,11 @@ def _zeros_after(loaded, keep):
 
 @triton.jit
 def _finish(
-    param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
-    offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp,
+    param, delta, param_ptr, buffer_ptr, tau_ptr, anchor_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
+    offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp, pull,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
+    PULL: tl.constexpr,
 ):  # fmt: skip
     """Apply Δ to θ (fp32 ``param``) as ``eager._apply`` (DARE draws at global indices ``offset + offs``):
 
@@ -121,6 +129,7 @@ def _finish(
     ACCUMULATE:  θ ← decay·θ + Δ,  Δc ← Δc + Δ                 (step-K, not a merge step)
     ROLL_BACK:   θ ← decay·θ − Δc + merge(Δc + Δ),  Δc ← 0      (step-K merge step)
     TO_SCRATCH:  scratch ← Δ [+ Δc]; θ and Δc are left to ``_onties_kernel``.
+    PULL:        the update (after Δ or the merge) joined by λ·(θ_sft − θ), θ before the step (``_with_pull``).
 
     θ and Δc are stored where ``keep`` (the bounds, and the element mask when MASKED); the scratch holds 0 elsewhere.
     """
@@ -132,12 +141,17 @@ def _finish(
             delta = tl.where(keep, delta, 0.0)
         tl.store(scratch_ptr + offs, delta, mask=in_bounds)
     else:
+        if PULL != 0:
+            anchor = tl.load(anchor_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+            towards = (anchor - param) * pull
         param = param * decay
+        kept = in_bounds  # what the update's sparsification kept: all but DARE's drops
         if DARE:
             update = delta
             index, first = offset + offs, offset + block_start
             if DROP:
-                update = tl.where(_dare_keep(index, first, upd_k1, upd_k2, threshold), delta, 0.0)
+                kept = _dare_keep(index, first, upd_k1, upd_k2, threshold)
+                update = tl.where(kept, delta, 0.0)
                 if RESCALE:
                     update = tl.div_rn(update, p)
             if WITH_TAU:
@@ -152,6 +166,8 @@ def _finish(
             update = update + delta * 0.0  # a non-finite Δ reaches θ even where dropped (``eager.merge_update``)
         else:
             update = delta
+        if PULL != 0:
+            update = _with_pull(update, towards, kept, PULL)
         if ROLL_BACK:
             param = param - carried + update
             tl.store(buffer_ptr + offs, _zeros_after(carried, keep).to(buffer_ptr.dtype.element_ty), mask=keep)
@@ -161,6 +177,27 @@ def _finish(
             carried = tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
             tl.store(buffer_ptr + offs, (carried + delta).to(buffer_ptr.dtype.element_ty), mask=keep)
         tl.store(param_ptr + offs, param.to(param_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _with_pull(merged, towards, kept, PULL: tl.constexpr):
+    """``eager.with_pull`` of the merged update F and the pull P (``towards``): F + P (all), F + P where ``kept``
+    (_KEPT), or their sign consensus + 0·F (_CONSENSUS), where a sign elected from a NaN sum (NaN in torch) keeps
+    neither."""
+    if PULL == _CONSENSUS:
+        total = merged + towards
+        elected = _sign(total)
+        voted = total == total
+        merged = (
+            tl.where(voted & (_sign(merged) == elected), merged, 0.0)
+            + tl.where(voted & (_sign(towards) == elected), towards, 0.0)
+            + merged * 0.0
+        )
+    else:
+        if PULL == _KEPT:
+            towards = tl.where(kept, towards, 0.0)
+        merged = merged + towards
+    return merged
 
 
 @triton.jit
@@ -199,42 +236,45 @@ def _scalar(row, field: tl.constexpr):
 
 @triton.jit(do_not_specialize=["records", "threshold"])
 def _adam_kernel(
-    table, records, lerp_weight, beta2, one_minus_beta2, eps, decay, threshold, p, w_update, w_tau, tau_clamp,
+    table, records, lerp_weight, beta2, one_minus_beta2, eps, decay, threshold, p, w_update, w_tau, tau_clamp, pull,
     T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr, T_STATE2: tl.constexpr,
-    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr,
+    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr, T_ANCHOR: tl.constexpr,
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
+    PULL: tl.constexpr, ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """AdamW and the online merge of one block of one of the group's tensors (``_adam_block``). A full block has
     the bounds mask ``offs >= 0``, true and known constant to the compiler, which then vectorises its loads and
     stores; ``offs < n`` (n from the table, of unknown divisibility) is kept for a tensor's last block."""
     row, block_start = _locate(table, records, LOG, BLOCK)
     offs = block_start + tl.arange(0, BLOCK)
-    n = tl.load(row + 9)
+    n = tl.load(row + 10)
     if block_start + BLOCK <= n:
         _adam_block(
             row, block_start, offs, offs >= 0, lerp_weight, beta2, one_minus_beta2, eps, decay,
-            threshold, p, w_update, w_tau, tau_clamp, T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_BUFFER, T_TAU,
-            AMSGRAD, MAXIMIZE, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, ALIGNED,
+            threshold, p, w_update, w_tau, tau_clamp, pull, T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_BUFFER,
+            T_TAU, T_ANCHOR, AMSGRAD, MAXIMIZE, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
+            MASKED, PULL, ALIGNED,
         )  # fmt: skip
     else:
         _adam_block(
             row, block_start, offs, offs < n, lerp_weight, beta2, one_minus_beta2, eps, decay,
-            threshold, p, w_update, w_tau, tau_clamp, T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_BUFFER, T_TAU,
-            AMSGRAD, MAXIMIZE, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, ALIGNED,
+            threshold, p, w_update, w_tau, tau_clamp, pull, T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_BUFFER,
+            T_TAU, T_ANCHOR, AMSGRAD, MAXIMIZE, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
+            MASKED, PULL, ALIGNED,
         )  # fmt: skip
 
 
 @triton.jit
 def _adam_block(
     row, block_start, offs, in_bounds, lerp_weight, beta2, one_minus_beta2, eps, decay, threshold, p, w_update, w_tau,
-    tau_clamp, T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr, T_STATE2: tl.constexpr,
-    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    tau_clamp, pull, T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr, T_STATE2: tl.constexpr,
+    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr, T_ANCHOR: tl.constexpr,
+    AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    PULL: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """AdamW and the online merge of the elements ``offs`` (``in_bounds``) of the record at ``row`` (``eager._adam``):
 
@@ -245,8 +285,9 @@ def _adam_block(
     param_ptr, grad_ptr = _pointer(row, 0, T_PARAM, ALIGNED), _pointer(row, 1, T_GRAD, ALIGNED)
     exp_avg_ptr, exp_avg_sq_ptr = _pointer(row, 2, T_STATE1, ALIGNED), _pointer(row, 3, T_STATE2, ALIGNED)
     max_exp_avg_sq_ptr, buffer_ptr = _pointer(row, 4, T_STATE3, ALIGNED), _pointer(row, 5, T_BUFFER, ALIGNED)
-    tau_ptr, scratch_ptr = _pointer(row, 6, T_TAU, ALIGNED), _pointer(row, 7, tl.float32, ALIGNED)
-    mask_ptr, step_size, sqrt_bias2 = _pointer(row, 8, tl.uint8, ALIGNED), _scalar(row, 15), _scalar(row, 16)
+    tau_ptr, anchor_ptr = _pointer(row, 6, T_TAU, ALIGNED), _pointer(row, 7, T_ANCHOR, ALIGNED)
+    scratch_ptr, mask_ptr = _pointer(row, 8, tl.float32, ALIGNED), _pointer(row, 9, tl.uint8, ALIGNED)
+    step_size, sqrt_bias2 = _scalar(row, 16), _scalar(row, 17)
     keep = in_bounds
     if MASKED:
         keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
@@ -268,54 +309,55 @@ def _adam_block(
     tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=keep)
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     _finish(
-        param, delta, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
-        tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14), threshold, p,
-        w_update, w_tau, tau_clamp, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED,
+        param, delta, param_ptr, buffer_ptr, tau_ptr, anchor_ptr, scratch_ptr, offs, in_bounds, keep, block_start,
+        decay, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14), tl.load(row + 15),
+        threshold, p, w_update, w_tau, tau_clamp, pull, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE,
+        ROLL_BACK, MASKED, PULL,
     )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["records", "threshold"])
 def _sgd_kernel(
     table, records, neg_lr, momentum, one_minus_dampening, weight_decay, decay, threshold, p, w_update, w_tau,
-    tau_clamp,
+    tau_clamp, pull,
     T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr, T_STATE2: tl.constexpr,
-    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr,
+    T_STATE3: tl.constexpr, T_BUFFER: tl.constexpr, T_TAU: tl.constexpr, T_ANCHOR: tl.constexpr,
     MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
     NESTEROV: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
+    PULL: tl.constexpr, ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """SGD and the online merge of one block of one of the group's tensors (``_sgd_block``), full blocks apart as
     in ``_adam_kernel``."""
     row, block_start = _locate(table, records, LOG, BLOCK)
     offs = block_start + tl.arange(0, BLOCK)
-    n = tl.load(row + 9)
+    n = tl.load(row + 10)
     if block_start + BLOCK <= n:
         _sgd_block(
             row, block_start, offs, offs >= 0, neg_lr, momentum, one_minus_dampening, weight_decay,
-            decay, threshold, p, w_update, w_tau, tau_clamp, T_PARAM, T_GRAD, T_STATE1, T_BUFFER, T_TAU, MAXIMIZE,
-            WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE,
-            ROLL_BACK, MASKED, ALIGNED,
+            decay, threshold, p, w_update, w_tau, tau_clamp, pull, T_PARAM, T_GRAD, T_STATE1, T_BUFFER, T_TAU,
+            T_ANCHOR, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV, DARE, DROP, RESCALE, WITH_TAU, CLAMP,
+            TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL, ALIGNED,
         )  # fmt: skip
     else:
         _sgd_block(
             row, block_start, offs, offs < n, neg_lr, momentum, one_minus_dampening, weight_decay,
-            decay, threshold, p, w_update, w_tau, tau_clamp, T_PARAM, T_GRAD, T_STATE1, T_BUFFER, T_TAU, MAXIMIZE,
-            WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE,
-            ROLL_BACK, MASKED, ALIGNED,
+            decay, threshold, p, w_update, w_tau, tau_clamp, pull, T_PARAM, T_GRAD, T_STATE1, T_BUFFER, T_TAU,
+            T_ANCHOR, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV, DARE, DROP, RESCALE, WITH_TAU, CLAMP,
+            TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL, ALIGNED,
         )  # fmt: skip
 
 
 @triton.jit
 def _sgd_block(
     row, block_start, offs, in_bounds, neg_lr, momentum, one_minus_dampening, weight_decay, decay, threshold, p,
-    w_update, w_tau, tau_clamp, T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr,
-    T_BUFFER: tl.constexpr, T_TAU: tl.constexpr, MAXIMIZE: tl.constexpr, WEIGHT_DECAY: tl.constexpr,
-    MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+    w_update, w_tau, tau_clamp, pull, T_PARAM: tl.constexpr, T_GRAD: tl.constexpr, T_STATE1: tl.constexpr,
+    T_BUFFER: tl.constexpr, T_TAU: tl.constexpr, T_ANCHOR: tl.constexpr, MAXIMIZE: tl.constexpr,
+    WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    PULL: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """SGD as ``torch.optim.SGD`` and the online merge of the elements ``offs`` of the record at ``row``
     (``eager._sgd``):
@@ -325,8 +367,8 @@ def _sgd_block(
     """
     param_ptr, grad_ptr = _pointer(row, 0, T_PARAM, ALIGNED), _pointer(row, 1, T_GRAD, ALIGNED)
     momentum_ptr, buffer_ptr = _pointer(row, 2, T_STATE1, ALIGNED), _pointer(row, 5, T_BUFFER, ALIGNED)
-    tau_ptr, scratch_ptr = _pointer(row, 6, T_TAU, ALIGNED), _pointer(row, 7, tl.float32, ALIGNED)
-    mask_ptr = _pointer(row, 8, tl.uint8, ALIGNED)
+    tau_ptr, anchor_ptr = _pointer(row, 6, T_TAU, ALIGNED), _pointer(row, 7, T_ANCHOR, ALIGNED)
+    scratch_ptr, mask_ptr = _pointer(row, 8, tl.float32, ALIGNED), _pointer(row, 9, tl.uint8, ALIGNED)
     keep = in_bounds
     if MASKED:
         keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
@@ -345,9 +387,10 @@ def _sgd_block(
         tl.store(momentum_ptr + offs, buf.to(momentum_ptr.dtype.element_ty), mask=keep)
         grad = tl.fma(momentum, buf, grad) if NESTEROV else buf
     _finish(
-        param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
-        tl.load(row + 10), tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14), threshold, p,
-        w_update, w_tau, tau_clamp, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED,
+        param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, anchor_ptr, scratch_ptr, offs, in_bounds, keep,
+        block_start, decay, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
+        tl.load(row + 15), threshold, p, w_update, w_tau, tau_clamp, pull, DARE, DROP, RESCALE, WITH_TAU, CLAMP,
+        TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL,
     )  # fmt: skip
 
 
@@ -359,15 +402,17 @@ def _sign(x):
 
 @triton.jit
 def _onties_kernel(
-    param_ptr, total_ptr, tau_ptr, update_keep_ptr, tau_keep_ptr, buffer_ptr, mask_ptr, n, decay, w_update, w_tau,
-    TRIM: tl.constexpr, WEIGHTED: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    param_ptr, total_ptr, tau_ptr, update_keep_ptr, tau_keep_ptr, buffer_ptr, mask_ptr, anchor_ptr, n, decay,
+    w_update, w_tau, pull, TRIM: tl.constexpr, WEIGHTED: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
+    PULL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """OnTIES merge of one block (Lu et al. 2024, Eq. 7; ``consensus.sign_consensus``), given the top-p masks:
 
     a = keep_u·Δ (Δ = Δc + Δθ on a ROLL_BACK step, from ``total_ptr``),  b = keep_τ·τ  (TRIM: p < 1),
     s = sign((1−α)·a + α·b) if WEIGHTED else sign(a + b),
-    θ ← decay·θ [− Δc] + (1−α)·a·[sign(a) = s] + α·b·[sign(b) = s] + 0·Δ,  Δc ← 0 (ROLL_BACK); θ and Δc stored only
-    where the element mask keeps them (MASKED).
+    θ ← decay·θ [− Δc] + (F [with the pull: ``_with_pull``, kept = keep_u]) + 0·Δ,
+    F = (1−α)·a·[sign(a) = s] + α·b·[sign(b) = s],  Δc ← 0 (ROLL_BACK); θ and Δc stored only where the element mask
+    keeps them (MASKED).
     """
     block_start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = block_start + tl.arange(0, BLOCK)
@@ -378,13 +423,19 @@ def _onties_kernel(
     total = tl.load(total_ptr + offs, mask=in_bounds, other=0.0)
     a = total
     b = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    kept = in_bounds
     if TRIM:
-        a = tl.where(tl.load(update_keep_ptr + offs, mask=in_bounds, other=0) != 0, a, 0.0)
+        kept = tl.load(update_keep_ptr + offs, mask=in_bounds, other=0) != 0
+        a = tl.where(kept, a, 0.0)
         b = tl.where(tl.load(tau_keep_ptr + offs, mask=in_bounds, other=0) != 0, b, 0.0)
     elected = _sign(a * w_update + b * w_tau) if WEIGHTED else _sign(a + b)
     update = tl.where(_sign(a) == elected, a, 0.0) * w_update + tl.where(_sign(b) == elected, b, 0.0) * w_tau
+    theta = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    if PULL != 0:
+        anchor = tl.load(anchor_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+        update = _with_pull(update, (anchor - theta) * pull, kept, PULL)
     update = update + total * 0.0  # a non-finite Δ reaches θ even where trimmed (``eager.merge_update``)
-    param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32) * decay
+    param = theta * decay
     if ROLL_BACK:
         carried = tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
         param = param - carried
@@ -397,8 +448,6 @@ def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
     for all the records that compile alike (same device, route, dtypes, mask or none); under OnTIES one launch per
     record (its Δ into a float32 scratch tensor of its own) and for a whole tensor the selection of its top-p and
     one launch of ``_onties_kernel``."""
-    if plan.w_pull != 0.0:  # the pull toward the SFT model is not fused yet
-        return eager.step(plan, records)
     ties = [plan.route(record)[0] == "onties" for record in records]
     alone = [record for record, onties in zip(records, ties, strict=True) if onties]
     totals = iter(eager.step_each(plan, alone, _step_alone, ties_merge, topk_cut))
@@ -432,7 +481,8 @@ def _dtypes(inputs: list) -> list[torch.dtype | None]:
 
 def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
     """The record's tensors in a row of the table, as used by its route: param, grad, the three state tensors
-    (Adam's moments and AMSGrad's maximum, or SGD's momentum), step-K's buffer, τ, mask (as bytes)."""
+    (Adam's moments and AMSGrad's maximum, or SGD's momentum), step-K's buffer, τ, the pull's anchor (where this
+    pass writes θ), mask (as bytes)."""
     r = record
     merge, carry = plan.route(r)
     if plan.optimizer == "adam":
@@ -440,7 +490,8 @@ def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
     else:
         state = [r.momentum_buffer if plan.momentum != 0.0 else None, None, None]
     buffer = r.merge_buffer if carry is not None else None
-    return [r.param, r.grad, *state, buffer, r.tau if merge is not None else None, _mask_bytes(r)]
+    anchor = _anchor(plan, r) if merge != "onties" else None
+    return [r.param, r.grad, *state, buffer, r.tau if merge is not None else None, anchor, _mask_bytes(r)]
 
 
 def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor | None]:
@@ -461,7 +512,7 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor 
         scratch = torch.empty(n, dtype=torch.float32, device=device) if merge == "onties" else None
         scratches.append(scratch)
         tensors = [work[id(t)] if id(t) in work else _contiguous(t) for t in inputs]
-        tensors.insert(7, scratch)
+        tensors.insert(8, scratch)
         used += [t for t in tensors if t is not None]
         keys = plan.dare_keys(r) if merge == "ondare" and plan.dare_threshold < 2**32 else ((0, 0), (0, 0))
         rows.append([0 if t is None else t.data_ptr() for t in tensors] + [n, r.offset, *keys[0], *keys[1]])
@@ -493,7 +544,8 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor 
     with _on_device(records[0].param):
         kernel[(starts[-1],)](
             table, len(records), **scalars, decay=plan.decay, **_merge_args(plan, merge, carry), **dtypes, **flags,
-            MASKED=records[0].mask is not None, ALIGNED=aligned, LOG=max(1, len(records).bit_length()),
+            MASKED=records[0].mask is not None, PULL=_pull_flag(plan, launch[0][1][7]), ALIGNED=aligned,
+            LOG=max(1, len(records).bit_length()),
             BLOCK=_BLOCK, **_LAUNCH,
         )  # fmt: skip
     for written, work in copies:
@@ -504,8 +556,6 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor 
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
     """Same contract as :func:`online_merging.kernels.eager.ties_merge`: one launch of ``_onties_kernel``, given
     the cuts' keep-masks as bytes (none when both keep all)."""
-    if plan.w_pull != 0.0:
-        return eager.ties_merge(plan, record, total, update_cut, tau_cut)
     r = record
     n = r.param.numel()
     if n == 0:
@@ -514,15 +564,16 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
     buffer = r.merge_buffer if carry == "roll_back" else None
     written = [r.param, buffer]
     work = {id(t): _contiguous(t) for t in written if t is not None}
-    tau = _contiguous(r.tau)
+    tau, anchor = _contiguous(r.tau), _contiguous(_anchor(plan, r))
     trim = not update_cut == tau_cut == KEEP_ALL
     update_keep = cut_mask(total, update_cut, offset=r.offset).view(torch.uint8) if trim else None
     tau_keep = cut_mask(tau, tau_cut, offset=r.offset).reshape(-1).view(torch.uint8) if trim else None
     with _on_device(r.param):
         _onties_kernel[(triton.cdiv(n, _BLOCK),)](
-            work[id(r.param)], total, tau, update_keep, tau_keep, work.get(id(buffer)), _mask_bytes(r), n, plan.decay,
-            plan.w_update, plan.w_tau, TRIM=trim, WEIGHTED=plan.settings.ties_sign == "weighted",
-            ROLL_BACK=buffer is not None, MASKED=r.mask is not None, BLOCK=_BLOCK, **_LAUNCH,
+            work[id(r.param)], total, tau, update_keep, tau_keep, work.get(id(buffer)), _mask_bytes(r), anchor, n,
+            plan.decay, plan.w_update, plan.w_tau, plan.w_pull, TRIM=trim,
+            WEIGHTED=plan.settings.ties_sign == "weighted", ROLL_BACK=buffer is not None, MASKED=r.mask is not None,
+            PULL=_pull_flag(plan, anchor), BLOCK=_BLOCK, **_LAUNCH,
         )  # fmt: skip
     _write_back(written, work)
 
@@ -531,7 +582,8 @@ topk_cut = merging_topk_cut
 
 
 def _merge_args(plan: Plan, merge: str | None, carry: str | None) -> dict:
-    """The merge scalars and constexpr flags of ``_finish`` (the DARE keys are each record's, in the table)."""
+    """The merge and pull scalars and constexpr flags of ``_finish`` (the DARE keys are each record's, in the table;
+    ``PULL``, whether it has an anchor)."""
     settings = plan.settings
     p = settings.reserve_p
     dare = merge == "ondare"
@@ -539,10 +591,21 @@ def _merge_args(plan: Plan, merge: str | None, carry: str | None) -> dict:
     with_tau = dare and plan.w_tau != 0.0
     return {
         "threshold": plan.dare_threshold if drop else 0, "p": p, "w_update": plan.w_update, "w_tau": plan.w_tau,
-        "tau_clamp": settings.tau_clamp or 0.0, "DARE": dare, "DROP": drop, "RESCALE": drop and settings.dare_rescale,
-        "WITH_TAU": with_tau, "CLAMP": with_tau and settings.tau_clamp is not None, "TO_SCRATCH": merge == "onties",
+        "tau_clamp": settings.tau_clamp or 0.0, "pull": plan.w_pull, "DARE": dare, "DROP": drop,
+        "RESCALE": drop and settings.dare_rescale, "WITH_TAU": with_tau,
+        "CLAMP": with_tau and settings.tau_clamp is not None, "TO_SCRATCH": merge == "onties",
         "ACCUMULATE": carry == "accumulate", "ROLL_BACK": carry == "roll_back",
     }  # fmt: skip
+
+
+def _anchor(plan: Plan, record: Record) -> torch.Tensor | None:
+    """The record's θ_sft when the step pulls θ toward it, else ``None``."""
+    return record.anchor if plan.w_pull != 0.0 else None
+
+
+def _pull_flag(plan: Plan, anchor: torch.Tensor | None) -> int:
+    """``PULL`` of a launch: 0 without an anchor, else the plan's ``pull_elements`` (:data:`_PULL`)."""
+    return 0 if anchor is None else _PULL[plan.settings.pull_elements]
 
 
 def _mask_bytes(record: Record) -> torch.Tensor | None:
