@@ -356,6 +356,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def format_summary(summary: dict) -> str:
     """The end-of-run table: steps, time, TRL's reward metrics and, on the embedded world, reward and ability."""
+    from online_merging.integrations.run import pipeline_name
+
     lines = []
     sft = summary.get("sft")
     matched = summary.get("matched_reward")
@@ -378,6 +380,14 @@ def format_summary(summary: dict) -> str:
         if matched:
             line += f" {_figure(matched['mra'].get(run['method'])):>6}"
         lines.append(line)
+        average = run.get("average")
+        if average and average["evaluation"] and sft:
+            figures, name = average["evaluation"], pipeline_name(run)
+            line = f"{name:<12} {'':>5} {'':>7} {'':>7} {'α ' + format(average['alpha'], 'g'):>8}"
+            line += f" {figures['reward']:>7.3f} {figures['ability']:>7.3f} {figures['ability'] / sft['ability']:>8.3f}"
+            if matched:
+                line += f" {_figure(matched['mra'].get(name)):>6}"
+            lines.append(line)
     if sft:
         lines.append(
             "reward: P(the aligned style ' sure,') on held-out prompts; ability: P(the correct answer), mean over "
@@ -392,7 +402,17 @@ def format_summary(summary: dict) -> str:
     lines.append(
         "margin, accuracy: TRL's rewards/margins and rewards/accuracies at the last logged step (-: not logged)."
     )
+    if any(run.get("average") for run in summary["runs"]):
+        lines.append(
+            "+ma: the run's model averaged with the SFT model, α·θ_run + (1 − α)·θ_sft; its MRA is along the sweep "
+            "of α from SFT to the run's model."
+        )
     lines.extend(f"{run['method']}: model saved in {run['output_dir']}" for run in summary["runs"])
+    lines.extend(
+        f"{pipeline_name(run)}: model saved in {run['average']['output_dir']}"
+        for run in summary["runs"]
+        if run.get("average")
+    )
     made = summary.get("provenance")
     if made:
         line = f"made on {made['cpu']}, torch {made['torch']}, transformers {made['transformers']}, trl {made['trl']}"

@@ -203,6 +203,35 @@ def test_matched_reward_reads_each_run_at_the_levels_all_reach():
     assert result["mra"] == pytest.approx({"a": 1.0, "b": (0.875 + 0.75) / 2})
 
 
+def test_average_with_sft_writes_the_pipelines_model_and_scores_its_sweep(tmp_path, world_cache, capsys):
+    """The averaged model is α·θ_run + (1 − α)·θ_sft of the saved run and SFT models, computed here apart; the
+    pipeline's path is SFT, the α sweep and the run's model; the AdamW baseline is neither averaged nor pulled."""
+    from safetensors.torch import load_file
+
+    from online_merging.world import WorldConfig, build_world
+
+    out = tmp_path / "out"
+    recipe = ["train", str(ROOT / "recipes" / "dpo_onties.yaml"), *QUICK, "--tax_eval_every", "1"]
+    assert main([*recipe, "--average_with_sft", "0.3", "--pull", "50", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    onties, adamw = summary["runs"]
+    assert adamw["average"] is None and summary["recipe"]["pull"] == 50
+    world = build_world(WorldConfig.quick(), cache_dir=world_cache, progress=False)
+    sft = load_file(world.sft_dir / "model.safetensors")
+    run, averaged = (load_file(path / "model.safetensors") for path in (out, out / "average_with_sft"))
+    for name, tensor in averaged.items():
+        torch.testing.assert_close(tensor, 0.3 * run[name] + 0.7 * sft[name], rtol=0, atol=1e-7)
+    average = onties["average"]
+    assert [p["weight"] for p in average["sweep"]] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    assert average["evaluation"]["reward"] == average["sweep"][2]["reward"]
+    assert "onties+ma" in summary["matched_reward"]["mra"]
+    assert f"onties+ma: model saved in {out / 'average_with_sft'}" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"'average_with_sft': 1\.5"):
+        load_recipe(ROOT / "recipes" / "dpo_onties.yaml", ["--average_with_sft", "1.5"])
+    with pytest.raises(ValueError, match=r"pull_elements.*invalid choice: 'most'"):
+        load_recipe(ROOT / "recipes" / "dpo_onties.yaml", ["--pull_elements", "most"])
+
+
 @pytest.mark.filterwarnings("ignore:gradient entanglement")  # may fire on the tiny run; tested in test_diagnostics
 def test_one_flag_turns_on_the_entanglement_monitor(tmp_path, world_cache):
     out = tmp_path / "out"

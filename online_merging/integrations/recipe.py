@@ -74,6 +74,23 @@ class RecipeArguments:
     ties_sign: str = _arg("unweighted", "OnTIES sign election: unweighted (published code) or weighted (Eq. 7).",
                           ("unweighted", "weighted"))  # fmt: skip
     momentum: float = _arg(0.0, "Momentum of OnlineMergingSGD.")
+    pull: float = _arg(
+        0.0,
+        "Pull toward the SFT model: each step also adds pull·(θ_sft − θ), decoupled like AdamW's weight decay "
+        "(with merge: none, OnlineMergingAdam/SGD replaces the trainer's optimizer). 0: off.",
+    )
+    pull_unit: str = _arg("lr", "Unit of pull: lr (pull × the current learning rate per step) or absolute.",
+                          ("lr", "absolute"))  # fmt: skip
+    pull_elements: str = _arg(
+        "all", "Elements the pull acts on: all, kept (those the update's sparsification keeps) or consensus (where "
+        "its sign agrees with the update's, else the larger wins).", ("all", "kept", "consensus"),
+    )  # fmt: skip
+    average_with_sft: float | None = _arg(
+        None,
+        "Also write output_dir/average_with_sft: the offline average α·θ_run + (1 − α)·θ_sft of the trained model "
+        "with the SFT model (`merge --method ma --alpha α`), scored beside the raw run (with the whole α sweep on "
+        "the embedded world). Empty: no average.",
+    )
     embedded_world: str = _arg(
         "default", "Size of the embedded default world, when no model is named: default, or quick (tests, CI).",
         ("default", "quick"),
@@ -184,6 +201,8 @@ class RecipeArguments:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"Invalid recipe key {key!r}: {value!r} (expected ≥ 1)")
+        if self.average_with_sft is not None:
+            check_range("recipe key ", "average_with_sft", self.average_with_sft, 0.0, 1.0)
         if self.adamw_learning_rate is not None:
             check_range("recipe key ", "adamw_learning_rate", self.adamw_learning_rate, 0.0, float("inf"),
                         low_open=True, high_open=True)  # fmt: skip
@@ -199,7 +218,7 @@ class RecipeArguments:
     def _check_merge_settings(self) -> None:
         """The optimizer's own checks, here, so that a bad value fails before any model loads."""
         settings = {**MERGE_DEFAULTS, "merge": None if self.merge == "none" else self.merge, "seed": self.merge_seed}
-        keys = ("reserve_p", "alpha", "alpha_unit", "merge_every", "ties_sign")
+        keys = ("reserve_p", "alpha", "alpha_unit", "merge_every", "ties_sign", "pull", "pull_unit", "pull_elements")
         settings.update((key, getattr(self, key)) for key in keys)
         try:
             MergeSettings(**settings).check("recipe key ")

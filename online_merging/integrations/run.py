@@ -32,6 +32,7 @@ class RunResult:
     train_metrics: dict[str, float]
     evaluation: dict[str, float] | None  # reward and ability (the embedded world's, or tax_eval_*'s), else None
     trajectory: list[dict[str, float]] | None = None  # step, reward, ability every tax_eval_every steps and at the end
+    average: dict[str, Any] | None = None  # average_with_sft: alpha, output_dir, evaluation, sweep (weight, figures)
 
 
 def method_name(recipe: RecipeArguments) -> str:
@@ -70,7 +71,8 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     runs = [(recipe, config)]
     compare = recipe.embedded if recipe.compare_with_adamw is None else recipe.compare_with_adamw
     allo = {"neuron_k": 0.0, "neuron_mask_path": None, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
-    plain = replace(recipe, merge="none", **allo)  # the trainer's own AdamW, the rest of the recipe as it is
+    pipeline = {"pull": 0.0, "average_with_sft": None}
+    plain = replace(recipe, merge="none", **allo, **pipeline)  # the trainer's own AdamW, the rest of the recipe
     if compare and plain != recipe:
         baseline = copy.copy(config)
         baseline.output_dir = str(Path(config.output_dir) / "adamw_baseline")
@@ -100,8 +102,43 @@ def matched_reward(sft: dict[str, float], runs: list[dict]) -> dict[str, Any]:
         + [(p["reward"], p["ability"] / sft["ability"]) for p in run["trajectory"]]
         for run in runs
     }
+    for run in runs:  # a pipeline with an offline average: the sweep from SFT to the run's model is its path
+        if run.get("average") and run["average"]["sweep"]:
+            sweep = [(p["reward"], p["ability"] / sft["ability"]) for p in run["average"]["sweep"]]
+            paths[pipeline_name(run)] = [(sft["reward"], 1.0), *sweep, paths[run["method"]][-1]]
     levels = common_levels(paths.values())
     return {"levels": levels, "mra": {method: matched_reward_ability(path, levels) for method, path in paths.items()}}
+
+
+def pipeline_name(run: dict) -> str:
+    """The name of a run followed by its average with SFT: ``onties+ma``."""
+    return f"{run['method']}+ma"
+
+
+def _average_with_sft(recipe: RecipeArguments, config: Any, world, model, tokenizer, score) -> dict[str, Any]:
+    """``average_with_sft``: write α·θ_run + (1 − α)·θ_sft into output_dir/average_with_sft and score it; on the
+    embedded world also score the sweep of α (``MA_SWEEP``), the pipeline's path from SFT to the run's model."""
+    from online_merging.offline import MergeSpec, save_merged
+    from online_merging.offline.merge import MA_SWEEP, merge
+
+    sft = world.sft_dir if recipe.embedded else recipe.model_name_or_path
+    trained = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    out = Path(config.output_dir) / "average_with_sft"
+    save_merged(MergeSpec("ma", alpha=recipe.average_with_sft), out, sft=sft, aligned=trained)
+    average: dict[str, Any] = {"alpha": recipe.average_with_sft, "output_dir": str(out), "evaluation": None}
+    average["sweep"] = []
+    if score is None:
+        return average
+    scratch = copy.deepcopy(model)
+    weights = MA_SWEEP if recipe.embedded else ()
+    for alpha in sorted({*weights, recipe.average_with_sft}):
+        scratch.load_state_dict(merge(MergeSpec("ma", alpha=alpha), sft=sft, aligned=trained), strict=False)
+        figures = _evaluate(score, scratch, tokenizer)
+        if alpha in weights:
+            average["sweep"].append({"weight": alpha, "reward": figures["reward"], "ability": figures["ability"]})
+        if alpha == recipe.average_with_sft:
+            average["evaluation"] = figures
+    return average
 
 
 def _scorer(recipe: RecipeArguments, world):
@@ -178,7 +215,7 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
 
         tax = TaxEvalCallback(trainer, lambda m: _evaluate(score, m, tokenizer), recipe.tax_eval_every, reference=sft)
         trainer.add_callback(tax)
-    if recipe.merge != "none" or masks is not None:
+    if recipe.merge != "none" or masks is not None or recipe.pull:
         # Trainer builds it (the way that also works under DeepSpeed, where optimizers=(...) is ignored)
         use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
     start = time.perf_counter()
@@ -195,14 +232,18 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
         points = [{key: p[key] for key in ("step", "reward", "ability")} for p in (tax.points if tax else [])]
         if not points or points[-1]["step"] != steps:
             points.append({"step": steps, "reward": evaluation["reward"], "ability": evaluation["ability"]})
+    average = None
+    if recipe.average_with_sft is not None:
+        average = _average_with_sft(recipe, config, world, model, tokenizer, score)
     return RunResult(
-        method_name(recipe), config.output_dir, config.learning_rate, steps, seconds, metrics, evaluation, points
-    )
+        method_name(recipe), config.output_dir, config.learning_rate, steps, seconds, metrics, evaluation, points,
+        average,
+    )  # fmt: skip
 
 
 def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]:
     """``build_optimizer``'s arguments for the recipe: the merge, τ's source, the neuron masks."""
-    if recipe.merge == "none":  # key neurons only: OnlineMergingAdam without a merge is AdamW
+    if recipe.merge == "none":  # key neurons only, or the pull: OnlineMergingAdam without a merge is AdamW
         settings = {"merge": None, "optimizer": recipe.optimizer}
     else:
         base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
@@ -218,6 +259,8 @@ def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]
             "task_vector": recipe.task_vector_path,
             "optimizer": recipe.optimizer,
         }
+    if recipe.pull:
+        settings.update(pull=recipe.pull, pull_unit=recipe.pull_unit, pull_elements=recipe.pull_elements)
     if recipe.optimizer == "sgd":
         settings["momentum"] = recipe.momentum
     if masks is not None:
