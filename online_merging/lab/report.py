@@ -3,6 +3,8 @@
 Axes: reward = P(" sure,") (greedy check: the greedy "sure," rate); ability = the fraction of the seed's own SFT
 ability kept (P(correct), greedy check: exact match). Every trajectory starts at the SFT model. The score is the
 matched-reward ability (MRA, :mod:`online_merging.evaluation.fronts`); the hypervolume of the points is secondary.
+One table per test world; the recommended pipeline is the row above tuned AdamW on every world with the largest
+smaller gain (:func:`summarize`).
 """
 
 from __future__ import annotations
