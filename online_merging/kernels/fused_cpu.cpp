@@ -13,9 +13,9 @@
 // Masked updates (ALLO): with an element mask `keep` (bool per element, MASKED template flag), an element whose
 // keep is false keeps θ and every state value (moments, momentum, step-K buffer) and counts as Δ = 0 in OnTIES's
 // top-p; without one (MASKED = false) `on` is the constant true and the loops are the unmasked ones.
-// The pull toward the SFT model (PULL template flag, a slot with an anchor θ_sft): P = λ·(θ_sft − θ), θ before the
-// step, joins the merged update F where ``pull_elements`` says (see with_pull); OnTIES adds it in its merge pass,
-// which reads θ before the step as well.
+// The pull toward the SFT model (PULL template parameter, a slot with an anchor θ_sft): P = λ·(θ_sft − θ), θ before
+// the step, joins the merged update F where ``pull_elements`` says (see with_pull); OnTIES adds it in its merge
+// pass, which reads θ before the step as well.
 // A tensor is stepped whole by one thread (the threads take the group's tensors in turn) when it is small (below
 // kWhole elements) or a small share of the group (at most 1/(4·threads), and at most kWholeMax elements, which
 // bounds each thread's OnTIES scratch buffer): its passes then stay in the thread's caches. Other tensors are
@@ -141,17 +141,19 @@ struct Slot {
 
 // What pull_elements is in the C++ call.
 enum PullElements : int { kPullAll = 0, kPullKept = 1, kPullConsensus = 2 };
+// The PULL template parameter: none, F + P where added, their sign consensus.
+enum Pull : int { kNoPull = 0, kAddPull = 1, kConsensusPull = 2 };
 
-// F + P as eager.with_pull: F + P where `add` (every element for "all", those the update's sparsification kept
-// for "kept"), or, where `consensus` is all ones, TIES's sign consensus of F and P, + 0·F. The sign elected from a
-// NaN sum is NaN in torch, which no sign equals: nothing is kept there. A bit blend, not a branch: GCC vectorises.
-[[gnu::always_inline]] inline float with_pull(float f, float p, bool add, uint32_t consensus) {
+// F + P as eager.with_pull: kAddPull, F + P where `add` (every element for "all", those the update's sparsification
+// kept for "kept"); kConsensusPull, TIES's sign consensus of F and P, + 0·F, where the sign elected from a NaN sum
+// (NaN in torch) is one no sign equals: nothing is kept there.
+template <int PULL>
+[[gnu::always_inline]] inline float with_pull(float f, float p, bool add) {
+  if (PULL == kAddPull) return f + (add ? p : 0.f);
   const float sum = f + p;
   const int elected = sign(sum);
   const bool voted = sum == sum;
-  const float agreed =
-      ((voted & (sign(f) == elected) ? f : 0.f) + (voted & (sign(p) == elected) ? p : 0.f)) + f * 0.f;
-  return pick(consensus, agreed, f + (add ? p : 0.f));
+  return ((voted & (sign(f) == elected) ? f : 0.f) + (voted & (sign(p) == elected) ? p : 0.f)) + f * 0.f;
 }
 
 // Adam: updates the moments of element i and returns Δ_i.
@@ -204,7 +206,7 @@ struct SgdRule {
   }
 };
 
-template <int MODE, bool MASKED, bool PULL, typename Rule, typename T>
+template <int MODE, bool MASKED, int PULL, typename Rule, typename T>
 void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __restrict__ tau,
                  float* __restrict__ out, int64_t begin, int64_t end) {
   // Local copies: loop invariants the compiler can keep in registers (stores to param could alias them).
@@ -217,7 +219,6 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
   const float clamp = g.clamp, pull = g.pull;
   const uint32_t threshold = g.threshold;
   const bool keep_all = g.keep_all, pull_all = g.pull_all;
-  const uint32_t pull_consensus = 0u - static_cast<uint32_t>(g.pull_consensus);
   const int64_t offset = s.offset;
   for (int64_t lo = begin; lo < end;) {
     const uint32_t hi = static_cast<uint32_t>((offset + lo) >> 32);
@@ -241,9 +242,9 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
         continue;
       }
       float theta = old * decay;
-      const float p = PULL ? (anchor[i] - old) * pull : 0.f;
+      const float p = PULL != kNoPull ? (anchor[i] - old) * pull : 0.f;
       if (MODE == kPlain || MODE == kAccumulate) {
-        theta += PULL ? with_pull(delta, p, true, pull_consensus) : delta;
+        theta += PULL != kNoPull ? with_pull<PULL>(delta, p, true) : delta;
         if (MODE == kAccumulate) {
           const float accumulated = buffer[i];
           buffer[i] = pick(on, accumulated + delta, accumulated);
@@ -261,7 +262,7 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
         const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
         // + 0·total: a non-finite update reaches θ even where DARE drops it (as eager.merge_update)
         const float merged = ((keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f)) + total * 0.f;
-        theta += PULL ? with_pull(merged, p, keep_update | pull_all, pull_consensus) : merged;
+        theta += PULL != kNoPull ? with_pull<PULL>(merged, p, keep_update | pull_all) : merged;
       }
       param[i] = pick(on, theta, old);
     }
@@ -422,7 +423,7 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
 // θ ← decay·θ − Δc + (1−α)·a' + α·b' [with the pull], with a = T(total), b = T(τ) and a', b' their elements that
 // agree with the elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass. The cuts are in local indices: a
 // piece's caller shifts the whole tensor's cutoff by the piece's offset and clamps it to [-1, n].
-template <bool BUFFER, bool MASKED, bool PULL, typename T>
+template <bool BUFFER, bool MASKED, int PULL, typename T>
 void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const float* __restrict__ total,
                 std::array<int64_t, 2> update_cut, std::array<int64_t, 2> tau_cut, int64_t begin, int64_t end) {
   float* __restrict__ param = s.param;
@@ -431,7 +432,6 @@ void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const 
   const float* __restrict__ anchor = s.anchor;
   const float decay = g.decay, wu = g.update_weight, wt = g.tau_weight, pull = g.pull;
   const bool pull_all = g.pull_all;
-  const uint32_t pull_consensus = 0u - static_cast<uint32_t>(g.pull_consensus);
   const uint32_t update_threshold = static_cast<uint32_t>(update_cut[0]);
   const uint32_t tau_threshold = static_cast<uint32_t>(tau_cut[0]);
   const float wa = g.weighted ? wu : 1.f, wb = g.weighted ? wt : 1.f;
@@ -458,7 +458,7 @@ void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const 
       const uint32_t on = on_bits<MASKED>(keep, i);
       const float old = param[i];
       const float pulled =
-          PULL ? with_pull(consensus, (anchor[i] - old) * pull, keep_x | pull_all, pull_consensus) : consensus;
+          PULL != kNoPull ? with_pull<PULL>(consensus, (anchor[i] - old) * pull, keep_x | pull_all) : consensus;
       const float merged = pulled + x * 0.f;  // 0·x: see DARE
       float theta = old * decay;  // (decay·θ − Δc) + merged, in eager's order
       if (BUFFER) {
@@ -502,27 +502,29 @@ void with_mask(const Slot& s, F&& f) {
   f(std::false_type{});
 }
 
-// Calls f with std::true_type when the slot is pulled toward its anchor, else std::false_type.
+// Calls f with the slot's pull as a std::integral_constant (kNoPull without an anchor).
 template <typename F>
-void with_anchor(const Slot& s, F&& f) {
-  if (s.anchor) return f(std::true_type{});
-  f(std::false_type{});
+void with_pull_of(const Group& g, const Slot& s, F&& f) {
+  if (!s.anchor) return f(std::integral_constant<int, kNoPull>{});
+  if (g.pull_consensus) return f(std::integral_constant<int, kConsensusPull>{});
+  f(std::integral_constant<int, kAddPull>{});
 }
 
 // The first pass of elements [begin, end) in `mode` (kTies and kTiesMerge: their first pass, writing Δ to out).
 void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t begin, int64_t end) {
   with_rule(g, s, [&](const auto& rule) {
     with_mask(s, [&](auto masked) {
-      with_anchor(s, [&](auto pulled) {
-        constexpr bool M = decltype(masked)::value, P = decltype(pulled)::value;
+      with_pull_of(g, s, [&](auto pulled) {
+        constexpr bool M = decltype(masked)::value;
+        constexpr int P = decltype(pulled)::value;
         const float* none = nullptr;
         switch (mode) {
           case kPlain: return fused_range<kPlain, M, P>(rule, g, s, none, out, begin, end);
           case kAccumulate: return fused_range<kAccumulate, M, P>(rule, g, s, none, out, begin, end);
           case kWriteTotal:  // θ is not written: no pull
-          case kTies: return fused_range<kWriteTotal, M, false>(rule, g, s, none, out, begin, end);
+          case kTies: return fused_range<kWriteTotal, M, kNoPull>(rule, g, s, none, out, begin, end);
           case kWriteTotalMerge:
-          case kTiesMerge: return fused_range<kWriteTotalMerge, M, false>(rule, g, s, none, out, begin, end);
+          case kTiesMerge: return fused_range<kWriteTotalMerge, M, kNoPull>(rule, g, s, none, out, begin, end);
           case kDare:
             return with_tau(s, [&](auto t) { fused_range<kDare, M, P>(rule, g, s, t, out, begin, end); });
           case kDareMerge:
@@ -537,8 +539,9 @@ void merge_range(const Group& g, const Slot& s, const float* total, std::array<i
                  std::array<int64_t, 2> tau_cut, bool roll_back, int64_t begin, int64_t end) {
   with_tau(s, [&](auto t) {
     with_mask(s, [&](auto masked) {
-      with_anchor(s, [&](auto pulled) {
-        constexpr bool M = decltype(masked)::value, P = decltype(pulled)::value;
+      with_pull_of(g, s, [&](auto pulled) {
+        constexpr bool M = decltype(masked)::value;
+        constexpr int P = decltype(pulled)::value;
         if (roll_back) return ties_range<true, M, P>(g, s, t, total, update_cut, tau_cut, begin, end);
         ties_range<false, M, P>(g, s, t, total, update_cut, tau_cut, begin, end);
       });
