@@ -91,7 +91,8 @@ class MaskedReference(ReferenceOnlineMerging):
                 accumulated.add_(update)
             else:
                 total = torch.where(keep, accumulated + update, 0.0)
-                theta.sub_(accumulated).add_(self._merge(name, total))
+                merged, _ = self._merge(name, total)
+                theta.sub_(accumulated).add_(merged)
                 self.accumulated[name] = torch.where(keep, 0.0, accumulated)
             self.params[name] = torch.where(keep, theta, old_theta)
 
