@@ -21,6 +21,7 @@ from online_merging.evaluation.fronts import MRA_LEVELS
 from online_merging.lab import runner
 from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides, setting_label
 from online_merging.lab.tuning import pick_settings
+from online_merging.provenance import provenance
 from online_merging.world import WorldConfig, build_world
 
 __all__ = ["TEST_WORLDS", "LabConfig", "read_tuned", "run_lab", "second_world", "trajectory", "tune", "write_tuned"]
@@ -389,6 +390,17 @@ def run_lab(
         "seconds": round(time.perf_counter() - start, 1),
         "workers": workers,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "provenance": provenance(),
+        "fingerprints": _fingerprints(config),
     }
     write_report(results, Path(out_dir))
     return results
+
+
+def _fingerprints(config: LabConfig) -> dict[str, str]:
+    """The weights fingerprint of every world the lab ran on, by world and seed (``"default/seed2"``): another
+    machine's results compare bit for bit only where these agree."""
+    replicates = config.tuning_replicates() + config.test_replicates()
+    worlds = dict.fromkeys((name, seed) for name, seed, _ in replicates)
+    return {f"{name}/seed{seed}": build_world(config.test_world(name, seed), progress=False).fingerprint
+            for name, seed in worlds}  # fmt: skip

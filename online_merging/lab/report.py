@@ -270,6 +270,15 @@ def _markdown(results: dict) -> str:
             f"\n{n} test replicates (world × seed × data order); this invocation {run['seconds']:.0f} s wall time "
             f"with {run['workers']} workers (cached jobs are not rerun).\n"
         )
+        made = run.get("provenance")
+        if made:
+            text += (
+                f"\nMade on {made['cpu']}, torch {made['torch']}, transformers {made['transformers']}, "
+                f"trl {made['trl']}. "
+                "World weights fingerprints (equal fingerprints: the same worlds bit for bit): "
+                + ", ".join(f"{world} `{fingerprint}`" for world, fingerprint in run["fingerprints"].items())
+                + ".\n"
+            )
     return text
 
 
