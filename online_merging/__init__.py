@@ -2,9 +2,11 @@
 
 from online_merging.merging import TaskVector
 from online_merging.optim import LambdaSchedule, OnlineMergingAdam, OnlineMergingSGD
+from online_merging.settings import PUBLISHED
 
 __version__ = "0.1.0"
 __all__ = [
+    "PUBLISHED",
     "LambdaSchedule",
     "OnlineMergingAdam",
     "OnlineMergingSGD",

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MERGE_DEFAULTS", "MergeSettings", "check_range"]
+__all__ = ["MERGE_DEFAULTS", "PUBLISHED", "MergeSettings", "check_range"]
 
 MERGES = ("ondare", "onties")
 TAU_MASKS = ("once", "every_step")
@@ -17,10 +17,10 @@ PULL_ELEMENTS = ("all", "kept", "consensus")
 NONFINITE_POLICIES = (None, "raise", "skip")
 
 MERGE_DEFAULTS: dict[str, Any] = {
-    "merge": "ondare",
-    "reserve_p": 0.01,
-    "alpha": 1e-7,
-    "alpha_unit": "absolute",
+    "merge": "onties",
+    "reserve_p": 0.1,
+    "alpha": 3.0,
+    "alpha_unit": "lr",
     "merge_every": 1,
     "seed": 0,
     "dare_rescale": True,
@@ -31,8 +31,14 @@ MERGE_DEFAULTS: dict[str, Any] = {
     "pull_unit": "lr",
     "pull_elements": "all",
 }
-"""Defaults of the published online-merging script (OnDARE, p = 0.01, α = 1e-7), no pull toward the SFT model;
-per param group."""
+"""Per param group: OnTIES, p 0.1, α 3 in learning-rate units, the setting that kept the most ability at matched
+reward in the alignment-tax lab (docs/results.md), with no pull toward the SFT model. The published script's are
+:data:`PUBLISHED` (``OnlineMergingAdam(params, **PUBLISHED, ...)``)."""
+
+PUBLISHED: dict[str, Any] = {"merge": "ondare", "reserve_p": 0.01, "alpha": 1e-7, "alpha_unit": "absolute"}
+"""The published online-merging script's merge (OnDARE, p = 0.01, absolute α = 1e-7), which differs from
+:data:`MERGE_DEFAULTS` in these four keys; an α of 1e-7 is inert in short runs or at larger learning rates
+(docs/algorithm.md)."""
 
 
 def check_range(where: str, name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False) -> None:

@@ -42,7 +42,7 @@ def test_equals_the_absolute_weight_where_they_coincide(merge, optimizer, backen
     common = dict(lr=lr, merge=merge, reserve_p=0.3, backend=backend)
     named, opt = _optimizer(CLASSES[optimizer], params, tau, alpha=relative, alpha_unit="lr", **common)
     ours = _steps(named, opt, grads)
-    named, opt = _optimizer(CLASSES[optimizer], params, tau, alpha=relative * lr, **common)
+    named, opt = _optimizer(CLASSES[optimizer], params, tau, alpha=relative * lr, alpha_unit="absolute", **common)
     absolute = _steps(named, opt, grads)
     for n in SHAPES:
         assert torch.equal(ours[n], absolute[n]), n
@@ -97,7 +97,7 @@ def test_bad_units_and_weights_are_refused_by_name():
     with pytest.raises(ValueError, match="'alpha_unit': 'relative'"):
         _optimizer(OnlineMergingAdam, params, tau, alpha_unit="relative")
     with pytest.raises(ValueError, match=r"'alpha': 2\.0"):
-        _optimizer(OnlineMergingAdam, params, tau, alpha=2.0)  # absolute weights stay in [0, 1]
+        _optimizer(OnlineMergingAdam, params, tau, alpha=2.0, alpha_unit="absolute")  # absolute weights: [0, 1]
     with pytest.raises(ValueError, match=r"'alpha': 2000\.0 with alpha_unit='lr' at lr=0\.001 is a merge weight of 2"):
         _optimizer(OnlineMergingAdam, params, tau, alpha=2000.0, alpha_unit="lr", lr=1e-3)
     named, opt = _optimizer(OnlineMergingAdam, params, tau, alpha=500.0, alpha_unit="lr", lr=1e-3)

@@ -12,7 +12,7 @@ from online_merging.kernels.plan import Plan, Record, dare_keys
 from online_merging.merging import PendingCut, num_kept, topk_cut
 from online_merging.optim import functional
 from online_merging.rng import bernoulli_mask, keep_threshold, random_bits
-from online_merging.settings import MERGE_DEFAULTS, MergeSettings
+from online_merging.settings import MERGE_DEFAULTS, PUBLISHED, MergeSettings
 from tests.backend_calls import adam_step, sgd_step
 
 torch.set_num_threads(1)
@@ -56,7 +56,8 @@ def backend(request):
 
 
 def settings_of(overrides) -> MergeSettings:
-    settings = MergeSettings(**{**MERGE_DEFAULTS, **overrides})
+    """The published settings with ``overrides``: OnDARE, absolute α, unless a case says otherwise."""
+    settings = MergeSettings(**{**MERGE_DEFAULTS, **PUBLISHED, **overrides})
     settings.check()
     return settings
 

@@ -164,11 +164,11 @@ def test_add_param_group_binds_task_vector(tiny_setup):
     model, tv = tiny_setup
     opt = OnlineMergingAdam([("hidden.weight", model.hidden.weight)], task_vector=tv)
     opt.add_param_group({"params": [("hidden.bias", model.hidden.bias)], "alpha": 0.5, "lr": 0.1})
-    assert opt.param_groups[1]["alpha"] == 0.5 and opt.param_groups[1]["reserve_p"] == 0.01
+    assert opt.param_groups[1]["alpha"] == 0.5 and opt.param_groups[1]["reserve_p"] == 0.1  # the default's
     _train(model, opt, 1)
     assert model.hidden.bias in opt.state
     with pytest.raises(ValueError, match=r"param_groups\[2\] 'alpha'"):
-        opt.add_param_group({"params": [("scale", model.scale)], "alpha": 2.0})
+        opt.add_param_group({"params": [("scale", model.scale)], "alpha": -2.0})
 
 
 def test_unnamed_params_are_named_through_the_model_and_match_named_ones(tiny_setup):

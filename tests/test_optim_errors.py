@@ -59,9 +59,9 @@ def test_bad_value_set_between_steps_is_caught_before_any_change(tiny_setup):
         [{"params": [("scale", model.scale)]}, {"params": [("hidden.weight", model.hidden.weight)]}], task_vector=tv
     )
     (model(TOKENS) ** 2).mean().backward()
-    opt.param_groups[1]["alpha"] = 3.0  # e.g. a scheduler gone wrong
+    opt.param_groups[1]["alpha"] = -3.0  # e.g. a scheduler gone wrong
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"param_groups\[1\] 'alpha': 3.0"):
+    with pytest.raises(ValueError, match=r"param_groups\[1\] 'alpha': -3.0"):
         opt.step()
     assert all(torch.equal(a, b.detach()) for a, b in zip(before, model.parameters(), strict=True))
     assert len(opt.state) == 0

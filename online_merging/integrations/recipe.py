@@ -55,16 +55,20 @@ class RecipeArguments:
     dataset_train_split: str = _arg("train", "Split to train on.")
     dtype: str = _arg("float32", "dtype of the loaded model weights.", ("float32", "bfloat16", "float16", "auto"))
     merge: str = _arg(
-        "ondare",
+        MERGE_DEFAULTS["merge"],
         "Online merge: ondare or onties with the online-merging optimizer, or none for the trainer's own "
         "optimizer (`optim`, AdamW by default): the baseline.",
         ("ondare", "onties", "none"),
     )
     optimizer: str = _arg("adam", "Online-merging optimizer: adam (OnlineMergingAdam) or sgd.", ("adam", "sgd"))
-    reserve_p: float = _arg(0.01, "Fraction p of update and τ elements kept (paper: 0.01; robust from 1 to 5e-4).")
-    alpha: float = _arg(1e-7, "Merging weight α of τ (paper: searched 1e-4 … 1e-7; start at 1e-7).")
+    reserve_p: float = _arg(
+        MERGE_DEFAULTS["reserve_p"], "Fraction p of update and τ elements kept (paper: 0.01; robust from 1 to 5e-4)."
+    )
+    alpha: float = _arg(
+        MERGE_DEFAULTS["alpha"], "Merging weight α of τ (paper: 1e-7 absolute, searched 1e-4 … 1e-7; here in lr units)."
+    )
     alpha_unit: str = _arg(
-        "absolute",
+        MERGE_DEFAULTS["alpha_unit"],
         "Unit of alpha: absolute (the paper's α), or lr: the weight is alpha × the current learning rate, so it "
         "follows the schedule and means the same at any learning rate (docs/algorithm.md).",
         ("absolute", "lr"),
