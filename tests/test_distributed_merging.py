@@ -18,13 +18,23 @@ from tests.distributed import run_distributed, tiny_model
 WORLD = 2
 STEPS = 4
 CASES = {  # label: (optimizer class, settings)
-    "ondare": (OnlineMergingAdam, {"merge": "ondare", "reserve_p": 0.3, "alpha": 0.2}),
-    "onties": (OnlineMergingAdam, {"merge": "onties", "reserve_p": 0.3, "alpha": 0.2}),
+    "ondare": (OnlineMergingAdam, {"alpha_unit": "absolute", "merge": "ondare", "reserve_p": 0.3, "alpha": 0.2}),
+    "onties": (OnlineMergingAdam, {"alpha_unit": "absolute", "merge": "onties", "reserve_p": 0.3, "alpha": 0.2}),
     "onties_k2_sgd": (
         OnlineMergingSGD,
-        {"merge": "onties", "reserve_p": 0.2, "alpha": 0.3, "merge_every": 2, "momentum": 0.9},
+        {
+            "alpha_unit": "absolute",
+            "merge": "onties",
+            "reserve_p": 0.2,
+            "alpha": 0.3,
+            "merge_every": 2,
+            "momentum": 0.9,
+        },
     ),
-    "ondare_k3": (OnlineMergingAdam, {"merge": "ondare", "reserve_p": 0.5, "alpha": 0.1, "merge_every": 3}),
+    "ondare_k3": (
+        OnlineMergingAdam,
+        {"alpha_unit": "absolute", "merge": "ondare", "reserve_p": 0.5, "alpha": 0.1, "merge_every": 3},
+    ),
     "masked_onties_k2": (  # masked updates: rows of "0.weight", elements of "3.bias"
         OnlineMergingAdam,
         {
@@ -40,7 +50,7 @@ CASES = {  # label: (optimizer class, settings)
     ),
     "nonfinite_skip_onties": (  # NaN gradients (POISON) in parameters split across the ranks: all ranks skip them
         OnlineMergingAdam,
-        {"merge": "onties", "reserve_p": 0.3, "alpha": 0.2, "nonfinite_grads": "skip"},
+        {"alpha_unit": "absolute", "merge": "onties", "reserve_p": 0.3, "alpha": 0.2, "nonfinite_grads": "skip"},
     ),
 }
 POISON = {1: "0", 2: "2"}  # step -> layer whose weight gets a NaN gradient at element 0 (held by rank 0 only)

@@ -115,11 +115,11 @@ def common_args(tmp_path, **overrides) -> dict:
 
 
 MODES = {
-    "ondare": {"merge": "ondare", "reserve_p": 0.3, "alpha": 0.05},
+    "ondare": {"alpha_unit": "absolute", "merge": "ondare", "reserve_p": 0.3, "alpha": 0.05},
     # ε comparable to |g|: Adam's first update is then not ≈ ±lr everywhere, whose near-ties top-p would
     # break differently in float32 and in the float64 reference
-    "onties": {"merge": "onties", "reserve_p": 0.3, "alpha": 0.05, "eps": 1e-3},
-    "ondare_k2": {"merge": "ondare", "reserve_p": 0.3, "alpha": 0.05, "merge_every": 2},
+    "onties": {"alpha_unit": "absolute", "merge": "onties", "reserve_p": 0.3, "alpha": 0.05, "eps": 1e-3},
+    "ondare_k2": {"alpha_unit": "absolute", "merge": "ondare", "reserve_p": 0.3, "alpha": 0.05, "merge_every": 2},
 }
 
 

@@ -17,7 +17,7 @@ def _setup(seed: int):
     weight = torch.nn.Parameter(torch.randn(SIZE, generator=g))
     tau = TaskVector({"weight": 0.01 * torch.randn(SIZE, generator=g)})
     optimizer = OnlineMergingAdam([("weight", weight)], lr=1e-2, task_vector=tau, merge="onties", reserve_p=0.3,
-                                  alpha=0.5, backend="cpu")  # fmt: skip
+                                  alpha=0.5, alpha_unit="absolute", backend="cpu")  # fmt: skip
     grads = [torch.randn(SIZE, generator=g) for _ in range(STEPS)]
     return weight, optimizer, grads
 

@@ -15,9 +15,9 @@ from tests.conftest import random_grads
 SHAPES = {"odd": (13, 7), "long": (37,), "cube": (3, 5, 11)}
 MERGES = {
     "plain": dict(merge=None),
-    "ondare": dict(merge="ondare", reserve_p=0.3, alpha=0.1),
-    "onties": dict(merge="onties", reserve_p=0.3, alpha=0.1),
-    "ondare_k3": dict(merge="ondare", reserve_p=0.3, alpha=0.1, merge_every=3),
+    "ondare": dict(alpha_unit="absolute", merge="ondare", reserve_p=0.3, alpha=0.1),
+    "onties": dict(alpha_unit="absolute", merge="onties", reserve_p=0.3, alpha=0.1),
+    "ondare_k3": dict(alpha_unit="absolute", merge="ondare", reserve_p=0.3, alpha=0.1, merge_every=3),
 }
 HYPER = {  # as tests/test_optim_equivalence.py's reference test
     "adam": dict(lr=1e-2, eps=1e-3, weight_decay=0.05),
@@ -199,7 +199,7 @@ def test_masked_out_state_keeps_warm_values(backend, merge):
 def test_checkpoint_round_trip_continues_bit_for_bit():
     params, tau = _inputs()
     grads, masks = random_grads(SHAPES, 6), _masks("full")
-    merge = dict(merge="onties", reserve_p=0.3, alpha=0.1, merge_every=2)
+    merge = dict(alpha_unit="absolute", merge="onties", reserve_p=0.3, alpha=0.1, merge_every=2)
 
     def run(named, opt, steps):
         for g in steps:

@@ -25,9 +25,15 @@ def _train(model, opt, steps, scheduler=None, first_step=0):
 @pytest.mark.parametrize(
     "cls, kwargs",
     [
-        (OnlineMergingAdam, dict(merge="ondare", reserve_p=0.3, alpha=0.01, merge_every=3, amsgrad=True)),
-        (OnlineMergingAdam, dict(merge="onties", reserve_p=0.3, alpha=0.01)),
-        (OnlineMergingSGD, dict(merge="ondare", reserve_p=0.5, alpha=0.01, momentum=0.9, merge_every=2)),
+        (
+            OnlineMergingAdam,
+            dict(alpha_unit="absolute", merge="ondare", reserve_p=0.3, alpha=0.01, merge_every=3, amsgrad=True),
+        ),
+        (OnlineMergingAdam, dict(alpha_unit="absolute", merge="onties", reserve_p=0.3, alpha=0.01)),
+        (
+            OnlineMergingSGD,
+            dict(alpha_unit="absolute", merge="ondare", reserve_p=0.5, alpha=0.01, momentum=0.9, merge_every=2),
+        ),
     ],
 )
 def test_save_load_mid_run_continues_bit_for_bit(tiny_setup, cls, kwargs):
@@ -106,7 +112,8 @@ def test_a_step_at_lr_zero_leaves_the_weights_as_they_are(tiny_setup, merge):
     """As AdamW at lr 0 (a warm-up's first step, DCP creating a fresh optimizer's state): τ is not merged either,
     while the moments, the step count and the step-K buffer are created and move on."""
     model, tv = tiny_setup
-    opt = OnlineMergingAdam(model.named_parameters(), lr=0.0, task_vector=tv, merge=merge, alpha=0.5, merge_every=2)
+    opt = OnlineMergingAdam(model.named_parameters(), lr=0.0, task_vector=tv, merge=merge, alpha=0.5,
+                             alpha_unit="absolute", merge_every=2)  # fmt: skip
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _train(model, opt, 3)
     for n, p in model.named_parameters():

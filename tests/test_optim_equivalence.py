@@ -55,8 +55,8 @@ SGD_CASES = [
     "merge",
     [
         dict(merge=None),
-        dict(merge="ondare", reserve_p=1.0, alpha=0.0),
-        dict(merge="onties", reserve_p=1.0, alpha=0.0, ties_sign="weighted"),
+        dict(alpha_unit="absolute", merge="ondare", reserve_p=1.0, alpha=0.0),
+        dict(alpha_unit="absolute", merge="onties", reserve_p=1.0, alpha=0.0, ties_sign="weighted"),
     ],
 )
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -70,7 +70,9 @@ def test_adam_without_merging_equals_torch_adamw(case, merge, backend):
 
 
 @pytest.mark.parametrize("case", SGD_CASES)
-@pytest.mark.parametrize("merge", [dict(merge=None), dict(merge="ondare", reserve_p=1.0, alpha=0.0)])
+@pytest.mark.parametrize(
+    "merge", [dict(merge=None), dict(alpha_unit="absolute", merge="ondare", reserve_p=1.0, alpha=0.0)]
+)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sgd_without_merging_equals_torch_sgd(case, merge, backend):
     params, grads = _params(), random_grads(SHAPES, 30)
@@ -82,15 +84,25 @@ def test_sgd_without_merging_equals_torch_sgd(case, merge, backend):
 
 
 MERGE_CASES = [
-    dict(merge="ondare", reserve_p=0.3, alpha=0.1),
-    dict(merge="ondare", reserve_p=0.5, alpha=0.2, dare_rescale=False, tau_mask="every_step", tau_clamp=None),
-    dict(merge="ondare", reserve_p=0.1, alpha=0.5, tau_clamp=0.02),
-    dict(merge="ondare", reserve_p=0.4, alpha=0.0),
-    dict(merge="onties", reserve_p=0.3, alpha=0.1),
-    dict(merge="onties", reserve_p=0.2, alpha=0.3, ties_sign="weighted"),
-    dict(merge="onties", reserve_p=1.0, alpha=0.0),  # the unweighted election still filters Δ by sign(τ + Δ)
-    dict(merge="ondare", reserve_p=0.3, alpha=0.1, merge_every=3),
-    dict(merge="onties", reserve_p=0.3, alpha=0.1, merge_every=4, ties_sign="weighted"),
+    dict(alpha_unit="absolute", merge="ondare", reserve_p=0.3, alpha=0.1),
+    dict(
+        alpha_unit="absolute",
+        merge="ondare",
+        reserve_p=0.5,
+        alpha=0.2,
+        dare_rescale=False,
+        tau_mask="every_step",
+        tau_clamp=None,
+    ),
+    dict(alpha_unit="absolute", merge="ondare", reserve_p=0.1, alpha=0.5, tau_clamp=0.02),
+    dict(alpha_unit="absolute", merge="ondare", reserve_p=0.4, alpha=0.0),
+    dict(alpha_unit="absolute", merge="onties", reserve_p=0.3, alpha=0.1),
+    dict(alpha_unit="absolute", merge="onties", reserve_p=0.2, alpha=0.3, ties_sign="weighted"),
+    dict(
+        alpha_unit="absolute", merge="onties", reserve_p=1.0, alpha=0.0
+    ),  # the unweighted election still filters Δ by sign(τ + Δ)
+    dict(alpha_unit="absolute", merge="ondare", reserve_p=0.3, alpha=0.1, merge_every=3),
+    dict(alpha_unit="absolute", merge="onties", reserve_p=0.3, alpha=0.1, merge_every=4, ties_sign="weighted"),
 ]
 
 

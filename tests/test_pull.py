@@ -14,13 +14,31 @@ BACKENDS = ["eager", "cpu"]  # triton: tests/test_kernels_triton.py
 PULL_CASES = [
     dict(merge=None, pull=3.0),
     dict(merge=None, pull=0.02, pull_unit="absolute", pull_elements="consensus"),
-    dict(merge="ondare", reserve_p=0.3, alpha=0.1, pull=3.0, pull_elements="kept"),
-    dict(merge="ondare", reserve_p=0.3, alpha=0.1, pull=3.0, pull_elements="consensus"),
-    dict(merge="onties", reserve_p=0.3, alpha=0.1, pull=3.0),
-    dict(merge="onties", reserve_p=0.3, alpha=0.0, pull=3.0, pull_elements="kept"),
-    dict(merge="onties", reserve_p=0.2, alpha=0.3, pull=3.0, pull_elements="consensus", ties_sign="weighted"),
-    dict(merge="ondare", reserve_p=0.3, alpha=0.1, merge_every=3, pull=3.0, pull_elements="kept"),
-    dict(merge="onties", reserve_p=0.3, alpha=0.1, merge_every=4, pull=3.0, pull_elements="consensus"),
+    dict(alpha_unit="absolute", merge="ondare", reserve_p=0.3, alpha=0.1, pull=3.0, pull_elements="kept"),
+    dict(alpha_unit="absolute", merge="ondare", reserve_p=0.3, alpha=0.1, pull=3.0, pull_elements="consensus"),
+    dict(alpha_unit="absolute", merge="onties", reserve_p=0.3, alpha=0.1, pull=3.0),
+    dict(alpha_unit="absolute", merge="onties", reserve_p=0.3, alpha=0.0, pull=3.0, pull_elements="kept"),
+    dict(
+        alpha_unit="absolute",
+        merge="onties",
+        reserve_p=0.2,
+        alpha=0.3,
+        pull=3.0,
+        pull_elements="consensus",
+        ties_sign="weighted",
+    ),
+    dict(
+        alpha_unit="absolute", merge="ondare", reserve_p=0.3, alpha=0.1, merge_every=3, pull=3.0, pull_elements="kept"
+    ),
+    dict(
+        alpha_unit="absolute",
+        merge="onties",
+        reserve_p=0.3,
+        alpha=0.1,
+        merge_every=4,
+        pull=3.0,
+        pull_elements="consensus",
+    ),
 ]
 
 

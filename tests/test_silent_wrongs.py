@@ -147,7 +147,8 @@ def test_a_nan_gradient_reaches_the_weights_at_once_as_with_torch(backend, merge
     torch.manual_seed(0)
     param = nn.Parameter(torch.randn(64, 64))
     tau = TaskVector({"w": torch.randn(64, 64) * 1e-2})
-    opt = optimizer([("w", param)], lr=1e-2, task_vector=tau, merge=merge, reserve_p=0.01, alpha=0.1, backend=backend)
+    opt = optimizer([("w", param)], lr=1e-2, task_vector=tau, merge=merge, reserve_p=0.01, alpha=0.1,
+                    alpha_unit="absolute", backend=backend)  # fmt: skip
     param.grad = torch.randn(64, 64)
     param.grad[3, 5] = float("nan")
     param.grad[7, 1] = float("inf")
