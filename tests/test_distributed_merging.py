@@ -48,6 +48,30 @@ CASES = {  # label: (optimizer class, settings)
             },
         },
     ),
+    "onties_pull_consensus": (  # the pull toward SFT: its anchor is sharded like the moments and resumed with them
+        OnlineMergingAdam,
+        {
+            "alpha_unit": "absolute",
+            "merge": "onties",
+            "reserve_p": 0.3,
+            "alpha": 0.2,
+            "pull": 0.05,
+            "pull_unit": "absolute",
+            "pull_elements": "consensus",
+        },
+    ),
+    "ondare_k2_pull_kept": (
+        OnlineMergingAdam,
+        {
+            "alpha_unit": "absolute",
+            "merge": "ondare",
+            "reserve_p": 0.5,
+            "alpha": 0.1,
+            "merge_every": 2,
+            "pull": 5.0,
+            "pull_elements": "kept",
+        },
+    ),
     "nonfinite_skip_onties": (  # NaN gradients (POISON) in parameters split across the ranks: all ranks skip them
         OnlineMergingAdam,
         {"alpha_unit": "absolute", "merge": "onties", "reserve_p": 0.3, "alpha": 0.2, "nonfinite_grads": "skip"},

@@ -299,10 +299,13 @@ class OnlineMergingOptimizer(Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             for param in params:
                 self._check_grad(param, index)
-            if settings.pull > 0:
+            if group["pull"] > 0:  # also at lr 0, where DCP creates a fresh optimizer's state
                 self._check_anchors(params, index)
             plan.append((index, group, settings, params))
         skip = self._nonfinite(plan) if self.nonfinite_grads is not None else {}
+        for _, group, _, params in plan:
+            if group["pull"] > 0:
+                self._make_anchors(params)
         for _, group, settings, params in plan:
             if skip:
                 params = [p for p in params if p not in skip or p in self._pieces]
@@ -410,8 +413,6 @@ class OnlineMergingOptimizer(Optimizer):
         records = []
         steps = [self.state[param]["step"] for param in params]
         pull = settings.pull > 0
-        if pull:
-            self._make_anchors(params)
         torch._foreach_add_(steps, 1)
         step_k = settings.merge_every > 1 and not settings.is_plain
         for i, param in enumerate(params):
