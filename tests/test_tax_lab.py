@@ -94,8 +94,8 @@ def test_a_stack_sweeps_the_model_of_its_rows_run():
             assert run_overrides(setting) == run_overrides(plain) | {"save_model": True}, stack
             run, merge = LabConfig().source(2, 0, setting)
             assert merge is not None and merge.run == run and run.save_model
-    assert {"onties_ma", "rpo_onties", "rpo_onties_ma", "onties_pull", "onties_pull_ma"} <= set(ONLINE_MERGING)
-    assert not {"ma", "pull", "rpo_ma", "allo_mask_k15", "kto_ondare"} & set(ONLINE_MERGING)
+    assert {"onties_ma", "rpo_onties", "rpo_onties_ma", "pull", "onties_pull", "onties_pull_ma"} <= set(ONLINE_MERGING)
+    assert not {"ma", "rpo_ma", "allo_mask_k15", "kto_ondare"} & set(ONLINE_MERGING)
     for setting in METHODS["rpo_onties"].grid:
         assert setting["merge"] == "onties" and setting["reserve_p"] == 0.1 and setting["rpo_weight"] in (0.3, 1.0)
     for name in ("pull", "onties_pull"):

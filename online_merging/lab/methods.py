@@ -138,9 +138,11 @@ METHODS: dict[str, Method] = {
     ),
 }
 
-ONLINE_MERGING = tuple(name for name, m in METHODS.items() if not m.secondary and any(s.get("merge") for s in m.grid))
-"""The main-table rows whose pipeline contains an online merge (OnDARE or OnTIES with τ; the pull alone, an online
-average with SFT, is not one): the best of them is compared with ``ma``."""
+ONLINE_MERGING = tuple(
+    name for name, m in METHODS.items() if not m.secondary and any(s.get("merge") or s.get("pull") for s in m.grid)
+)
+"""The main-table rows whose pipeline contains an online merge option of the optimizers (OnDARE or OnTIES with τ,
+or the pull toward SFT): the best of them is compared with ``ma``."""
 
 
 def run_overrides(setting: dict) -> dict:
