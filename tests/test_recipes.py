@@ -24,7 +24,7 @@ QUICK = ["--embedded_world", "quick", "--max_steps", "2", "--per_device_train_ba
 
 
 def test_the_four_recipes_exist():
-    assert {p.stem for p in RECIPES} >= {"dpo_ondare", "dpo_onties", "kto_ondare", "dpo_adamw"}
+    assert {p.stem for p in RECIPES} >= {"dpo_recommended", "dpo_ondare", "dpo_onties", "kto_ondare", "dpo_adamw"}
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -33,7 +33,7 @@ def test_every_recipe_parses_and_runs_offline(path):
     assert isinstance(config, {"dpo": DPOConfig, "kto": KTOConfig}[recipe.trainer])
     assert path.stem.startswith(recipe.trainer)
     assert config.beta == 0.1
-    if recipe.merge != "none":
+    if recipe.merge != "none" and path.stem != "dpo_recommended":  # a pipeline: tested against the lab below
         assert path.stem.endswith(recipe.merge)
     assert recipe.embedded  # runs offline as written
     assert not config.bf16 or torch.cuda.is_available()
@@ -70,11 +70,29 @@ def test_merge_recipes_carry_the_labs_tuned_settings(stem):
     assert recipe.tax_eval_every == lab.eval_every
 
 
-def test_the_main_job_is_the_recommended_online_merging_setting():
-    recommended = json.loads((ROOT / "docs" / "results" / "held_out" / "results.json").read_text())["recommended"]
+def test_the_main_job_is_the_labs_recommended_pipeline():
+    """README's main job (and CI's) is recipes/dpo_recommended.yaml, and its settings are the pipeline the lab
+    recommends (docs/results/pipelines/results.json): optimizer, merge, loss, learning rates, the offline average."""
+    results = json.loads((ROOT / "docs" / "results" / "pipelines" / "results.json").read_text())
+    setting, lab = results["recommended"]["setting"], LabConfig()
     main_job = re.search(r"online-merging train (recipes/\S+\.yaml) +# the main job", (ROOT / "README.md").read_text())
-    assert main_job and main_job[1] == f"recipes/dpo_{recommended['method']}.yaml"
+    assert main_job and main_job[1] == "recipes/dpo_recommended.yaml"
     assert main_job[1] in (ROOT / ".ci" / "run").read_text()
+    recipe, config = load_recipe(ROOT / main_job[1])
+    assert recipe.merge == (setting.get("merge") or "none")
+    for key in ("reserve_p", "alpha", "alpha_unit", "pull"):
+        if key in setting:
+            assert getattr(recipe, key) == setting[key], key
+    assert config.learning_rate == pytest.approx(setting.get("lr", 1.0) * lab.lr)
+    assert recipe.adamw_learning_rate == pytest.approx(results["settings"]["adamw"]["lr"] * lab.lr)
+    if setting.get("rpo_weight"):
+        assert (config.loss_type, config.loss_weights) == (["sigmoid", "sft"], [1.0, setting["rpo_weight"]])
+    else:
+        assert config.loss_type == ["sigmoid"]
+    assert (recipe.average_with_sft is not None) == ("merge_weights" in setting)
+    assert recipe.average_with_sft is None or recipe.average_with_sft in setting["merge_weights"]
+    protocol = (config.max_steps, config.lr_scheduler_type, recipe.tax_eval_every)
+    assert protocol == (lab.steps, "constant", lab.eval_every)
 
 
 def write(tmp_path, text: str) -> Path:
@@ -154,12 +172,12 @@ def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, 
     out = tmp_path / "out"
     assert main(["train", str(path), *QUICK, "--output_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    recipe, _ = load_recipe(path)
+    recipe, written = load_recipe(path)
     methods = [run["method"] for run in summary["runs"]]
     allo = {"neuron_k": 0.0, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
     plain = dataclasses.replace(recipe, merge="none", **allo)
     with_baseline = plain != recipe
-    assert methods == [method_name(recipe), *(["adamw"] if with_baseline else [])]
+    assert methods == [method_name(recipe, written), *(["adamw"] if with_baseline else [])]
     recipe, config = load_recipe(path, QUICK)
     rates = [config.learning_rate, *([recipe.adamw_learning_rate or config.learning_rate] if with_baseline else [])]
     for run, rate in zip(summary["runs"], rates, strict=True):  # the baseline at its own learning rate
@@ -224,8 +242,8 @@ def test_average_with_sft_writes_the_pipelines_model_and_scores_its_sweep(tmp_pa
     average = onties["average"]
     assert [p["weight"] for p in average["sweep"]] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     assert average["evaluation"]["reward"] == average["sweep"][2]["reward"]
-    assert "onties+ma" in summary["matched_reward"]["mra"]
-    assert f"onties+ma: model saved in {out / 'average_with_sft'}" in capsys.readouterr().out
+    assert onties["method"] == "onties_pull" and "onties_pull+ma" in summary["matched_reward"]["mra"]
+    assert f"onties_pull+ma: model saved in {out / 'average_with_sft'}" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"'average_with_sft': 1\.5"):
         load_recipe(ROOT / "recipes" / "dpo_onties.yaml", ["--average_with_sft", "1.5"])
     with pytest.raises(ValueError, match=r"pull_elements.*invalid choice: 'most'"):

@@ -135,8 +135,8 @@ class RecipeArguments:
     )
     compare_with_adamw: bool | None = _arg(
         None,
-        "Also train the AdamW baseline with the same settings and print both. Empty: yes on the embedded "
-        "default, no otherwise.",
+        "Also train the AdamW baseline (the trainer's own optimizer and loss, no pull, no average) with the same "
+        "data and schedule, and print both. Empty: yes on the embedded default, no otherwise.",
     )
     adamw_learning_rate: float | None = _arg(
         None,

@@ -35,9 +35,10 @@ class RunResult:
     average: dict[str, Any] | None = None  # average_with_sft: alpha, output_dir, evaluation, sweep (weight, figures)
 
 
-def method_name(recipe: RecipeArguments) -> str:
+def method_name(recipe: RecipeArguments, config: Any = None) -> str:
     """``adamw`` for the trainer's own optimizer, else e.g. ``ondare``, ``sgd_onties``, ``ondare_k10``; with
-    ``_normalized`` for pairwise-normalised DPO, ``_keyneurons`` for key neurons only, ``allo_`` for ALLO's stages."""
+    ``_normalized`` for pairwise-normalised DPO, ``_keyneurons`` for key neurons only, ``allo_`` for ALLO's stages,
+    ``_pull`` with a pull toward SFT, ``rpo_`` for RPO's loss (``config.loss_type`` with ``"sft"``)."""
     if recipe.merge == "none":
         name = "adamw"
     else:
@@ -47,6 +48,10 @@ def method_name(recipe: RecipeArguments) -> str:
         name = f"{name}_keyneurons"
     if recipe.unlearn_steps or recipe.noisy_token_percentile:
         name = f"allo_{name}"
+    if recipe.pull:
+        name = f"{name}_pull"
+    if "sft" in (getattr(config, "loss_type", None) or ()):
+        name = f"rpo_{name}"
     return f"{name}_normalized" if recipe.pairwise_normalized else name
 
 
@@ -74,7 +79,7 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     pipeline = {"pull": 0.0, "average_with_sft": None}
     plain = replace(recipe, merge="none", **allo, **pipeline)  # the trainer's own AdamW, the rest of the recipe
     if compare and plain != recipe:
-        baseline = copy.copy(config)
+        baseline = _plain_loss(copy.copy(config))
         baseline.output_dir = str(Path(config.output_dir) / "adamw_baseline")
         baseline.learning_rate = recipe.adamw_learning_rate or config.learning_rate
         runs.append((plain, baseline))
@@ -90,6 +95,20 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
         summary["matched_reward"] = matched_reward(summary["sft"], summary["runs"])
     write_text(Path(config.output_dir) / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _plain_loss(config: Any) -> Any:
+    """``config`` with TRL's default loss (RPO's ``loss_type=["sigmoid", "sft"]`` is part of a pipeline, not of the
+    AdamW baseline it is compared with)."""
+    import dataclasses
+
+    defaults = {f.name: f for f in dataclasses.fields(config)}
+    for key in ("loss_type", "loss_weights"):
+        if key in defaults:
+            field = defaults[key]
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+            setattr(config, key, default)
+    return config
 
 
 def matched_reward(sft: dict[str, float], runs: list[dict]) -> dict[str, Any]:
@@ -235,9 +254,9 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
     average = None
     if recipe.average_with_sft is not None:
         average = _average_with_sft(recipe, config, world, model, tokenizer, score)
+    name = method_name(recipe, config)
     return RunResult(
-        method_name(recipe), config.output_dir, config.learning_rate, steps, seconds, metrics, evaluation, points,
-        average,
+        name, config.output_dir, config.learning_rate, steps, seconds, metrics, evaluation, points, average
     )  # fmt: skip
 
 
