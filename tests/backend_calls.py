@@ -1,6 +1,9 @@
 """The tests' one-tensor calls of a backend module: a plan and a record built from keywords, stepped in two phases."""
 
+import torch
+
 from online_merging.kernels.plan import Plan, Record
+from online_merging.merging import topk_cut
 from online_merging.optim import functional
 
 PIECE_KEYS = ("offset", "update_cut", "tau_cut", "mask")
@@ -38,3 +41,12 @@ def _run(module, plan, record):
         return lambda: functional.finish_ties(module, plan, record, total)
     functional.finish_ties(module, plan, record, total)
     return None
+
+
+def step_pieces(module, plan, records, k):
+    """Step the pieces of one tensor by ``module``; under OnTIES, merge each with the top-k cut of their joined Δ."""
+    totals = module.step(plan, records)
+    if totals[0] is not None:
+        cut = topk_cut(torch.cat(totals), k)
+        for record, total in zip(records, totals, strict=True):
+            module.ties_merge(plan, record, total, cut, plan.tau_cut(record))

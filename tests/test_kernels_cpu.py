@@ -8,9 +8,9 @@ import torch
 from online_merging import OnlineMergingAdam, TaskVector
 from online_merging.kernels import cpu, eager
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import PendingCut, num_kept, sparsify, topk_cut, topp_mask
+from online_merging.merging import PendingCut, num_kept, sparsify, topp_mask
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
-from tests.backend_calls import adam_step, sgd_step
+from tests.backend_calls import adam_step, sgd_step, step_pieces
 
 SHAPE = (211, 193)  # 40,723 elements: several parallel chunks, odd sizes
 
@@ -293,11 +293,7 @@ def _pulled_run(module, opt, settings, *, masked, bounds, steps=4):
                 first_momentum=step == 1, tau=tau[lo:hi], name="w", mask=None if mask is None else mask[lo:hi],
                 anchor=anchor[lo:hi], **where,
             ))  # fmt: skip
-        totals = module.step(plan, records)
-        if totals[0] is not None:  # OnTIES's pieces on a merge step
-            cut = topk_cut(torch.cat(totals), k)
-            for record, total in zip(records, totals, strict=True):
-                module.ties_merge(plan, record, total, cut, plan.tau_cut(record))
+        step_pieces(module, plan, records, k)
     return {"param": param, **state}
 
 

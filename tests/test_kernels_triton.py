@@ -16,7 +16,7 @@ from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import PendingCut, num_kept, topk_cut
 from online_merging.rng import STREAM_UPDATE, keep_threshold, random_bits, tensor_key
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
-from tests.backend_calls import adam_step, sgd_step
+from tests.backend_calls import adam_step, sgd_step, step_pieces
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -288,11 +288,7 @@ def run_pulled(module, opt, settings, *, masked, pieces, steps=4):
                 state["param"][lo:hi], grad[lo:hi], step, **tensors, first_momentum=step == 1, tau=tau[lo:hi],
                 name="block.weight", mask=None if mask is None else mask[lo:hi], anchor=anchor[lo:hi], **where,
             ))  # fmt: skip
-        totals = module.step(plan, records)
-        if totals[0] is not None:  # OnTIES's pieces on a merge step
-            cut = topk_cut(torch.cat(totals), k)
-            for record, total in zip(records, totals, strict=True):
-                module.ties_merge(plan, record, total, cut, plan.tau_cut(record))
+        step_pieces(module, plan, records, k)
     return state
 
 
