@@ -101,6 +101,16 @@ def write(tmp_path, text: str) -> Path:
     return path
 
 
+def test_a_duplicate_key_and_an_empty_recipe_are_refused(tmp_path):
+    """YAML would take a duplicate key's last value silently (trained at 1e-3, not 9e-5); an empty recipe would
+    train every default into TRL's default output_dir."""
+    with pytest.raises(ValueError, match=r"line 3 column 1: duplicate key 'learning_rate'"):
+        load_recipe(write(tmp_path, "learning_rate: 9.0e-5\nbeta: 0.1\nlearning_rate: 1.0e-3\n"))
+    for text in ("", "# only a comment\n", "{}\n"):
+        with pytest.raises(ValueError, match="the recipe is empty"):
+            load_recipe(write(tmp_path, text))
+
+
 def test_unknown_key_is_named_in_one_line_that_points_to_the_valid_keys(tmp_path):
     path = write(tmp_path, "merge: ondare\nlearnin_rate: 1.0e-5\n")
     with pytest.raises(ValueError, match=r"unknown key 'learnin_rate' \(did you mean 'learning_rate'") as error:

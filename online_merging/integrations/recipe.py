@@ -324,16 +324,35 @@ def _read(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"recipe file not found: {str(path)!r}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
         raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text file (expected a YAML recipe)") from None
+    if values is None or values == {}:
+        raise ValueError(f"{path}: the recipe is empty (start from one of recipes/*.yaml)")
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a recipe is a mapping of keys to values, got a {type(values).__name__}")
     return values
+
+
+def _unique_key_loader():
+    """YAML's safe loader, refusing a key given twice (it would silently take the last value)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
 
 
 def _machine_defaults() -> dict[str, bool]:
