@@ -32,9 +32,9 @@ def _task_vector(args: argparse.Namespace) -> int:
     from online_merging.merging import TaskVector
 
     base, finetuned = _weights(args, "base", "finetuned")
-    _check_out_file(args.out)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     check_not_input(args.out, {"--base": args.base, "--finetuned": args.finetuned}, name="--out")
+    _check_out_file(args.out)
     start = time.perf_counter()
     print(f"τ = {args.finetuned} − {args.base}, stored as {args.dtype} ...")
     tau = TaskVector.from_models(base, finetuned, dtype=dtype, progress=True)
@@ -323,8 +323,24 @@ def _weights(args: argparse.Namespace, *options: str) -> list:
 
 
 def _check_out_file(out: str) -> None:
+    """A new file, or a task vector this package wrote (replaced): never another file, a model's weights say."""
+    from online_merging.merging.task_vector import WRITTEN_BY
+
     if Path(out).is_dir():
         raise IsADirectoryError(f"--out: {out!r} is a folder (expected a file path, e.g. tau.safetensors)")
+    if Path(out).exists():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(out, "pt") as existing:
+                ours = (existing.metadata() or {}).items() >= WRITTEN_BY.items()
+        except Exception:  # not a safetensors file at all
+            ours = False
+        if not ours:
+            raise FileExistsError(
+                f"--out: {out!r} exists and is not a task vector written by this package; choose another path "
+                "(nothing was written)"
+            )
 
 
 def _check_out_folder(out: str) -> None:

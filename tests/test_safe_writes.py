@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import stat
 import sys
 from pathlib import Path
@@ -268,6 +269,21 @@ def test_task_vector_command_refuses_an_out_that_is_an_input(ckpt, role, capsys)
     assert main([*argv, "--out", str(folders[role] / "tau.safetensors")]) == 2
     assert f"lies inside the --{role} folder" in capsys.readouterr().err
     assert {name: path.read_bytes() for name, path in models.items()} == before
+
+
+def test_task_vector_command_replaces_only_its_own_output(ckpt, tmp_path, capsys):
+    """Another file at --out (another model's weights, say, which would then load holding τ) is refused before any
+    work; a τ this command wrote is replaced."""
+    argv = ["task-vector", "--base", str(ckpt["base"]), "--finetuned", str(ckpt["sft"]), "--out"]
+    other = tmp_path / "model.safetensors"
+    shutil.copy(ckpt["sft"] / "model.safetensors", other)
+    before = other.read_bytes()
+    assert main([*argv, str(other)]) == 2
+    assert "exists and is not a task vector written by this package" in capsys.readouterr().err
+    assert other.read_bytes() == before
+    ours = tmp_path / "tau.safetensors"
+    assert main([*argv, str(ours)]) == 0 and main([*argv, str(ours)]) == 0
+    assert set(TaskVector.load(ours)) == set(TaskVector.from_models(ckpt["base"], ckpt["sft"]))
 
 
 # -- train ------------------------------------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+WRITTEN_BY = {"written_by": "online_merging.TaskVector"}
+"""The metadata :meth:`TaskVector.save` writes: ``task-vector --out`` replaces only a file that has it."""
+
 class TaskVector(Mapping[str, torch.Tensor]):
     """τ = θ_finetuned − θ_base, one tensor per (canonical) parameter name.
 
@@ -141,7 +144,8 @@ class TaskVector(Mapping[str, torch.Tensor]):
         from safetensors.torch import save_file
 
         with staged_file(path) as staged:
-            save_file({k: v.contiguous() for k, v in self._tensors.items()}, str(staged), metadata={"format": "pt"})
+            tensors = {k: v.contiguous() for k, v in self._tensors.items()}
+            save_file(tensors, str(staged), metadata={"format": "pt", **WRITTEN_BY})
 
     def fingerprint(self) -> dict:
         """Names, shapes and two float64 sums: enough to tell whether a checkpoint was made with this τ."""
