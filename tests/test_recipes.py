@@ -252,6 +252,8 @@ def test_average_with_sft_writes_the_pipelines_model_and_scores_its_sweep(tmp_pa
     average = onties["average"]
     assert [p["weight"] for p in average["sweep"]] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
     assert average["evaluation"]["reward"] == average["sweep"][2]["reward"]
+    rewards = [p["reward"] for p in average["sweep"]]  # the sweep scores the averages, not the trained model again
+    assert len(set(rewards)) == len(rewards) and rewards[0] != onties["evaluation"]["reward"]
     assert onties["method"] == "onties_pull" and "onties_pull+ma" in summary["matched_reward"]["mra"]
     assert f"onties_pull+ma: model saved in {out / 'average_with_sft'}" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"'average_with_sft': 1\.5"):

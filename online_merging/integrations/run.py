@@ -148,7 +148,7 @@ def _average_with_sft(recipe: RecipeArguments, config: Any, world, model, tokeni
     average["sweep"] = []
     if score is None:
         return average
-    scratch = copy.deepcopy(model)
+    scratch, _ = _load_model(recipe, world)  # a fresh model: a copy of the trained one may still run its forward
     weights = MA_SWEEP if recipe.embedded else ()
     for alpha in sorted({*weights, recipe.average_with_sft}):
         scratch.load_state_dict(merge(MergeSpec("ma", alpha=alpha), sft=sft, aligned=trained), strict=False)
