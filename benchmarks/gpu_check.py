@@ -48,7 +48,7 @@ from timing import machine_info, time_ms
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
 from online_merging.merging import num_kept, topk_cut
-from online_merging.settings import MERGE_DEFAULTS, MergeSettings
+from online_merging.settings import MERGE_DEFAULTS, PUBLISHED, MergeSettings
 
 SHAPES = {"embed": (1000, 37), "odd": (1_000_003,), "wide": (257, 4099), "tiny": (7,), "one": (1,), "empty": (0, 3)}
 QUICK_SHAPES = {"embed": (50, 37), "odd": (2101,), "tiny": (7,), "one": (1,), "empty": (0, 3)}
@@ -93,8 +93,8 @@ def _optimizer(kind: str, params: list, tau: TaskVector, options: dict, backend:
     if options.pop("masked", False):
         rows = params[0][1].shape[0]
         mask = {params[0][0]: torch.arange(rows, device=params[0][1].device) % 3 != 0}
-    cls = OnlineMergingAdam if kind == "adam" else OnlineMergingSGD
-    return cls(params, task_vector=tau, backend=backend, neuron_mask=mask, **HYPER[kind], **options)
+    cls = OnlineMergingAdam if kind == "adam" else OnlineMergingSGD  # the cases change the published settings
+    return cls(params, task_vector=tau, backend=backend, neuron_mask=mask, **HYPER[kind], **{**PUBLISHED, **options})
 
 
 def _compare(out, ref, where: str, errors: list[str]) -> float:

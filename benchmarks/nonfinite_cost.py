@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from online_merging import OnlineMergingAdam, TaskVector
+    from online_merging import PUBLISHED, OnlineMergingAdam, TaskVector
     from online_merging.kernels import cpu
 
     kernels = {"default": cpu._ext}
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         params = [torch.nn.Parameter(torch.randn(shape)) for _ in names]
         for p in params:
             p.grad = torch.randn(shape)
-        opt = OnlineMergingAdam(list(zip(names, params, strict=True)), task_vector=tau, nonfinite_grads=policy)
+        opt = OnlineMergingAdam(
+            list(zip(names, params, strict=True)), task_vector=tau, nonfinite_grads=policy, **PUBLISHED
+        )
         runs[variant] = (opt, [])
     for _ in range(args.steps + 2):  # the first two rounds warm up
         for variant, (opt, times) in runs.items():

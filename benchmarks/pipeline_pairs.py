@@ -1,6 +1,6 @@
 """Paired MRA differences between two rows of a lab result, per world, on the same test replicates.
 
-    python benchmarks/pipeline_pairs.py docs/results/pipelines/results.json rpo_onties_ma rpo_ma onties_ma ma
+python benchmarks/pipeline_pairs.py docs/results/pipelines/results.json rpo_onties_ma rpo_ma onties_ma ma
 """
 
 import json

@@ -55,7 +55,7 @@ def measure(millions: float, steps: int) -> list[dict]:
     for merge in ("ondare", "onties"):
         optimizer = OnlineMergingAdam(
             setup.params, lr=LR, weight_decay=WEIGHT_DECAY, task_vector=setup.task_vector, merge=merge,
-            reserve_p=RESERVE_P, alpha=ALPHA, backend="cpu",
+            reserve_p=RESERVE_P, alpha=ALPHA, alpha_unit="absolute", backend="cpu",
         )  # fmt: skip
         kernel = cpu._ext = TimedKernel(cpu._ext)
         try:

@@ -50,7 +50,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 def providers(model: nn.Module, tau: TaskVector) -> dict[str, torch.optim.Optimizer]:
     named = list(model.named_parameters())
-    merging = {"lr": LR, "task_vector": tau, "reserve_p": RESERVE_P, "alpha": ALPHA}
+    merging = {"lr": LR, "task_vector": tau, "reserve_p": RESERVE_P, "alpha": ALPHA, "alpha_unit": "absolute"}
     return {
         BASELINE: torch.optim.AdamW([p for _, p in named], lr=LR, foreach=True),
         "om_adam_plain": OnlineMergingAdam(named, lr=LR, merge=None),

@@ -138,7 +138,7 @@ def providers(device: torch.device, quick: bool) -> dict[str, tuple[Callable[[Se
             1,
         )
     backends = ["eager", "triton" if device.type == "cuda" else "cpu"]
-    merge_kw = dict(reserve_p=RESERVE_P, alpha=ALPHA)
+    merge_kw = dict(reserve_p=RESERVE_P, alpha=ALPHA, alpha_unit="absolute")
     for backend in backends:
         for merge in ("ondare", "onties"):
             for k in (1, 10):

@@ -72,10 +72,22 @@ def run_demo(*, steps: int = 300, seed: int = 0, dim: int = 16, lr: float = 3e-3
     optimizers = {
         "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=lr),
         "OnDARE": lambda m: OnlineMergingAdam(
-            m.named_parameters(), lr=lr, task_vector=tau, merge="ondare", reserve_p=0.1, alpha=1e-3
+            m.named_parameters(),
+            lr=lr,
+            task_vector=tau,
+            merge="ondare",
+            reserve_p=0.1,
+            alpha=1e-3,
+            alpha_unit="absolute",
         ),
         "OnTIES": lambda m: OnlineMergingAdam(
-            m.named_parameters(), lr=lr, task_vector=tau, merge="onties", reserve_p=0.1, alpha=1e-3
+            m.named_parameters(),
+            lr=lr,
+            task_vector=tau,
+            merge="onties",
+            reserve_p=0.1,
+            alpha=1e-3,
+            alpha_unit="absolute",
         ),
     }
     get_backend(None, torch.device("cpu"))  # builds the fused CPU kernel on first use: keep it out of the timings

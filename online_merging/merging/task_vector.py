@@ -52,6 +52,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 WRITTEN_BY = {"written_by": "online_merging.TaskVector"}
 """The metadata :meth:`TaskVector.save` writes: ``task-vector --out`` replaces only a file that has it."""
 
+
 class TaskVector(Mapping[str, torch.Tensor]):
     """τ = θ_finetuned − θ_base, one tensor per (canonical) parameter name.
 
