@@ -22,7 +22,7 @@ from online_merging.lab import runner
 from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides, setting_label
 from online_merging.lab.tuning import pick_settings
 from online_merging.provenance import provenance
-from online_merging.world import WorldConfig, build_world
+from online_merging.world import World, WorldConfig, build_world, default_cache_dir
 
 __all__ = ["TEST_WORLDS", "LabConfig", "read_tuned", "run_lab", "second_world", "trajectory", "tune", "write_tuned"]
 
@@ -397,10 +397,14 @@ def run_lab(
     return results
 
 
-def _fingerprints(config: LabConfig) -> dict[str, str]:
+def _fingerprints(config: LabConfig) -> dict[str, str | None]:
     """The weights fingerprint of every world the lab ran on, by world and seed (``"default/seed2"``): another
-    machine's results compare bit for bit only where these agree."""
+    machine's results compare bit for bit only where these agree. Read from the cache, never built here (None: a
+    world the run did not build, as when its jobs came from elsewhere)."""
     replicates = config.tuning_replicates() + config.test_replicates()
-    worlds = dict.fromkeys((name, seed) for name, seed, _ in replicates)
-    return {f"{name}/seed{seed}": build_world(config.test_world(name, seed), progress=False).fingerprint
-            for name, seed in worlds}  # fmt: skip
+    fingerprints = {}
+    for name, seed in dict.fromkeys((name, seed) for name, seed, _ in replicates):
+        world = config.test_world(name, seed)
+        root = default_cache_dir() / "world" / world.key()
+        fingerprints[f"{name}/seed{seed}"] = World(world, root).fingerprint if root.is_dir() else None
+    return fingerprints

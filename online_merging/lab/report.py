@@ -276,7 +276,9 @@ def _markdown(results: dict) -> str:
                 f"\nMade on {made['cpu']}, torch {made['torch']}, transformers {made['transformers']}, "
                 f"trl {made['trl']}. "
                 "World weights fingerprints (equal fingerprints: the same worlds bit for bit): "
-                + ", ".join(f"{world} `{fingerprint}`" for world, fingerprint in run["fingerprints"].items())
+                + ", ".join(
+                    f"{world} `{fingerprint}`" for world, fingerprint in run["fingerprints"].items() if fingerprint
+                )
                 + ".\n"
             )
     return text
