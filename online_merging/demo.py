@@ -69,26 +69,11 @@ def run_demo(*, steps: int = 300, seed: int = 0, dim: int = 16, lr: float = 3e-3
     def ability(m):
         return _loss(m, both, dim)
 
+    merging = dict(lr=lr, task_vector=tau, reserve_p=0.1, alpha=1e-3, alpha_unit="absolute")
     optimizers = {
         "AdamW": lambda m: torch.optim.AdamW(m.parameters(), lr=lr),
-        "OnDARE": lambda m: OnlineMergingAdam(
-            m.named_parameters(),
-            lr=lr,
-            task_vector=tau,
-            merge="ondare",
-            reserve_p=0.1,
-            alpha=1e-3,
-            alpha_unit="absolute",
-        ),
-        "OnTIES": lambda m: OnlineMergingAdam(
-            m.named_parameters(),
-            lr=lr,
-            task_vector=tau,
-            merge="onties",
-            reserve_p=0.1,
-            alpha=1e-3,
-            alpha_unit="absolute",
-        ),
+        "OnDARE": lambda m: OnlineMergingAdam(m.named_parameters(), merge="ondare", **merging),
+        "OnTIES": lambda m: OnlineMergingAdam(m.named_parameters(), merge="onties", **merging),
     }
     get_backend(None, torch.device("cpu"))  # builds the fused CPU kernel on first use: keep it out of the timings
     results = []
