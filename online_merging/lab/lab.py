@@ -9,7 +9,6 @@ import json
 import multiprocessing
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -389,8 +388,8 @@ def run_lab(
         "tuned_from": None if tuned is None else str(tuned),
         "seconds": round(time.perf_counter() - start, 1),
         "workers": workers,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]},
-        "provenance": provenance(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "provenance": provenance(),  # CPU, Python and library versions
         "fingerprints": _fingerprints(config),
     }
     write_report(results, Path(out_dir))

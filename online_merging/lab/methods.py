@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from online_merging.offline.merge import MA_SWEEP
+
 __all__ = [
     "AVERAGED",
     "EMA_COEFFICIENTS",
@@ -39,7 +41,7 @@ BEMA_POWERS = (0.5, 0.2, 1.0)
 TRL's defaults, with ``update_freq=1`` so that every evaluation sees fresh weights."""
 AVERAGED_LRS = (1.0, 2.0)
 """The AdamW learning rates (multiples) along which the EMA and BEMA settings are tracked."""
-MA_WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MA_WEIGHTS = MA_SWEEP
 """MA's sweep of the aligned model's weight: with SFT first and the aligned model last, its trajectory."""
 ADAMW_LRS = (1.0, 2.0, 0.5, 0.75, 1.5, 3.0)
 """AdamW's grid, the centre first (a smaller ``LabConfig.grid`` searches the first few)."""
