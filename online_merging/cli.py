@@ -97,7 +97,9 @@ def _hma_search(args: argparse.Namespace) -> int:
         prompts = build_world(WorldConfig()).preference_dataset()["prompt"]
         print("prompts: the embedded default world's")
     else:
-        prompts = _read_prompts(args.prompts)
+        from online_merging.evaluation.data import read_records
+
+        prompts = [record["prompt"] for record in read_records(args.prompts, ("prompt",), option="--prompts")]
     prompts = list(prompts)[: args.num_prompts]
     try:
         tokenizer = AutoTokenizer.from_pretrained(sft)
@@ -116,43 +118,6 @@ def _hma_search(args: argparse.Namespace) -> int:
           f"{result.log_likelihood_after:.5f} (HMA), {result.seconds:.0f} s; saved to {args.out}")  # fmt: skip
     print(f"merge with: online-merging merge --method hma --ratios {ratios} --sft {args.sft} --aligned {args.aligned}")
     return 0
-
-
-def _read_prompts(path: str) -> list[str]:
-    """Prompts from a .txt file (one per line) or a .json/.jsonl file of records with a "prompt" field."""
-    import json
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--prompts: no file at {path!r}")
-    try:
-        text = file.read_text(encoding="utf-8")
-        if file.suffix == ".jsonl":  # a decode error's line is then the line within the line: count them here
-            records = [(n, _json_line(line, n, path)) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        elif file.suffix == ".json":
-            records = list(enumerate(json.loads(text), 1))
-        else:
-            return [line for line in text.splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise ValueError(f"--prompts: {path!r} is not a UTF-8 text file") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--prompts: {path!r} is not valid JSON (line {error.lineno}: {error.msg})") from None
-    except TypeError:  # a .json whose top level is not a list
-        raise ValueError(f"--prompts: {path!r} must hold a list of records with a 'prompt' field") from None
-    where = "line" if file.suffix == ".jsonl" else "record"
-    for n, record in records:
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"--prompts: {where} {n} of {path!r} has no 'prompt' string field")
-    return [record["prompt"] for _, record in records]
-
-
-def _json_line(line: str, number: int, path: str):
-    import json
-
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--prompts: line {number} of {path!r} is not valid JSON ({error.msg})") from None
 
 
 def _tax_lab(args: argparse.Namespace) -> int:
@@ -508,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--aligned", required=True, help="aligned checkpoint directory")
     search.add_argument("--alpha", type=float, default=0.5, help="target mean of the ratios, in (0, 1) (default 0.5)")
     search.add_argument("--blocks", type=int, default=3, help="K, number of blocks of layers (default 3)")
-    search.add_argument("--prompts", help="prompts: .txt (one per line) or .json/.jsonl with a 'prompt' field; "
-                        "default: the embedded default world's")  # fmt: skip
+    search.add_argument("--prompts", help="prompts: .txt (one per line), or .jsonl/.json/.csv/.parquet or a saved "
+                        "dataset with a 'prompt' column; default: the embedded default world's")  # fmt: skip
     search.add_argument("--num-prompts", type=int, default=256, help="use at most this many prompts (default 256)")
     search.add_argument("--steps", type=int, default=100, help="Adam steps on the ratios (default 100)")
     search.add_argument("--lr", type=float, default=0.05, help="Adam's learning rate (default 0.05)")
@@ -562,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=_positive_int, help="the first N documents of each task")
     evaluate.add_argument("--reference", help="the model whose ability is 1 (the SFT model); needed by --pairs")
     evaluate.add_argument("--reward-model", help="a reward model folder: AutoModelForSequenceClassification, 1 label")
-    evaluate.add_argument("--prompts", help="held-out prompts for --reward-model: .jsonl/.json/.csv/.parquet or a "
-                          "saved dataset, with a 'prompt' column")  # fmt: skip
+    evaluate.add_argument("--prompts", help="held-out prompts for --reward-model: .txt (one per line), or "
+                          ".jsonl/.json/.csv/.parquet or a saved dataset with a 'prompt' column")  # fmt: skip
     evaluate.add_argument("--pairs", help="held-out preference pairs (prompt, chosen, rejected columns), in the same "
                           "forms: the PROXY reward when there is no reward model")  # fmt: skip
     evaluate.add_argument("--beta", type=float, help="β of the proxy reward (default 0.1)")

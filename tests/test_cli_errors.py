@@ -277,9 +277,28 @@ def test_a_path_under_an_existing_folder_is_local(tmp_path, monkeypatch):
         local_or_hub("outputs/missing", "--opt")
 
 
-def test_prompts_from_a_valid_jsonl_are_read(tmp_path):
-    from online_merging.cli import _read_prompts
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".csv"])
+def test_every_command_reads_prompts_in_every_format_through_one_reader(suffix, tmp_path, monkeypatch):
+    import online_merging.offline.hma_search
+    from online_merging.evaluation import read_records
 
-    path = tmp_path / "p.jsonl"
-    path.write_text(json.dumps({"prompt": "a"}) + "\n\n" + json.dumps({"prompt": "b", "x": 1}) + "\n")
-    assert _read_prompts(str(path)) == ["a", "b"]
+    texts = {".txt": "a\n\nb\n", ".jsonl": json.dumps({"prompt": "a"}) + "\n\n" + json.dumps({"prompt": "b", "x": 1}),
+             ".json": json.dumps([{"prompt": "a"}, {"prompt": "b"}]), ".csv": "prompt,x\na,1\nb,2\n"}  # fmt: skip
+    path = tmp_path / f"p{suffix}"
+    path.write_text(texts[suffix])
+    assert [r["prompt"] for r in read_records(path, ("prompt",), option="--prompts")] == ["a", "b"]
+    seen = {}
+
+    def search(*args, **kwargs):  # hma-search hands its prompts to the search: stop there
+        seen["prompts"] = args[3]
+        raise ValueError("stopped")
+
+    monkeypatch.setattr(online_merging.offline.hma_search, "search_hma_ratios", search)
+    sft = tmp_path / "sft"
+    tiny_llama().save_pretrained(sft)
+    from online_merging.world.tokenizer import build_tokenizer
+
+    build_tokenizer().save_pretrained(sft)
+    out = str(tmp_path / "r.json")
+    assert main(["hma-search", "--sft", str(sft), "--aligned", str(sft), "--prompts", str(path), "--out", out]) == 2
+    assert seen["prompts"] == ["a", "b"]

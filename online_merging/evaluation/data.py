@@ -1,5 +1,6 @@
-"""Held-out prompts and preference pairs from a local file (.jsonl, .json, .csv, .parquet) or a dataset folder
-(``Dataset.save_to_disk``; of a ``DatasetDict``, its ``test`` split); errors name the option, file and column."""
+"""Prompts and preference pairs from a local file (.jsonl, .json, .csv, .parquet; prompts also .txt, one a line) or a
+dataset folder (``Dataset.save_to_disk``; of a ``DatasetDict``, its ``test`` split); errors name the option, file and
+column. Every command that reads prompts reads them here."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from pathlib import Path
 __all__ = ["read_records"]
 
 
-def _json_records(path: Path, option: str) -> list:
+def _text(path: Path, option: str) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{option}: {str(path)!r} is not a UTF-8 text file") from None
+
+
+def _json_records(path: Path, option: str) -> list:
+    text = _text(path, option)
     if path.suffix == ".json":
         try:
             records = json.loads(text)
@@ -54,12 +59,15 @@ def read_records(path: str | Path, columns: tuple[str, ...], *, option: str) -> 
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"{option}: no such file or folder: {str(path)!r}")
-    if path.is_file() and path.suffix in (".json", ".jsonl"):
+    if path.is_file() and path.suffix == ".txt" and columns == ("prompt",):
+        records = [{"prompt": line} for line in _text(path, option).splitlines() if line.strip()]
+    elif path.is_file() and path.suffix in (".json", ".jsonl"):
         records = _json_records(path, option)
     elif path.is_dir() or path.suffix in (".csv", ".parquet"):
         records = _dataset_records(path, option)
     else:
-        raise ValueError(f"{option}: {str(path)!r}: expected .jsonl, .json, .csv, .parquet or a saved dataset folder")
+        forms = ".jsonl, .json, .csv, .parquet" + (", .txt" if columns == ("prompt",) else "")
+        raise ValueError(f"{option}: {str(path)!r}: expected {forms} or a saved dataset folder")
     if not records:
         raise ValueError(f"{option}: {str(path)!r} holds no records")
     for number, record in enumerate(records, 1):
