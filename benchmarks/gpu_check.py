@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_speed, timing: beside this file
 import step_speed
-from timing import machine_info, time_ms
+from timing import SCRATCH, machine_info, time_ms
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
 from online_merging.merging import num_kept, topk_cut
@@ -318,7 +318,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=float, nargs="+", help="speed: millions of parameters (default 10 100)")
     parser.add_argument("--repeats", type=int, default=10, help="speed: timed steps per provider and size")
     parser.add_argument("--no-speed", action="store_true", help="exactness checks only")
-    parser.add_argument("--out", type=Path, default=step_speed.RESULTS, help="directory of the JSON")
+    parser.add_argument("--out", type=Path, default=SCRATCH, help="directory of the JSON (default %(default)s)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

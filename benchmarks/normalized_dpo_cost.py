@@ -16,11 +16,15 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing, beside this file
+from timing import SCRATCH
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default=str(SCRATCH), help="directory of the JSON (default %(default)s)")
     args = parser.parse_args(argv)
     rounds, warmup = (3, 1) if args.quick else (args.rounds, args.warmup)
     torch.set_num_threads(args.threads)

@@ -38,11 +38,10 @@ except ImportError:  # run as a script from a checkout without installing the pa
     import online_merging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing, beside this file
-from timing import time_ms
+from timing import SCRATCH, time_ms
 
 from online_merging import OnlineMergingAdam, TaskVector
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RESERVE_P, ALPHA, LR = 0.01, 1e-7, 1e-5
 BASELINE = "adamw_foreach"
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--quick", action="store_true", help="4 tensors of 64x64, 1 warm-up, 2 repeats")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=SCRATCH, help="directory of the JSON (default %(default)s)")
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.hidden, args.warmup, args.repeats = 4, 64, 1, 2

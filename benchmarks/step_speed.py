@@ -49,11 +49,10 @@ if importlib.util.find_spec("online_merging") is None:  # run as a script from a
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # naive, timing: beside this file
 from naive import NaiveOnlineMergingAdamW
-from timing import machine_info, time_ms
+from timing import SCRATCH, machine_info, time_ms
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RESERVE_P, ALPHA, LR, WEIGHT_DECAY, MOMENTUM = 0.01, 1e-7, 1e-5, 0.01, 0.9
 HIDDEN_SIZES = (64, 128, 256, 512, 768, 1024, 1536, 2048, 2560, 3072, 4096, 5120, 8192)
 TAU_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -335,7 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tau-dtype", choices=TAU_DTYPES, default="bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of the JSON and PNG")
+    parser.add_argument("--out", type=Path, default=SCRATCH, help="directory of the JSON and PNG (default %(default)s)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--quick", action="store_true", help="~0.1M parameters, 2 repeats, fewer providers, no plot")
     args = parser.parse_args(argv)

@@ -1,5 +1,5 @@
-"""What the benchmarks share to time things: milliseconds of a call with the device synchronised, and the machine
-the timings were taken on (recorded beside them)."""
+"""What the benchmarks share to time things: milliseconds of a call with the device synchronised, the machine the
+timings were taken on (recorded beside them), and where results go unless ``--out`` says otherwise."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+SCRATCH = Path("outputs") / "benchmarks"
+"""The benchmarks' default output folder, under the working directory (git ignores ``outputs/``): a run never
+overwrites the committed figures in ``benchmarks/results/`` unless ``--out`` names them."""
 
 
 def sync(device: torch.device | None) -> None:

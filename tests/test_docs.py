@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import os
 import re
 import shlex
@@ -204,3 +205,35 @@ def test_recipe_readme_key_table_is_recipe_arguments_with_its_defaults():
         else:
             expected = "null" if default is None else str(default).lower() if isinstance(default, bool) else default
             assert written == str(expected), f"{key}: README says {written}, the code {expected}"
+
+
+TRACKED = ("docs", "benchmarks", "online_merging", "recipes", "tests")
+INLINE_COMMAND = re.compile(r"`((?:online-merging|python benchmarks/)[^`]*)`")
+
+
+def doc_commands(doc: Path) -> list[str]:
+    """The commands of ``doc``: the lines of its bash blocks and its inline `online-merging ...` and
+    `python benchmarks/...` spans (joined across line breaks)."""
+    bash = [line for block in read_blocks(doc) if block.language == "bash"
+            for line in block.code.replace("\\\n", " ").splitlines()]  # fmt: skip
+    inline = [" ".join(span.split()) for span in INLINE_COMMAND.findall(doc.read_text(encoding="utf-8"))]
+    return bash + inline
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: str(doc.relative_to(ROOT)))
+def test_doc_commands_write_to_scratch_folders_not_over_committed_files(doc):
+    for command in doc_commands(doc):
+        words = shlex.split(command, comments=True)
+        for option, value in itertools.pairwise(words):
+            if option in ("--out", "--output_dir", "--out_dir"):
+                top = Path(value).parts[0] if not Path(value).is_absolute() else ""
+                assert top not in TRACKED, f"{doc.name}: `{command}` writes into the committed {value}"
+
+
+@pytest.mark.parametrize("script", ["step_speed", "sharded_step", "gpu_check", "normalized_dpo_cost"])
+def test_benchmarks_write_to_a_scratch_folder_by_default(script):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    default = re.search(r"--out OUT\s+directory of the JSON.*?\(default\s+(\S+)\)", done.stdout, flags=re.DOTALL)
+    assert default, done.stdout
+    assert not Path(default.group(1)).is_absolute() and Path(default.group(1)).parts[0] not in TRACKED, default.group(1)
