@@ -142,6 +142,31 @@ def test_without_matplotlib_the_json_is_written_and_the_png_skipped(files, tmp_p
     assert plot_front(result, tmp_path / "front.png") is False
 
 
+def test_a_task_the_reference_scores_0_on_is_scored_and_its_kept_fraction_marked_undefined(files, tmp_path, capsys):
+    def evaluate(tasks, out):
+        argv = ["evaluate", str(files["run_a"] / "checkpoint-1"), "--reference", str(files["reference"]), "--tasks",
+                tasks, "--include-path", str(files["zero_tasks"]), "--pairs", str(files["pairs"]),
+                "--out", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        return json.loads((out / "evaluation.json").read_text()), capsys.readouterr().out.splitlines()
+
+    with pytest.warns(UserWarning, match="reference scores 0 on task 'tiny_generate': .* undefined .* other tasks"):
+        result, printed = evaluate(TASKS, tmp_path / "two")
+    reference, (point,) = result["reference"], result["runs"][0]["checkpoints"]
+    for scored in (reference, point):
+        assert scored["ability"]["tiny_generate"]["kept"] is None and scored["ability"]["tiny_generate"]["score"] == 0
+    kept = point["ability"]["tiny_choice"]["score"] / reference["ability"]["tiny_choice"]["score"]
+    assert point["ability"]["tiny_choice"]["kept"] == pytest.approx(kept) == point["ability_kept"]  # the other task
+    assert any("leaving out tiny_generate" in line and "undefined (n/a)" in line for line in printed)
+    assert result["front"]["x"] == "ability_kept"
+
+    with pytest.warns(UserWarning, match="so is ability_kept"):
+        result, printed = evaluate("tiny_generate", tmp_path / "one")
+    assert printed[1].split()[:4] == ["reference", "0.000", "0.000", "n/a"]
+    assert result["reference"]["ability_kept"] is None and result["runs"][0]["checkpoints"][0]["ability_kept"] is None
+    assert result["front"]["x"] == "ability_mean" and (tmp_path / "one" / "front.png").is_file()
+
+
 def test_a_trainer_folder_is_one_run_in_step_order_its_final_model_last(files):
     run_a, run_b = resolve_runs([str(files["run_a"]), str(files["run_b"])])
     assert [c.step for c in run_a.checkpoints] == [1, 2, 10]
@@ -207,8 +232,6 @@ CASES = [
     ("out-is-an-input", ["{run_a}", *AXES, "--out", "{run_a}"], "--out", True),
     ("out-without-axis", ["{reference}", "--out", "{tmp}/o"], "--out", True),
     ("world-with-axis", ["{reference}", *AXES, "--embedded_world", "quick"], "--embedded_world", True),
-    ("reference-scores-zero", ["{reference}", "--reference", "{reference}", "--tasks", "tiny_generate",
-                               "--include-path", "{zero_tasks}"], "task 'tiny_generate'", False),
 ]
 # fmt: on
 

@@ -12,6 +12,7 @@ from online_merging.evaluation import (
     ability_kept,
     ability_scores,
     generate_responses,
+    kept_fractions,
     pair_logprobs,
     preference_proxy,
     reward_score,
@@ -115,10 +116,11 @@ def test_an_unknown_task_is_named(model, tmp_path):
         ability_scores(model, build_tokenizer(), ["tiny_nothing"], include_path=write_tasks(tmp_path / "tasks"))
 
 
-def test_ability_kept_is_the_mean_ratio_and_refuses_a_zero_reference():
+def test_ability_kept_is_the_mean_ratio_over_the_tasks_where_it_is_defined():
     assert ability_kept({"a": 0.5, "b": 0.3}, {"a": 1.0, "b": 0.6}) == pytest.approx(0.5)
-    with pytest.raises(ValueError, match="task 'b'"):
-        ability_kept({"a": 0.5, "b": 0.3}, {"a": 1.0, "b": 0.0})
+    assert kept_fractions({"a": 0.5, "b": 0.3}, {"a": 1.0, "b": 0.0}) == {"a": 0.5, "b": None}  # b: undefined
+    assert ability_kept({"a": 0.5, "b": 0.3}, {"a": 1.0, "b": 0.0}) == 0.5
+    assert ability_kept({"b": 0.3}, {"b": 0.0}) is None
 
 
 def test_the_reward_is_the_reward_models_mean_score_of_the_greedy_responses(model, tmp_path):

@@ -9,6 +9,7 @@ from online_merging.evaluation.ability import (
     ability_kept,
     ability_scores,
     check_tasks,
+    kept_fractions,
     lm_eval_tokenizer,
 )
 from online_merging.evaluation.checkpoints import Checkpoint, Run, load_causal_lm, resolve_runs
@@ -48,6 +49,7 @@ __all__ = [
     "format_table",
     "generate_responses",
     "hypervolume",
+    "kept_fractions",
     "lm_eval_tokenizer",
     "load_causal_lm",
     "load_reward_model",

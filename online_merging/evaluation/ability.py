@@ -17,7 +17,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["PRIMARY_METRICS", "TaskScore", "ability_kept", "ability_scores", "check_tasks", "lm_eval_tokenizer"]
+__all__ = [
+    "PRIMARY_METRICS",
+    "TaskScore",
+    "ability_kept",
+    "ability_scores",
+    "check_tasks",
+    "kept_fractions",
+    "lm_eval_tokenizer",
+]
 
 PRIMARY_METRICS = ("acc_norm", "acc", "exact_match")
 """A task's score is the first of these it reports (on its unfiltered output if it has one)."""
@@ -154,9 +162,14 @@ def ability_scores(
     return scores
 
 
-def ability_kept(scores: dict[str, float], reference: dict[str, float]) -> float:
-    """The mean over tasks of score / the reference's score: the fraction of the reference's ability kept."""
-    for task, value in reference.items():
-        if value <= 0:
-            raise ValueError(f"the reference scores {value:g} on task {task!r}: the fraction of it kept is undefined")
-    return sum(scores[task] / reference[task] for task in reference) / len(reference)
+def kept_fractions(scores: dict[str, float], reference: dict[str, float]) -> dict[str, float | None]:
+    """Per task, score / the reference's score: the fraction of the reference's ability kept; None (undefined)
+    where the reference scores 0."""
+    return {task: scores[task] / value if value > 0 else None for task, value in reference.items()}
+
+
+def ability_kept(scores: dict[str, float], reference: dict[str, float]) -> float | None:
+    """The mean of :func:`kept_fractions` over the tasks where it is defined (the reference scores above 0); None
+    where it is defined on none."""
+    defined = [fraction for fraction in kept_fractions(scores, reference).values() if fraction is not None]
+    return sum(defined) / len(defined) if defined else None

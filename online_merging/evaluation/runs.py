@@ -3,6 +3,7 @@ model loads (every file, column, task name, tokenizer), then each checkpoint loa
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,7 +123,7 @@ def evaluate_plan(plan: EvaluationPlan, *, progress: bool = True) -> dict:
     """Score the reference, then every checkpoint; a JSON-able result with the front's axes named."""
     from tqdm.auto import tqdm
 
-    from online_merging.evaluation.ability import ability_kept, ability_scores
+    from online_merging.evaluation.ability import ability_kept, ability_scores, kept_fractions
     from online_merging.evaluation.checkpoints import load_causal_lm
     from online_merging.evaluation.proxy import pair_logprobs, preference_proxy
     from online_merging.evaluation.reward import load_reward_model, reward_score
@@ -143,9 +144,12 @@ def evaluate_plan(plan: EvaluationPlan, *, progress: bool = True) -> dict:
             point["ability_mean"] = sum(s.score for s in scores.values()) / len(scores)
             if checkpoint is plan.reference:
                 reference_scores = {task: s.score for task, s in scores.items()}
-                ability_kept(reference_scores, reference_scores)  # a task it scores 0 on fails here, first
+                _warn_undefined(reference_scores)
             if reference_scores is not None:
-                point["ability_kept"] = ability_kept({t: s.score for t, s in scores.items()}, reference_scores)
+                own = {task: s.score for task, s in scores.items()}
+                for task, fraction in kept_fractions(own, reference_scores).items():
+                    point["ability"][task]["kept"] = fraction
+                point["ability_kept"] = ability_kept(own, reference_scores)
         if reward is not None:
             point["reward"] = reward_score(model, tokenizer, *reward, plan.prompts, max_new_tokens=plan.max_new_tokens,
                                            batch_size=plan.batch_size, seed=plan.seed, progress=progress)  # fmt: skip
@@ -181,10 +185,22 @@ def evaluate_plan(plan: EvaluationPlan, *, progress: bool = True) -> dict:
     return result
 
 
+def _warn_undefined(reference_scores: dict[str, float]) -> None:
+    """Warn, naming them, of the tasks the reference scores 0 on: the fraction of its ability kept is undefined."""
+    undefined = [task for task, score in reference_scores.items() if score <= 0]
+    if not undefined:
+        return
+    rest = "the mean kept (ability_kept) is over the other tasks" if len(undefined) < len(reference_scores) else (
+        "so is ability_kept")  # fmt: skip
+    names = ", ".join(map(repr, undefined))
+    message = f"the reference scores 0 on task {names}: the fraction of its ability kept there is undefined (n/a; "
+    warnings.warn(f"{message}null in evaluation.json); {rest}", UserWarning, stacklevel=4)
+
+
 def _front(result: dict, plan: EvaluationPlan) -> dict | None:
     if not plan.tasks or not (plan.reward_model or plan.pairs):
         return None
-    kept = plan.reference is not None
+    kept = plan.reference is not None and result["reference"]["ability_kept"] is not None
     x = ("ability_kept", "ability kept (mean over tasks of score / the reference's)") if kept else (
         "ability_mean", "ability (mean task score)")  # fmt: skip
     if plan.reward_model:
@@ -219,12 +235,17 @@ def format_table(result: dict) -> str:
         cells = []
         for name, key in columns:
             value = point_value(point, key)
-            cells.append(f"{'-' if value is None else f'{value:.3f}':>{max(len(name), 7)}}")
+            shown = f"{value:.3f}" if value is not None else "n/a" if key == "ability_kept" else "-"
+            cells.append(f"{shown:>{max(len(name), 7)}}")
         lines.append(f"{label:<{width}} " + " ".join(cells))
     if result["tasks"]:
         first = points[0][1]["ability"]
         metrics = ", ".join(f"{task} {first[task]['metric']} on {first[task]['samples']} docs" for task in first)
         kept = "; kept: the mean over tasks of score / the reference's" if result["reference"] else ""
+        undefined = [task for task, value in first.items() if value.get("kept", 0) is None]
+        if undefined:
+            kept += (f", leaving out {', '.join(undefined)}: the reference scores 0 there, so the fraction kept is "
+                     f"undefined (n/a)")  # fmt: skip
         lines.append(f"ability: lm-eval's score per task ({metrics}), then its mean{kept}.")
     if "reward_model" in result:
         info = result["reward_model"]
