@@ -304,6 +304,31 @@ def test_tuned_runs_the_given_settings_on_the_test_replicates_without_tuning(tmp
     assert saved["worlds"]["second"]["methods"]["ondare"]["setting"]["alpha"] == 3.0
 
 
+def test_quick_mode_is_a_smoke_test_that_recommends_nothing_and_says_so(tmp_path, monkeypatch, capsys):
+    slopes = {"adamw": 0.5, "ondare": 0.3}  # OnDARE keeps more ability: a full run recommends it
+
+    def fake_trajectories(config, settings, replicates, workers, progress):
+        worlds = dict.fromkeys(w for w, _, _ in replicates)
+        return {w: {name: {f"seed{s}/order{o}": _points(_line(0.95, slopes[name])) for _, s, o in replicates}
+                    for name in settings} for w in worlds}  # fmt: skip
+
+    monkeypatch.setattr(lab_module, "_trajectories", fake_trajectories)
+    lab_module.write_tuned(tmp_path / "tuned.json", {"adamw": {"lr": 1.0}, "ondare": METHODS["ondare"].grid[0]})
+    notice = "quick mode is a smoke test of the pipeline: its numbers recommend nothing"
+    for mode, flags in (("quick", ["--quick"]), ("full", ["--seeds", "2", "--data-orders", "0"])):
+        out = tmp_path / mode
+        assert main(["bench", "tax-lab", *flags, "--tuned", str(tmp_path / "tuned.json"), "--out", str(out)]) == 0
+        saved, text = json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+        printed = capsys.readouterr().out
+        assert saved["mode"] == mode and saved["smoke_test"] == (mode == "quick")
+        if mode == "quick":
+            assert saved["recommended"] is None and saved["online_vs_ma"] is None and notice in saved["note"]
+            assert f"**Q{notice[1:]}" in text and "Recommended pipeline" not in text and notice in printed
+        else:
+            assert saved["recommended"]["method"] == "ondare" and saved["note"] is None
+            assert "Recommended pipeline" in text and notice not in text and notice not in printed
+
+
 def test_bad_tuned_file_is_one_line_naming_the_file_and_key(tmp_path, capsys):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"format": lab_module.TUNED_FORMAT, "methods": {"adamw": {"speed": 1}}}))

@@ -60,11 +60,12 @@ class LabConfig:
     levels: tuple[float, ...] = MRA_LEVELS  # reward levels of the MRA (those the compared runs reach count)
     methods: tuple[str, ...] = tuple(METHODS)
     test_worlds: tuple[str, ...] = tuple(TEST_WORLDS)  # tuned on the default world, tested on each of these
+    smoke_test: bool = False  # the quick plan's: the report recommends nothing (``report.SMOKE_TEST``)
 
     @classmethod
     def quick(cls, **overrides) -> LabConfig:
         """Tune on one replicate, test on one other, on a 2-layer world that builds in about two minutes: 20 steps,
-        two settings of each grid."""
+        two settings of each grid. A smoke test of the pipeline: its report recommends nothing."""
         world = WorldConfig(
             num_layers=2,
             intermediate_size=256,
@@ -76,7 +77,7 @@ class LabConfig:
             n_eval_probes=200,
         )
         settings = dict(world=world, tune_seeds=(0,), tune_orders=(0,), seeds=(1,), data_orders=(0,), steps=20,
-                        eval_every=2, lr=9e-5, grid=2)  # fmt: skip
+                        eval_every=2, lr=9e-5, grid=2, smoke_test=True)  # fmt: skip
         return cls(**{**settings, **overrides})
 
     def __post_init__(self):
@@ -364,10 +365,11 @@ def run_lab(
     ``config`` (default ``LabConfig.quick()`` or ``LabConfig()``) is the plan; ``seeds``, ``data_orders`` (the test
     replicates) and ``methods`` override its fields. With ``tuned`` (a ``tuned.json``) nothing is tuned: its
     settings run on the test replicates. Finished jobs are cached under ``$ONLINE_MERGING_CACHE/lab``, so a rerun
-    resumes. Returns the content of ``results.json``. An ``out_dir`` holding files this package did not write is
-    refused before any job runs; the report is written beside it and moved into place at the end.
+    resumes. The quick plan (``smoke_test``) recommends nothing and says so: in results.json (``mode``), results.md
+    and a printed note. Returns the content of ``results.json``. An ``out_dir`` holding files this package did not
+    write is refused before any job runs; the report is written beside it and moved into place at the end.
     """
-    from online_merging.lab.report import summarize, write_report
+    from online_merging.lab.report import SMOKE_TEST, summarize, write_report
 
     check_folder_target(out_dir, name="out_dir")
     config = config or (LabConfig.quick() if quick else LabConfig())
@@ -393,6 +395,8 @@ def run_lab(
         "fingerprints": _fingerprints(config),
     }
     write_report(results, Path(out_dir))
+    if config.smoke_test:
+        print(f"Note: {SMOKE_TEST}", flush=True)
     return results
 
 

@@ -20,7 +20,12 @@ from online_merging.lab.lab import TEST_WORLDS
 from online_merging.lab.methods import METHODS, ONLINE_MERGING, setting_label
 from online_merging.lab.tuning import interpolation_error, replicate_spread
 
-__all__ = ["best_pipeline", "kept", "summarize", "versus", "world_table", "write_report", "xy"]
+__all__ = ["SMOKE_TEST", "best_pipeline", "kept", "summarize", "versus", "world_table", "write_report", "xy"]
+
+SMOKE_TEST = (
+    "quick mode is a smoke test of the pipeline: its numbers recommend nothing (one tuning and one test replicate "
+    "of a small world are too few to tell methods apart); run the lab without --quick for a recommendation."
+)
 
 
 def _kept(metrics: dict, sft: dict, key: str) -> float:
@@ -60,17 +65,24 @@ def summarize(config, found: dict, settings: dict, search: dict | None = None) -
       none holds, the row with the largest smaller Δ, with ``"holds": false``. It may be an offline stack (X → MA).
     - ``online_vs_ma``: the same rule among the rows that contain an online merge (``ONLINE_MERGING``), against
       ``ma`` instead of AdamW: does the best pipeline with an online merge beat MA alone on every world?
+
+    A smoke-test plan (``config.smoke_test``, the quick one) has neither verdict (null), ``mode`` "quick",
+    ``smoke_test`` true and :data:`SMOKE_TEST` as its ``note``; any other plan has ``mode`` "full".
     """
     worlds = {name: world_table(config, name, per_method, settings) for name, per_method in found.items()}
     main = [name for name in METHODS if not METHODS[name].secondary]
     recommended = best_pipeline(worlds, main, "adamw")
     if recommended is not None:
         recommended = {"method": recommended["method"], "setting": settings[recommended["method"]], **recommended}
+    smoke = config.smoke_test
     return {
+        "mode": "quick" if smoke else "full",
+        "smoke_test": smoke,
+        "note": SMOKE_TEST if smoke else None,
         "worlds": worlds,
         "settings": settings,
-        "recommended": recommended,
-        "online_vs_ma": best_pipeline(worlds, ONLINE_MERGING, "ma"),
+        "recommended": None if smoke else recommended,
+        "online_vs_ma": None if smoke else best_pipeline(worlds, ONLINE_MERGING, "ma"),
         "tuning": search,
     }
 
@@ -248,9 +260,13 @@ def _verdict(best: dict) -> str:
 
 def _markdown(results: dict) -> str:
     text = "# Alignment-tax lab (tuned on the default world, tested on every test world)\n"
+    if results.get("smoke_test"):
+        text += f"\n**{SMOKE_TEST[0].upper()}{SMOKE_TEST[1:]}**\n"
     for name, table in results["worlds"].items():
         text += "\n" + _world_section(name, table)
     text += "\n## Pipelines\n"
+    if results.get("smoke_test"):
+        text += "\nNone recommended: quick mode is a smoke test.\n"
     if results.get("recommended"):
         best = results["recommended"]
         text += (
