@@ -86,7 +86,8 @@ def test_resumes_with_its_unit_and_old_checkpoints_load_as_absolute():
     for n in SHAPES:
         assert torch.equal(finished[n], straight[n]), n
     old = opt.state_dict()
-    del old["param_groups"][0]["alpha_unit"]  # a checkpoint from before the option
+    del old["param_groups"][0]["alpha_unit"]  # a checkpoint from before the option, when α was absolute, in [0, 1]
+    old["param_groups"][0]["alpha"] = 0.05
     named, fresh = _optimizer(OnlineMergingAdam, params, tau, **hyper)
     fresh.load_state_dict(old)
     assert fresh.param_groups[0]["alpha_unit"] == "absolute"

@@ -1,5 +1,7 @@
 """Bad input: clear errors that name what is wrong, raised before anything changes."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -137,3 +139,59 @@ def test_without_the_guard_no_device_sync_is_added(tiny_setup, monkeypatch):
     (model(TOKENS) ** 2).mean().backward()
     monkeypatch.setattr(torch, "isfinite", lambda *_: pytest.fail("isfinite called with the guard off"))
     opt.step()
+
+
+def _malformed(good: dict, case: str):
+    """``good`` (a stepped optimizer's state dict, over two parameters in one group) made malformed as ``case`` says."""
+    group, state = good["param_groups"][0], good["state"]
+    return {
+        "not-a-mapping": [good["state"], good["param_groups"]],
+        "no-state-no-groups": {"foo": 1},
+        "no-groups": {"state": state},
+        "state-not-a-mapping": {"state": list(state.values()), "param_groups": [group]},
+        "group-not-a-mapping": {"state": state, "param_groups": ["lr"]},
+        "two-groups": {"state": state, "param_groups": [group, group]},
+        "one-parameter": {"state": state, "param_groups": [{**group, "params": group["params"][:1]}]},
+        "moment-of-another-shape": {
+            "state": {**state, 0: {**state[0], "exp_avg": torch.zeros(7)}},
+            "param_groups": [group],
+        },
+        "entry-not-a-mapping": {"state": {**state, 0: 1.0}, "param_groups": [group]},
+        "bad-merge": {"state": state, "param_groups": [{**group, "merge": "soup"}]},
+        "bad-reserve_p": {"state": state, "param_groups": [{**group, "reserve_p": 2.0}]},
+        "no-lr": {"state": state, "param_groups": [{k: v for k, v in group.items() if k != "lr"}]},
+    }[case]
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("not-a-mapping", r"^state_dict: expected a mapping with 'state' and 'param_groups', got list"),
+        ("no-state-no-groups", r"^state_dict: missing 'state' and 'param_groups'"),
+        ("no-groups", r"^state_dict: missing 'param_groups'"),
+        ("state-not-a-mapping", r"^state_dict\['state'\]: expected a mapping"),
+        ("group-not-a-mapping", r"^state_dict\['param_groups'\]: expected a list of mappings"),
+        ("two-groups", r"^state_dict has 2 param groups, this optimizer 1"),
+        ("one-parameter", r"^state_dict\['param_groups'\]\[0\] has 1 parameters, this optimizer's 2"),
+        (
+            "moment-of-another-shape",
+            r"^state_dict\['state'\]\[0\]\['exp_avg'\] has shape \(7,\), its parameter "
+            r"'weight' \(2, 3\)",
+        ),
+        ("entry-not-a-mapping", r"^state_dict\['state'\]\[0\]: expected a mapping, got float"),
+        ("bad-merge", r"state_dict\['param_groups'\]\[0\] 'merge': 'soup'"),
+        ("bad-reserve_p", r"state_dict\['param_groups'\]\[0\] 'reserve_p': 2.0"),
+        ("no-lr", r"^state_dict\['param_groups'\]\[0\] has no 'lr'"),
+    ],
+)
+def test_a_malformed_state_dict_is_named_and_changes_nothing(case, match):
+    model = nn.Linear(3, 2)
+    opt = OnlineMergingAdam(model.named_parameters(), merge=None)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(_malformed(opt.state_dict(), case))
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i in before["state"] for k, v in before["state"][i].items())

@@ -14,12 +14,15 @@ from online_merging.distributed.collectives import all_true
 from online_merging.kernels import BACKENDS
 from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import TaskVector, canonical_name
+from online_merging.merging.weights import describe
 from online_merging.optim.pieces import Piece, calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
 
 __all__ = ["OnlineMergingOptimizer"]
 
 FINGERPRINT_KEY = "task_vector_fingerprint"
+PARAMETER_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "merge_buffer", "sft_anchor")
+"""The state entries of a parameter that have its shape (load_state_dict checks them)."""
 OPTIMIZER_KINDS = {  # the param-group keys that tell an optimizer's state dict apart
     "an Adam-type optimizer's (torch.optim.Adam/AdamW, OnlineMergingAdam)": ("betas", "eps", "amsgrad"),
     "an SGD optimizer's (torch.optim.SGD, OnlineMergingSGD)": ("momentum", "dampening", "nesterov"),
@@ -505,16 +508,22 @@ class OnlineMergingOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint of this optimizer, or of its torch counterpart (``torch.optim.AdamW``'s, say: the same
-        moments); merge settings the saved groups lack keep this optimizer's values. Another optimizer's state
-        dict, or one made with another τ, raises ``ValueError`` before anything changes."""
+        moments); merge settings the saved groups lack keep this optimizer's values. A malformed state dict (keys
+        missing, other numbers of groups or parameters, moments of other shapes, invalid settings), another
+        optimizer's, or one made with another τ raises ``ValueError`` naming what is wrong, before anything changes."""
+        self._check_layout(state_dict)
         state_dict = dict(state_dict)
-        groups = state_dict.get("param_groups", [])
-        self._check_kind(groups)
-        if len(groups) == len(self.param_groups):  # else torch refuses it
-            state_dict["param_groups"] = [
-                {**{k: ours[k] for k in MERGE_DEFAULTS}, **_saved_alpha_unit(saved), **saved}
-                for saved, ours in zip(groups, self.param_groups, strict=True)
-            ]
+        self._check_kind(state_dict["param_groups"])
+        state_dict["param_groups"] = [
+            {**{k: ours[k] for k in MERGE_DEFAULTS}, **_saved_alpha_unit(saved), **saved}
+            for saved, ours in zip(state_dict["param_groups"], self.param_groups, strict=True)
+        ]
+        for index, group in enumerate(state_dict["param_groups"]):
+            where = f"state_dict['param_groups'][{index}] "
+            try:
+                self._check_group(group, where)
+            except KeyError as missing:
+                raise ValueError(f"{where}has no {missing}; nothing was changed") from None
         saved = state_dict.pop(FINGERPRINT_KEY, None)
         current = None if self.task_vector is None else self.task_vector.fingerprint()
         if saved is not None and (current is None or not TaskVector.fingerprints_match(saved, current)):
@@ -526,6 +535,46 @@ class OnlineMergingOptimizer(Optimizer):
         for state in self.state.values():  # torch casts state tensors other than "step" to the parameter's dtype
             if "piece_skips" in state:
                 state["piece_skips"] = state["piece_skips"].to("cpu", torch.int64)
+
+    def _check_layout(self, state_dict: Any) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` has this optimizer's layout: its groups, their numbers of
+        parameters, and each parameter's moments and buffers of the parameter's shape."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(
+                f"state_dict: expected a mapping with 'state' and 'param_groups', got {describe(state_dict)}"
+            )
+        missing = [key for key in ("state", "param_groups") if key not in state_dict]
+        if missing:
+            raise ValueError(f"state_dict: missing {' and '.join(map(repr, missing))} (an optimizer's state dict has "
+                             "'state' and 'param_groups'); nothing was changed")  # fmt: skip
+        groups, state = state_dict["param_groups"], state_dict["state"]
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"state_dict['state']: expected a mapping of parameter ids to states, got {describe(state)}"
+            )
+        if not isinstance(groups, (list, tuple)) or not all(
+            isinstance(group, Mapping) and isinstance(group.get("params"), (list, tuple)) for group in groups
+        ):
+            raise ValueError("state_dict['param_groups']: expected a list of mappings, each with a 'params' list")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer {len(self.param_groups)}; "
+                             "nothing was changed")  # fmt: skip
+        for index, (saved, ours) in enumerate(zip(groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(ours["params"]):
+                raise ValueError(f"state_dict['param_groups'][{index}] has {len(saved['params'])} parameters, this "
+                                 f"optimizer's {len(ours['params'])}; nothing was changed")  # fmt: skip
+            for i, (key, param) in enumerate(zip(saved["params"], ours["params"], strict=True)):
+                entry = state.get(key, {})
+                if not isinstance(entry, Mapping):
+                    raise ValueError(f"state_dict['state'][{key!r}]: expected a mapping, got {describe(entry)}")
+                for name in PARAMETER_SHAPED:
+                    value = entry.get(name)
+                    if isinstance(value, torch.Tensor) and value.shape != param.shape:
+                        who = self._names.get(param) or f"param_groups[{index}]['params'][{i}]"
+                        raise ValueError(
+                            f"state_dict['state'][{key!r}][{name!r}] has shape {tuple(value.shape)}, its parameter "
+                            f"{who!r} {tuple(param.shape)} (a checkpoint of another model?); nothing was changed"
+                        )
 
     def _check_kind(self, groups: list[dict[str, Any]]) -> None:
         for index, group in enumerate(groups):
