@@ -337,7 +337,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def format_summary(summary: dict) -> str:
     """The end-of-run table: steps, time, TRL's reward metrics and, on the embedded world, reward and ability."""
-    from online_merging.integrations.run import pipeline_name
+    from online_merging.integrations.run import compared_rates, pipeline_name
 
     lines = []
     sft = summary.get("sft")
@@ -383,6 +383,9 @@ def format_summary(summary: dict) -> str:
     lines.append(
         "margin, accuracy: TRL's rewards/margins and rewards/accuracies at the last logged step (-: not logged)."
     )
+    rates = compared_rates(summary)
+    if rates:
+        lines.append(rates)
     if any(run.get("average") for run in summary["runs"]):
         lines.append(
             "+ma: the run's model averaged with the SFT model, α·θ_run + (1 − α)·θ_sft; its MRA is along the sweep "

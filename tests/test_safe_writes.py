@@ -323,12 +323,10 @@ def test_train_writes_summary_json_0644_beside_the_trainers_files(tmp_path, monk
     from online_merging.integrations import load_recipe, run, run_recipe
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "checkpoint-1").mkdir()  # the Trainer's own, kept
     monkeypatch.setattr(run, "_embedded_world", lambda recipe, progress: None)
     result = run.RunResult("ondare", str(out), 1e-5, 1, 0.5, {}, None)
     monkeypatch.setattr(run, "_load_dataset", lambda recipe, world: None)
-    monkeypatch.setattr(run, "_train", lambda *args: result)
+    monkeypatch.setattr(run, "_train", lambda *args: (out / "checkpoint-1").mkdir() or result)  # the Trainer's, kept
     overrides = ["--model_name_or_path", "org/sft", "--base_model_name_or_path", "org/base", "--output_dir", str(out)]
     recipe, config = load_recipe(ROOT / "recipes" / "dpo_ondare.yaml", [*overrides, "--dataset_name", "org/data"])
     summary = run_recipe(recipe, config)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +142,14 @@ class RecipeArguments:
     adamw_learning_rate: float | None = _arg(
         None,
         "Learning rate of the AdamW baseline (compare_with_adamw). Empty: learning_rate. Each method has its own "
-        "best learning rate: the lab tunes them apart (docs/results.md).",
+        "best learning rate: the lab tunes them apart (docs/results.md), so --learning_rate alone moves only the "
+        "recipe's run (a warning says so).",
+    )
+    overwrite_output_dir: bool = _arg(
+        False,
+        "Replace an earlier run in output_dir: the files runs wrote there are removed first, and only those (a "
+        "folder holding other files is refused). Off: such an output_dir is refused before any work, unless "
+        "resume_from_checkpoint continues that run. The flag transformers' TrainingArguments had (gone in 5.0).",
     )
     tax_eval_every: int = _arg(
         0,
@@ -247,6 +255,14 @@ class RecipeArguments:
                     raise FileNotFoundError(f"{key}: no such file or folder: {path!r}")
             check_reward_model(self.tax_eval_reward_model, option="tax_eval_reward_model")
 
+    def adamw_baseline(self) -> RecipeArguments | None:
+        """The AdamW baseline's recipe (the trainer's own optimizer; no ALLO, pull or average), when
+        ``compare_with_adamw`` asks for one (empty: on the embedded default) and it is not this recipe itself."""
+        compare = self.embedded if self.compare_with_adamw is None else self.compare_with_adamw
+        allo = {"neuron_k": 0.0, "neuron_mask_path": None, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
+        plain = replace(self, merge="none", pull=0.0, average_with_sft=None, **allo)
+        return plain if compare and plain != self else None
+
     @property
     def masked(self) -> bool:
         """Training only key neurons (ALLO): located by a probe, or loaded."""
@@ -303,10 +319,46 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Recipe
         key = unused[0].lstrip("-").split("=")[0]
         raise ValueError(f"unknown override {unused[0]!r}{_valid_keys_hint(key, valid)}")
     recipe.check_paths()
+    config.resume_from_checkpoint = resume_checkpoint(config)
     if Path(config.output_dir).is_file():
         raise ValueError(f"output_dir: {config.output_dir!r} is a file (expected a folder)")
     check_range("recipe key ", "learning_rate", config.learning_rate, 0.0, float("inf"), low_open=True, high_open=True)
+    moved = _override(overrides, "learning_rate") is not None and _override(overrides, "adamw_learning_rate") is None
+    if moved and recipe.adamw_learning_rate is not None and recipe.adamw_baseline() is not None:
+        warnings.warn(
+            f"--learning_rate {config.learning_rate:g} moves the recipe's run only: the AdamW baseline keeps the "
+            f"recipe's adamw_learning_rate {recipe.adamw_learning_rate:g} (each method at its own tuned rate); pass "
+            "--adamw_learning_rate too to move it",
+            stacklevel=2,
+        )
     return recipe, config
+
+
+def resume_checkpoint(config: Any) -> str | None:
+    """``config.resume_from_checkpoint`` as a checkpoint folder, or ``None``: ``true`` (a YAML boolean, or the word
+    on the command line) is ``output_dir``'s last checkpoint, as for ``Trainer.train``; a folder that is not there
+    raises ``FileNotFoundError`` naming the key."""
+    value = config.resume_from_checkpoint
+    if value is None or value is False or (isinstance(value, str) and value.lower() in ("", "false")):
+        return None
+    if value is True or (isinstance(value, str) and value.lower() == "true" and not Path(value).exists()):
+        last = last_checkpoint(config.output_dir)
+        if last is None:
+            raise FileNotFoundError(
+                f"resume_from_checkpoint: true, but output_dir {config.output_dir!r} holds no checkpoint-N folder"
+            )
+        return last
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"resume_from_checkpoint: no such checkpoint folder: {value!r}")
+    return str(folder)
+
+
+def last_checkpoint(folder: str | Path) -> str | None:
+    """The Trainer's last ``checkpoint-N`` in ``folder``, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
 
 
 def recipe_help(path: str | Path, overrides: Sequence[str] = ()) -> str:

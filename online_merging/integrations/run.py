@@ -6,12 +6,20 @@ import copy
 import json
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from online_merging._files import check_not_input, staged_file, write_text
-from online_merging.integrations.recipe import RecipeArguments
+from online_merging._files import (
+    check_not_input,
+    check_run_folder,
+    record_run,
+    staged_file,
+    start_run_folder,
+    write_text,
+)
+from online_merging._quiet import quiet_trl_training
+from online_merging.integrations.recipe import RecipeArguments, last_checkpoint, resume_checkpoint
 from online_merging.integrations.trainer import use_online_merging_optimizer
 from online_merging.provenance import provenance
 
@@ -61,10 +69,16 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     On the embedded default, or with ``tax_eval_every`` on a named model, the summary holds the SFT model's reward
     and ability figures, each run's along its trajectory, and their ability kept at matched reward; ``summary.json``
     goes to ``config.output_dir``, written atomically. An ``output_dir`` that is, lies inside or contains the model
-    or the base model is refused before any work: the Trainer writes and rotates checkpoints there.
+    or the base model is refused before any work: the Trainer writes and rotates checkpoints there. So is one that
+    holds files no run wrote, or an earlier run, unless resumed (``resume_from_checkpoint`` in it) or replaced
+    (``overwrite_output_dir``: the earlier run's files are removed, only those).
     """
     named = {"model_name_or_path": recipe.model_name_or_path, "base_model_name_or_path": recipe.base_model_name_or_path}
     check_not_input(config.output_dir, named, name="output_dir")
+    config = copy.copy(config)
+    config.resume_from_checkpoint = resume_checkpoint(config)
+    resuming = config.resume_from_checkpoint is not None and _inside(config.resume_from_checkpoint, config.output_dir)
+    check_run_folder(config.output_dir, overwrite=recipe.overwrite_output_dir, resuming=resuming)
     # a named data set is read and its columns checked before any model loads (or world builds)
     dataset = None if recipe.dataset_name is None else _load_dataset(recipe, None)
     world = _embedded_world(recipe, progress)
@@ -74,27 +88,57 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
     if dataset is None:
         dataset = _load_dataset(recipe, world)
     runs = [(recipe, config)]
-    compare = recipe.embedded if recipe.compare_with_adamw is None else recipe.compare_with_adamw
-    allo = {"neuron_k": 0.0, "neuron_mask_path": None, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
-    pipeline = {"pull": 0.0, "average_with_sft": None}
-    plain = replace(recipe, merge="none", **allo, **pipeline)  # the trainer's own AdamW, the rest of the recipe
-    if compare and plain != recipe:
+    plain = recipe.adamw_baseline()  # the trainer's own AdamW, the rest of the recipe
+    if plain is not None:
         baseline = _plain_loss(copy.copy(config))
         baseline.output_dir = str(Path(config.output_dir) / "adamw_baseline")
         baseline.learning_rate = recipe.adamw_learning_rate or config.learning_rate
+        # resumed too: from its own last checkpoint, when it got to one, else from the start
+        baseline.resume_from_checkpoint = last_checkpoint(baseline.output_dir) if resuming else None
         runs.append((plain, baseline))
     summary: dict[str, Any] = {"recipe": asdict(recipe), "provenance": provenance(world), "runs": []}
     score = _scorer(recipe, world)
+    if config.should_save:  # every check passed: the folder is the run's now
+        start_run_folder(config.output_dir, replace=recipe.overwrite_output_dir and not resuming)
     if score is not None:
         model, tokenizer = _load_model(recipe, world)
         summary["sft"] = _evaluate(score, model, tokenizer)
         del model
     for run_args, run_config in runs:
+        if run_config.output_dir != config.output_dir and config.should_save:  # adamw_baseline/: a run folder too
+            record_run(config.output_dir, coming=(Path(run_config.output_dir).name,))
+            start_run_folder(run_config.output_dir, replace=run_config.resume_from_checkpoint is None)
         summary["runs"].append(asdict(_train(run_args, run_config, world, dataset, score, summary.get("sft"))))
     if score is not None:
         summary["matched_reward"] = matched_reward(summary["sft"], summary["runs"])
     write_text(Path(config.output_dir) / "summary.json", json.dumps(summary, indent=2))
+    if config.should_save:
+        record_run(config.output_dir)
     return summary
+
+
+def _inside(path: str, folder: str) -> bool:
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def _run_folder_recorder():
+    """A callback keeping the run folder's manifest current; what a save writes (the checkpoint, TRL's model card
+    beside it) is listed before it is written, so a run killed while saving can still be resumed or replaced."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class RunFolderRecorder(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save and args.should_save:
+                record_run(args.output_dir, coming=(f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", "README.md"))
+
+        on_epoch_end = on_step_end
+
+        def on_save(self, args, state, control, **kwargs):
+            if args.should_save:
+                record_run(args.output_dir)
+
+    return RunFolderRecorder()
 
 
 def _plain_loss(config: Any) -> Any:
@@ -129,6 +173,19 @@ def matched_reward(sft: dict[str, float], runs: list[dict]) -> dict[str, Any]:
     return {"levels": levels, "mra": {method: matched_reward_ability(path, levels) for method, path in paths.items()}}
 
 
+def compared_rates(summary: dict) -> str | None:
+    """The line saying at which learning rate each run of ``summary`` trained, and why, when it has a baseline."""
+    if len(summary["runs"]) < 2:
+        return None
+    (run, ours), (baseline, theirs) = ((r["method"], format(r["learning_rate"], "g")) for r in summary["runs"])
+    if summary["recipe"]["adamw_learning_rate"] is None:
+        return f"learning rates: {run} {ours}, {baseline} {theirs} (both learning_rate)."
+    return (
+        f"learning rates: {run} {ours} (learning_rate), {baseline} {theirs} (adamw_learning_rate): each method at "
+        "its own tuned rate; --adamw_learning_rate moves the baseline's."
+    )
+
+
 def pipeline_name(run: dict) -> str:
     """The name of a run followed by its average with SFT: ``onties+ma``."""
     return f"{run['method']}+ma"
@@ -140,9 +197,11 @@ def _average_with_sft(recipe: RecipeArguments, config: Any, world, model, tokeni
     from online_merging.offline import MergeSpec, save_merged
     from online_merging.offline.merge import MA_SWEEP, merge
 
-    sft = world.sft_dir if recipe.embedded else recipe.model_name_or_path
+    sft = _sft_source(recipe, world)
     trained = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     out = Path(config.output_dir) / "average_with_sft"
+    if config.should_save:
+        record_run(config.output_dir, coming=(out.name,))
     save_merged(MergeSpec("ma", alpha=recipe.average_with_sft), out, sft=sft, aligned=trained)
     average: dict[str, Any] = {"alpha": recipe.average_with_sft, "output_dir": str(out), "evaluation": None}
     average["sweep"] = []
@@ -224,7 +283,9 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
         from online_merging.integrations.allo_trainers import TokenWeightedDPOTrainer
 
         trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": recipe.noisy_token_percentile}
-    callbacks = [_entanglement_monitor(recipe, world, dataset)] if recipe.entanglement_every else []
+    callbacks = [_run_folder_recorder()]
+    if recipe.entanglement_every:
+        callbacks.append(_entanglement_monitor(recipe, world, dataset))
     trainer = trainer_cls(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks, **extra
     )
@@ -238,9 +299,12 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
         # Trainer builds it (the way that also works under DeepSpeed, where optimizers=(...) is ignored)
         use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    with quiet_trl_training():
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     seconds = time.perf_counter() - start
     trainer.save_model(config.output_dir)
+    if config.should_save:
+        record_run(config.output_dir)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     last = logged[-1] if logged else {}
     metrics = {k: v for k, v in last.items() if k in TRL_METRICS or k.startswith("normalized/")}
@@ -266,6 +330,8 @@ def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]
         settings = {"merge": None, "optimizer": recipe.optimizer}
     else:
         base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
+        # τ from the SFT model's files, not from the model: a resumed run's model holds the checkpoint's weights
+        sft = _sft_source(recipe, world) if recipe.task_vector_path is None else None
         settings = {
             "merge": recipe.merge,
             "reserve_p": recipe.reserve_p,
@@ -275,6 +341,7 @@ def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]
             "seed": recipe.merge_seed,
             "ties_sign": recipe.ties_sign,
             "base_model": base if recipe.task_vector_path is None else None,
+            "sft_model": sft,
             "task_vector": recipe.task_vector_path,
             "optimizer": recipe.optimizer,
         }
@@ -303,6 +370,8 @@ def _neuron_masks(recipe: RecipeArguments, config: Any, model, dataset, tokenize
     )  # fmt: skip
     with staged_file(Path(config.output_dir) / "neuron_masks.safetensors") as path:
         save_neuron_masks(masks, path, k=recipe.neuron_k, scope=recipe.neuron_scope)
+    if config.should_save:
+        record_run(config.output_dir)
     return masks
 
 
@@ -318,7 +387,8 @@ def _unlearn(recipe: RecipeArguments, config: Any, model, dataset, tokenizer, wo
         token_weights=recipe.npo_token_weights,
     )  # fmt: skip
     use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
-    trainer.train()
+    with quiet_trl_training():
+        trainer.train()
 
 
 def _evaluate(score, model, tokenizer) -> dict[str, float]:
@@ -340,10 +410,15 @@ def _entanglement_monitor(recipe: RecipeArguments, world, dataset):
     return GradientEntanglementCallback(probe, every_n_steps=recipe.entanglement_every)
 
 
+def _sft_source(recipe: RecipeArguments, world) -> str:
+    """Where the SFT model is: ``model_name_or_path``, or the embedded world's."""
+    return str(world.sft_dir) if recipe.embedded else recipe.model_name_or_path
+
+
 def _load_model(recipe: RecipeArguments, world):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name = str(world.sft_dir) if recipe.embedded else recipe.model_name_or_path
+    name = _sft_source(recipe, world)
     model = _from_hub_or_path(
         lambda: AutoModelForCausalLM.from_pretrained(name, dtype=recipe.dtype), name, "model_name_or_path"
     )

@@ -44,23 +44,30 @@ def task_vector_for(
     *,
     base_model: WeightsSource | None = None,
     task_vector: TaskVector | str | os.PathLike | None = None,
+    sft_model: WeightsSource | None = None,
     dtype: torch.dtype = torch.bfloat16,
 ) -> TaskVector:
-    """τ = θ_model − θ_base for ``model`` at its SFT weights, or a saved τ checked against ``model``.
+    """τ = θ_sft − θ_base for ``model``, or a saved τ checked against ``model``.
 
     ``base_model`` is a module, state dict, safetensors file/directory or Hub id; from disk it is read one
-    tensor at a time and never built as a model. A base whose architecture, parameter names or shapes differ
-    from ``model`` raises ``ValueError`` naming the first mismatch, before any training. A saved τ whose entry has
-    another shape than the model's parameter of that name raises too; entries naming no parameter of the model are
-    left to the optimizer, which warns about them (as it does for any τ).
+    tensor at a time and never built as a model. θ_sft is ``sft_model`` (in the same forms), else ``model``'s
+    parameters as they are now: pass ``sft_model`` when they may not be the SFT weights any more (a Trainer resuming
+    from a checkpoint loads its weights before it builds the optimizer). A base whose architecture, parameter names
+    or shapes differ from ``model`` raises ``ValueError`` naming the first mismatch, before any training. A saved τ
+    whose entry has another shape than the model's parameter of that name raises too; entries naming no parameter
+    of the model are left to the optimizer, which warns about them (as it does for any τ).
     """
     if (base_model is None) == (task_vector is None):
         raise ValueError("pass exactly one of base_model (to compute τ = model − base) and task_vector (a saved τ)")
+    if sft_model is not None and base_model is None:
+        raise ValueError("sft_model is τ's SFT side: it goes with base_model, not with a saved task_vector")
     # loaded under ZeRO-3's zero.Init, or sharded by FSDP2: the SFT weights are read from where the model came from
     partitioned = any(hasattr(p, "ds_shape") or is_dtensor(p) for p in model.parameters())
     if base_model is not None:
         _check_same_architecture(model, base_model)
-        return TaskVector.from_models(base_model, _sft_weights(model) if partitioned else model, dtype=dtype)
+        if sft_model is None:
+            sft_model = _sft_weights(model) if partitioned else model
+        return TaskVector.from_models(base_model, sft_model, dtype=dtype)
     tau = task_vector if isinstance(task_vector, TaskVector) else TaskVector.load(task_vector)
     shapes = {
         canonical_name(n): getattr(p, "ds_shape", p.shape) for n, p in model.named_parameters(remove_duplicate=False)
@@ -117,6 +124,7 @@ def build_optimizer(
     *,
     base_model: WeightsSource | None = None,
     task_vector: TaskVector | str | os.PathLike | None = None,
+    sft_model: WeightsSource | None = None,
     optimizer: str = "adam",
     **settings: Any,
 ) -> OnlineMergingOptimizer:
@@ -124,8 +132,8 @@ def build_optimizer(
 
     ``lr``, ``betas``, ``eps`` and ``weight_decay`` come from ``args`` (``TrainingArguments``, ``DPOConfig``, ...)
     when given; ``settings`` (``merge``, ``reserve_p``, ``alpha``, ``momentum``, ...) go to the optimizer and win
-    over ``args``. τ comes from ``base_model`` or a saved ``task_vector`` (see :func:`task_vector_for`), unless
-    ``merge=None``.
+    over ``args``. τ comes from ``base_model`` (and ``sft_model``) or a saved ``task_vector`` (see
+    :func:`task_vector_for`), unless ``merge=None``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"Invalid optimizer: {optimizer!r} (expected one of {sorted(OPTIMIZERS)})")
@@ -140,7 +148,7 @@ def build_optimizer(
     weight_decay = kwargs.pop("weight_decay", 0.0)
     tau = None
     if kwargs.get("merge", MERGE_DEFAULTS["merge"]) is not None:
-        tau = task_vector_for(model, base_model=base_model, task_vector=task_vector)
+        tau = task_vector_for(model, base_model=base_model, task_vector=task_vector, sft_model=sft_model)
     decay = decay_parameter_names(model)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
@@ -193,7 +201,9 @@ def use_online_merging_optimizer(trainer: Any, **build_optimizer_kwargs: Any) ->
 
     Sets ``trainer.optimizer_cls_and_kwargs`` to :func:`trainer_optimizer` of ``trainer.args`` (checking the
     DeepSpeed config now) and, under DeepSpeed, binds the optimizer to the engine's ZeRO optimizer when training
-    begins; returns ``trainer``. Refuses a trainer given ``optimizers=(optimizer, ...)``.
+    begins; returns ``trainer``. Refuses a trainer given ``optimizers=(optimizer, ...)``. To resume from a
+    checkpoint, also pass ``sft_model`` (the SFT weights' source): Trainer builds the optimizer after it loaded the
+    checkpoint's weights into the model, which are not θ_sft.
     """
     if getattr(trainer, "optimizer", None) is not None:
         raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+NEGLIGIBLE = 1e-6
+"""τ whose norm is at most this fraction of the fine-tuned model's is warned about: the base and the fine-tuned
+model are the same weights (up to round-off), and the merge has nothing to add. A real SFT moves the weights by
+orders of magnitude more (the embedded world's τ: a few percent of θ)."""
+
 WRITTEN_BY = {"written_by": "online_merging.TaskVector"}
 """The metadata :meth:`TaskVector.save` writes: ``task-vector --out`` replaces only a file that has it."""
 
@@ -89,7 +95,8 @@ class TaskVector(Mapping[str, torch.Tensor]):
 
         Both models must have the same tensor names and shapes (wrapper prefixes aside); large checkpoints
         are read one tensor at a time, so the two models are never held in memory together. ``progress`` draws
-        a progress bar over the tensors.
+        a progress bar over the tensors. A τ that is all zeros, or whose norm is at most ``NEGLIGIBLE`` (1e-6) times
+        the fine-tuned model's, is warned about (``UserWarning``): the base is likely the SFT model itself.
         """
         dtype = resolve_dtype(dtype)
         base_weights, ft_weights = open_weights(base, "base"), open_weights(finetuned, "finetuned")
@@ -107,11 +114,17 @@ class TaskVector(Mapping[str, torch.Tensor]):
             from tqdm.auto import tqdm
 
             names = tqdm(names, desc="τ = finetuned − base", unit="tensor")
+        tau_squared = finetuned_squared = 0.0
         for name in names:
             b, f = base_weights.get(name), ft_weights.get(name)
             if not f.is_floating_point():
                 continue
-            tensors[name] = (f.to(device, torch.float32) - b.to(device, torch.float32)).to(dtype)
+            f = f.to(device, torch.float32)
+            difference = f - b.to(device, torch.float32)
+            tensors[name] = difference.to(dtype)
+            tau_squared += float(torch.linalg.vector_norm(difference)) ** 2
+            finetuned_squared += float(torch.linalg.vector_norm(f)) ** 2
+        _warn_if_negligible(math.sqrt(tau_squared), math.sqrt(finetuned_squared))
         return cls(tensors)
 
     @classmethod
@@ -193,6 +206,18 @@ class TaskVector(Mapping[str, torch.Tensor]):
     def __repr__(self) -> str:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in self._tensors.values()})
         return f"TaskVector({len(self)} tensors, {self.numel():,} elements, {'/'.join(dtypes) or 'empty'})"
+
+
+def _warn_if_negligible(tau_norm: float, finetuned_norm: float) -> None:
+    if tau_norm > NEGLIGIBLE * finetuned_norm:
+        return
+    size = "all zeros" if tau_norm == 0 else f"tiny: ‖τ‖ = {tau_norm:.3g}, {tau_norm / finetuned_norm:.2g} of ‖θ_sft‖"
+    warnings.warn(
+        f"the task vector τ = finetuned − base is {size}: the base and fine-tuned (SFT) models hold the same "
+        "weights (up to round-off), and the online merge adds nothing; check base_model_name_or_path (the base, "
+        "pre-SFT model) against model_name_or_path (the SFT model)",
+        stacklevel=3,
+    )
 
 
 class _FileTensors(Mapping[str, torch.Tensor]):
