@@ -150,7 +150,7 @@ def _parsers(parser):
 @pytest.mark.parametrize("block", BASH)
 def test_bash_block_cli_commands_parse(block):
     from online_merging.cli import build_parser
-    from online_merging.integrations.recipe import recipe_parser
+    from online_merging.integrations.recipe import recipe_parser, shipped_recipes
 
     parser = build_parser()
     for command in _parsers(parser):
@@ -161,7 +161,8 @@ def test_bash_block_cli_commands_parse(block):
         except SystemExit:
             pytest.fail(f"{block.name}: `online-merging {shlex.join(argv)}` does not parse (its error is above)")
         if args.command == "train":
-            assert (ROOT / args.recipe).is_file(), f"{block.name}: no recipe {args.recipe}"
+            recipe = args.recipe
+            assert (ROOT / recipe).is_file() or recipe in shipped_recipes(), f"{block.name}: no recipe {recipe}"
             keys = {action.dest for action in recipe_parser()._actions}
             for word in args.overrides:
                 key = word[2:].split("=")[0] if word.startswith("--") else None

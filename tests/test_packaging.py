@@ -21,19 +21,27 @@ import online_merging
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "online_merging"
+RECIPES = ROOT / "recipes"  # shipped as online_merging/recipes
 # imported by code that runs only where the dependency comes with something else
 IMPLIED = {"triton": "CUDA builds of torch"}
 
 
+def _files(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+
+
 def _package_files() -> set[str]:
-    return {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    """The files a wheel must hold, by their path in it: the package's, and recipes/ as online_merging/recipes/."""
+    recipes = {f"online_merging/recipes/{p.relative_to(RECIPES)}" for p in _files(RECIPES)}
+    return {str(p.relative_to(ROOT)) for p in _files(PACKAGE)} | recipes
 
 
 @pytest.mark.slow
-def test_the_wheel_holds_every_file_of_the_package(tmp_path):
+def test_the_wheel_holds_every_file_of_the_package_and_train_finds_a_recipe_by_name_in_it(tmp_path):
     source = tmp_path / "source"
-    shutil.copytree(PACKAGE, source / "online_merging", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    for folder in (PACKAGE, RECIPES):
+        shutil.copytree(folder, source / folder.name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w",
@@ -46,6 +54,43 @@ def test_the_wheel_holds_every_file_of_the_package(tmp_path):
     assert "online_merging/kernels/fused_cpu.cpp" in names
     (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "online-merging = online_merging.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    installed = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(installed)]
+    subprocess.run([*pip, str(wheel)], check=True, capture_output=True, timeout=600)
+    (tmp_path / "elsewhere").mkdir()  # no recipes/ folder here: the name is looked up in the package
+    script = ("from online_merging.cli import main; from online_merging.integrations.recipe import find_recipe; "
+              "print(find_recipe('dpo_recommended')); main(['train', 'kto_ondare', '--help'])")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(installed)}  # ahead of this environment's copy of the package
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path / "elsewhere",
+                         env=env, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[0] == str(installed / "online_merging" / "recipes" / "dpo_recommended.yaml")
+    assert "--desirable_weight" in run.stdout  # KTOConfig's keys: kto_ondare.yaml was read
+
+
+def test_setup_cfg_lists_every_package_and_ships_every_recipe_file():
+    """setup.cfg lists the packages (recipes/ is mapped in, which find: cannot do): a new subpackage must be added."""
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    assert listed == {".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")} | {
+        "online_merging.recipes"
+    }
+    assert config["options"]["package_dir"].split() == ["online_merging.recipes", "=", "recipes"]
+    patterns = config["options.package_data"]["online_merging.recipes"].split(",")
+    shipped = {p for pattern in patterns for p in RECIPES.glob(pattern.strip()) if p.is_file()}
+    assert shipped | {RECIPES / "__init__.py"} == _files(RECIPES)
+
+
+def test_a_shipped_recipe_is_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from online_merging.cli import main
+    from online_merging.integrations.recipe import find_recipe
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("dpo_recommended", "dpo_recommended.yaml"):
+        assert find_recipe(name).read_bytes() == (RECIPES / "dpo_recommended.yaml").read_bytes()
+    assert main(["train", "kto_ondare", "--help"]) == 0
+    assert "--desirable_weight" in capsys.readouterr().out  # KTOConfig's keys: the shipped kto_ondare.yaml was read
 
 
 def _extras() -> tuple[list[str], dict[str, list[str]]]:
