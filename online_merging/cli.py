@@ -316,19 +316,17 @@ def _check_out_folder(out: str) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from online_merging.integrations import load_recipe, run_recipe
-    from online_merging.integrations.recipe import recipe_help
+    from online_merging.integrations.recipe import find_recipe, recipe_help
 
     if any(item in ("-h", "--help") for item in args.overrides):
         print(recipe_help(args.recipe, args.overrides))
         return 0
-    recipe, config = load_recipe(args.recipe, args.overrides)
+    path = find_recipe(args.recipe)
+    recipe, config = load_recipe(path, args.overrides)
     where = "the embedded default world" if recipe.embedded else recipe.model_name_or_path
     first = int(os.environ.get("RANK", "0")) == 0  # print once per multi-process launch (torchrun, accelerate)
     if first:
-        print(
-            f"{args.recipe}: {recipe.trainer.upper()} with merge={recipe.merge} on {where}, output in "
-            f"{config.output_dir}"
-        )
+        print(f"{path}: {recipe.trainer.upper()} with merge={recipe.merge} on {where}, output in {config.output_dir}")
     summary = run_recipe(recipe, config)
     if first:
         print(format_summary(summary))
@@ -438,7 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and reward and ability are printed side by side. Override any recipe key with --key value, e.g. "
         "--learning_rate 5e-6 --max_steps 20; `online-merging train RECIPE.yaml --help` lists every key.",
     )
-    train.add_argument("recipe", help="a recipe YAML file, e.g. recipes/dpo_ondare.yaml")
+    train.add_argument("recipe", help="a shipped recipe's name (dpo_recommended, dpo_onties, ...) or a recipe YAML "
+                       "file, e.g. recipes/dpo_ondare.yaml")  # fmt: skip
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs overriding the recipe's keys")
     train.set_defaults(run=_train)
     merge = commands.add_parser(

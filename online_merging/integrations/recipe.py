@@ -18,7 +18,7 @@ from typing import Any
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings, check_range
 from online_merging.sources import local_or_hub
 
-__all__ = ["RecipeArguments", "load_recipe", "recipe_help", "recipe_parser"]
+__all__ = ["RecipeArguments", "find_recipe", "load_recipe", "recipe_help", "recipe_parser", "shipped_recipes"]
 
 TRAINERS = ("dpo", "kto")
 TAX_EVAL_KEYS = ("tax_eval_tasks", "tax_eval_reward_model", "tax_eval_prompts")
@@ -295,13 +295,44 @@ def recipe_parser(trainer: str = "dpo"):
     return HfArgumentParser((RecipeArguments, _config_class(trainer)))
 
 
+def shipped_recipes() -> dict[str, Path]:
+    """The recipes that ship with the package (the project's ``recipes/`` folder), by name: ``dpo_onties`` -> its
+    YAML file."""
+    from importlib.resources import files
+
+    folder = Path(str(files("online_merging.recipes")))  # on disk: the package is installed unzipped
+    return {path.stem: path for path in sorted(folder.glob("*.yaml"))}
+
+
+def find_recipe(recipe: str | Path) -> Path:
+    """The YAML file ``recipe`` stands for: the path itself when it exists, else, for a bare name (``dpo_onties``
+    or ``dpo_onties.yaml``), the shipped recipe of that name. Anything else raises ``FileNotFoundError`` listing
+    the shipped names; a folder raises ``IsADirectoryError``."""
+    text = str(recipe)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"recipe: {text!r} is a folder (expected a YAML file or a shipped recipe's name)")
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    names = ", ".join(shipped)
+    if Path(text).name != text:  # a path with a folder part: never looked up by name
+        raise FileNotFoundError(f"recipe file not found: {text!r} (the shipped recipes go by name alone: {names})")
+    name = text.removesuffix(".yaml")
+    if name not in shipped:
+        raise FileNotFoundError(f"recipe {text!r}: no such file, nor a shipped recipe (shipped: {names})")
+    return shipped[name]
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[RecipeArguments, Any]:
-    """Read a recipe and apply ``--key value`` overrides; return ``(RecipeArguments, DPOConfig | KTOConfig)``.
+    """Read a recipe (a YAML file, or a shipped recipe's name: :func:`find_recipe`) and apply ``--key value``
+    overrides; return ``(RecipeArguments, DPOConfig | KTOConfig)``.
 
     Unknown keys, in the file or among the overrides, and bad values raise ``ValueError`` naming the key; a local
     path that does not exist raises ``FileNotFoundError`` naming its key. All before any model or data set loads.
     """
-    path, values = Path(path), _read(path)
+    path = find_recipe(path)
+    values = _read(path)
     overrides = list(overrides)
     trainer = _override(overrides, "trainer") or values.get("trainer", "dpo")
     parser = recipe_parser(trainer)
@@ -363,18 +394,16 @@ def last_checkpoint(folder: str | Path) -> str | None:
 
 def recipe_help(path: str | Path, overrides: Sequence[str] = ()) -> str:
     """Every key a recipe can hold, with its help: ours and those of the recipe's trainer config."""
-    values = _read(path) if Path(path).is_file() else {}
+    try:
+        values = _read(find_recipe(path))
+    except OSError:  # `RECIPE.yaml --help`, a placeholder: the keys of DPO's config, or of the trainer overridden
+        values = {}
     return recipe_parser(_override(list(overrides), "trainer") or values.get("trainer", "dpo")).format_help()
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def _read(path: Path) -> dict[str, Any]:
     import yaml
 
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"recipe: {str(path)!r} is a folder (expected a YAML file)")
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe file not found: {str(path)!r}")
     try:
         values = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except yaml.YAMLError as error:
