@@ -218,6 +218,7 @@ def _check_world_checkpoint(checkpoint: str, world: str) -> None:
     """Refuse a checkpoint whose architecture or tokenizer is not the world's: it would score 0, or nonsense."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from online_merging.checkpoint_files import check_checkpoint_files
     from online_merging.world import WorldConfig, architecture_mismatch
     from online_merging.world.tokenizer import build_tokenizer
 
@@ -226,6 +227,7 @@ def _check_world_checkpoint(checkpoint: str, world: str) -> None:
         raise FileNotFoundError(f"no such checkpoint folder: {checkpoint!r}")
     if not (path / "config.json").is_file():
         raise ValueError(f"{checkpoint!r} has no config.json (expected a from_pretrained folder)")
+    check_checkpoint_files(path, checkpoint)
     config = AutoConfig.from_pretrained(path)
     worlds = {"default": WorldConfig(), "quick": WorldConfig.quick()}
     mismatch = architecture_mismatch(config, worlds[world])
@@ -327,10 +329,23 @@ def _train(args: argparse.Namespace) -> int:
     first = int(os.environ.get("RANK", "0")) == 0  # print once per multi-process launch (torchrun, accelerate)
     if first:
         print(f"{path}: {recipe.trainer.upper()} with merge={recipe.merge} on {where}, output in {config.output_dir}")
-    summary = run_recipe(recipe, config)
+    try:
+        summary = run_recipe(recipe, config)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_kept_by_training(config.output_dir)) from None
     if first:
         print(format_summary(summary))
     return 0
+
+
+def _kept_by_training(output_dir: str) -> str:
+    """What an interrupted training leaves: the Trainer's checkpoints in output_dir, and how to resume."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        return f"no checkpoint was saved yet in {output_dir} (one every save_steps steps); the inputs are untouched"
+    return f"the checkpoints saved so far are kept in {output_dir}; resume with --resume_from_checkpoint {last}"
 
 
 def format_summary(summary: dict) -> str:
@@ -542,17 +557,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXTRAS = {"transformers": "trl", "trl": "trl", "datasets": "trl", "accelerate": "trl", "yaml": "trl",
+          "deepspeed": "deepspeed", "matplotlib": "bench", "scipy": "bench", "lm_eval": "eval", "peft": "eval",
+          "mergekit": "mergekit"}  # fmt: skip
+"""The extra of setup.cfg that installs each optional module."""
+
+NOTHING_PARTIAL = (
+    "the inputs are untouched and nothing partial was written (outputs are written beside their target and moved "
+    "into place only when complete)"
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; bad input ends with one line naming what is wrong (ONLINE_MERGING_TRACEBACK=1: the traceback)."""
+    """Run a command; bad input, a missing optional dependency, a full disk and Ctrl-C end with one line saying what
+    is wrong and what was kept, exit status 2 (130 for Ctrl-C). ONLINE_MERGING_TRACEBACK=1: the traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as error:  # FileNotFoundError is an OSError
-        if os.environ.get("ONLINE_MERGING_TRACEBACK"):
+    except BaseException as error:
+        line, status = _user_error(args, error)
+        if line is None or os.environ.get("ONLINE_MERGING_TRACEBACK"):
             raise
+        print(f"online-merging {args.command}: {line}", file=sys.stderr)
+        return status
+
+
+def _user_error(args: argparse.Namespace, error: BaseException) -> tuple[str | None, int]:
+    """The line that ``error`` ends the command with, and the exit status; ``(None, 1)`` for a bug (its traceback)."""
+    if isinstance(error, KeyboardInterrupt):
+        kept = str(error) or NOTHING_PARTIAL  # train says what it kept
+        if args.command == "bench":
+            from online_merging.lab.runner import lab_cache_dir
+
+            kept += f"; the jobs finished so far are cached in {lab_cache_dir()}: the same command continues from them"
+        return f"interrupted (Ctrl-C): {kept}", 130
+    module = _missing_module(error) if isinstance(error, ModuleNotFoundError) else None
+    if module in EXTRAS:
+        return f"error: {module} is not installed: pip install 'online-merging[{EXTRAS[module]}]'", 2
+    if _disk_full(error) and args.command == "train":  # the Trainer writes its checkpoints in place
+        return ("error: no space left on the device; the checkpoint being written may be cut short (resuming from "
+                "it names the file): free some space and resume from the last complete one"), 2  # fmt: skip
+    if _disk_full(error):
+        out = getattr(args, "out", None)
+        where = f" writing --out {out!r}" if out else ""
+        return f"error: no space left on the device{where}; {NOTHING_PARTIAL}: free some space and run it again", 2
+    if isinstance(error, (ValueError, OSError)):  # FileNotFoundError is an OSError
         message = " ".join(line.strip() for line in str(error).splitlines())  # one line, whatever the source
-        print(f"online-merging {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return f"error: {message}", 2
+    return None, 1
+
+
+def _missing_module(error: ModuleNotFoundError) -> str | None:
+    """The top-level module that is not installed, or None when it is (a submodule missing from it is a bug)."""
+    import importlib.util
+
+    top = (error.name or "").split(".")[0]
+    try:
+        return top if top and importlib.util.find_spec(top) is None else None
+    except ValueError:  # a module in sys.modules without a spec
+        return None
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether ``error`` is a write that found the disk (or the quota) full: an OSError, or safetensors' own."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, SafetensorError) and any(
+        text in str(error) for text in ("StorageFull", "QuotaExceeded", "No space left on device")
+    )
 
 
 if __name__ == "__main__":

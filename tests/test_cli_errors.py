@@ -1,7 +1,10 @@
 """Every user error of the `online-merging` command ends in one line naming its culprit, exit status 2, and, when the
 check needs no model, before any model loads."""
 
+import errno
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,17 @@ def files(tmp_path_factory):
     paths["corrupt"], paths["corrupt_file"] = root / "corrupt", root / "corrupt" / "model.safetensors"
     (root / "empty").mkdir()
     paths["empty"] = root / "empty"
+    optimizer = root / "optimizer.pt"
+    torch.save({"state": {}, "param_groups": [{"lr": 1e-5, "params": [0]}]}, optimizer)
+    truncated = {"truncated": ("sft", "model.safetensors"), "truncated_world": ("default_world_model",
+                 "model.safetensors"), "resume_model": ("sft", "model.safetensors"),
+                 "resume_optimizer": ("sft", "optimizer.pt")}  # fmt: skip
+    for name, (source, file) in truncated.items():  # a copy cut short: the first half of the file
+        shutil.copytree(paths[source], root / name)
+        shutil.copy(optimizer, root / name)
+        data = (root / name / file).read_bytes()
+        (root / name / file).write_bytes(data[: len(data) // 2])
+        paths[name], paths[f"{name}_file"] = root / name, root / name / file
     for name, tensors in {"tv_base": {"a": torch.ones(2), "b": torch.ones(2)},
                           "tv_names": {"a": torch.ones(2), "c": torch.ones(2)},
                           "tv_shapes": {"a": torch.ones(3), "b": torch.ones(2)}}.items():  # fmt: skip
@@ -56,6 +70,7 @@ def files(tmp_path_factory):
         "bad.json": '[{"prompt": "Q: 1+1 A:"},\n',
         "no_prompt.json": '[{"prompt": "Q: 1+1 A:"}, {"question": "Q: 2+2 A:"}]',
         "bad_line.jsonl": '{"prompt": "Q: 1+1 A:"}\n{"prompt": \n',
+        "pairs.jsonl": '{"prompt": "Q: 1+1 A:", "chosen": " 2", "rejected": " 3"}\n',
     }
     for name, text in texts.items():
         (root / name).write_text(text)
@@ -118,6 +133,14 @@ CASES = [
                                              "--tax_eval_reward_model", "{nowhere}", "--tax_eval_prompts",
                                              "{no_chosen}"], "tax_eval_reward_model", True),
     ("train-output-is-a-file", ["train", RECIPE, "--output_dir", "{file}"], "output_dir", True),
+    ("train-unknown-recipe-name", ["train", "dpo_soup"], "shipped: dpo_adamw, dpo_allo", True),
+    ("train-model-truncated", ["train", RECIPE, "--model_name_or_path", "{truncated}", "--base_model_name_or_path",
+                               "{sft}"], "model_name_or_path: '{truncated_file}' is not a readable safetensors", True),
+    ("train-resume-truncated-model", ["train", RECIPE, "--resume_from_checkpoint", "{resume_model}", "--output_dir",
+                                      "{tmp}/r1"], "resume_from_checkpoint: '{resume_model_file}'", True),
+    ("train-resume-truncated-optimizer", ["train", RECIPE, "--resume_from_checkpoint", "{resume_optimizer}",
+                                          "--output_dir", "{tmp}/r2"],
+     "resume_from_checkpoint: '{resume_optimizer_file}' is a torch archive without its end", True),
     # merge
     ("merge-missing-sft", ["merge", "--method", "ma", "--alpha", "0.5", "--sft", "{nowhere}", "--aligned",
                            "{aligned}", "--out", "{tmp}/m1"], "--sft", True),
@@ -125,6 +148,8 @@ CASES = [
                               "--out", "{tmp}/m2"], "empty", True),
     ("merge-corrupt", ["merge", "--method", "ma", "--alpha", "0.5", "--sft", "{sft}", "--aligned", "{corrupt}",
                        "--out", "{tmp}/m3"], "corrupt/model.safetensors", True),
+    ("merge-truncated", ["merge", "--method", "ma", "--alpha", "0.5", "--sft", "{sft}", "--aligned", "{truncated}",
+                         "--out", "{tmp}/m12"], "'{truncated_file}' is not a readable safetensors", True),
     ("merge-shapes", ["merge", "--method", "ma", "--alpha", "0.5", "--sft", "{sft}", "--aligned", "{wide}",
                       "--out", "{tmp}/m4"], "do not match at", False),
     ("merge-alpha-range", ["merge", "--method", "ma", "--alpha", "1.5", "--sft", "{sft}", "--aligned", "{aligned}",
@@ -150,6 +175,8 @@ CASES = [
      "--base", True),
     ("tv-corrupt", ["task-vector", "--base", "{sft}", "--finetuned", "{corrupt_file}", "--out", "{tmp}/t.st"],
      "corrupt/model.safetensors", True),
+    ("tv-truncated", ["task-vector", "--base", "{sft}", "--finetuned", "{truncated}", "--out", "{tmp}/t.st"],
+     "'{truncated_file}' is not a readable safetensors", True),
     ("tv-names", ["task-vector", "--base", "{tv_base}", "--finetuned", "{tv_names}", "--out", "{tmp}/t.st"],
      "only in base: b", True),
     ("tv-shapes", ["task-vector", "--base", "{tv_base}", "--finetuned", "{tv_shapes}", "--out", "{tmp}/t.st"],
@@ -165,6 +192,10 @@ CASES = [
     ("evaluate-quick-model-on-default", ["evaluate", "{quick_world_model}"], "--embedded_world quick", True),
     ("evaluate-default-model-on-quick", ["evaluate", "{default_world_model}", "--embedded_world", "quick"],
      "--embedded_world default", True),
+    ("evaluate-truncated", ["evaluate", "{truncated_world}"], "'{truncated_world_file}' is not a readable safetensors",
+     True),
+    ("evaluate-pairs-truncated", ["evaluate", "{truncated_world}", "--pairs", "{pairs}", "--reference",
+                                  "{default_world_model}"], "'{truncated_world_file}' is not a readable", True),
     ("evaluate-bad-world", ["evaluate", "{sft}", "--embedded_world", "big"], "--embedded_world", True),
     # hma-search
     ("hma-missing-sft", ["hma-search", "--sft", "{nowhere}", "--aligned", "{aligned}"], "--sft", True),
@@ -302,3 +333,119 @@ def test_every_command_reads_prompts_in_every_format_through_one_reader(suffix, 
     out = str(tmp_path / "r.json")
     assert main(["hma-search", "--sft", str(sft), "--aligned", str(sft), "--prompts", str(path), "--out", out]) == 2
     assert seen["prompts"] == ["a", "b"]
+
+
+# -- Ctrl-C, a missing extra, a full disk: one line too ---------------------------------------------------------------
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("command", ["demo", "merge", "bench"])
+def test_ctrl_c_is_one_line_saying_what_was_kept_exit_130(files, command, monkeypatch, capsys):
+    """Interrupted midway (a merge between two tensors): nothing partial is left, not even the staged copy."""
+    import online_merging.demo
+    import online_merging.lab
+    from online_merging.lab.runner import lab_cache_dir
+
+    monkeypatch.setattr(online_merging.demo, "run_demo", _interrupt)
+    monkeypatch.setattr(sys.modules["online_merging.offline.merge"], "_merge_one", _interrupt)  # the module
+    monkeypatch.setattr(online_merging.lab, "run_lab", _interrupt)
+    out = files["tmp"] / f"interrupted-{command}"
+    argv = {"demo": ["demo"], "bench": ["bench", "tax-lab", "--quick", "--out", str(out)],
+            "merge": ["merge", "--method", "ma", "--alpha", "0.5", "--sft", str(files["sft"]), "--aligned",
+                      str(files["aligned"]), "--out", str(out)]}[command]  # fmt: skip
+    assert main(argv) == 130
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"online-merging {command}: interrupted (Ctrl-C): the inputs are untouched and nothing "
+                           "partial was written"), line  # fmt: skip
+    assert (f"the jobs finished so far are cached in {lab_cache_dir()}" in line) == (command == "bench")
+    assert not out.exists() and not list(files["tmp"].glob(f".{out.name}*"))
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["no-checkpoint", "checkpoints"])
+def test_ctrl_c_in_train_names_the_checkpoint_to_resume_from(tmp_path, saved, monkeypatch, capsys):
+    import online_merging.integrations
+
+    out = tmp_path / "run"
+    for step in (2, 10) if saved else ():
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+    monkeypatch.setattr(online_merging.integrations, "run_recipe", _interrupt)
+    assert main(["train", RECIPE, "--output_dir", str(out)]) == 130
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("online-merging train: interrupted (Ctrl-C): "), line
+    if saved:
+        assert line.endswith(f"kept in {out}; resume with --resume_from_checkpoint {out / 'checkpoint-10'}"), line
+    else:
+        assert f"no checkpoint was saved yet in {out}" in line, line
+
+
+@pytest.mark.parametrize(
+    ("missing", "argv", "extra"),
+    [("yaml", ["train", RECIPE], "trl"), ("transformers", ["train", "dpo_recommended"], "trl"),
+     ("transformers", ["evaluate", "{default_world_model}"], "trl"),
+     ("yaml", ["merge", "--method", "ma", "--alpha", "0.5", "--sft", "{sft}", "--aligned", "{aligned}", "--out",
+               "{tmp}/mk", "--mergekit-config"], "trl")],
+    ids=["train-yaml", "train-transformers", "evaluate-transformers", "merge-mergekit-config-yaml"],
+)  # fmt: skip
+def test_a_missing_extra_is_one_line_naming_its_install_command(files, missing, argv, extra, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, missing, None)  # `import yaml` now fails as if it were not installed
+    assert _run([item.format(**files) for item in argv]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [f"online-merging {argv[0]}: error: {missing} is not installed: pip install "
+                     f"'online-merging[{extra}]'"]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", ["online_merging.no_such_module", "transformers.no_such_module"])
+def test_a_missing_module_of_an_installed_package_is_a_bug_not_a_missing_extra(module, monkeypatch):
+    import importlib
+
+    import online_merging.demo
+
+    monkeypatch.setattr(online_merging.demo, "run_demo", lambda **kwargs: importlib.import_module(module))
+    with pytest.raises(ModuleNotFoundError, match=module):
+        main(["demo", "--steps", "1"])
+
+
+@pytest.mark.parametrize("command", ["merge", "task-vector"])
+@pytest.mark.parametrize("raised", ["OSError", "SafetensorError"])
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(files, command, raised, monkeypatch, capsys):
+    """safetensors' writer fails with its own error, or an OSError (ENOSPC) from a write of ours."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    full = {"OSError": OSError(errno.ENOSPC, "No space left on device"),
+            "SafetensorError": SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                               'message: "No space left on device" })')}[raised]  # fmt: skip
+
+    def write(*args, **kwargs):
+        raise full
+
+    monkeypatch.setattr(safetensors.torch, "save_file", write)
+    out = files["tmp"] / f"full-{command}-{raised}"
+    models = ["--sft", str(files["sft"]), "--aligned", str(files["aligned"])]
+    argv = {"merge": ["merge", "--method", "ma", "--alpha", "0.5", *models, "--out", str(out)],
+            "task-vector": ["task-vector", "--base", str(files["sft"]), "--finetuned", str(files["aligned"]), "--out",
+                            str(out)]}[command]  # fmt: skip
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    line = error.splitlines()[-1]  # after task-vector's progress bar
+    assert "Traceback" not in error
+    assert line.startswith(f"online-merging {command}: error: no space left on the device writing --out {str(out)!r}; "
+                           "the inputs are untouched and nothing partial was written"), line  # fmt: skip
+    assert not out.exists() and not list(files["tmp"].glob(f".{out.name}*"))
+
+
+def test_a_full_disk_in_train_says_the_checkpoint_being_written_may_be_cut_short(tmp_path, monkeypatch, capsys):
+    """The Trainer writes its checkpoints in place, not staged: the line must not say that nothing partial is left."""
+    import online_merging.integrations
+
+    def write(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(online_merging.integrations, "run_recipe", write)
+    assert main(["train", RECIPE, "--output_dir", str(tmp_path / "run")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("online-merging train: error: no space left on the device; the checkpoint being written "
+                           "may be cut short"), line  # fmt: skip

@@ -144,7 +144,12 @@ def _adapter_base(checkpoint: Checkpoint, adapter: dict) -> Path | str:
 
 
 def check_loadable(checkpoint: Checkpoint) -> None:
-    """What can be checked before loading: an adapter's base exists and peft is installed."""
+    """What can be checked before loading: its files are readable (none cut short), an adapter's base exists and
+    peft is installed."""
+    from online_merging.checkpoint_files import check_checkpoint_files
+
+    if isinstance(checkpoint.source, Path):
+        check_checkpoint_files(checkpoint.source, checkpoint.label)
     adapter = checkpoint.adapter_config
     if adapter is None:
         return

@@ -351,6 +351,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Recipe
         raise ValueError(f"unknown override {unused[0]!r}{_valid_keys_hint(key, valid)}")
     recipe.check_paths()
     config.resume_from_checkpoint = resume_checkpoint(config)
+    _check_checkpoints(recipe, config)
     if Path(config.output_dir).is_file():
         raise ValueError(f"output_dir: {config.output_dir!r} is a file (expected a folder)")
     check_range("recipe key ", "learning_rate", config.learning_rate, 0.0, float("inf"), low_open=True, high_open=True)
@@ -457,3 +458,16 @@ def _valid_keys_hint(key: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(key, valid, n=3)
     suggestion = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
     return f"{suggestion}; `online-merging train RECIPE.yaml --help` lists every key"
+
+
+def _check_checkpoints(recipe: RecipeArguments, config: Any) -> None:
+    """Every file of the local checkpoints a recipe names readable (none cut short), before a model loads."""
+    from online_merging.checkpoint_files import check_checkpoint_files
+
+    named = {key: getattr(recipe, key) for key in ("model_name_or_path", "base_model_name_or_path",
+                                                    "task_vector_path", "neuron_mask_path")}  # fmt: skip
+    for key, path in named.items():
+        if path is not None and Path(path).expanduser().exists():  # else a Hub id (check_paths refused the rest)
+            check_checkpoint_files(path, key)
+    if config.resume_from_checkpoint is not None:  # a folder (resume_checkpoint), with DeepSpeed's global_step*
+        check_checkpoint_files(config.resume_from_checkpoint, "resume_from_checkpoint", subfolders=True)
