@@ -1,6 +1,11 @@
 import json
 import math
+import os
 import random
+import re
+import socket
+import threading
+import time
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -215,6 +220,40 @@ def test_an_interrupted_build_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build_world(WorldConfig.quick(pretrain_steps=2), cache_dir=tmp_path, progress=False)
     assert list((tmp_path / "world").iterdir()) == []
+
+
+def test_a_build_shows_its_steps_and_an_estimate_of_the_time_left(tmp_path, capsys, monkeypatch):
+    from tqdm import std
+
+    drawn = std.tqdm.__init__  # every step drawn, however fast
+    monkeypatch.setattr(std.tqdm, "__init__", lambda self, *a, **k: drawn(self, *a, **{**k, "mininterval": 0}))
+    cfg = WorldConfig.quick(pretrain_steps=3, sft_steps=2, n_eval_probes=8)
+    build_world(cfg, cache_dir=tmp_path)
+    err = capsys.readouterr().err
+    assert "the bar's estimate of the time left covers all 5 steps" in err
+    # one bar over both phases: steps done/total [elapsed<left]
+    assert re.search(rf"world {cfg.key()}: .*\b3/5 \[\d\d:\d\d<\d\d:\d\d.*SFT, loss", err), err
+
+
+def test_a_build_waiting_for_another_process_says_for_whom(tmp_path, capsys):
+    cfg = WorldConfig.quick()
+    root = tmp_path / "world" / cfg.key()
+    root.parent.mkdir(parents=True)
+    waiter = threading.Thread(target=build_world, args=(cfg, tmp_path), kwargs={"progress": False})
+    err = ""
+    with open(root.parent / f".{root.name}.lock", "a+") as held:
+        world_build._lock(held, root)  # as the other process's build does: its pid, host and start in the file
+        try:
+            waiter.start()
+            deadline = time.monotonic() + 120  # a bound on the wait for the message, not a timing under test
+            while "waiting" not in err and time.monotonic() < deadline:
+                time.sleep(0.05)
+                err += capsys.readouterr().err
+        finally:
+            root.mkdir()  # the other process's world: the waiter loads it once the lock is free
+    waiter.join()
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since "
+    assert f"waiting for another process ({holder}" in err and f"building world {cfg.key()} into {root}" in err, err
 
 
 def test_build_is_deterministic_and_leaves_the_caller_alone(tmp_path):

@@ -10,10 +10,12 @@ import json
 import os
 import random
 import shutil
+import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import nn
@@ -188,21 +190,26 @@ def _build_into(cfg: WorldConfig, root: Path, final: Path, progress: bool) -> No
         with _no_transformers_progress_bars():
             model = LlamaForCausalLM.from_pretrained(world.sft_dir)
     else:
+        from tqdm.auto import tqdm
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = make_model(cfg)
+        steps = cfg.pretrain_steps + cfg.sft_steps
         _log(
             f"Building the synthetic world ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M-parameter "
-            f"Llama, {cfg.pretrain_steps} pre-training and {cfg.sft_steps} SFT steps) into {final}",
+            f"Llama, {cfg.pretrain_steps} pre-training and {cfg.sft_steps} SFT steps) into {final}; the bar's "
+            f"estimate of the time left covers all {steps} steps",
             progress,
         )
-        pretrain(model, world.data, cfg, progress=progress)
-        for directory in (world.base_dir, world.sft_dir):
-            if directory == world.sft_dir:
-                sft(model, world.data, cfg, progress=progress)
-            with _no_transformers_progress_bars():
-                model.save_pretrained(directory)
-            tokenizer.save_pretrained(directory)
+        with tqdm(total=steps, desc=f"world {cfg.key()}", unit="step", disable=not progress, leave=False) as bar:
+            pretrain(model, world.data, cfg, progress=bar)
+            for directory in (world.base_dir, world.sft_dir):
+                if directory == world.sft_dir:
+                    sft(model, world.data, cfg, progress=bar)
+                with _no_transformers_progress_bars():
+                    model.save_pretrained(directory)
+                tokenizer.save_pretrained(directory)
     metrics = world.evaluate(model, tokenizer)
     seconds = round(time.perf_counter() - start, 1)
     info = {
@@ -221,9 +228,11 @@ def build_world(config: WorldConfig | None = None, cache_dir: str | os.PathLike 
 
     The build writes into a hidden sibling directory renamed into place at the end, so an interrupted build
     leaves no partial world (a killed one may leave the hidden ``.<key>-*`` directory behind). Concurrent builds
-    wait for one another under a file lock; in a multi-process launch (torch.distributed initialised) rank 0 builds
-    while the others wait at a barrier, as ``save_pretrained`` writes on rank 0 only. Every random number comes
-    from ``config.seed``; the caller's RNG state and thread count are left as they were.
+    wait for one another under a file lock, and one that waits says for whom (even with ``progress=False``). With
+    ``progress``, a bar counts the pre-training and SFT steps together, with an estimate of the time left. In a
+    multi-process launch (torch.distributed initialised) rank 0 builds while the others wait at a barrier, as
+    ``save_pretrained`` writes on rank 0 only. Every random number comes from ``config.seed``; the caller's RNG
+    state and thread count are left as they were.
     """
     cfg = config or WorldConfig()
     root = Path(cache_dir or default_cache_dir()) / "world" / cfg.key()
@@ -237,11 +246,28 @@ def build_world(config: WorldConfig | None = None, cache_dir: str | os.PathLike 
     return World(cfg, root)
 
 
+def _lock(lock: IO[str], root: Path) -> None:
+    """Take the build lock of the world at ``root``; when another process holds it, say so on stderr, naming that
+    process (as its lock file holds it), then wait. Holding it, write this process's pid, host and start time."""
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "one that has not said who it is yet"
+        print(f"online-merging: waiting for another process ({holder}) building world {root.name} into {root}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    lock.flush()
+
+
 def _build_once(cfg: WorldConfig, root: Path, progress: bool) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     lock_path = root.parent / f".{root.name}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(lock_path, "a+") as lock:  # not "w": that would erase the holder's line before it is read
+        _lock(lock, root)
         if root.is_dir():  # another process built it while this one waited
             return
         scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))

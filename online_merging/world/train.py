@@ -102,14 +102,16 @@ def _schedule(step: int, steps: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def _train(model: nn.Module, batches, steps: int, lr: float, progress: bool, desc: str) -> None:
+def _train(model: nn.Module, batches, steps: int, lr: float, progress, desc: str) -> None:
+    """``progress``: a bool (a bar of its own, or none) or a tqdm bar to advance by a step each."""
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _schedule(step, steps))
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
+    own = isinstance(progress, bool)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False) if own else progress
+    for _ in range(steps):
         ids, labels = next(batches)
         logits = model(input_ids=ids).logits[:, :-1]
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
@@ -118,18 +120,23 @@ def _train(model: nn.Module, batches, steps: int, lr: float, progress: bool, des
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.set_postfix_str(f"{desc}, loss {loss.item():.3f}", refresh=False)
+        bar.update()
+    if own:
+        bar.close()
     model.eval()
 
 
-def pretrain(model: nn.Module, data: dict[str, SkillData], cfg: WorldConfig, *, progress: bool = False) -> None:
-    """Next-token training on packed raw text of every skill (data order from ``cfg.seed``)."""
+def pretrain(model: nn.Module, data: dict[str, SkillData], cfg: WorldConfig, *, progress=False) -> None:
+    """Next-token training on packed raw text of every skill (data order from ``cfg.seed``). ``progress``: True
+    draws a bar, a tqdm bar (the world build's) is advanced by a step each."""
     rows = _packed_rows(random.Random(f"{cfg.seed}/pretrain"), data, cfg.batch_size, cfg.seq_len)
     _train(model, ((r, r) for r in rows), cfg.pretrain_steps, cfg.pretrain_lr, progress, "pre-training")
 
 
-def sft(model: nn.Module, data: dict[str, SkillData], cfg: WorldConfig, *, progress: bool = False) -> None:
-    """Supervised fine-tuning on Q/A, the loss on the completion only (data order from ``cfg.seed``)."""
+def sft(model: nn.Module, data: dict[str, SkillData], cfg: WorldConfig, *, progress=False) -> None:
+    """Supervised fine-tuning on Q/A, the loss on the completion only (data order from ``cfg.seed``); ``progress``
+    as :func:`pretrain`'s."""
     rng = random.Random(f"{cfg.seed}/sft")
     batches = iter(lambda: _sft_batch(rng, data, cfg.batch_size, cfg.sure_fraction), None)
     _train(model, batches, cfg.sft_steps, cfg.sft_lr, progress, "SFT")
