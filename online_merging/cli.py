@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from online_merging.offline.merge import METHODS
+from online_merging.settings import OFFLINE_METHODS as METHODS
 
 __all__ = ["main"]
 

@@ -1,4 +1,5 @@
-"""Hyper-parameters of the online merge, shared by both optimizers, and their checks."""
+"""Hyper-parameters of the online merge, shared by both optimizers, and their checks; the names of the offline
+merges. Imports no torch: the CLI's parser reads its choices here."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ TIES_SIGNS = ("unweighted", "weighted")
 ALPHA_UNITS = ("absolute", "lr")
 PULL_ELEMENTS = ("all", "kept", "consensus")
 NONFINITE_POLICIES = (None, "raise", "skip")
+OFFLINE_METHODS = ("ma", "hma", "linear", "dare", "ties")
+"""The offline merges (``online_merging.offline.METHODS``)."""
 
 MERGE_DEFAULTS: dict[str, Any] = {
     "merge": "onties",

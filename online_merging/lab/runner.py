@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from online_merging._files import staged_file, write_text
+from online_merging._quiet import quiet_trl_training
 from online_merging.world import WorldConfig, build_world, default_cache_dir
 
 __all__ = ["MergeJob", "RunConfig", "bema_variant", "evaluate_merges", "lab_cache_dir", "model_path", "train_run"]
@@ -284,7 +285,8 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
             callbacks=[*bemas.values(), Evaluate(offset)],
             **kwargs,
         )
-        trainer.train()
+        with quiet_trl_training():
+            trainer.train()
     if run.save_model:
         with staged_file(model_path(run)) as path:
             torch.save(model.state_dict(), path)  # tied weights stay one tensor

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from online_merging._quiet import quiet_trl_training
 from online_merging.neurons.importance import (
     GradientMagnitudeCallback,
     UpdateMagnitudeCallback,
@@ -103,7 +104,8 @@ def probe_importances(
                 model=policy, ref_model=reference, args=trl.DPOConfig(**settings), train_dataset=train_dataset,
                 processing_class=processing_class, callbacks=list(callbacks.values()),
             )  # fmt: skip
-            trainer.train()
+            with quiet_trl_training():
+                trainer.train()
     out = {}
     for method in methods:
         if method == "probe":

@@ -30,10 +30,11 @@ from online_merging.layer_blocks import block_of, num_layers
 from online_merging.merging import WeightsSource, open_weights, random_keep, topk_mask
 from online_merging.merging.weights import check_same_shapes, preview
 from online_merging.rng import STREAM_UPDATE, tensor_key
+from online_merging.settings import OFFLINE_METHODS
 
 __all__ = ["MA_SWEEP", "METHODS", "MergeSpec", "merge", "merged_tensors", "save_merged"]
 
-METHODS = ("ma", "hma", "linear", "dare", "ties")
+METHODS = OFFLINE_METHODS
 MA_SWEEP = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """The aligned model's weights α of an MA sweep: with SFT before it and the aligned model after, a path from one
 to the other, scored like a training run's trajectory."""
