@@ -25,6 +25,8 @@ from online_merging.provenance import provenance
 
 __all__ = ["RunResult", "run_recipe"]
 
+TRAINER_STATE = "trainer_state.json"
+"""In a Trainer checkpoint: its step and log history."""
 TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
@@ -299,8 +301,14 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
         # Trainer builds it (the way that also works under DeepSpeed, where optimizers=(...) is ignored)
         use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
     start = time.perf_counter()
-    with quiet_trl_training():
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if _at_the_end(config):  # Trainer would take one step past max_steps: the run is done, its weights are there
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(config.resume_from_checkpoint)
+        trainer.state = TrainerState.load_from_json(str(Path(config.resume_from_checkpoint) / TRAINER_STATE))
+    else:
+        with quiet_trl_training():
+            trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     seconds = time.perf_counter() - start
     trainer.save_model(config.output_dir)
     if config.should_save:
@@ -322,6 +330,14 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
     return RunResult(
         name, config.output_dir, config.learning_rate, steps, seconds, metrics, evaluation, points, average
     )  # fmt: skip
+
+
+def _at_the_end(config: Any) -> bool:
+    """Whether the run resumes from a checkpoint at its last step, ``max_steps``."""
+    if config.resume_from_checkpoint is None or config.max_steps <= 0:
+        return False
+    state = json.loads((Path(config.resume_from_checkpoint) / TRAINER_STATE).read_text())
+    return state["global_step"] >= config.max_steps
 
 
 def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]:
