@@ -11,11 +11,12 @@ import argparse
 import difflib
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from online_merging.settings import MERGE_DEFAULTS, MergeSettings, check_range
+from online_merging.settings import MERGE_DEFAULTS, MERGES, MergeSettings, check_range, merge_fields
+from online_merging.settings import help_field as _arg
 from online_merging.sources import local_or_hub
 
 __all__ = ["RecipeArguments", "find_recipe", "load_recipe", "recipe_help", "recipe_parser", "shipped_recipes"]
@@ -26,14 +27,15 @@ TAX_EVAL_KEYS = ("tax_eval_tasks", "tax_eval_reward_model", "tax_eval_prompts")
 model on held-out prompts."""
 
 
-def _arg(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    metadata = {"help": help} if choices is None else {"help": help, "choices": list(choices)}
-    return field(default=default, metadata=metadata)
+MERGE_NAMES = {"seed": "merge_seed"}
+"""The merge settings a recipe names otherwise: ``seed`` is TRL's config's."""
 
 
 @dataclass
+@merge_fields(after="optimizer", names=MERGE_NAMES, omit=("merge",))
 class RecipeArguments:
-    """What a recipe names besides the trainer's config: models, data and the online-merging optimizer."""
+    """What a recipe names besides the trainer's config: models, data and the online-merging optimizer (after
+    ``optimizer``: every setting of :class:`~online_merging.settings.MergeSettings`, ``seed`` as ``merge_seed``)."""
 
     trainer: str = _arg("dpo", "TRL trainer: dpo (DPOTrainer) or kto (KTOTrainer).", TRAINERS)
     model_name_or_path: str | None = _arg(
@@ -58,38 +60,12 @@ class RecipeArguments:
     merge: str = _arg(
         MERGE_DEFAULTS["merge"],
         "Online merge: ondare or onties with the online-merging optimizer, or none for the trainer's own "
-        "optimizer (`optim`, AdamW by default): the baseline.",
-        ("ondare", "onties", "none"),
+        "optimizer (`optim`, AdamW by default): the baseline; with a pull or key neurons, none is the "
+        "online-merging optimizer without a merge.",
+        (*MERGES, "none"),
     )
     optimizer: str = _arg("adam", "Online-merging optimizer: adam (OnlineMergingAdam) or sgd.", ("adam", "sgd"))
-    reserve_p: float = _arg(
-        MERGE_DEFAULTS["reserve_p"], "Fraction p of update and τ elements kept (paper: 0.01; robust from 1 to 5e-4)."
-    )
-    alpha: float = _arg(
-        MERGE_DEFAULTS["alpha"], "Merging weight α of τ (paper: 1e-7 absolute, searched 1e-4 … 1e-7; here in lr units)."
-    )
-    alpha_unit: str = _arg(
-        MERGE_DEFAULTS["alpha_unit"],
-        "Unit of alpha: absolute (the paper's α), or lr: the weight is alpha × the current learning rate, so it "
-        "follows the schedule and means the same at any learning rate (docs/algorithm.md).",
-        ("absolute", "lr"),
-    )
-    merge_every: int = _arg(1, "K of step-K: merge every K steps (1: every step).")
-    merge_seed: int = _arg(0, "Key of the DARE masks.")
-    ties_sign: str = _arg("unweighted", "OnTIES sign election: unweighted (published code) or weighted (Eq. 7).",
-                          ("unweighted", "weighted"))  # fmt: skip
     momentum: float = _arg(0.0, "Momentum of OnlineMergingSGD.")
-    pull: float = _arg(
-        0.0,
-        "Pull toward the SFT model: each step also adds pull·(θ_sft − θ), decoupled like AdamW's weight decay "
-        "(with merge: none, OnlineMergingAdam/SGD replaces the trainer's optimizer). 0: off.",
-    )
-    pull_unit: str = _arg("lr", "Unit of pull: lr (pull × the current learning rate per step) or absolute.",
-                          ("lr", "absolute"))  # fmt: skip
-    pull_elements: str = _arg(
-        "all", "Elements the pull acts on: all, kept (those the update's sparsification keeps) or consensus (where "
-        "its sign agrees with the update's, else the larger wins).", ("all", "kept", "consensus"),
-    )  # fmt: skip
     average_with_sft: float | None = _arg(
         None,
         "Also write output_dir/average_with_sft: the offline average α·θ_run + (1 − α)·θ_sft of the trained model "
@@ -196,7 +172,7 @@ class RecipeArguments:
             raise ValueError(f"pairwise_normalized needs trainer: dpo (paired data), not {self.trainer!r}")
         if self.base_model_name_or_path and self.task_vector_path:
             raise ValueError("set one of base_model_name_or_path and task_vector_path, not both")
-        self._check_merge_settings()
+        self.merge_settings().check("recipe key ", MERGE_NAMES)  # the optimizer's checks, before any model loads
         check_range("recipe key ", "momentum", self.momentum, 0.0, float("inf"), high_open=True)
         for key in ("entanglement_every", "tax_eval_every"):
             value = getattr(self, key)
@@ -227,15 +203,9 @@ class RecipeArguments:
                 f"merge={self.merge!r} needs τ = SFT − base: set base_model_name_or_path (or task_vector_path)"
             )
 
-    def _check_merge_settings(self) -> None:
-        """The optimizer's own checks, here, so that a bad value fails before any model loads."""
-        settings = {**MERGE_DEFAULTS, "merge": None if self.merge == "none" else self.merge, "seed": self.merge_seed}
-        keys = ("reserve_p", "alpha", "alpha_unit", "merge_every", "ties_sign", "pull", "pull_unit", "pull_elements")
-        settings.update((key, getattr(self, key)) for key in keys)
-        try:
-            MergeSettings(**settings).check("recipe key ")
-        except ValueError as error:  # the optimizer's 'seed' is the recipe's merge_seed (seed is TRL's)
-            raise ValueError(str(error).replace("recipe key 'seed'", "recipe key 'merge_seed'")) from None
+    def merge_settings(self) -> MergeSettings:
+        """The optimizer's merge settings (``merge: none`` is ``None``)."""
+        return MergeSettings.of(self, MERGE_NAMES, merge=None if self.merge == "none" else self.merge)
 
     def check_paths(self) -> None:
         """Raise ``FileNotFoundError`` naming the key of a local path that does not exist (see ``local_or_hub``)."""

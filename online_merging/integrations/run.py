@@ -342,27 +342,17 @@ def _at_the_end(config: Any) -> bool:
 
 def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]:
     """``build_optimizer``'s arguments for the recipe: the merge, τ's source, the neuron masks."""
-    if recipe.merge == "none":  # key neurons only, or the pull: OnlineMergingAdam without a merge is AdamW
-        settings = {"merge": None, "optimizer": recipe.optimizer}
-    else:
+    # merge: none with key neurons only, or the pull: OnlineMergingAdam without a merge is AdamW
+    settings = {**asdict(recipe.merge_settings()), "optimizer": recipe.optimizer}
+    if recipe.merge != "none":
         base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
         # τ from the SFT model's files, not from the model: a resumed run's model holds the checkpoint's weights
         sft = _sft_source(recipe, world) if recipe.task_vector_path is None else None
-        settings = {
-            "merge": recipe.merge,
-            "reserve_p": recipe.reserve_p,
-            "alpha": recipe.alpha,
-            "alpha_unit": recipe.alpha_unit,
-            "merge_every": recipe.merge_every,
-            "seed": recipe.merge_seed,
-            "ties_sign": recipe.ties_sign,
+        settings |= {
             "base_model": base if recipe.task_vector_path is None else None,
             "sft_model": sft,
             "task_vector": recipe.task_vector_path,
-            "optimizer": recipe.optimizer,
         }
-    if recipe.pull:
-        settings.update(pull=recipe.pull, pull_unit=recipe.pull_unit, pull_elements=recipe.pull_elements)
     if recipe.optimizer == "sgd":
         settings["momentum"] = recipe.momentum
     if masks is not None:

@@ -18,6 +18,7 @@ import torch
 
 from online_merging._files import staged_file, write_text
 from online_merging._quiet import quiet_trl_training
+from online_merging.settings import MergeSettings, merge_fields
 from online_merging.world import WorldConfig, build_world, default_cache_dir
 
 __all__ = ["MergeJob", "RunConfig", "bema_variant", "evaluate_merges", "lab_cache_dir", "model_path", "train_run"]
@@ -52,30 +53,24 @@ def _key(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+UNMERGED = {"merge": None, "reserve_p": 1.0, "alpha": 0.0, "alpha_unit": "absolute"}
+"""The merge settings of a run that sets none: no merge (the lab's first edition's, kept so that keys stay)."""
+
+
 @dataclass(frozen=True)
+@merge_fields(after="optimizer", defaults=UNMERGED)
 class RunConfig:
-    """A training run: trainer, optimizer and its merge settings, schedule, and which world and data order."""
+    """A training run: trainer, optimizer and its merge settings (after ``optimizer``: every setting of
+    :class:`~online_merging.settings.MergeSettings`, none merging by default), schedule, and which world and data
+    order."""
 
     world: WorldConfig
     data_seed: int = 0
     trainer: str = "dpo"  # dpo | kto
     optimizer: str = "adamw"  # adamw: Trainer's own; adam, sgd: OnlineMergingAdam/SGD
-    merge: str | None = None  # ondare | onties (with adam/sgd)
     lr: float = 3e-5
     beta: float = 0.1
-    reserve_p: float = 1.0
-    alpha: float = 0.0
-    alpha_unit: str = "absolute"  # or "lr": the merge weight is alpha × the current learning rate
-    merge_every: int = 1
-    seed: int = 0  # the optimizer's DARE masks
-    dare_rescale: bool = True  # OnDARE: kept elements × 1/p
-    tau_mask: str = "once"  # OnDARE: τ's mask drawn "once" or "every_step"
-    tau_clamp: float | None = 1.0  # OnDARE: the sparsified τ clamped to ±this; None: not clamped
-    ties_sign: str = "unweighted"  # OnTIES: sign elected from τ + Δ ("unweighted") or α·τ + (1−α)·Δ ("weighted")
-    pull: float = 0.0  # OnlineMergingAdam/SGD: each step θ += λ·(θ_sft − θ), λ = pull (× lr with pull_unit "lr")
-    pull_unit: str = "lr"  # or "absolute"
-    pull_elements: str = "all"  # or "kept" (the elements the update keeps), "consensus" (TIES sign consensus)
-    momentum: float = 0.0
+    momentum: float = 0.0  # OnlineMergingSGD's
     pairwise_normalized: bool = False  # DPO with PairwiseNormalizedDPOTrainer
     neuron_k: float = 0.0  # ALLO: train only the top k fraction of neurons, located by a NEURON_PROBE_STEPS probe
     unlearn_steps: int = 0  # ALLO stage 2: NPO steps on the rejected responses, counted in ``steps``
@@ -93,6 +88,9 @@ class RunConfig:
 
     def key(self) -> str:
         return _key(self)
+
+    def merge_settings(self) -> MergeSettings:
+        return MergeSettings.of(self)
 
 
 @dataclass(frozen=True)
