@@ -6,12 +6,13 @@ from online_merging.kernels.plan import Plan, Record
 from online_merging.merging import topk_cut
 from online_merging.optim import functional
 
-PIECE_KEYS = ("offset", "update_cut", "tau_cut", "mask")
+PIECE_KEYS = ("offset", "update_cut", "tau_cut", "mask", "binding")
 
 
 def adam_step(module, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, *, step, name, settings,
               **hyper):  # fmt: skip
-    """One AdamW step of ``param`` by ``module``; ``hyper``: the plan's keywords and the record's piece keywords."""
+    """One AdamW step of ``param`` by ``module``; ``hyper``: the plan's keywords and the record's piece keywords
+    (and its ``binding``, kept across steps as the optimizer keeps it)."""
     where = {key: hyper.pop(key) for key in PIECE_KEYS if key in hyper}
     record = Record(
         param, grad, step, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq,

@@ -248,7 +248,8 @@ def _fsdp_run(checkpoint_dir: str | None) -> dict[str, dict[str, torch.Tensor]]:
     results = {}
     for label in CASES:
         model, opt = build(label)
-        for pieces in opt._pieces.values():  # each rank keeps only its slices of τ
+        for param in (param for group in opt.param_groups for param in group["params"]):
+            pieces = opt.binding(param).pieces  # each rank keeps only its slices of τ
             assert all(p.tau.untyped_storage().nbytes() == p.numel * p.tau.element_size() for p in pieces)
         for step in range(STEPS):
             NOW["step"] = step

@@ -7,7 +7,8 @@ import torch
 
 from online_merging import OnlineMergingAdam, TaskVector
 from online_merging.kernels import cpu, eager
-from online_merging.kernels.plan import Plan, Record
+from online_merging.kernels import plan as plans
+from online_merging.kernels.plan import Binding, Plan, Record
 from online_merging.merging import PendingCut, num_kept, sparsify, topp_mask
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
 from tests.backend_calls import adam_step, sgd_step, step_pieces
@@ -63,37 +64,47 @@ def test_a_guessed_threshold_changes_nothing_but_the_speed(kind, p):
 
 
 def test_an_optimizer_steps_alike_with_and_without_its_guesses(monkeypatch):
-    """The CPU backend learns each tensor's OnTIES threshold to guess the next; forgetting them before every step
-    leaves every parameter bit for bit the same (random gradients, a step-K and a masked tensor among them)."""
+    """The CPU backend learns each tensor's OnTIES threshold to guess the next (in the optimizer's binding of the
+    tensor, not in its state dict); forgetting them before every step, by resuming a new optimizer from the last
+    one's state dict, leaves every parameter bit for bit the same (random gradients, a step-K and a masked tensor
+    among them)."""
 
     def run(forget: bool) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(5)
         shapes = {"a": (300, 200), "b": (1000,), "c": (700, 800)}  # c: past 2**19 elements, split over threads
         params = {name: torch.nn.Parameter(torch.randn(shape, generator=gen)) for name, shape in shapes.items()}
         tau = TaskVector({name: 0.01 * torch.randn(shape, generator=gen) for name, shape in shapes.items()})
-        groups = [
-            {"params": [("a", params["a"]), ("c", params["c"])]},
-            {"params": [("b", params["b"])], "merge_every": 3},
-        ]
         mask = {"a": torch.arange(300) % 3 != 0}
-        opt = OnlineMergingAdam(
-            groups, lr=1e-3, task_vector=tau, merge="onties", reserve_p=0.02, neuron_mask=mask, backend="cpu"
-        )
+
+        def optimizer():
+            groups = [
+                {"params": [("a", params["a"]), ("c", params["c"])]},
+                {"params": [("b", params["b"])], "merge_every": 3},
+            ]
+            return OnlineMergingAdam(
+                groups, lr=1e-3, task_vector=tau, merge="onties", reserve_p=0.02, neuron_mask=mask, backend="cpu"
+            )
+
+        opt = optimizer()
         for _ in range(10):
             for param in params.values():
                 param.grad = torch.randn(param.shape, generator=gen)
             if forget:
-                cpu._thresholds.clear()
+                resumed = optimizer()
+                resumed.load_state_dict(opt.state_dict())
+                opt = resumed
             opt.step()
         return [param.detach().clone() for param in params.values()]
 
     outcomes = []
     learn = cpu._learn
     monkeypatch.setattr(cpu, "_learn", lambda *args: outcomes.append(args[3]) or learn(*args))
-    cpu._thresholds.clear()
     learned = run(forget=False)
     assert outcomes.count(cpu.HIT) >= 12, str(outcomes)  # the guesses were used
-    for got, expected in zip(run(forget=True), learned, strict=True):
+    outcomes.clear()
+    forgot = run(forget=True)
+    assert cpu.HIT not in outcomes and cpu.MISSED not in outcomes, str(outcomes)  # a resumed optimizer has none
+    for got, expected in zip(forgot, learned, strict=True):
         assert torch.equal(got, expected)
 
 
@@ -103,6 +114,7 @@ def _run(backend, rule, settings, *, steps=4, tau_dtype=torch.bfloat16, param_dt
     tau = (0.05 * torch.randn(SHAPE, generator=g)).to(tau_dtype)
     zeros = [torch.zeros_like(param) for _ in range(3)]
     buffer = torch.zeros_like(param) if settings.merge_every > 1 else None
+    hyper["binding"] = Binding()  # what an optimizer keeps of the tensor from step to step
     for step in range(1, steps + 1):
         grad = torch.randn(SHAPE, generator=g).to(param_dtype)
         if rule == "adam":
@@ -184,11 +196,11 @@ def test_tau_threshold_is_computed_once_per_tensor_and_p(monkeypatch, backend):
     updates, taus = [], []
     for module in (cpu, eager):
         monkeypatch.setattr(module, "topk_cut", lambda x, k, cut=module.topk_cut: updates.append(x.dtype) or cut(x, k))
-    original = sparsify.topk_cut
-    monkeypatch.setattr(sparsify, "topk_cut", lambda x, k: taus.append(x.dtype) or original(x, k))
+    original = plans.topk_cut
+    monkeypatch.setattr(plans, "topk_cut", lambda x, k: taus.append(x.dtype) or original(x, k))
     settings = MergeSettings(**{**MERGE_DEFAULTS, "merge": "onties", "reserve_p": 0.3, "alpha": 0.1})
     _run({"cpu": cpu, "eager": eager}[backend], "sgd", settings, steps=3)
-    assert taus == [torch.bfloat16]  # τ's cut once (sparsify.constant_cut), in every backend
+    assert taus == [torch.bfloat16]  # τ's cut once (kept in the tensor's binding), in every backend
     # each update's once: by eager's selection, or inside the CPU backend's fused call
     assert updates == ([] if backend == "cpu" else [torch.float32] * 3)
 

@@ -222,10 +222,16 @@ def test_wrapper_prefixes_and_tied_weights_are_matched():
     )
     wrapper = nn.Module()
     wrapper.module = model  # names now start with "module."
+    merge = dict(merge="ondare", reserve_p=1.0, alpha=0.5, alpha_unit="absolute", tau_clamp=None, weight_decay=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every parameter is matched: no warning
-        opt = OnlineMergingAdam(wrapper.parameters(), task_vector=tv, module=wrapper)
-    assert opt._names[model.embed.weight] == "head.weight"
+        opt = OnlineMergingAdam(wrapper.parameters(), task_vector=tv, module=wrapper, **merge)
+    before = model.embed.weight.detach().clone()
+    for param in wrapper.parameters():
+        param.grad = torch.zeros_like(param)  # Adam's update is 0: the step adds α·τ
+    opt.step()
+    # the tied weight is merged with τ's entry under its other name, head.weight
+    torch.testing.assert_close(model.embed.weight.detach(), before + 0.5 * tv["module._orig_mod.head.weight"].float())
 
 
 def test_parameters_without_task_vector_get_plain_updates_and_one_warning(tiny_setup):

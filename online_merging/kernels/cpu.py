@@ -2,10 +2,11 @@
 
 OnDARE, step-K and plain steps read and write each element once. OnTIES of a whole tensor makes two passes: the
 update into a float32 scratch buffer, then the merge; between them, the exact top-p threshold of the update is
-selected among the elements that a bracket around the tensor's previous threshold caught in the first pass, or,
-when the bracket missed (the first step, a sudden change), by a radix selection over the buffer (``topk_cut``).
-τ's cut is computed once per τ tensor. A piece of a larger tensor (see ``plan.Record``) returns its update for the
-functional layer to select the whole tensor's cut, and is merged by ``ties_merge``. A mask (masked updates) is one
+selected among the elements that a bracket around the tensor's previous threshold (kept in the record's binding)
+caught in the first pass, or, when the bracket missed (the first step, a sudden change), by a radix selection over
+the buffer (``topk_cut``). τ's cut is computed once per τ tensor and p (``Plan.tau_cut``). A piece of a larger
+tensor (see ``plan.Record``) returns its update for the functional layer to select the whole tensor's cut, and is
+merged by ``ties_merge``. A mask (masked updates) is one
 more input of the same passes, read as one bool per element; so is the anchor θ_sft of the pull toward the SFT
 model, added where θ is written (OnTIES: in the merge). float32 parameters (with float32 or bfloat16 τ) run fused;
 other dtypes and non-contiguous tensors are stepped by the eager backend. A tensor below 2**19 elements, or at most
@@ -23,7 +24,7 @@ import torch
 
 from online_merging.kernels import eager
 from online_merging.kernels.build import load_extension
-from online_merging.kernels.plan import Plan, Record
+from online_merging.kernels.plan import Binding, Plan, Record
 from online_merging.merging import Cut, num_kept
 from online_merging.merging.sparsify import KEEP_ALL
 from online_merging.rng import MASK32
@@ -55,10 +56,6 @@ _MODES = {
 }
 _PIECE = {TIES: WRITE_TOTAL, TIES_MERGE: WRITE_TOTAL_MERGE}  # a piece's OnTIES: its update only
 
-_thresholds: dict[tuple[int, int, int], tuple[float, float, float]] = {}
-"""Per tensor (address, size, mode): its last OnTIES threshold in units of the learning rate (Δ's scale), the
-ratio to the one before, and the relative width of the bracket that should catch the next one: the guess of the
-next step. A guess changes how fast the threshold is found, never which it is."""
 WIDTHS = (2.0**-9, 2.0**-2)  # the narrowest and widest brackets, relative to the guess
 
 
@@ -121,9 +118,9 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
         if mode in (TIES, TIES_MERGE):
             k = num_kept(plan.settings.reserve_p, n)
             tau_cut = _piece_cut(plan.tau_cut(r), r.offset, n)
-            key = (r.param.data_ptr(), n, mode)
-            guess = _guess(key, plan.lr)
-            guesses.append((i, key, guess[0]))
+            if r.binding is not None:
+                guess = _guess(r.binding, mode, plan.lr)
+                guesses.append((i, r.binding, mode, guess[0]))
         if adam:
             step_size, sqrt_bias2 = plan.bias_corrections(r.step)
             tensors += (r.param, r.grad, r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if amsgrad else None)
@@ -141,10 +138,8 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
         threshold=plan.dare_threshold, weighted=plan.settings.ties_sign == "weighted", pull=plan.w_pull,
         pull_elements=PULL_ELEMENTS[plan.settings.pull_elements],
     )  # fmt: skip
-    if len(_thresholds) > 2**16:  # addresses of tensors long gone
-        _thresholds.clear()
-    for i, key, guess in guesses:
-        _learn(key, found[i], guess, guessed[i], plan.lr)
+    for i, binding, mode, guess in guesses:
+        _learn(binding, found[i], guess, guessed[i], plan.lr, mode)
     return stepped
 
 
@@ -153,30 +148,33 @@ def _anchor(plan: Plan, record: Record) -> torch.Tensor | None:
     return record.anchor if plan.w_pull != 0.0 else None
 
 
-def _guess(key: tuple[int, int, int], lr: float) -> tuple[float, float]:
-    """(threshold, relative width of its bracket) expected of a tensor's OnTIES step: its last threshold times the
-    last ratio between steps. NaN when nothing is known."""
-    known = _thresholds.get(key)
-    if known is None:
+def _guess(binding: Binding, mode: int, lr: float) -> tuple[float, float]:
+    """(threshold, relative width of its bracket) expected of a tensor's OnTIES step in ``mode``: its last threshold
+    times the last ratio between steps. NaN when nothing is known.
+
+    ``binding.guess``, when set: (mode, the last threshold in units of the learning rate (Δ's scale), the ratio to
+    the one before, the relative width of the bracket that should catch the next one)."""
+    if binding.guess is None or binding.guess[0] != mode:
         return math.nan, 0.0
-    value, ratio, width = known
+    _, value, ratio, width = binding.guess
     return value * ratio * lr, width
 
 
-def _learn(key: tuple[int, int, int], found: float, guess: float, guessed: int, lr: float) -> None:
+def _learn(binding: Binding, found: float, guess: float, guessed: int, lr: float, mode: int) -> None:
     """Remember the threshold found; the next bracket is four times as wide as this guess's error, or narrows slowly
     from the last one, or by a quarter when it caught too many elements (``guessed``: what became of the guess)."""
     if not (math.isfinite(found) and found > 0 and lr > 0):
         return
-    value, known = found / lr, _thresholds.get(key)
-    if known is None or not math.isfinite(guess):
-        _thresholds[key] = value, 1.0, WIDTHS[1] / 4
+    value = found / lr
+    if not math.isfinite(guess):
+        binding.guess = mode, value, 1.0, WIDTHS[1] / 4
         return
-    ratio = min(max(value / known[0], 0.5), 2.0)
-    width = max(4.0 * abs(found / guess - 1.0), 0.85 * known[2])
+    _, last, _, last_width = binding.guess
+    ratio = min(max(value / last, 0.5), 2.0)
+    width = max(4.0 * abs(found / guess - 1.0), 0.85 * last_width)
     if guessed == TOO_WIDE:
-        width = known[2] / 4
-    _thresholds[key] = value, ratio, min(max(width, WIDTHS[0]), WIDTHS[1])
+        width = last_width / 4
+    binding.guess = mode, value, ratio, min(max(width, WIDTHS[0]), WIDTHS[1])
 
 
 def _piece_cut(cut: Cut, offset: int, n: int) -> list[int]:

@@ -2,32 +2,55 @@
 
 Backends (``eager``, ``cpu``, ``triton``) do the arithmetic only and read everything else from these two: the
 hyper-parameters and the scalars derived from them (the plan), the tensors and what is particular to one tensor
-(the record: its step count, τ, name, place in a larger tensor, element mask). Step-dependent scalars (bias
-corrections, step-K's merge or accumulate, DARE keys) are derived per record, because the tensors of one group
-may have stepped different numbers of times (pieces that skipped a non-finite step, parameters added later).
+(the record: its step count, τ, name, place in a larger tensor, element mask, and the tensor's :class:`Binding`,
+what the optimizer keeps of it from step to step). Step-dependent scalars (bias corrections, step-K's merge or
+accumulate, DARE keys) are derived per record, because the tensors of one group may have stepped different numbers
+of times (pieces that skipped a non-finite step, parameters added later).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from online_merging.merging import Cut, PendingCut, num_kept
-from online_merging.merging.sparsify import constant_cut
+from online_merging.merging import Cut, PendingCut, num_kept, topk_cut
 from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, keep_threshold, tensor_key
 from online_merging.settings import MergeSettings
 
-__all__ = ["CutFn", "Plan", "Record", "dare_keys"]
+__all__ = ["Binding", "CutFn", "Plan", "Record", "dare_keys"]
 
 CutFn = Callable[[torch.Tensor], Cut]
 """Given a piece's flat tensor, the :data:`Cut` (global flat indices) of the whole tensor's top-p."""
 
 OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(eq=False)
+class Binding:
+    """What an optimizer knows of one tensor it steps, or of one piece of a parameter in it (a
+    :class:`~online_merging.optim.pieces.Piece` is one), kept for the tensor's life and handed to the backends in
+    each of its records.
+
+    The optimizer sets ``name`` (the canonical name τ is matched by; ``None``: unnamed), ``aliases`` (every name
+    the module gives the tensor), ``tau`` (its τ, on its device from its first step; ``None``: not merged),
+    ``pieces`` (the pieces of parameters a ZeRO partition or FSDP2 shard holds; ``None``: stepped whole) and
+    ``mask`` (the flat bool element mask of ``neuron_mask``). The step fills in what it learns: ``tau_cuts``, τ's
+    top-p :data:`Cut` of the whole parameter by p (τ does not change), and ``guess``, a backend's hint for the next
+    step's OnTIES threshold (the CPU kernel's bracket), which changes how fast a threshold is found, never which:
+    neither is checkpointed, and a resume without them steps bit for bit alike.
+    """
+
+    name: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    tau: torch.Tensor | None = None
+    pieces: list[Any] | None = None
+    mask: torch.Tensor | None = None
+    tau_cuts: dict[float, Cut] = field(default_factory=dict)
+    guess: Any = None
 
 
 @dataclass(frozen=True)
@@ -106,11 +129,16 @@ class Plan:
 
     def tau_cut(self, record: Record) -> Cut:
         """OnTIES's top-p cut of the record's τ, in global flat indices: its cut function's (a piece's, of the whole
-        τ), or of its own τ, computed once per τ tensor (:func:`~online_merging.merging.sparsify.constant_cut`)."""
-        if record.tau_cut is not None:
-            return record.tau_cut(record.tau.reshape(-1))
-        threshold, cutoff = constant_cut(record.tau, num_kept(self.settings.reserve_p, record.tau.numel()))
-        return threshold, cutoff + record.offset
+        τ), or of its own τ; computed once per p when the record has a binding, which keeps it."""
+        p = self.settings.reserve_p
+        cuts = {} if record.binding is None else record.binding.tau_cuts
+        if p not in cuts:
+            if record.tau_cut is not None:
+                cuts[p] = record.tau_cut(record.tau.reshape(-1))
+            else:
+                threshold, cutoff = topk_cut(record.tau, num_kept(p, record.tau.numel()))
+                cuts[p] = threshold, cutoff + record.offset
+        return cuts[p]
 
     def dare_keys(self, record: Record) -> tuple[tuple[int, int], tuple[int, int]]:
         """The record's DARE keys (of Δ and of τ); zeros for an unnamed tensor, which is never merged."""
@@ -139,6 +167,9 @@ class Record(NamedTuple):
 
     ``anchor``: θ_sft, the parameter's value at its first step (optimizer state ``sft_anchor``), which the pull
     (``Plan.w_pull``) draws θ toward; ``None`` without a pull.
+
+    ``binding``: the tensor's (or piece's) :class:`Binding`, where the step keeps what it learns for the next;
+    ``None`` (a record made alone): nothing is kept.
     """
 
     param: torch.Tensor
@@ -157,6 +188,7 @@ class Record(NamedTuple):
     tau_cut: CutFn | None = None
     mask: torch.Tensor | None = None
     anchor: torch.Tensor | None = None
+    binding: Binding | None = None
 
     @property
     def waits(self) -> bool:
@@ -168,11 +200,5 @@ class Record(NamedTuple):
 def dare_keys(settings: MergeSettings, step: int, name: str) -> tuple[tuple[int, int], tuple[int, int]]:
     """Keys of the DARE draws of Δ (at ``step``) and of τ (at step 0 when its mask is drawn once)."""
     update_key = tensor_key(settings.seed, STREAM_UPDATE, step, name)
-    if settings.tau_mask == "once":
-        return update_key, _tau_key_once(settings.seed, name)
-    return update_key, tensor_key(settings.seed, STREAM_TASK_VECTOR, step, name)
-
-
-@functools.lru_cache(maxsize=2**16)
-def _tau_key_once(seed: int, name: str) -> tuple[int, int]:
-    return tensor_key(seed, STREAM_TASK_VECTOR, 0, name)
+    tau_step = 0 if settings.tau_mask == "once" else step
+    return update_key, tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +16,6 @@ __all__ = [
     "KEEP_NONE",
     "Cut",
     "PendingCut",
-    "constant_cut",
     "cut_mask",
     "kth_largest_bits",
     "magnitude_bits",
@@ -113,20 +111,6 @@ def topk_cut(x: torch.Tensor, k: int) -> Cut:
     room = k - int((bits > threshold).sum())
     cutoff = int((bits == threshold).nonzero()[room - 1])
     return threshold, cutoff
-
-
-_constant_cuts: dict[int, tuple] = {}
-
-
-def constant_cut(x: torch.Tensor, k: int) -> Cut:
-    """:func:`topk_cut` of a tensor that does not change from step to step (τ): computed once while this very tensor
-    lives unchanged (same object, same ``_version``). A weak reference keys it, since ids recur."""
-    cached = _constant_cuts.get(id(x))
-    if cached is None or cached[0]() is not x or cached[1:3] != (x._version, k):
-        cached = (weakref.ref(x), x._version, k, topk_cut(x, k))
-        _constant_cuts[id(x)] = cached
-        weakref.finalize(x, _constant_cuts.pop, id(x), None)
-    return cached[3]
 
 
 def kth_largest_bits(bits: torch.Tensor, k: int, width: int) -> int:

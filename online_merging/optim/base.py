@@ -12,10 +12,10 @@ from torch.optim import Optimizer
 
 from online_merging.distributed.collectives import all_true
 from online_merging.kernels import BACKENDS
-from online_merging.kernels.plan import Plan, Record
+from online_merging.kernels.plan import Binding, Plan, Record
 from online_merging.merging import TaskVector, canonical_name
 from online_merging.merging.weights import describe
-from online_merging.optim.pieces import Piece, calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
+from online_merging.optim.pieces import calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
 
 __all__ = ["OnlineMergingOptimizer"]
@@ -75,7 +75,7 @@ class OnlineMergingOptimizer(Optimizer):
         self.backend = backend
         self.task_vector = task_vector
         self.nonfinite_grads = nonfinite_grads
-        self._aliases: dict[torch.Tensor, list[str]] = {}
+        self._bindings: dict[torch.Tensor, Binding] = {}  # every parameter given, and the module's: what is known of it
         if isinstance(params, nn.Module):
             raise TypeError(
                 "params is a module; pass module.named_parameters() (HF Trainer passes the model as params when "
@@ -83,12 +83,8 @@ class OnlineMergingOptimizer(Optimizer):
             )
         if module is not None:
             for name, param in module.named_parameters(remove_duplicate=False):
-                self._aliases.setdefault(param, []).append(canonical_name(name))
-        self._names: dict[torch.Tensor, str | None] = {}
-        self._taus: dict[torch.Tensor, torch.Tensor] = {}  # τ on the parameter's device, made at its first step
-        self._pieces: dict[torch.Tensor, list[Piece]] = {}
+                self._bindings.setdefault(param, Binding()).aliases.append(canonical_name(name))
         self.neuron_mask = _neuron_masks(neuron_mask)
-        self._masks: dict[torch.Tensor, torch.Tensor] = {}  # each masked parameter's flat bool element mask
         self._masked_names: set[str] = set()  # the neuron_mask names that matched a parameter
         self._known_names: set[str] = set()  # every name of every parameter given (for τ's extra entries)
         self._first_step_checked = False
@@ -116,24 +112,30 @@ class OnlineMergingOptimizer(Optimizer):
         if self._constructed:
             self._warn_without_tau([group])
 
+    def binding(self, param: torch.Tensor) -> Binding:
+        """What this optimizer knows of ``param``, a tensor of its param groups (see
+        :class:`~online_merging.kernels.plan.Binding`): its names, τ, pieces, mask, and what its steps learned."""
+        return self._bindings[param]
+
     def _bind(self, group: dict[str, Any], index: int) -> None:
         names = group.get("param_names") or [None] * len(group["params"])
         for i, (param, given) in enumerate(zip(group["params"], names, strict=False)):
             where = f"param_groups[{index}]['params'][{i}]"
             if param.is_complex():
                 raise ValueError(f"{where} ({given or 'unnamed'}) is complex; online merging supports real tensors")
-            candidates = [canonical_name(given)] if given is not None else self._aliases.get(param, [])
+            binding = self._bindings.setdefault(param, Binding())
+            candidates = [canonical_name(given)] if given is not None else binding.aliases
             self._known_names.update(candidates)
             name = next((n for n in candidates if self.task_vector is not None and n in self.task_vector), None)
-            self._names[param] = name or (candidates[0] if candidates else None)
+            binding.name = name or (candidates[0] if candidates else None)
             if name is not None:
                 tau_shape = tuple(self.task_vector[name].shape)
                 shape = _full_shape(param)
                 if tau_shape != shape:
                     raise ValueError(f"task vector entry {name!r} has shape {tau_shape} but {where} has shape {shape}")
-            mask = self._bind_mask(param, candidates, where)
-            if is_dtensor(param) and self._names[param] is not None:
-                self._pieces[param] = dtensor_pieces(self._names[param], param, self.task_vector, mask)
+            binding.mask = self._bind_mask(param, candidates, where)
+            if is_dtensor(param) and binding.name is not None:
+                binding.pieces = dtensor_pieces(binding.name, param, self.task_vector, binding.mask)
             elif name is None and group["merge"] is not None and self.task_vector is None:
                 raise ValueError(
                     f"param_groups[{index}] has merge={group['merge']!r} but no task_vector was given; pass "
@@ -146,7 +148,7 @@ class OnlineMergingOptimizer(Optimizer):
                 )
 
     def _bind_mask(self, param: torch.Tensor, candidates: list[str], where: str) -> torch.Tensor | None:
-        """Check and record ``param``'s ``neuron_mask`` entry, if it has one: its flat bool element mask."""
+        """Check ``param``'s ``neuron_mask`` entry, if it has one, and return its flat bool element mask."""
         names = [n for n in candidates if n in self.neuron_mask]
         if not names:
             return None
@@ -165,9 +167,7 @@ class OnlineMergingOptimizer(Optimizer):
         if tuple(mask.shape) != shape:  # a row mask: every element of row r takes mask[r]
             mask = mask.reshape(rows + (1,) * (len(shape) - 1)).expand(shape)
         device = param.device if param.device.type != "meta" else torch.device("cpu")
-        element_mask = mask.reshape(-1).to(device, copy=True).contiguous()
-        self._masks[param] = element_mask
-        return element_mask
+        return mask.reshape(-1).to(device, copy=True).contiguous()
 
     def _check_unique(self, param_group: dict[str, Any]) -> None:
         """Refuse a tensor given twice (in one group, under two names, or in two groups): it would be stepped twice."""
@@ -208,9 +208,9 @@ class OnlineMergingOptimizer(Optimizer):
         """
         if self.task_vector is None or not any(g["merge"] is not None and g["params"] for g in self.param_groups):
             return
-        if not any(self._tau_name(param) for param in self._names):
+        if not any(self._tau_name(param) for param in self._bindings):
             names = list(self.task_vector)
-            params = [n for n in (self._names.get(p) for g in self.param_groups for p in g["params"]) if n]
+            params = [n for n in (self._bindings[p].name for g in self.param_groups for p in g["params"]) if n]
             raise ValueError(
                 f"no task vector entry matches a parameter of this optimizer{_prefix_hint(names, params)}: "
                 f"task vector names {_preview(names, 3)}; parameter names {_preview(params, 3)}. Build τ from the "
@@ -221,9 +221,9 @@ class OnlineMergingOptimizer(Optimizer):
         """Warn once (at the first step, when every group is added) about τ entries that name no parameter."""
         if self.task_vector is None or all(g["merge"] is None for g in self.param_groups):
             return
-        known = self._known_names | {n for aliases in self._aliases.values() for n in aliases}
+        known = self._known_names | {n for binding in self._bindings.values() for n in binding.aliases}
         used: dict[tuple[int, ...], set[str]] = {}  # the matched entries by shape, for the tied-weight test
-        for param in self._names:
+        for param in self._bindings:
             name = self._tau_name(param)
             if name is not None:
                 used.setdefault(_full_shape(param), set()).add(name)
@@ -251,7 +251,7 @@ class OnlineMergingOptimizer(Optimizer):
                 continue
             for param in group["params"]:
                 if self._has_tau(param) and param.dtype in (torch.bfloat16, torch.float16):
-                    low.setdefault(param.dtype, []).append(self._names.get(param) or "unnamed")
+                    low.setdefault(param.dtype, []).append(self._bindings[param].name or "unnamed")
         for dtype, names in low.items():
             warnings.warn(
                 f"{len(names)} parameter(s) merged with the task vector are stored in {dtype} ({_preview(names, 3)}): "
@@ -262,9 +262,8 @@ class OnlineMergingOptimizer(Optimizer):
             )
 
     def _warn_without_tau(self, groups: list[dict[str, Any]]) -> None:
-        missing = [
-            self._names[p] for g in groups if g["merge"] is not None for p in g["params"] if not self._has_tau(p)
-        ]
+        params = [p for g in groups if g["merge"] is not None for p in g["params"]]
+        missing = [self._bindings[p].name for p in params if not self._has_tau(p)]
         if missing:
             warnings.warn(
                 f"{len(missing)} parameter(s) have no task vector entry and get plain, unmerged updates: "
@@ -311,14 +310,14 @@ class OnlineMergingOptimizer(Optimizer):
                 self._make_anchors(params)
         for _, group, settings, params in plan:
             if skip:
-                params = [p for p in params if p not in skip or p in self._pieces]
+                params = [p for p in params if p not in skip or self._bindings[p].pieces is not None]
             if params:
                 self._step_group(group, settings, params, skip)
         return loss
 
     def _bind_zero_partitions(self) -> None:
         """Bind the flat partitions DeepSpeed ZeRO put in our param groups to the pieces of parameters they hold."""
-        unknown = [p for g in self.param_groups for p in g["params"] if p not in self._names and p not in self._pieces]
+        unknown = [p for g in self.param_groups for p in g["params"] if p not in self._bindings]
         if not unknown:
             return
         zero_optimizer = calling_zero_optimizer(self)
@@ -327,9 +326,10 @@ class OnlineMergingOptimizer(Optimizer):
                 f"{len(unknown)} tensor(s) in param_groups were not given to this optimizer and no DeepSpeed ZeRO "
                 "optimizer is stepping it: add parameters with add_param_group()"
             )
-        names = {p: n for p, n in self._names.items() if n is not None}
-        masks = {self._names[p]: mask for p, mask in self._masks.items()}
-        self._pieces.update(zero_pieces(zero_optimizer, names, self.task_vector, masks))
+        names = {p: b.name for p, b in self._bindings.items() if b.name is not None}
+        masks = {b.name: b.mask for b in self._bindings.values() if b.mask is not None}
+        for flat, pieces in zero_pieces(zero_optimizer, names, self.task_vector, masks).items():
+            self._bindings[flat] = Binding(pieces=pieces)
 
     def _check_grad(self, param: torch.Tensor, index: int) -> None:
         grad = param.grad
@@ -350,7 +350,7 @@ class OnlineMergingOptimizer(Optimizer):
         finite, shared = {}, {}  # (tensor, piece index or None) -> flag; process group -> keys of its pieces
         for _, _, _, params in plan:
             for param in params:
-                pieces = self._pieces.get(param)
+                pieces = self._bindings[param].pieces
                 if pieces is None:
                     finite[param, None] = torch.isfinite(param.grad).all()
                     continue
@@ -367,7 +367,8 @@ class OnlineMergingOptimizer(Optimizer):
         if self.nonfinite_grads == "raise" and bad:
             index = {p: i for i, _, _, params in plan for p in params}
             shown = [
-                self._describe(p, index[p]) if j is None else f"parameter {self._pieces[p][j].name!r}" for p, j in bad
+                self._describe(p, index[p]) if j is None else f"parameter {self._bindings[p].pieces[j].name!r}"
+                for p, j in bad
             ]
             raise FloatingPointError(f"non-finite gradient in {', '.join(shown)}; no parameter was changed")
         skip = {}
@@ -387,14 +388,14 @@ class OnlineMergingOptimizer(Optimizer):
         skips = {}
         for i, (p, s) in enumerate(self.state.items()):
             if s.get("nonfinite_skips"):
-                skips[self._names.get(p) or f"param {i}"] = s["nonfinite_skips"]
-            for piece, count in zip(self._pieces.get(p, ()), s.get("piece_skips", ()), strict=False):
+                skips[self._bindings[p].name or f"param {i}"] = s["nonfinite_skips"]
+            for piece, count in zip(self._bindings[p].pieces or (), s.get("piece_skips", ()), strict=False):
                 if count:
                     skips[piece.name] = int(count)
         return skips
 
     def _describe(self, param: torch.Tensor, index: int) -> str:
-        name = self._names.get(param)
+        name = self._bindings[param].name
         return f"parameter {name!r}" if name else f"an unnamed parameter of param_groups[{index}]"
 
     def _records(
@@ -420,19 +421,21 @@ class OnlineMergingOptimizer(Optimizer):
         step_k = settings.merge_every > 1 and not settings.is_plain
         for i, param in enumerate(params):
             state = self.state[param]
-            pieces = self._pieces.get(param)
+            binding = self._bindings[param]
+            pieces = binding.pieces
             tau = self._tau(param) if pieces is None else None
             if step_k and "merge_buffer" not in state and (tau is not None or self._has_tau(param)):
                 state["merge_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             merge_buffer, new_buffer = state.get("merge_buffer"), bool(new_buffers and new_buffers[i])
             step = int(steps[i])
             if pieces is None:
-                mask = _follow(self._masks, param) if self._masks else None
+                if binding.mask is not None and binding.mask.device != param.device:  # the model moved
+                    binding.mask = binding.mask.to(param.device)
                 records.append(
                     Record(
                         param, param.grad, step, **states[i], merge_buffer=merge_buffer, first_momentum=new_buffer,
-                        tau=tau, name=self._names.get(param), mask=mask,
-                        anchor=state.get("sft_anchor") if pull else None,
+                        tau=tau, name=binding.name, mask=binding.mask,
+                        anchor=state.get("sft_anchor") if pull else None, binding=binding,
                     )
                 )  # fmt: skip
                 continue
@@ -458,6 +461,7 @@ class OnlineMergingOptimizer(Optimizer):
                         name=piece.name,
                         offset=piece.offset,
                         mask=piece.mask,
+                        binding=piece,
                     )
                 )
         return records
@@ -483,20 +487,24 @@ class OnlineMergingOptimizer(Optimizer):
     def _tau(self, param: torch.Tensor) -> torch.Tensor | None:
         """τ of a parameter stepped whole, on its device (moved there at its first step, and when the model moves);
         ``None`` when τ has no entry for it."""
-        tau = _follow(self._taus, param)
-        if tau is None:
+        binding = self._bindings[param]
+        if binding.tau is None:
             name = self._tau_name(param)
             if name is not None:
-                tau = self._taus[param] = self.task_vector[name].to(param.device)
-        return tau
+                binding.tau = self.task_vector[name].to(param.device)
+        elif binding.tau.device != param.device:
+            binding.tau = binding.tau.to(param.device)
+        return binding.tau
 
     def _has_tau(self, param: torch.Tensor) -> bool:
         """Whether τ has an entry for ``param`` by name, or for one of its pieces (a ZeRO partition holds several)."""
-        return _has_tau(self.task_vector, self._names.get(param), self._pieces.get(param))
+        binding = self._bindings[param]
+        named = self._tau_name(param) is not None
+        return named or any(piece.tau is not None for piece in binding.pieces or ())
 
     def _tau_name(self, param: torch.Tensor) -> str | None:
         """``param``'s name when τ has an entry of that name (a parameter given whole, or an FSDP2 DTensor)."""
-        name = self._names.get(param)
+        name = self._bindings[param].name
         return name if name is not None and self.task_vector is not None and name in self.task_vector else None
 
     # -- checkpoints ---------------------------------------------------------------------------------------
@@ -570,7 +578,7 @@ class OnlineMergingOptimizer(Optimizer):
                 for name in PARAMETER_SHAPED:
                     value = entry.get(name)
                     if isinstance(value, torch.Tensor) and value.shape != param.shape:
-                        who = self._names.get(param) or f"param_groups[{index}]['params'][{i}]"
+                        who = self._bindings[param].name or f"param_groups[{index}]['params'][{i}]"
                         raise ValueError(
                             f"state_dict['state'][{key!r}][{name!r}] has shape {tuple(value.shape)}, its parameter "
                             f"{who!r} {tuple(param.shape)} (a checkpoint of another model?); nothing was changed"
@@ -635,20 +643,6 @@ def _summary(fingerprint: dict | None) -> str:
     return "none" if fingerprint is None else f"{fingerprint['tensors']} tensors summing to {fingerprint['sum']:.6g}"
 
 
-def _has_tau(task_vector: TaskVector | None, name: str | None, pieces: list[Piece] | None) -> bool:
-    """Whether ``task_vector`` has an entry named ``name``, or one of ``pieces`` holds τ."""
-    named = name is not None and task_vector is not None and name in task_vector
-    return named or any(piece.tau is not None for piece in pieces or ())
-
-
 def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
     """The parameter's shape, also when ZeRO-3 partitioned it at load time (``ds_shape``)."""
     return tuple(getattr(param, "ds_shape", param.shape))
-
-
-def _follow(cache: dict[torch.Tensor, torch.Tensor], param: torch.Tensor) -> torch.Tensor | None:
-    """``cache[param]`` on the parameter's device, moved (and kept) there if the model moved since."""
-    value = cache.get(param)
-    if value is not None and value.device != param.device:
-        value = cache[param] = value.to(param.device)
-    return value

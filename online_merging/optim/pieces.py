@@ -13,13 +13,14 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from online_merging.distributed import distributed_topk_cut
 from online_merging.distributed.fsdp import dtensor_fragment, fragment_group, is_dtensor, local_tensor
+from online_merging.kernels.plan import Binding
 from online_merging.merging import Cut, PendingCut, TaskVector, num_kept
 
 __all__ = [
@@ -33,19 +34,17 @@ __all__ = [
 ]
 
 
-@dataclass
-class Piece:
-    """``numel`` elements of parameter ``name`` at ``start`` of the stepped tensor; global index ``offset`` on."""
+@dataclass(eq=False, kw_only=True)
+class Piece(Binding):
+    """``numel`` elements of parameter ``name`` at ``start`` of the stepped tensor; global index ``offset`` on. The
+    piece's :class:`~online_merging.kernels.plan.Binding`: ``tau`` and ``mask`` are its slices of the parameter's
+    (flat; ``None`` when τ has no entry for it, or it is not masked), its records carry it."""
 
-    name: str
     start: int
     numel: int
     offset: int
     full_numel: int
-    tau: torch.Tensor | None  # the piece's τ elements, flat; None when τ has no entry for the parameter
     group: Any = None  # process group of the ranks holding the parameter's pieces (None: the default group)
-    mask: torch.Tensor | None = None  # the piece's bool element mask, flat; None when the parameter is not masked
-    _tau_cuts: dict[float, Cut] = field(default_factory=dict)
 
     def view(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         """The piece's elements of ``tensor`` (shaped like the stepped tensor), as a flat view."""
@@ -64,16 +63,11 @@ class Piece:
         return PendingCut(self.offset, num_kept(p, self.full_numel), self.full_numel, self.group)
 
     def tau_cut(self, p: float) -> Callable[[torch.Tensor], Cut] | None:
-        """The whole τ's top-p cut: one collective the first time for each p, then cached."""
+        """The whole τ's top-p cut, by one distributed selection (the plan calls it once per p and keeps the cut in
+        ``tau_cuts``)."""
         if self.whole:
             return None
-
-        def cut(tau: torch.Tensor) -> Cut:
-            if p not in self._tau_cuts:
-                self._tau_cuts[p] = distributed_topk_cut(tau, self.offset, num_kept(p, self.full_numel), self.group)
-            return self._tau_cuts[p]
-
-        return cut
+        return lambda tau: distributed_topk_cut(tau, self.offset, num_kept(p, self.full_numel), self.group)
 
 
 def _tau_piece(task_vector: TaskVector | None, name: str, offset: int, numel: int, like: torch.Tensor):
@@ -127,7 +121,12 @@ def dtensor_pieces(
     shard = local_tensor(param)
     tau = _tau_piece(task_vector, name, f.offset, f.numel, shard)
     mask = _mask_piece(None if mask is None else {name: mask}, name, f.offset, f.numel, shard)
-    return [Piece(name, f.start, f.numel, f.offset, _numel(f.shape), tau, fragment_group(param), mask=mask)]
+    return [
+        Piece(
+            name=name, start=f.start, numel=f.numel, offset=f.offset, full_numel=_numel(f.shape), tau=tau,
+            group=fragment_group(param), mask=mask,
+        )
+    ]  # fmt: skip
 
 
 _BOUND_ZERO_OPTIMIZER = "_online_merging_zero_optimizer"
