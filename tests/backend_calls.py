@@ -33,14 +33,14 @@ def sgd_step(module, param, grad, momentum_buffer, merge_buffer, tau, *, step, n
 
 
 def _run(module, plan, record):
-    """Step ``record``; when its update cut is a waiting PendingCut, hand it Δ and return the rest of the step."""
+    """Step ``record``; when its update cut is a PendingCut, return its Δ and the rest of the step, a function of
+    Δ's cut."""
     (total,) = module.step(plan, [record])
     if total is None:
         return None
     if record.waits:
-        record.update_cut.total = total
-        return lambda: functional.finish_ties(module, plan, record, total)
-    functional.finish_ties(module, plan, record, total)
+        return total, lambda cut: functional.finish_ties(module, plan, record, total, cut)
+    functional.finish_ties(module, plan, record, total, record.update_cut(total))
     return None
 
 

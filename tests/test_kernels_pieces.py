@@ -151,8 +151,8 @@ def test_pieces_equal_the_whole(backend, merge, opt, tau_dtype):
 @pytest.mark.parametrize("opt", ["adam", "sgd"])
 @pytest.mark.parametrize("merge", ["onties", "onties-weighted", "stepK-onties"])
 def test_pending_cuts_wait_then_equal_the_whole(backend, merge, opt):
-    """With PendingCuts, every piece hands over its Δ and returns the rest of its step on merge steps; the cut of
-    the joined Δ is the whole tensor's, and the rests then finish the pieces as the whole tensor's step does."""
+    """With PendingCuts, every piece returns its Δ and the rest of its step on merge steps; the cut of the joined Δ
+    is the whole tensor's, and the rests then finish the pieces as the whole tensor's step does."""
     settings = settings_of(MERGES[merge])
     k, steps = num_kept(settings.reserve_p, 1000), 4
     gen = torch.Generator().manual_seed(6)
@@ -171,24 +171,22 @@ def test_pending_cuts_wait_then_equal_the_whole(backend, merge, opt):
             return update_cut["whole"]
 
         assert step(backend, opt, whole, grad, tau, t, settings, update_cut=record) is None
-        pending, rests = [], []
+        rests = []
         for (lo, hi), piece in zip(itertools.pairwise(BOUNDS), pieces, strict=True):
-            pending.append(PendingCut(offset=lo, k=k, numel=1000))
             tau_cut = topk_cut(tau.reshape(-1), k)
             rests.append(step(
                 backend, opt, piece, grad.reshape(-1)[lo:hi].clone(), tau.reshape(-1)[lo:hi].clone(), t, settings,
-                offset=lo, update_cut=pending[-1], tau_cut=lambda x, tau_cut=tau_cut: tau_cut,
+                offset=lo, update_cut=PendingCut(offset=lo, k=k, numel=1000),
+                tau_cut=lambda x, tau_cut=tau_cut: tau_cut,
             ))  # fmt: skip
         if not is_merge_step(settings, t):
-            assert rests == [None] * len(pieces) and all(c.total is None for c in pending)
+            assert rests == [None] * len(pieces)
             continue
-        assert all(callable(rest) for rest in rests)
-        joined = torch.cat([c.total for c in pending])
+        assert all(callable(rest) for _, rest in rests)
+        joined = torch.cat([total for total, _ in rests])
         assert topk_cut(joined, k) == update_cut["whole"]  # the pieces' Δ, joined, is the whole tensor's
-        for cut in pending:
-            cut.cut = update_cut["whole"]
-        for rest in rests:
-            rest()
+        for _, rest in rests:
+            rest(update_cut["whole"])
     for (lo, hi), piece in zip(itertools.pairwise(BOUNDS), pieces, strict=True):
         for key, value in piece.items():
             assert torch.equal(value, whole[key].reshape(-1)[lo:hi]), (key, lo, hi)
@@ -205,10 +203,9 @@ def test_functional_selects_pending_cuts_in_batches(monkeypatch):
     grads = [torch.randn(n, generator=gen) for _ in range(tensors)]
     batches = []
 
-    def select(cuts):  # one process, whole tensors: each cut is the tensor's own top-k
+    def select(cuts, totals):  # one process, whole tensors: each cut is the tensor's own top-k
         batches.append(len(cuts))
-        for cut in cuts:
-            cut.cut = topk_cut(cut.total, cut.k)
+        return [topk_cut(total, cut.k) for cut, total in zip(cuts, totals, strict=True)]
 
     monkeypatch.setattr(functional, "select_pending", select)
 

@@ -102,14 +102,17 @@ def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: li
     return cuts
 
 
-def select_pending(pending: list[PendingCut]) -> None:
-    """Set the cut of each :class:`~online_merging.merging.PendingCut` from its ``total``: one
+def select_pending(pending: list[PendingCut], totals: list[torch.Tensor]) -> list[Cut]:
+    """The cut of each :class:`~online_merging.merging.PendingCut`, of its piece's flat Δ in ``totals``: one
     :func:`distributed_topk_cuts` per process group for all of them, in the order given (every rank of a group
     passes its pieces of the same tensors, in the same order)."""
     by_group: dict = {}
-    for cut in pending:
-        by_group.setdefault(cut.group, []).append(cut)
-    for group, cuts in by_group.items():
-        selected = distributed_topk_cuts([c.total for c in cuts], [c.offset for c in cuts], [c.k for c in cuts], group)
-        for cut, value in zip(cuts, selected, strict=True):
-            cut.cut, cut.total = value, None
+    for i, cut in enumerate(pending):
+        by_group.setdefault(cut.group, []).append(i)
+    cuts: list[Cut] = [KEEP_ALL] * len(pending)
+    for group, indices in by_group.items():
+        chosen = [pending[i] for i in indices]
+        pieces, offsets, ks = [totals[i] for i in indices], [c.offset for c in chosen], [c.k for c in chosen]
+        for i, cut in zip(indices, distributed_topk_cuts(pieces, offsets, ks, group), strict=True):
+            cuts[i] = cut
+    return cuts

@@ -158,8 +158,9 @@ class Record(NamedTuple):
 
     A piece of a named parameter has ``offset``, the flat index of its element 0 in the whole, and ``tau``, the
     matching piece of τ; DARE draws use the global index. OnTIES's top-p is then a :data:`Cut` of the whole:
-    ``update_cut(Δ flat)`` (a :class:`~online_merging.merging.PendingCut`, selected with the other pieces' of the
-    step) and ``tau_cut(τ flat)`` return it; without them it is the tensor's own top-p.
+    ``update_cut(Δ flat)`` and ``tau_cut(τ flat)`` return it, or ``update_cut`` is a
+    :class:`~online_merging.merging.PendingCut`, selected with the other pieces' of the step; without them it is
+    the tensor's own top-p.
 
     ``mask`` (ALLO's masked updates; ``None``: every element is updated) is a bool tensor of ``param.numel()``
     elements, row-major: where it is False the element keeps its value and its state exactly, its Δθ counts as 0
@@ -184,7 +185,7 @@ class Record(NamedTuple):
     tau: torch.Tensor | None = None
     name: str | None = None
     offset: int = 0
-    update_cut: CutFn | None = None
+    update_cut: CutFn | PendingCut | None = None
     tau_cut: CutFn | None = None
     mask: torch.Tensor | None = None
     anchor: torch.Tensor | None = None
@@ -192,9 +193,9 @@ class Record(NamedTuple):
 
     @property
     def waits(self) -> bool:
-        """Whether its update cut is a :class:`~online_merging.merging.PendingCut` not selected yet: the
-        functional layer hands it this step's Δ and merges once the cuts of the step's pieces are selected."""
-        return isinstance(self.update_cut, PendingCut) and self.update_cut.cut is None
+        """Whether its update cut is a :class:`~online_merging.merging.PendingCut`: the functional layer keeps this
+        step's Δ and merges once the cuts of the step's pieces are selected together."""
+        return isinstance(self.update_cut, PendingCut)
 
 
 def dare_keys(settings: MergeSettings, step: int, name: str) -> tuple[tuple[int, int], tuple[int, int]]:

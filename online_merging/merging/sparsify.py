@@ -73,27 +73,20 @@ KEEP_ALL: Cut = (-1, 0)
 KEEP_NONE: Cut = (2**63 - 1, -1)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True)
 class PendingCut:
-    """The :data:`Cut` of the k largest |Δ| of a whole tensor held in pieces, selected once the backends have
-    computed the Δ of every tensor of a step, for all of them at once (one batched selection).
+    """The :data:`Cut` of the k largest |Δ| of a whole tensor held in pieces, to be selected once the backends have
+    computed the Δ of every tensor of a step, for all of them at once (one batched selection,
+    :func:`~online_merging.distributed.select_pending`).
 
-    A backend given one whose ``cut`` is unset stores the piece's flat Δ in ``total`` and returns the rest of its
-    step, to be called once ``cut`` is set; called as a cut function, it returns ``cut``. ``offset``: the piece's
-    global flat index; ``k`` and ``numel``: the whole tensor's; ``group``: the process group holding its pieces.
+    ``offset``: the piece's global flat index; ``k`` and ``numel``: the whole tensor's; ``group``: the process
+    group holding its pieces.
     """
 
     offset: int
     k: int
     numel: int
     group: Any = None
-    total: torch.Tensor | None = None
-    cut: Cut | None = None
-
-    def __call__(self, total: torch.Tensor) -> Cut:
-        if self.cut is None:
-            raise RuntimeError("this piece's cut is selected after every piece's Δ is known; it is not yet")
-        return self.cut
 
 
 def topk_cut(x: torch.Tensor, k: int) -> Cut:

@@ -9,7 +9,8 @@ cached cut of the whole) and calls the backend's ``ties_merge(plan, record, tota
 
 A piece whose update cut is a :class:`~online_merging.merging.PendingCut` waits: the cuts of all such records are
 selected together, after their Δ is computed: one batched selection (5 collectives) per step instead of one per
-tensor, holding the tensors' Δ meanwhile, at most ``DEFER_NUMEL`` elements of whole tensors at a time.
+tensor, holding the tensors' Δ meanwhile (here, beside their records), at most ``DEFER_NUMEL`` elements of whole
+tensors at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from online_merging.distributed import select_pending
 from online_merging.kernels import get_backend
 from online_merging.kernels.plan import Plan, Record
+from online_merging.merging import Cut
 
 __all__ = ["DEFER_NUMEL", "finish_ties", "step"]
 
@@ -39,20 +41,19 @@ def step(plan: Plan, records: list[Record], backend: str | ModuleType | None = N
             if total is None:
                 continue
             if record.waits:
-                record.update_cut.total = total
                 waiting.append((kernels, record, total))
             else:
-                finish_ties(kernels, plan, record, total)
+                finish_ties(kernels, plan, record, total, record.update_cut(total))
         if select_now:
             _select_and_finish(plan, waiting)
             waiting = []
     _select_and_finish(plan, waiting)
 
 
-def finish_ties(kernels: ModuleType, plan: Plan, record: Record, total: torch.Tensor) -> None:
-    """OnTIES's second phase of a piece whose Δ is ``total`` (from ``kernels.step``): the whole tensor's top-p cuts
-    of Δ and of τ, then the backend's merge."""
-    kernels.ties_merge(plan, record, total, record.update_cut(total), plan.tau_cut(record))
+def finish_ties(kernels: ModuleType, plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut) -> None:
+    """OnTIES's second phase of a piece whose Δ is ``total`` (from ``kernels.step``): given the whole tensor's top-p
+    cut of Δ, τ's, then the backend's merge."""
+    kernels.ties_merge(plan, record, total, update_cut, plan.tau_cut(record))
 
 
 def _batches(
@@ -85,6 +86,6 @@ def _batches(
 def _select_and_finish(plan: Plan, waiting: list[tuple[ModuleType, Record, torch.Tensor]]) -> None:
     """Select the waiting records' cuts together, then merge the records, in order."""
     if waiting:
-        select_pending([record.update_cut for _, record, _ in waiting])
-        for kernels, record, total in waiting:
-            finish_ties(kernels, plan, record, total)
+        cuts = select_pending([record.update_cut for _, record, _ in waiting], [total for _, _, total in waiting])
+        for (kernels, record, total), cut in zip(waiting, cuts, strict=True):
+            finish_ties(kernels, plan, record, total, cut)
