@@ -15,13 +15,13 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from online_merging.integrations.builder import TRAINERS, config_class
 from online_merging.settings import MERGE_DEFAULTS, MERGES, MergeSettings, check_range, merge_fields
 from online_merging.settings import help_field as _arg
 from online_merging.sources import local_or_hub
 
 __all__ = ["RecipeArguments", "find_recipe", "load_recipe", "recipe_help", "recipe_parser", "shipped_recipes"]
 
-TRAINERS = ("dpo", "kto")
 TAX_EVAL_KEYS = ("tax_eval_tasks", "tax_eval_reward_model", "tax_eval_prompts")
 """What scores a named model during training (``tax_eval_every``): ability from lm-eval tasks, reward from a reward
 model on held-out prompts."""
@@ -37,7 +37,7 @@ class RecipeArguments:
     """What a recipe names besides the trainer's config: models, data and the online-merging optimizer (after
     ``optimizer``: every setting of :class:`~online_merging.settings.MergeSettings`, ``seed`` as ``merge_seed``)."""
 
-    trainer: str = _arg("dpo", "TRL trainer: dpo (DPOTrainer) or kto (KTOTrainer).", TRAINERS)
+    trainer: str = _arg("dpo", "TRL trainer: dpo (DPOTrainer) or kto (KTOTrainer).", tuple(TRAINERS))
     model_name_or_path: str | None = _arg(
         None,
         "SFT model (local directory or Hub id): the policy starts here and the DPO/KTO reference is a frozen copy. "
@@ -251,11 +251,9 @@ class RecipeArguments:
 
 
 def _config_class(trainer: str) -> type:
-    import trl
-
     if trainer not in TRAINERS:
         raise ValueError(f"Invalid recipe key 'trainer': {trainer!r} (expected one of {list(TRAINERS)})")
-    return {"dpo": trl.DPOConfig, "kto": trl.KTOConfig}[trainer]
+    return config_class(trainer)
 
 
 def recipe_parser(trainer: str = "dpo"):

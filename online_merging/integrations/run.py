@@ -18,15 +18,12 @@ from online_merging._files import (
     start_run_folder,
     write_text,
 )
-from online_merging._quiet import quiet_trl_training
+from online_merging.integrations.builder import TrainSpec, build_trainer, key_neurons, run_training, unlearn
 from online_merging.integrations.recipe import RecipeArguments, last_checkpoint, resume_checkpoint
-from online_merging.integrations.trainer import use_online_merging_optimizer
 from online_merging.provenance import provenance
 
 __all__ = ["RunResult", "run_recipe"]
 
-TRAINER_STATE = "trainer_state.json"
-"""In a Trainer checkpoint: its step and log history."""
 TRL_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
@@ -270,45 +267,23 @@ def _embedded_world(recipe: RecipeArguments, progress: bool):
 
 
 def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dict[str, float] | None) -> RunResult:
-    import trl
-
+    spec = _train_spec(recipe, world)
     model, tokenizer = _load_model(recipe, world)
-    masks = _neuron_masks(recipe, config, model, dataset, tokenizer, world) if recipe.masked else None
-    if recipe.unlearn_steps:
-        _unlearn(recipe, config, model, dataset, tokenizer, world, masks)
-    trainer_cls, extra = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[recipe.trainer], {}
-    if recipe.pairwise_normalized:
-        from online_merging.integrations.normalized_dpo import PairwiseNormalizedDPOTrainer
-
-        trainer_cls = PairwiseNormalizedDPOTrainer
-    if recipe.noisy_token_percentile:
-        from online_merging.integrations.allo_trainers import TokenWeightedDPOTrainer
-
-        trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": recipe.noisy_token_percentile}
+    masks = _neuron_masks(recipe, spec, config, model, dataset, tokenizer, world) if recipe.masked else None
+    if spec.unlearn_steps:
+        unlearn(spec, model, config, dataset, tokenizer, neuron_masks=masks)
     callbacks = [_run_folder_recorder()]
     if recipe.entanglement_every:
         callbacks.append(_entanglement_monitor(recipe, world, dataset))
-    trainer = trainer_cls(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks, **extra
-    )
+    trainer = build_trainer(spec, model, config, dataset, tokenizer, neuron_masks=masks, callbacks=callbacks)
     tax = None
     if score is not None and recipe.tax_eval_every:
         from online_merging.integrations.tax_eval import TaxEvalCallback
 
         tax = TaxEvalCallback(trainer, lambda m: _evaluate(score, m, tokenizer), recipe.tax_eval_every, reference=sft)
         trainer.add_callback(tax)
-    if recipe.merge != "none" or masks is not None or recipe.pull:
-        # Trainer builds it (the way that also works under DeepSpeed, where optimizers=(...) is ignored)
-        use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
     start = time.perf_counter()
-    if _at_the_end(config):  # Trainer would take one step past max_steps: the run is done, its weights are there
-        from transformers.trainer_callback import TrainerState
-
-        trainer._load_from_checkpoint(config.resume_from_checkpoint)
-        trainer.state = TrainerState.load_from_json(str(Path(config.resume_from_checkpoint) / TRAINER_STATE))
-    else:
-        with quiet_trl_training():
-            trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    run_training(trainer, config.resume_from_checkpoint)
     seconds = time.perf_counter() - start
     trainer.save_model(config.output_dir)
     if config.should_save:
@@ -332,69 +307,33 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
     )  # fmt: skip
 
 
-def _at_the_end(config: Any) -> bool:
-    """Whether the run resumes from a checkpoint at its last step, ``max_steps``."""
-    if config.resume_from_checkpoint is None or config.max_steps <= 0:
-        return False
-    state = json.loads((Path(config.resume_from_checkpoint) / TRAINER_STATE).read_text())
-    return state["global_step"] >= config.max_steps
-
-
-def _optimizer_settings(recipe: RecipeArguments, world, masks) -> dict[str, Any]:
-    """``build_optimizer``'s arguments for the recipe: the merge, τ's source, the neuron masks."""
-    # merge: none with key neurons only, or the pull: OnlineMergingAdam without a merge is AdamW
-    settings = {**asdict(recipe.merge_settings()), "optimizer": recipe.optimizer}
-    if recipe.merge != "none":
+def _train_spec(recipe: RecipeArguments, world) -> TrainSpec:
+    """The recipe's trainer and optimizer: the trainer's own with ``merge: none``, unless a pull or key neurons
+    need OnlineMergingAdam/SGD; τ from a saved task vector, else from the SFT model's files and the base's."""
+    online = recipe.merge != "none" or recipe.masked or recipe.pull
+    if recipe.task_vector_path is not None:
+        sources = {"task_vector": recipe.task_vector_path}
+    else:
         base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
-        # τ from the SFT model's files, not from the model: a resumed run's model holds the checkpoint's weights
-        sft = _sft_source(recipe, world) if recipe.task_vector_path is None else None
-        settings |= {
-            "base_model": base if recipe.task_vector_path is None else None,
-            "sft_model": sft,
-            "task_vector": recipe.task_vector_path,
-        }
-    if recipe.optimizer == "sgd":
-        settings["momentum"] = recipe.momentum
-    if masks is not None:
-        settings["neuron_mask"] = masks
-    return settings
+        sources = {"base_model": base, "sft_model": _sft_source(recipe, world)}
+    return TrainSpec.of(recipe, optimizer=recipe.optimizer if online else "adamw", **sources)
 
 
-def _neuron_masks(recipe: RecipeArguments, config: Any, model, dataset, tokenizer, world):
+def _neuron_masks(recipe: RecipeArguments, spec: TrainSpec, config: Any, model, dataset, tokenizer, world):
     """ALLO's key neurons: loaded from ``neuron_mask_path``, or located by a DPO probe and saved in output_dir."""
-    from online_merging.neurons import load_neuron_masks, locate_key_neurons, save_neuron_masks
+    from online_merging.neurons import load_neuron_masks, save_neuron_masks
 
     if recipe.neuron_mask_path is not None:
         return load_neuron_masks(recipe.neuron_mask_path)
     pairs = world.preference_dataset() if world is not None else dataset
     if not {"prompt", "chosen", "rejected"} <= set(pairs.column_names):
         raise ValueError("neuron_k locates key neurons by a DPO probe: dataset_name needs prompt/chosen/rejected pairs")
-    masks = locate_key_neurons(
-        model, pairs, tokenizer, k=recipe.neuron_k, scope=recipe.neuron_scope, steps=recipe.neuron_probe_steps,
-        learning_rate=config.learning_rate, beta=config.beta, batch_size=config.per_device_train_batch_size,
-        seed=config.seed,
-    )  # fmt: skip
+    masks = key_neurons(spec, model, pairs, tokenizer, config)
     with staged_file(Path(config.output_dir) / "neuron_masks.safetensors") as path:
         save_neuron_masks(masks, path, k=recipe.neuron_k, scope=recipe.neuron_scope)
     if config.should_save:
         record_run(config.output_dir)
     return masks
-
-
-def _unlearn(recipe: RecipeArguments, config: Any, model, dataset, tokenizer, world, masks) -> None:
-    """ALLO stage 2: NPO on the rejected responses, ``unlearn_steps`` steps, with the run's optimizer and masks."""
-    from online_merging.integrations.allo_trainers import NPOTrainer
-
-    stage = copy.copy(config)
-    stage.max_steps, stage.save_strategy = recipe.unlearn_steps, "no"
-    stage.output_dir = str(Path(config.output_dir) / "unlearn")
-    trainer = NPOTrainer(
-        model=model, args=stage, train_dataset=dataset, processing_class=tokenizer,
-        token_weights=recipe.npo_token_weights,
-    )  # fmt: skip
-    use_online_merging_optimizer(trainer, **_optimizer_settings(recipe, world, masks))
-    with quiet_trl_training():
-        trainer.train()
 
 
 def _evaluate(score, model, tokenizer) -> dict[str, float]:

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from online_merging._files import staged_file, write_text
-from online_merging._quiet import quiet_trl_training
 from online_merging.settings import MergeSettings, merge_fields
 from online_merging.world import WorldConfig, build_world, default_cache_dir
 
@@ -26,7 +25,6 @@ __all__ = ["MergeJob", "RunConfig", "bema_variant", "evaluate_merges", "lab_cach
 LAB_VERSION = 1
 """Bump when a code change changes what a cached job computes."""
 PROBE_PAIRS = 16
-NEURON_PROBE_STEPS = 20
 
 
 def lab_cache_dir() -> Path:
@@ -72,7 +70,7 @@ class RunConfig:
     beta: float = 0.1
     momentum: float = 0.0  # OnlineMergingSGD's
     pairwise_normalized: bool = False  # DPO with PairwiseNormalizedDPOTrainer
-    neuron_k: float = 0.0  # ALLO: train only the top k fraction of neurons, located by a NEURON_PROBE_STEPS probe
+    neuron_k: float = 0.0  # ALLO: train only the top k fraction of neurons, located by a probe (builder.key_neurons)
     unlearn_steps: int = 0  # ALLO stage 2: NPO steps on the rejected responses, counted in ``steps``
     noisy_token_percentile: float = 0.0  # ALLO stage 3: DPO without the tokens of the top implicit rewards
     ema: tuple[float, ...] = ()  # EMA coefficients c of θ_ema ← (1−c)·θ_ema + c·θ, tracked along the run
@@ -156,85 +154,17 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
     from transformers import TrainerCallback
 
     from online_merging.diagnostics import gradient_entanglement
-    from online_merging.integrations import build_optimizer
+    from online_merging.integrations.builder import TrainSpec, build_trainer, key_neurons, run_training, unlearn
 
     start = time.perf_counter()
+    _check(run)
     world = build_world(run.world, progress=False)
     tokenizer = world.tokenizer()
     model = _load_sft(world)
-    common = dict(
-        output_dir=output_dir,
-        learning_rate=run.lr,
-        beta=run.beta,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        per_device_train_batch_size=run.batch_size,
-        max_length=128,
-        activation_checkpointing=False,
-        logging_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        seed=run.data_seed,
-        data_seed=run.data_seed,
-        disable_tqdm=True,
-        use_cpu=True,
-        bf16=False,
-        dataloader_pin_memory=False,
-    )
-    config_cls, dataset = (trl.DPOConfig, world.preference_dataset()) if run.trainer == "dpo" else (
-        trl.KTOConfig, world.kto_dataset())  # fmt: skip
-    if run.rpo_weight:  # RPO, as TRL spells it: DPO's sigmoid loss plus the NLL of the chosen answers
-        common.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, run.rpo_weight])
-    if run.ref_sync_steps:  # TR-DPO: TRL's SyncRefModelCallback mixes the policy into the reference
-        common.update(sync_ref_model=True, ref_model_mixup_alpha=run.ref_sync_alpha,
-                      ref_model_sync_steps=run.ref_sync_steps)  # fmt: skip
-    if run.trainer != "dpo" and (run.rpo_weight or run.ref_sync_steps):
-        raise ValueError(f"Invalid trainer: {run.trainer!r} (rpo_weight and ref_sync_steps are DPO settings)")
-    if run.pull and run.optimizer == "adamw":
-        raise ValueError("Invalid optimizer: 'adamw' (the pull toward SFT is OnlineMergingAdam's: optimizer='adam')")
-    if run.bema and run.unlearn_steps:
-        raise ValueError("Invalid bema: BEMA is tracked along one training stage (expected unlearn_steps=0)")
-    trainer_cls, extra = {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer}[run.trainer], {}
-    if run.pairwise_normalized:
-        from online_merging.integrations import PairwiseNormalizedDPOTrainer
-
-        trainer_cls = PairwiseNormalizedDPOTrainer
-    if run.noisy_token_percentile:
-        from online_merging.integrations.allo_trainers import TokenWeightedDPOTrainer
-
-        trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": run.noisy_token_percentile}
-    masks = None
-    if run.neuron_k:
-        from online_merging.neurons import locate_key_neurons
-
-        masks = locate_key_neurons(
-            model, world.preference_dataset(), tokenizer, k=run.neuron_k, steps=NEURON_PROBE_STEPS,
-            learning_rate=run.lr, beta=run.beta, batch_size=run.batch_size, seed=run.data_seed,
-        )  # fmt: skip
-
-    def optimizers(args):
-        if run.optimizer == "adamw":
-            return None, None
-        settings = dict(
-            merge=run.merge, reserve_p=run.reserve_p, alpha=run.alpha, alpha_unit=run.alpha_unit,
-            merge_every=run.merge_every, seed=run.seed, dare_rescale=run.dare_rescale, tau_mask=run.tau_mask,
-            tau_clamp=run.tau_clamp, ties_sign=run.ties_sign,
-        )  # fmt: skip
-        if run.pull:
-            settings.update(pull=run.pull, pull_unit=run.pull_unit, pull_elements=run.pull_elements)
-        if run.optimizer == "sgd":
-            settings["momentum"] = run.momentum
-        if masks is not None:
-            settings["neuron_mask"] = masks
-        return build_optimizer(model, args, base_model=str(world.base_dir), optimizer=run.optimizer, **settings), None
-
-    if not 0 <= run.unlearn_steps < run.steps:
-        raise ValueError(f"Invalid unlearn_steps: {run.unlearn_steps} (expected fewer than steps, {run.steps})")
-    stages = [(trainer_cls, run.steps - run.unlearn_steps, extra, run.unlearn_steps)]  # (class, steps, kwargs, offset)
-    if run.unlearn_steps:
-        from online_merging.integrations.allo_trainers import NPOTrainer
-
-        stages.insert(0, (NPOTrainer, run.unlearn_steps, {"token_weights": "log_ratio"}, 0))
+    spec = TrainSpec.of(run, base_model=str(world.base_dir), sft_model=str(world.sft_dir))
+    args = _training_args(run, output_dir)
+    dataset = world.preference_dataset() if run.trainer == "dpo" else world.kto_dataset()
+    masks = key_neurons(spec, model, world.preference_dataset(), tokenizer, args) if run.neuron_k else None
     points: list[dict] = []
     emas = {c: {n: p.detach().clone() for n, p in model.named_parameters()} for c in run.ema}
     bemas = {bema_variant(kwargs): trl.BEMACallback(update_freq=1, **dict(kwargs)) for kwargs in run.bema}
@@ -272,24 +202,58 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
             for variant, bema in bemas.items():  # updated at this step already: it comes first in the callbacks
                 points.append({"step": step, "variant": variant, **world.evaluate(bema.running_model, tokenizer)})
 
-    for cls, steps, kwargs, offset in stages:
-        args = config_cls(**{**common, "max_steps": steps})
-        trainer = cls(
-            model=model,
-            args=args,
-            train_dataset=dataset,
-            processing_class=tokenizer,
-            optimizers=optimizers(args),
-            callbacks=[*bemas.values(), Evaluate(offset)],
-            **kwargs,
-        )
-        with quiet_trl_training():
-            trainer.train()
+    if run.unlearn_steps:
+        unlearn(spec, model, args, dataset, tokenizer, neuron_masks=masks, callbacks=[Evaluate(0)])
+    callbacks = [*bemas.values(), Evaluate(run.unlearn_steps)]
+    run_training(build_trainer(spec, model, args, dataset, tokenizer, neuron_masks=masks, callbacks=callbacks))
     if run.save_model:
         with staged_file(model_path(run)) as path:
             torch.save(model.state_dict(), path)  # tied weights stay one tensor
     result = {"points": points, "seconds": round(time.perf_counter() - start, 1)}
     return {**result, "entanglement": probes} if run.probe_entanglement else result
+
+
+def _check(run: RunConfig) -> None:
+    """What the lab refuses besides the spec's own checks (:class:`~online_merging.integrations.builder.TrainSpec`)."""
+    if run.trainer != "dpo" and (run.rpo_weight or run.ref_sync_steps):
+        raise ValueError(f"Invalid trainer: {run.trainer!r} (rpo_weight and ref_sync_steps are DPO settings)")
+    if run.bema and run.unlearn_steps:
+        raise ValueError("Invalid bema: BEMA is tracked along one training stage (expected unlearn_steps=0)")
+    if not 0 <= run.unlearn_steps < run.steps:
+        raise ValueError(f"Invalid unlearn_steps: {run.unlearn_steps} (expected fewer than steps, {run.steps})")
+
+
+def _training_args(run: RunConfig, output_dir: str):
+    """The run's ``DPOConfig``/``KTOConfig``: the lab's schedule (constant learning rate, no logging or saving, on
+    the CPU) for the training after ALLO's unlearning stage, if any."""
+    from online_merging.integrations.builder import config_class
+
+    common = dict(
+        output_dir=output_dir,
+        learning_rate=run.lr,
+        beta=run.beta,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        per_device_train_batch_size=run.batch_size,
+        max_length=128,
+        activation_checkpointing=False,
+        logging_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        seed=run.data_seed,
+        data_seed=run.data_seed,
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        dataloader_pin_memory=False,
+        max_steps=run.steps - run.unlearn_steps,
+    )
+    if run.rpo_weight:  # RPO, as TRL spells it: DPO's sigmoid loss plus the NLL of the chosen answers
+        common.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, run.rpo_weight])
+    if run.ref_sync_steps:  # TR-DPO: TRL's SyncRefModelCallback mixes the policy into the reference
+        common.update(sync_ref_model=True, ref_model_mixup_alpha=run.ref_sync_alpha,
+                      ref_model_sync_steps=run.ref_sync_steps)  # fmt: skip
+    return config_class(run.trainer)(**common)
 
 
 def bema_variant(kwargs) -> str:
