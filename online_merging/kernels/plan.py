@@ -38,10 +38,11 @@ class Binding:
     The optimizer sets ``name`` (the canonical name τ is matched by; ``None``: unnamed), ``aliases`` (every name
     the module gives the tensor), ``tau`` (its τ, on its device from its first step; ``None``: not merged),
     ``pieces`` (the pieces of parameters a ZeRO partition or FSDP2 shard holds; ``None``: stepped whole) and
-    ``mask`` (the flat bool element mask of ``neuron_mask``). The step fills in what it learns: ``tau_cuts``, τ's
-    top-p :data:`Cut` of the whole parameter by p (τ does not change), and ``guess``, a backend's hint for the next
-    step's OnTIES threshold (the CPU kernel's bracket), which changes how fast a threshold is found, never which:
-    neither is checkpointed, and a resume without them steps bit for bit alike.
+    ``mask`` (the flat bool element mask of ``neuron_mask``). The step fills in what it derives once:
+    ``tau_cuts``, τ's top-p :data:`Cut` of the whole parameter by p (τ does not change), and ``tau_keys``, the key
+    of τ's once-drawn DARE mask by seed (of the seed and the name only); and what it learns: ``guess``, a backend's
+    hint for the next step's OnTIES threshold (the CPU kernel's bracket), which changes how fast a threshold is
+    found, never which. None of the three is checkpointed: a resume without them steps bit for bit alike.
     """
 
     name: str | None = None
@@ -50,6 +51,7 @@ class Binding:
     pieces: list[Any] | None = None
     mask: torch.Tensor | None = None
     tau_cuts: dict[float, Cut] = field(default_factory=dict)
+    tau_keys: dict[int, tuple[int, int]] = field(default_factory=dict)
     guess: Any = None
 
 
@@ -141,10 +143,12 @@ class Plan:
         return cuts[p]
 
     def dare_keys(self, record: Record) -> tuple[tuple[int, int], tuple[int, int]]:
-        """The record's DARE keys (of Δ and of τ); zeros for an unnamed tensor, which is never merged."""
+        """The record's DARE keys (of Δ and of τ; τ's once-drawn key kept in its binding); zeros for an unnamed
+        tensor, which is never merged."""
         if record.name is None:
             return (0, 0), (0, 0)
-        return dare_keys(self.settings, record.step, record.name)
+        once = None if record.binding is None else record.binding.tau_keys
+        return dare_keys(self.settings, record.step, record.name, once)
 
 
 class Record(NamedTuple):
@@ -198,8 +202,15 @@ class Record(NamedTuple):
         return isinstance(self.update_cut, PendingCut)
 
 
-def dare_keys(settings: MergeSettings, step: int, name: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Keys of the DARE draws of Δ (at ``step``) and of τ (at step 0 when its mask is drawn once)."""
+def dare_keys(
+    settings: MergeSettings, step: int, name: str, once: dict[int, tuple[int, int]] | None = None
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Keys of the DARE draws of Δ (at ``step``) and of τ (at step 0 when its mask is drawn once; ``once``: where
+    that key is kept, by seed)."""
     update_key = tensor_key(settings.seed, STREAM_UPDATE, step, name)
-    tau_step = 0 if settings.tau_mask == "once" else step
-    return update_key, tensor_key(settings.seed, STREAM_TASK_VECTOR, tau_step, name)
+    if settings.tau_mask != "once":
+        return update_key, tensor_key(settings.seed, STREAM_TASK_VECTOR, step, name)
+    once = {} if once is None else once
+    if settings.seed not in once:
+        once[settings.seed] = tensor_key(settings.seed, STREAM_TASK_VECTOR, 0, name)
+    return update_key, once[settings.seed]
