@@ -3,15 +3,19 @@ folder, and then imported without torch's build (so no ninja, whichever is on PA
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from online_merging import OnlineMergingAdam, TaskVector
+from online_merging._build_lock import build_lock
 from online_merging.kernels import build, cpu, get_backend
 
 SOURCE = Path(cpu.__file__).with_name("fused_cpu.cpp")
@@ -134,3 +138,27 @@ def test_two_processes_build_once_then_a_changed_ninja_builds_nothing(tmp_path):
     assert "online-merging:" not in again.stderr and not mark.exists()
     assert (library.stat().st_ino, library.stat().st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)
     assert sorted(p.name for p in root.iterdir()) == [folder.name, f"{folder.name}.lock"]  # no temporary left
+
+
+def test_a_kernel_build_waiting_for_another_process_says_for_whom(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    source = tmp_path / "probe.cpp"
+    source.write_text("int probe() { return 1; }\n")
+    folder = tmp_path / f"probe-{build.build_key(source, [], [])}"
+    monkeypatch.setattr(build, "_import", lambda folder: folder)  # the folder the other process built
+    waiter = threading.Thread(target=build.load_extension, args=("probe", source), kwargs={"cflags": [],
+                              "ldflags": []})  # fmt: skip
+    err = ""
+    with build_lock(tmp_path / f"{folder.name}.lock", "a kernel"):  # the other process's build holds it
+        try:
+            waiter.start()
+            deadline = time.monotonic() + 60  # a bound on the wait for the message, not a timing under test
+            while "waiting" not in err and time.monotonic() < deadline:
+                time.sleep(0.05)
+                err += capsys.readouterr().err
+        finally:
+            folder.mkdir()  # its build done: the waiter imports it once the lock is free, building nothing
+    waiter.join()
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since "
+    assert f"waiting for another process ({holder}" in err and f"building the CPU kernel in {folder}" in err, err
+    assert "building the CPU kernel once" not in err + capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from online_merging._build_lock import build_lock
 from online_merging.world import World, WorldConfig, build_world, default_cache_dir
 from online_merging.world import build as world_build
 from online_merging.world.evaluate import evaluate, score_probes
@@ -241,8 +242,7 @@ def test_a_build_waiting_for_another_process_says_for_whom(tmp_path, capsys):
     root.parent.mkdir(parents=True)
     waiter = threading.Thread(target=build_world, args=(cfg, tmp_path), kwargs={"progress": False})
     err = ""
-    with open(root.parent / f".{root.name}.lock", "a+") as held:
-        world_build._lock(held, root)  # as the other process's build does: its pid, host and start in the file
+    with build_lock(root.parent / f".{root.name}.lock", "a world"):  # as the other process's build holds it
         try:
             waiter.start()
             deadline = time.monotonic() + 120  # a bound on the wait for the message, not a timing under test

@@ -11,8 +11,6 @@ temporary folder renamed into place when done; a finished folder is never writte
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -26,6 +24,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from online_merging._build_lock import build_lock
 
 __all__ = ["build_key", "extensions_root", "load_extension"]
 
@@ -76,21 +76,10 @@ def load_extension(name: str, source: Path, *, cflags: list[str], ldflags: list[
     folder = root / f"{name}-{build_key(source, cflags, ldflags)}"
     if not folder.is_dir():
         root.mkdir(parents=True, exist_ok=True)
-        with _locked(root / f"{folder.name}.lock", folder):
+        with build_lock(root / f"{folder.name}.lock", f"the CPU kernel in {folder}"):
             if not folder.is_dir():  # another process may have built it while we waited
                 return _build(name, source, cflags, ldflags, folder)
     return _import(folder)
-
-
-@contextlib.contextmanager
-def _locked(path: Path, folder: Path):
-    with open(path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"online-merging: waiting for another process building {folder}", file=sys.stderr, flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _build(name: str, source: Path, cflags: list[str], ldflags: list[str], folder: Path) -> ModuleType:

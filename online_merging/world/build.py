@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import json
 import os
 import random
 import shutil
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO
 
 import torch
 from torch import nn
 
+from online_merging._build_lock import build_lock
 from online_merging.world import evaluate as _evaluate
 from online_merging.world.config import WORLD_VERSION, WorldConfig
 from online_merging.world.lm_eval_tasks import write_lm_eval_tasks
@@ -246,28 +244,10 @@ def build_world(config: WorldConfig | None = None, cache_dir: str | os.PathLike 
     return World(cfg, root)
 
 
-def _lock(lock: IO[str], root: Path) -> None:
-    """Take the build lock of the world at ``root``; when another process holds it, say so on stderr, naming that
-    process (as its lock file holds it), then wait. Holding it, write this process's pid, host and start time."""
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "one that has not said who it is yet"
-        print(f"online-merging: waiting for another process ({holder}) building world {root.name} into {root}",
-              file=sys.stderr, flush=True)  # fmt: skip
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
-    lock.flush()
-
-
 def _build_once(cfg: WorldConfig, root: Path, progress: bool) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     lock_path = root.parent / f".{root.name}.lock"
-    with open(lock_path, "a+") as lock:  # not "w": that would erase the holder's line before it is read
-        _lock(lock, root)
+    with build_lock(lock_path, f"world {root.name} into {root}"):
         if root.is_dir():  # another process built it while this one waited
             return
         scratch = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
