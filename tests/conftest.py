@@ -146,3 +146,25 @@ def deepspeed_ops(_deepspeed_shm_op):
     yield
     for buffer in set(SHM.glob("deepspeed_allreduce_buffer_*")) - before:
         buffer.unlink(missing_ok=True)
+
+
+def stderr_of_a_waiting_build(capsys, lock, waiter, finish) -> str:
+    """Hold the build lock file ``lock`` as another process's build would, start the thread ``waiter`` (a build of
+    the same thing), read stderr until it says it waits, then ``finish()`` the other build and let it go."""
+    import threading
+    import time
+
+    from online_merging._build_lock import build_lock
+
+    thread, err = threading.Thread(target=waiter), ""
+    with build_lock(lock, "the other build"):
+        try:
+            thread.start()
+            deadline = time.monotonic() + 120  # a bound on the wait for the message, not a timing under test
+            while "waiting" not in err and time.monotonic() < deadline:
+                time.sleep(0.05)
+                err += capsys.readouterr().err
+        finally:
+            finish()
+    thread.join()
+    return err + capsys.readouterr().err

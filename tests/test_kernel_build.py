@@ -7,16 +7,14 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from online_merging import OnlineMergingAdam, TaskVector
-from online_merging._build_lock import build_lock
 from online_merging.kernels import build, cpu, get_backend
+from tests.conftest import stderr_of_a_waiting_build
 
 SOURCE = Path(cpu.__file__).with_name("fused_cpu.cpp")
 FLAGS = ["-O3", "-fopenmp"]
@@ -146,19 +144,9 @@ def test_a_kernel_build_waiting_for_another_process_says_for_whom(tmp_path, monk
     source.write_text("int probe() { return 1; }\n")
     folder = tmp_path / f"probe-{build.build_key(source, [], [])}"
     monkeypatch.setattr(build, "_import", lambda folder: folder)  # the folder the other process built
-    waiter = threading.Thread(target=build.load_extension, args=("probe", source), kwargs={"cflags": [],
-                              "ldflags": []})  # fmt: skip
-    err = ""
-    with build_lock(tmp_path / f"{folder.name}.lock", "a kernel"):  # the other process's build holds it
-        try:
-            waiter.start()
-            deadline = time.monotonic() + 60  # a bound on the wait for the message, not a timing under test
-            while "waiting" not in err and time.monotonic() < deadline:
-                time.sleep(0.05)
-                err += capsys.readouterr().err
-        finally:
-            folder.mkdir()  # its build done: the waiter imports it once the lock is free, building nothing
-    waiter.join()
+    err = stderr_of_a_waiting_build(capsys, tmp_path / f"{folder.name}.lock",
+                                    lambda: build.load_extension("probe", source, cflags=[], ldflags=[]),
+                                    folder.mkdir)  # fmt: skip  # its build done: the waiter imports it, builds nothing
     holder = f"pid {os.getpid()} on {socket.gethostname()}, since "
     assert f"waiting for another process ({holder}" in err and f"building the CPU kernel in {folder}" in err, err
-    assert "building the CPU kernel once" not in err + capsys.readouterr().err
+    assert "building the CPU kernel once" not in err

@@ -4,8 +4,6 @@ import os
 import random
 import re
 import socket
-import threading
-import time
 from collections import defaultdict
 from types import SimpleNamespace
 
@@ -13,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from online_merging._build_lock import build_lock
 from online_merging.world import World, WorldConfig, build_world, default_cache_dir
 from online_merging.world import build as world_build
 from online_merging.world.evaluate import evaluate, score_probes
 from online_merging.world.skills import HELD_OUT, SKILLS, completion, make_skills, pretrain_text, prompt
 from online_merging.world.tokenizer import VOCAB, build_tokenizer, encode
+from tests.conftest import stderr_of_a_waiting_build
 
 SMALL = dict(n_test=20, n_train=300, n_facts=24)
 
@@ -240,18 +238,9 @@ def test_a_build_waiting_for_another_process_says_for_whom(tmp_path, capsys):
     cfg = WorldConfig.quick()
     root = tmp_path / "world" / cfg.key()
     root.parent.mkdir(parents=True)
-    waiter = threading.Thread(target=build_world, args=(cfg, tmp_path), kwargs={"progress": False})
-    err = ""
-    with build_lock(root.parent / f".{root.name}.lock", "a world"):  # as the other process's build holds it
-        try:
-            waiter.start()
-            deadline = time.monotonic() + 120  # a bound on the wait for the message, not a timing under test
-            while "waiting" not in err and time.monotonic() < deadline:
-                time.sleep(0.05)
-                err += capsys.readouterr().err
-        finally:
-            root.mkdir()  # the other process's world: the waiter loads it once the lock is free
-    waiter.join()
+    err = stderr_of_a_waiting_build(capsys, root.parent / f".{root.name}.lock",
+                                    lambda: build_world(cfg, tmp_path, progress=False),
+                                    root.mkdir)  # fmt: skip  # the other process's world: the waiter loads it
     holder = f"pid {os.getpid()} on {socket.gethostname()}, since "
     assert f"waiting for another process ({holder}" in err and f"building world {cfg.key()} into {root}" in err, err
 
