@@ -16,7 +16,7 @@ from online_merging.merging.sparsify import num_kept
 from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, random_bits, tensor_key
 from online_merging.settings import MERGE_DEFAULTS
 
-__all__ = ["ReferenceOnlineMerging"]
+__all__ = ["ReferenceLoRA", "ReferenceOnlineMerging"]
 
 ADAM_DEFAULTS = {
     "lr": 1e-3,
@@ -170,6 +170,59 @@ class ReferenceOnlineMerging:
         n = int(torch.Size(shape).numel())
         u = random_bits(tensor_key(self.hyper["seed"], stream, step, name), torch.arange(n)).double() / 2**32
         return (u < p).double().reshape(shape)
+
+
+class ReferenceLoRA:
+    """One LoRA layer, W + s·B A, under online merging (the definition of :mod:`online_merging.optim.lora`), in
+    float64: A and B step as parameters of τ 0 (:class:`ReferenceOnlineMerging`, its hyper-parameters), and at each
+    merge step of B, W gains α·F(τ). ``names``: the canonical names of W, A and B (the DARE draws' keys)."""
+
+    def __init__(self, base, lora_A, lora_B, tau, scaling: float, names: tuple[str, str, str], **hyper):
+        self.name, self.name_A, self.name_B = names
+        zeros = {self.name_A: torch.zeros_like(lora_A), self.name_B: torch.zeros_like(lora_B)}
+        self.adapter = ReferenceOnlineMerging({self.name_A: lora_A, self.name_B: lora_B}, zeros, **hyper)
+        self.base, self.tau, self.scaling = base.double().clone(), tau.double(), scaling
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        return self.adapter.params[self.name_A]
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        return self.adapter.params[self.name_B]
+
+    def effective(self) -> torch.Tensor:
+        """The layer's effective weight W + s·B A."""
+        return self.base + self.scaling * self.lora_B @ self.lora_A
+
+    def step(self, grad_A: torch.Tensor, grad_B: torch.Tensor) -> None:
+        ref, h = self.adapter, self.adapter.hyper
+        t = ref.t[self.name_B] + 1
+        rolled = [ref.params[n] - ref.accumulated[n] for n in (self.name_A, self.name_B)]  # A°, B°
+        before = self.scaling * rolled[1] @ rolled[0]
+        ref.step({self.name_A: grad_A, self.name_B: grad_B})
+        plain = (
+            h["merge"] is None or h["lr"] == 0 or (h["merge"] == "ondare" and h["reserve_p"] == 1 and h["alpha"] == 0)
+        )
+        if plain or t % h["merge_every"] != 0:
+            return
+        alpha = h["alpha"] * h["lr"] if h["alpha_unit"] == "lr" else h["alpha"]
+        p, tau = h["reserve_p"], self.tau
+        if h["merge"] == "ondare":
+            scale = 1 / p if h["dare_rescale"] else 1.0
+            keep = ref._bernoulli(self.name, STREAM_TASK_VECTOR, 0 if h["tau_mask"] == "once" else t, tau.shape)
+            task = tau * keep * scale
+            if h["tau_clamp"] is not None:
+                task = task.clamp(-h["tau_clamp"], h["tau_clamp"])
+        else:
+            task = tau * _top_fraction(tau, p)
+            change = self.scaling * self.lora_B @ self.lora_A - before
+            if h["ties_sign"] == "weighted":
+                elected = torch.sign(change + alpha * task)
+            else:
+                elected = torch.sign((change / (1 - alpha) if alpha < 1 else 0) + task)
+            task = task * (torch.sign(task) == elected)
+        self.base += alpha * task
 
 
 def _top_fraction(x: torch.Tensor, p: float) -> torch.Tensor:

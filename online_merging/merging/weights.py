@@ -21,17 +21,17 @@ __all__ = [
 WeightsSource = nn.Module | Mapping[str, torch.Tensor] | str | os.PathLike
 """A model given as a module, a state dict, a safetensors file or directory, or a Hugging Face Hub id."""
 
-_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
-_LEADING_MODULE = re.compile(r"^(module\.)+")
+_WRAPPER_SEGMENTS = re.compile(r"(^|\.)(_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module|base_layer)\.")
+_LEADING_MODULE = re.compile(r"^(module\.|base_model\.model\.)+")
 
 
 @functools.lru_cache(maxsize=2**16)  # the optimizer looks its parameters' names up in τ every step
 def canonical_name(name: str) -> str:
     """A parameter name without wrapper segments: DDP/DeepSpeed ``module.``, ``torch.compile``'s
-    ``_orig_mod.``, FSDP1's ``_fsdp_wrapped_module.`` and activation checkpointing's prefix."""
-    name = _LEADING_MODULE.sub("", name)
+    ``_orig_mod.``, FSDP1's ``_fsdp_wrapped_module.``, activation checkpointing's prefix, and PEFT's
+    ``base_model.model.`` and ``base_layer.`` (a LoRA layer's frozen weight has its plain model's name)."""
     while True:
-        stripped = _WRAPPER_SEGMENTS.sub(r"\1", name)
+        stripped = _WRAPPER_SEGMENTS.sub(r"\1", _LEADING_MODULE.sub("", name))
         if stripped == name:
             return name
         name = stripped

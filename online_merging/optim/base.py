@@ -15,6 +15,7 @@ from online_merging.kernels import BACKENDS
 from online_merging.kernels.plan import Binding, Plan, Record
 from online_merging.merging import TaskVector, canonical_name
 from online_merging.merging.weights import describe
+from online_merging.optim.lora import BASE_WEIGHT, Site, adapter_kind, find_sites, is_lora
 from online_merging.optim.pieces import calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
 
@@ -84,6 +85,8 @@ class OnlineMergingOptimizer(Optimizer):
         if module is not None:
             for name, param in module.named_parameters(remove_duplicate=False):
                 self._bindings.setdefault(param, Binding()).aliases.append(canonical_name(name))
+        self._sites = {} if module is None else find_sites(module)  # LoRA layers, by their A and B
+        self._lora: dict[torch.Tensor, Site] = {}  # the tensor whose steps merge τ into a LoRA layer (its B, or A)
         self.neuron_mask = _neuron_masks(neuron_mask)
         self._masked_names: set[str] = set()  # the neuron_mask names that matched a parameter
         self._known_names: set[str] = set()  # every name of every parameter given (for τ's extra entries)
@@ -126,6 +129,9 @@ class OnlineMergingOptimizer(Optimizer):
             binding = self._bindings.setdefault(param, Binding())
             candidates = [canonical_name(given)] if given is not None else binding.aliases
             self._known_names.update(candidates)
+            if group["merge"] is not None and any(is_lora(n) or adapter_kind(n) for n in candidates):
+                self._bind_adapter(param, binding, candidates, where)
+                continue
             name = next((n for n in candidates if self.task_vector is not None and n in self.task_vector), None)
             binding.name = name or (candidates[0] if candidates else None)
             if name is not None:
@@ -146,6 +152,49 @@ class OnlineMergingOptimizer(Optimizer):
                     f"{where} has no name to match the task vector with: pass model.named_parameters(), or "
                     "module=the module being trained"
                 )
+
+    def _bind_adapter(self, param: torch.Tensor, binding: Binding, names: list[str], where: str) -> None:
+        """Bind a LoRA tensor of a merged group to its layer (:mod:`online_merging.optim.lora`): its update is
+        merged with a zero τ, its layer's τ goes into the base weight at its B's steps; refuse what cannot be."""
+        binding.name = names[0]
+        what = f"{where} ({binding.name!r})"
+        kind = next((adapter_kind(n) for n in names if adapter_kind(n)), None)
+        if kind is not None:
+            raise ValueError(
+                f"{what} is a {kind} adapter tensor: online merging supports LoRA adapters only; use LoRA, or "
+                "merge=None for plain updates"
+            )
+        site = self._sites.get(param)
+        if site is None:
+            raise ValueError(
+                f"{what} is a LoRA adapter tensor, but no LoRA layer of it was found: pass module=the PEFT model, "
+                "where the optimizer finds the layer's base weight, into which τ is merged (or merge=None)"
+            )
+        if self.task_vector is None:
+            raise ValueError(
+                f"{what} is to be merged but no task_vector was given; pass "
+                "task_vector=TaskVector.from_models(base, sft), or merge=None for plain updates"
+            )
+        if is_dtensor(param) or hasattr(param, "ds_shape"):
+            raise ValueError(f"{what}: LoRA adapters with online merging do not run sharded (FSDP2, ZeRO-3) yet; "
+                             "train them on one device or with DDP, or pass merge=None")  # fmt: skip
+        if site.name not in self.task_vector:
+            return  # plain updates, reported by _warn_without_tau
+        if site.quantized is not None:
+            raise ValueError(
+                f"{what} adapts a quantized layer, {site.name!r} ({site.quantized}: QLoRA): τ cannot be merged "
+                "into 4- or 8-bit weights. Load the base model in float32 (or bfloat16) for online merging with "
+                "LoRA, or pass merge=None for plain LoRA updates"
+            )
+        tau_shape, shape = tuple(self.task_vector[site.name].shape), tuple(site.base.shape)
+        if tau_shape != shape:
+            raise ValueError(f"task vector entry {site.name!r} has shape {tau_shape} but the base weight of the "
+                             f"LoRA layer of {what} has shape {shape}")  # fmt: skip
+        binding.tau = torch.zeros(param.shape, device=param.device)  # the update is merged, with no τ of its own
+        if site.binding.tau is None:
+            site.binding.name, site.binding.tau = site.name, self.task_vector[site.name]
+        if param is site.lora_B or site.lora_B not in self._lora:
+            self._lora = {t: s for t, s in self._lora.items() if s is not site} | {param: site}
 
     def _bind_mask(self, param: torch.Tensor, candidates: list[str], where: str) -> torch.Tensor | None:
         """Check ``param``'s ``neuron_mask`` entry, if it has one, and return its flat bool element mask."""
@@ -208,7 +257,7 @@ class OnlineMergingOptimizer(Optimizer):
         """
         if self.task_vector is None or not any(g["merge"] is not None and g["params"] for g in self.param_groups):
             return
-        if not any(self._tau_name(param) for param in self._bindings):
+        if not any(self._has_tau(param) for param in self._bindings):
             names = list(self.task_vector)
             params = [n for n in (self._bindings[p].name for g in self.param_groups for p in g["params"]) if n]
             raise ValueError(
@@ -250,8 +299,10 @@ class OnlineMergingOptimizer(Optimizer):
             if group["merge"] is None or group["alpha"] == 0:
                 continue
             for param in group["params"]:
-                if self._has_tau(param) and param.dtype in (torch.bfloat16, torch.float16):
-                    low.setdefault(param.dtype, []).append(self._bindings[param].name or "unnamed")
+                site = self._lora.get(param)  # a LoRA layer's τ goes into its base weight
+                name, merged = (site.name, site.base) if site else (self._bindings[param].name, param)
+                if self._has_tau(param) and merged.dtype in (torch.bfloat16, torch.float16):
+                    low.setdefault(merged.dtype, []).append(name or "unnamed")
         for dtype, names in low.items():
             warnings.warn(
                 f"{len(names)} parameter(s) merged with the task vector are stored in {dtype} ({_preview(names, 3)}): "
@@ -308,12 +359,39 @@ class OnlineMergingOptimizer(Optimizer):
         for _, group, _, params in plan:
             if group["pull"] > 0:
                 self._make_anchors(params)
+        lora = self._lora_merges(plan, skip) if self._lora else []
         for _, group, settings, params in plan:
             if skip:
                 params = [p for p in params if p not in skip or self._bindings[p].pieces is not None]
             if params:
                 self._step_group(group, settings, params, skip)
+        for site, settings, step, before in lora:
+            site.merge_tau(settings, step, before)
         return loss
+
+    def _lora_merges(self, plan: list, skip: dict) -> list[tuple[Site, MergeSettings, int, torch.Tensor | None]]:
+        """The LoRA layers whose τ is merged at this step (their B steps now, at a merge step): each with its
+        group's settings, B's step count after the step and, under OnTIES, s·B°A° before it. Puts each stepping
+        layer's base weight in B's state, where checkpoints keep it."""
+        merges = []
+        for _, group, settings, params in plan:
+            for param in params:
+                site = self._lora.get(param)
+                if site is None or param in skip:
+                    continue
+                state = self.state[param]
+                state.setdefault(BASE_WEIGHT, site.base.detach())
+                step = int(state.get("step", 0)) + 1
+                if group["lr"] == 0 or settings.is_plain or step % settings.merge_every:
+                    continue
+                before = None
+                if settings.merge == "onties":  # rolled back by step-K's Δc, as the merge rolls them back
+                    lora_A, lora_B = (
+                        t - self.state.get(t, {}).get("merge_buffer", 0) for t in (site.lora_A, site.lora_B)
+                    )
+                    before = site.product(lora_A, lora_B)
+                merges.append((site, settings, step, before))
+        return merges
 
     def _bind_zero_partitions(self) -> None:
         """Bind the flat partitions DeepSpeed ZeRO put in our param groups to the pieces of parameters they hold."""
@@ -321,6 +399,9 @@ class OnlineMergingOptimizer(Optimizer):
         if not unknown:
             return
         zero_optimizer = calling_zero_optimizer(self)
+        if self._lora:
+            raise RuntimeError("LoRA adapters with online merging do not run under DeepSpeed ZeRO yet; train them "
+                               "on one device or with DDP, or pass merge=None")  # fmt: skip
         if zero_optimizer is None:
             raise RuntimeError(
                 f"{len(unknown)} tensor(s) in param_groups were not given to this optimizer and no DeepSpeed ZeRO "
@@ -497,9 +578,10 @@ class OnlineMergingOptimizer(Optimizer):
         return binding.tau
 
     def _has_tau(self, param: torch.Tensor) -> bool:
-        """Whether τ has an entry for ``param`` by name, or for one of its pieces (a ZeRO partition holds several)."""
+        """Whether τ has an entry for ``param`` by name, or for one of its pieces (a ZeRO partition holds several),
+        or ``param`` is a LoRA tensor merged with its layer's τ."""
         binding = self._bindings[param]
-        named = self._tau_name(param) is not None
+        named = self._tau_name(param) is not None or binding.tau is not None
         return named or any(piece.tau is not None for piece in binding.pieces or ())
 
     def _tau_name(self, param: torch.Tensor) -> str | None:
@@ -543,6 +625,10 @@ class OnlineMergingOptimizer(Optimizer):
         for state in self.state.values():  # torch casts state tensors other than "step" to the parameter's dtype
             if "piece_skips" in state:
                 state["piece_skips"] = state["piece_skips"].to("cpu", torch.int64)
+        for param, site in self._lora.items():  # a LoRA layer's base weight, with the τ merged so far
+            if BASE_WEIGHT in self.state.get(param, {}):
+                site.base.copy_(self.state[param][BASE_WEIGHT])
+                self.state[param][BASE_WEIGHT] = site.base.detach()
 
     def _check_layout(self, state_dict: Any) -> None:
         """Raise ``ValueError`` unless ``state_dict`` has this optimizer's layout: its groups, their numbers of
@@ -575,14 +661,30 @@ class OnlineMergingOptimizer(Optimizer):
                 entry = state.get(key, {})
                 if not isinstance(entry, Mapping):
                     raise ValueError(f"state_dict['state'][{key!r}]: expected a mapping, got {describe(entry)}")
+                who = self._bindings[param].name or f"param_groups[{index}]['params'][{i}]"
                 for name in PARAMETER_SHAPED:
                     value = entry.get(name)
                     if isinstance(value, torch.Tensor) and value.shape != param.shape:
-                        who = self._bindings[param].name or f"param_groups[{index}]['params'][{i}]"
                         raise ValueError(
                             f"state_dict['state'][{key!r}][{name!r}] has shape {tuple(value.shape)}, its parameter "
                             f"{who!r} {tuple(param.shape)} (a checkpoint of another model?); nothing was changed"
                         )
+                self._check_base_weight(entry.get(BASE_WEIGHT), param, f"state_dict['state'][{key!r}]", who)
+
+    def _check_base_weight(self, saved: Any, param: torch.Tensor, where: str, who: str) -> None:
+        """Refuse a LoRA layer's saved base weight that this optimizer would not restore, or of another shape."""
+        if saved is None:
+            return
+        site = self._lora.get(param)
+        if site is None:
+            raise ValueError(
+                f"{where} holds {BASE_WEIGHT!r}, the base weight of the LoRA layer of {who!r} with the τ merged into "
+                "it so far, but this optimizer does not merge τ into that layer (merge=None, or no module=): "
+                "loading would lose it; build the optimizer as the checkpoint's was. Nothing was changed"
+            )
+        if tuple(saved.shape) != tuple(site.base.shape):
+            raise ValueError(f"{where}[{BASE_WEIGHT!r}] has shape {tuple(saved.shape)}, the base weight "
+                             f"{site.name!r} {tuple(site.base.shape)}; nothing was changed")  # fmt: skip
 
     def _check_kind(self, groups: list[dict[str, Any]]) -> None:
         for index, group in enumerate(groups):
