@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from online_merging import OnlineMergingAdam, OnlineMergingSGD, TaskVector
-from online_merging.reference import ReferenceLoRA, ReferenceOnlineMerging
+from online_merging.reference import ReferenceLoRA
 
 peft = pytest.importorskip("peft")
 
@@ -143,7 +143,10 @@ def test_merge_and_unload_is_the_runs_model():
         model(x).square().sum().backward()
         opt.step()
         opt.zero_grad()
-    expected = {n: (l.base_layer.weight + l.scaling["default"] * l.lora_B["default"].weight @ l.lora_A["default"].weight).detach() for n, l in layers(model).items()}  # fmt: skip
+    expected = {}
+    for name, layer in layers(model).items():
+        product = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        expected[name] = (layer.base_layer.weight + layer.scaling["default"] * product).detach()
     with torch.no_grad():
         adapted = model(x)
     merged = model.merge_and_unload()
@@ -221,7 +224,7 @@ def test_a_checkpoint_with_merged_base_weights_is_not_dropped():
     opt = OnlineMergingAdam(trainable(model), lr=0.02, task_vector=tau, module=model)
     train(model, opt, range(2))
     plain = OnlineMergingAdam(trainable(model), lr=0.02, merge=None)
-    with pytest.raises(ValueError, match="holds 'base_weight'.*does not merge τ into that layer.*Nothing was changed"):
+    with pytest.raises(ValueError, match=r"holds 'base_weight'.*does not merge τ into that layer.*Nothing was changed"):
         plain.load_state_dict(opt.state_dict())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from online_merging.integrations.deepspeed import (
 )
 from online_merging.merging import TaskVector, WeightsSource, canonical_name
 from online_merging.optim import OnlineMergingAdam, OnlineMergingOptimizer, OnlineMergingSGD
+from online_merging.optim.lora import is_lora
 from online_merging.settings import MERGE_DEFAULTS
 
 __all__ = [
@@ -66,7 +68,7 @@ def task_vector_for(
     if base_model is not None:
         _check_same_architecture(model, base_model)
         if sft_model is None:
-            sft_model = _sft_weights(model) if partitioned else model
+            sft_model = _sft_weights(model) if partitioned else _without_adapters(model)
         return TaskVector.from_models(base_model, sft_model, dtype=dtype)
     tau = task_vector if isinstance(task_vector, TaskVector) else TaskVector.load(task_vector)
     shapes = {
@@ -78,6 +80,28 @@ def task_vector_for(
                 f"task vector entry {name!r} has shape {tuple(tensor.shape)}, the model's has {tuple(shapes[name])}"
             )
     return tau
+
+
+def _warn_moving_reference(trainer: Any, merge: str | None) -> None:
+    """Warn when a LoRA run's reference is its policy with the adapter off, whose base weights the merge moves."""
+    model, args = getattr(trainer, "model", None), trainer.args
+    if merge is None or model is None or not hasattr(args, "precompute_ref_log_probs"):
+        return
+    adapters = any(is_lora(name) for name, _ in model.named_parameters())
+    if adapters and getattr(trainer, "ref_model", None) is None and not args.precompute_ref_log_probs:
+        warnings.warn(
+            "this LoRA run's reference model is the policy with its adapter off, whose base weights online merging "
+            "moves along τ: the reference would drift from the SFT model. Set precompute_ref_log_probs=True in the "
+            "trainer's config (TRL then computes the reference log-probs once, before training)",
+            stacklevel=3,
+        )
+
+
+def _without_adapters(model: nn.Module) -> nn.Module | dict[str, torch.Tensor]:
+    """``model``, or its state dict less its LoRA tensors when it has some: a PEFT model's SFT side is its base."""
+    state = model.state_dict()
+    kept = {name: tensor for name, tensor in state.items() if not is_lora(name)}
+    return model if len(kept) == len(state) else kept
 
 
 def _sft_weights(model: nn.Module) -> str:
@@ -211,6 +235,7 @@ def use_online_merging_optimizer(trainer: Any, **build_optimizer_kwargs: Any) ->
             "use_online_merging_optimizer makes Trainer build the online-merging optimizer"
         )
     trainer.optimizer_cls_and_kwargs = trainer_optimizer(trainer.args, **build_optimizer_kwargs)
+    _warn_moving_reference(trainer, build_optimizer_kwargs.get("merge", MERGE_DEFAULTS["merge"]))
     if deepspeed_config_of(trainer.args) is not None:
         bind_engine_at_train_begin(trainer)
     return trainer
