@@ -34,7 +34,8 @@ def test_every_recipe_parses_and_runs_offline(path):
     assert path.stem.startswith(recipe.trainer)
     assert config.beta == 0.1
     if recipe.merge != "none" and path.stem != "dpo_recommended":  # a pipeline: tested against the lab below
-        assert path.stem.endswith(recipe.merge)
+        assert path.stem.removesuffix("_lora").endswith(recipe.merge)
+    assert recipe.use_peft == path.stem.endswith("_lora")
     assert recipe.embedded  # runs offline as written
     assert not config.bf16 or torch.cuda.is_available()
 
@@ -187,7 +188,8 @@ def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, 
     allo = {"neuron_k": 0.0, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
     plain = dataclasses.replace(recipe, merge="none", **allo)
     with_baseline = plain != recipe
-    assert methods == [method_name(recipe, written), *(["adamw"] if with_baseline else [])]
+    baseline = "lora_adamw" if recipe.use_peft else "adamw"
+    assert methods == [method_name(recipe, written), *([baseline] if with_baseline else [])]
     recipe, config = load_recipe(path, QUICK)
     rates = [config.learning_rate, *([recipe.adamw_learning_rate or config.learning_rate] if with_baseline else [])]
     for run, rate in zip(summary["runs"], rates, strict=True):  # the baseline at its own learning rate

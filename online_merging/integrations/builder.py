@@ -21,7 +21,8 @@ from online_merging._quiet import quiet_trl_training
 from online_merging.settings import MergeSettings
 
 __all__ = [
-    "OPTIMIZERS", "TRAINERS", "TrainSpec", "build_trainer", "config_class", "key_neurons", "run_training", "unlearn",
+    "OPTIMIZERS", "TRAINERS", "TrainSpec", "build_trainer", "config_class", "key_neurons", "run_training",
+    "save_run_model", "unlearn",
 ]  # fmt: skip
 
 TRAINERS = {"dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig")}
@@ -51,6 +52,7 @@ class TrainSpec:
     neuron_k: float = 0.0  # ALLO: train only the top k fraction of neurons (key_neurons)
     neuron_scope: str = "global"  # or "layer"
     neuron_probe_steps: int = 20
+    peft_config: Any = None  # a peft.LoraConfig: train LoRA adapters (TRL's peft_config), τ into their base weights
 
     def __post_init__(self):
         if self.trainer not in TRAINERS:
@@ -103,10 +105,23 @@ def build_trainer(spec: TrainSpec, model, args, dataset, tokenizer, *, neuron_ma
         from online_merging.integrations.allo_trainers import TokenWeightedDPOTrainer
 
         trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": spec.noisy_token_percentile}
+    if spec.peft_config is not None:
+        extra["peft_config"] = spec.peft_config
+        if spec.optimizer != "adamw" and spec.merge_settings.merge is not None:
+            args = copy.copy(args)  # the reference: the SFT model, not the adapter-off policy whose base τ moves
+            args.precompute_ref_log_probs = True
     trainer = trainer_cls(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=list(callbacks), **extra
     )
     return _use_optimizer(trainer, spec, neuron_masks)
+
+
+def save_run_model(trainer, output_dir: str) -> None:
+    """Save the run's model in ``output_dir`` (Trainer's ``save_model``): an adapter run's merged into its base
+    (``merge_and_unload``, in place), since online merging moved the base weights too; the adapters are gone then."""
+    if hasattr(trainer.model, "merge_and_unload"):
+        trainer.model = trainer.model.merge_and_unload()
+    trainer.save_model(output_dir)
 
 
 def unlearn(spec: TrainSpec, model, args, dataset, tokenizer, *, neuron_masks=None, callbacks=()) -> None:

@@ -27,6 +27,12 @@ TAX_EVAL_KEYS = ("tax_eval_tasks", "tax_eval_reward_model", "tax_eval_prompts")
 model on held-out prompts."""
 
 
+PEFT_DEFAULTS = {
+    "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "lora_target_modules": None, "use_rslora": False,
+    "use_dora": False, "load_in_4bit": False, "load_in_8bit": False,
+}  # fmt: skip
+"""TRL's ``ModelConfig`` PEFT keys a recipe takes besides ``use_peft``, with TRL's defaults."""
+
 MERGE_NAMES = {"seed": "merge_seed"}
 """The merge settings a recipe names otherwise: ``seed`` is TRL's config's."""
 
@@ -57,6 +63,23 @@ class RecipeArguments:
     dataset_config: str | None = _arg(None, "Configuration name of the data set, if it has several.")
     dataset_train_split: str = _arg("train", "Split to train on.")
     dtype: str = _arg("float32", "dtype of the loaded model weights.", ("float32", "bfloat16", "float16", "auto"))
+    use_peft: bool = _arg(
+        False,
+        "Train LoRA adapters instead of every weight (TRL's ModelConfig keys: lora_r, lora_alpha, ...). Online "
+        "merging merges each adapter's update and adds τ into the adapted layers' base weights; the run's model in "
+        "output_dir is the merged one (merge_and_unload), the DPO/KTO reference the SFT model (log-probs computed "
+        "once, before training). docs/usage.md, LoRA.",
+    )
+    lora_r: int = _arg(16, "LoRA rank r (use_peft).")
+    lora_alpha: int = _arg(32, "LoRA alpha: the adapter's scale is lora_alpha / r (use_peft).")
+    lora_dropout: float = _arg(0.05, "Dropout on the adapters' input (use_peft).")
+    lora_target_modules: list[str] | None = _arg(  # noqa: RUF009 (None, not a shared list)
+        None, "Modules that get adapters: names (q_proj v_proj), or all-linear. Empty: PEFT's default for the model."
+    )
+    use_rslora: bool = _arg(False, "Rank-stabilised LoRA: the scale is lora_alpha / √r (use_peft).")
+    use_dora: bool = _arg(False, "DoRA adapters (use_peft); online merging supports LoRA only: merge: none.")
+    load_in_4bit: bool = _arg(False, "QLoRA: the base model in 4 bits (bitsandbytes, a CUDA GPU); merge: none only.")
+    load_in_8bit: bool = _arg(False, "The base model in 8 bits (bitsandbytes, a CUDA GPU); merge: none only.")
     merge: str = _arg(
         MERGE_DEFAULTS["merge"],
         "Online merge: ondare or onties with the online-merging optimizer, or none for the trainer's own "
@@ -170,6 +193,7 @@ class RecipeArguments:
             raise ValueError("unlearn_steps/noisy_token_percentile (ALLO) need trainer: dpo, not pairwise_normalized")
         if self.pairwise_normalized and self.trainer != "dpo":
             raise ValueError(f"pairwise_normalized needs trainer: dpo (paired data), not {self.trainer!r}")
+        self._check_adapters()
         if self.base_model_name_or_path and self.task_vector_path:
             raise ValueError("set one of base_model_name_or_path and task_vector_path, not both")
         self.merge_settings().check("recipe key ", MERGE_NAMES)  # the optimizer's checks, before any model loads
@@ -202,6 +226,57 @@ class RecipeArguments:
             raise ValueError(
                 f"merge={self.merge!r} needs τ = SFT − base: set base_model_name_or_path (or task_vector_path)"
             )
+
+    def _check_adapters(self) -> None:
+        """The PEFT keys: none without use_peft, no merge into DoRA or quantized layers, no ALLO stage with them."""
+        changed = [key for key, default in PEFT_DEFAULTS.items() if getattr(self, key) != default]
+        if changed and not self.use_peft:
+            raise ValueError(f"recipe key {changed[0]!r} is set but use_peft is not: set use_peft: true for LoRA")
+        if not self.use_peft:
+            return
+        if self.lora_r < 1:
+            raise ValueError(f"Invalid recipe key 'lora_r': {self.lora_r!r} (expected an int ≥ 1)")
+        check_range("recipe key ", "lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("recipe keys load_in_4bit and load_in_8bit: set one of them, not both")
+        merging = self.merge != "none"
+        if merging and (self.load_in_4bit or self.load_in_8bit):
+            key = "load_in_4bit" if self.load_in_4bit else "load_in_8bit"
+            raise ValueError(
+                f"recipe key {key!r}: online merging adds τ into the base weights, which cannot be written in 4 or 8 "
+                "bits (QLoRA). Load the base in float32 or bfloat16, or set merge: none for a plain QLoRA run"
+            )
+        if merging and self.use_dora:
+            raise ValueError("recipe key 'use_dora': online merging supports LoRA adapters only; merge: none for DoRA")
+        allo = [key for key in ("neuron_k", "neuron_mask_path", "unlearn_steps", "noisy_token_percentile",
+                                "pairwise_normalized", "entanglement_every") if getattr(self, key)]  # fmt: skip
+        if allo:
+            raise ValueError(f"recipe key {allo[0]!r} does not run with use_peft (full-weight runs only)")
+        if self.load_in_4bit or self.load_in_8bit:
+            import importlib.util
+
+            import torch
+
+            if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
+                raise ValueError("load_in_4bit/load_in_8bit need bitsandbytes (pip install bitsandbytes) and a GPU")
+
+    def peft_config(self):
+        """The run's ``peft.LoraConfig`` (TRL's ``get_peft_config`` of these keys), or ``None`` without use_peft."""
+        if not self.use_peft:
+            return None
+        from trl import ModelConfig, get_peft_config
+
+        keys = {key: getattr(self, key) for key in ("use_peft", *PEFT_DEFAULTS)}
+        return get_peft_config(ModelConfig(**keys))
+
+    def quantization(self) -> dict[str, Any]:
+        """``from_pretrained``'s quantization keywords (TRL's) for load_in_4bit/load_in_8bit, else none."""
+        if not (self.load_in_4bit or self.load_in_8bit):
+            return {}
+        from trl import ModelConfig, get_kbit_device_map, get_quantization_config
+
+        config = ModelConfig(load_in_4bit=self.load_in_4bit, load_in_8bit=self.load_in_8bit)
+        return {"quantization_config": get_quantization_config(config), "device_map": get_kbit_device_map()}
 
     def merge_settings(self) -> MergeSettings:
         """The optimizer's merge settings (``merge: none`` is ``None``)."""

@@ -18,7 +18,14 @@ from online_merging._files import (
     start_run_folder,
     write_text,
 )
-from online_merging.integrations.builder import TrainSpec, build_trainer, key_neurons, run_training, unlearn
+from online_merging.integrations.builder import (
+    TrainSpec,
+    build_trainer,
+    key_neurons,
+    run_training,
+    save_run_model,
+    unlearn,
+)
 from online_merging.integrations.recipe import RecipeArguments, last_checkpoint, resume_checkpoint
 from online_merging.provenance import provenance
 
@@ -45,7 +52,8 @@ class RunResult:
 def method_name(recipe: RecipeArguments, config: Any = None) -> str:
     """``adamw`` for the trainer's own optimizer, else e.g. ``ondare``, ``sgd_onties``, ``ondare_k10``; with
     ``_normalized`` for pairwise-normalised DPO, ``_keyneurons`` for key neurons only, ``allo_`` for ALLO's stages,
-    ``_pull`` with a pull toward SFT, ``rpo_`` for RPO's loss (``config.loss_type`` with ``"sft"``)."""
+    ``_pull`` with a pull toward SFT, ``rpo_`` for RPO's loss (``config.loss_type`` with ``"sft"``), ``lora_`` for
+    adapters."""
     if recipe.merge == "none":
         name = "adamw"
     else:
@@ -59,6 +67,8 @@ def method_name(recipe: RecipeArguments, config: Any = None) -> str:
         name = f"{name}_pull"
     if "sft" in (getattr(config, "loss_type", None) or ()):
         name = f"rpo_{name}"
+    if recipe.use_peft:
+        name = f"lora_{name}"
     return f"{name}_normalized" if recipe.pairwise_normalized else name
 
 
@@ -285,7 +295,7 @@ def _train(recipe: RecipeArguments, config: Any, world, dataset, score, sft: dic
     start = time.perf_counter()
     run_training(trainer, config.resume_from_checkpoint)
     seconds = time.perf_counter() - start
-    trainer.save_model(config.output_dir)
+    save_run_model(trainer, config.output_dir)
     if config.should_save:
         record_run(config.output_dir)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -316,7 +326,8 @@ def _train_spec(recipe: RecipeArguments, world) -> TrainSpec:
     else:
         base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
         sources = {"base_model": base, "sft_model": _sft_source(recipe, world)}
-    return TrainSpec.of(recipe, optimizer=recipe.optimizer if online else "adamw", **sources)
+    optimizer = recipe.optimizer if online else "adamw"
+    return TrainSpec.of(recipe, optimizer=optimizer, peft_config=recipe.peft_config(), **sources)
 
 
 def _neuron_masks(recipe: RecipeArguments, spec: TrainSpec, config: Any, model, dataset, tokenizer, world):
@@ -365,7 +376,9 @@ def _load_model(recipe: RecipeArguments, world):
 
     name = _sft_source(recipe, world)
     model = _from_hub_or_path(
-        lambda: AutoModelForCausalLM.from_pretrained(name, dtype=recipe.dtype), name, "model_name_or_path"
+        lambda: AutoModelForCausalLM.from_pretrained(name, dtype=recipe.dtype, **recipe.quantization()),
+        name,
+        "model_name_or_path",
     )
     tokenizer = _from_hub_or_path(lambda: AutoTokenizer.from_pretrained(name), name, "model_name_or_path")
     if tokenizer.pad_token is None:
