@@ -394,7 +394,7 @@ def test_lab_smoke_end_to_end(world_cache, tmp_path):
     assert list(saved["worlds"]) == ["default", "second"]
     assert saved["worlds"]["second"]["world"]["sure_fraction"] == 0.3
     for table in saved["worlds"].values():
-        assert set(table["methods"]) == set(METHODS)
+        assert set(table["methods"]) == {name for name, method in METHODS.items() if not method.adapters}
         for name, m in table["methods"].items():
             assert set(NEW_FIELDS) <= set(m), name
             (points,) = [p["points"] for p in m["per_replicate"].values()]
@@ -430,7 +430,7 @@ def test_new_run_fields_reach_the_optimizer_and_keep_old_keys(world_cache):
     plain = RunConfig(world=config.world)
     later = ("pairwise_normalized", "probe_entanglement", "neuron_k", "unlearn_steps", "noisy_token_percentile")
     later += ("seed", "dare_rescale", "tau_mask", "tau_clamp", "ties_sign", "bema", "rpo_weight", "ref_sync_alpha")
-    later += ("ref_sync_steps", "pull", "pull_unit", "pull_elements")
+    later += ("ref_sync_steps", "pull", "pull_unit", "pull_elements", "lora_r")
     fields = {k: v for k, v in dataclasses.asdict(plain).items() if k not in later}
     text = json.dumps({"version": runner.LAB_VERSION, **fields}, sort_keys=True)
     assert plain.key() == hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -470,3 +470,24 @@ def test_exploration_smoke_end_to_end(world_cache, tmp_path, monkeypatch):
 def test_explore_refuses_options_it_does_not_use(tmp_path, capsys):
     assert main(["bench", "tax-lab", "--explore", "--seeds", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--explore runs its own rows on the tuning replicates" in capsys.readouterr().err
+
+
+def test_lora_rows_train_adapters_and_report_them_apart(world_cache, tmp_path):
+    """The LoRA rows run when named: their runs train adapters (the merged model is saved, so lora_ma sweeps it and
+    ends where lora_adamw ends), OnTIES's base weights move, and they get their own table, out of the verdicts."""
+    out = tmp_path / "lab"
+    config = _smoke_config(methods=("adamw", "lora_adamw", "lora_onties", "lora_ma"), test_worlds=("default",))
+    assert "lora_adamw" not in LabConfig().methods  # not in the full plan unless named
+    results = run_lab(out, config=config, workers=2, progress=False)
+    table = results["worlds"]["default"]["methods"]
+    lora = ("lora_adamw", "lora_onties", "lora_ma")
+    assert all(table[name]["adapters"] and table[name]["secondary"] for name in lora)
+    (adamw,) = table["lora_adamw"]["per_replicate"].values()
+    (stack,) = table["lora_ma"]["per_replicate"].values()
+    if table["lora_ma"]["setting"]["lr"] == table["lora_adamw"]["setting"]["lr"]:
+        assert stack["points"][-1]["reward"] == adamw["points"][-1]["reward"]  # the sweep ends at the run's model
+    (onties,) = table["lora_onties"]["per_replicate"].values()
+    assert onties["points"][-1] != adamw["points"][-1]
+    text = (out / "results.md").read_text()
+    assert "### LoRA adapters" in text and "`lora_onties`" in text.split("### LoRA adapters")[1]
+    assert results["recommended"] is None  # a smoke test

@@ -58,7 +58,7 @@ class LabConfig:
     lr: float = 4.5e-5  # AdamW's centre; a setting's "lr" is a multiple of it
     grid: int = GRID_SIZE
     levels: tuple[float, ...] = MRA_LEVELS  # reward levels of the MRA (those the compared runs reach count)
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(name for name, method in METHODS.items() if not method.adapters)
     test_worlds: tuple[str, ...] = tuple(TEST_WORLDS)  # tuned on the default world, tested on each of these
     smoke_test: bool = False  # the quick plan's: the report recommends nothing (``report.SMOKE_TEST``)
 

@@ -10,7 +10,8 @@ lab's learning rate) and, for the methods read off another run, which trajectory
   ("X → MA", rows ``*_ma``), tuned like every row: its grid is X's, each setting scored by its sweep's MRA.
 
 Every grid has ``GRID_SIZE`` settings; the lab searches the first ``LabConfig.grid`` of them on the tuning
-replicates and runs the best alone on the test replicates. ``secondary`` rows (KTO) are reported in their own table.
+replicates and runs the best alone on the test replicates. ``secondary`` rows (KTO, LoRA) are reported in their own
+tables, out of the verdicts; ``adapters`` rows (LoRA) run only when named (``LabConfig.methods``).
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ ADAMW_LRS = (1.0, 2.0, 0.5, 0.75, 1.5, 3.0)
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the lab: what it is, its grid, and whether it belongs to the secondary table."""
+    """A row of the lab: what it is, its grid, whether it belongs to a secondary table (out of the verdicts), and
+    whether it trains LoRA adapters (their own table, run only when named)."""
 
     description: str
     grid: tuple[dict, ...]
     secondary: bool = False
+    adapters: bool = False
 
 
 def _bema(power: float) -> tuple[tuple[str, float], ...]:
@@ -80,6 +83,17 @@ at lr ×2 kept more ability than without (+0.006 MRA), pull 500 kept the run fro
 with pull 150 gained +0.003 over AdamW."""
 _PULL_GRID = tuple({"optimizer": "adam", "merge": None, "pull": s, "lr": m} for s in PULLS for m in (1.0, 2.0))
 _ONTIES_PULL_GRID = tuple({**_ONTIES, "pull": s, "lr": m} for s in (75.0, 150.0) for m in (2.0, 3.0, 5.0))
+
+
+LORA_R = 16
+"""The lab's LoRA rank (lora_alpha 2r, every linear layer, no dropout)."""
+LORA_LRS = (5.0, 10.0, 2.5, 20.0, 7.5, 15.0)
+"""LoRA AdamW's grid (multiples of the lab's lr): adapters train at several times a full run's rate."""
+_LORA_ADAMW_GRID = tuple({"lora_r": LORA_R, "lr": m} for m in LORA_LRS)
+_LORA_GRID = tuple({"lora_r": LORA_R, "alpha": a, "lr": m} for a in (0.3, 3.0) for m in (5.0, 10.0, 20.0))
+"""The LoRA merges' grid: α (lr units, at a LoRA rate) × lr."""
+_LORA_ONTIES_GRID = tuple({**_ONTIES, **s} for s in _LORA_GRID)
+_LORA_ONDARE_GRID = tuple({**_ONDARE, "reserve_p": 0.01, **s} for s in _LORA_GRID)
 
 
 def _then_ma(grid: tuple[dict, ...]) -> tuple[dict, ...]:
@@ -131,6 +145,30 @@ METHODS: dict[str, Method] = {
     "allo_mask_k15": Method(
         "DPO on ALLO's top 15 % key neurons (OnlineMergingAdam without a merge) (grid: lr)",
         tuple({"optimizer": "adam", "merge": None, "neuron_k": 0.15, "lr": m} for m in (2.0, 3.0, 1.0, 1.5, 4.0, 5.0)),
+    ),
+    "lora_adamw": Method(
+        f"DPO of LoRA adapters (r {LORA_R}, every linear layer) with Trainer's AdamW (grid: lr)",
+        _LORA_ADAMW_GRID,
+        secondary=True,
+        adapters=True,
+    ),
+    "lora_ondare": Method(
+        "LoRA adapters with OnDARE-Adam, p 0.01, τ into the base weights (grid: α × lr)",
+        _LORA_ONDARE_GRID,
+        secondary=True,
+        adapters=True,
+    ),
+    "lora_onties": Method(
+        "LoRA adapters with OnTIES-Adam, p 0.1, τ into the base weights (grid: α × lr)",
+        _LORA_ONTIES_GRID,
+        secondary=True,
+        adapters=True,
+    ),
+    "lora_ma": Method(
+        f"LoRA AdamW {_MA}: the adapter's delta scaled by the weight (grid: lora_adamw's)",
+        _then_ma(_LORA_ADAMW_GRID),
+        secondary=True,
+        adapters=True,
     ),
     "kto_adamw": Method(
         "KTO with Trainer's AdamW (grid: lr)", tuple({"trainer": "kto", "lr": m} for m in ADAMW_LRS), secondary=True

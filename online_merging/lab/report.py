@@ -115,6 +115,7 @@ def world_table(config, world: str, found: dict, settings: dict) -> dict:
         methods[name] = {
             "description": METHODS[name].description,
             "secondary": METHODS[name].secondary,
+            "adapters": METHODS[name].adapters,
             "setting": settings[name],
             "label": setting_label(settings[name]),
             "mra": _mean(mras),
@@ -184,14 +185,14 @@ def _fmt_ci(value: float | None, ci: list[float] | None, signed: bool = False) -
     return f"{value:{sign}.3f} [{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
 
 
-def markdown_table(table: dict, secondary: bool = False) -> str:
-    """One row per method of a world's ``table``: its tuned setting, MRA with its interval, the paired difference
-    to AdamW with its interval and wins, and the hypervolume."""
+def markdown_table(table: dict, secondary: bool = False, adapters: bool = False) -> str:
+    """One row per method of a world's ``table`` (of the main, secondary or adapters table): its tuned setting, MRA
+    with its interval, the paired difference to AdamW with its interval and wins, and the hypervolume."""
     head = ["method", "tuned setting", "MRA [95% CI]", "Δ MRA vs AdamW [95% CI] (wins)", "hypervolume [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     n = len(table["replicates"])
     for name, m in table["methods"].items():
-        if m["secondary"] != secondary:
+        if m["secondary"] != secondary or m.get("adapters", False) != adapters:
             continue
         diff = "—" if name == "adamw" else _fmt_ci(m["mra_vs_adamw"], m["mra_vs_adamw_ci"], signed=True)
         if m["wins"] is not None:
@@ -237,8 +238,12 @@ def _world_section(name: str, table: dict) -> str:
         f"## World `{name}` (hidden {world['hidden_size']}, {world['num_layers']} layers, "
         f"{world['sure_fraction']:.0%} of the SFT targets rewarded)\n\n" + markdown_table(table)
     )
-    if any(m["secondary"] for m in table["methods"].values()):
+    if any(m["secondary"] and not m.get("adapters") for m in table["methods"].values()):
         text += f"\n### Secondary (KTO), world `{name}`\n\n" + markdown_table(table, secondary=True)
+    if any(m.get("adapters") for m in table["methods"].values()):
+        text += f"\n### LoRA adapters (Δ vs full-weight AdamW), world `{name}`\n\n" + markdown_table(
+            table, secondary=True, adapters=True
+        )
     shown = "; ".join(f"{r}: {', '.join(f'{x:g}' for x in ls) or 'none'}" for r, ls in table["levels"].items())
     text += f"\nMRA levels (reached by every main-table method on the replicate): {shown}.\n"
     check = table["interpolation"]

@@ -35,7 +35,7 @@ _LATER_FIELDS = {
     "pairwise_normalized": False, "probe_entanglement": False, "neuron_k": 0.0, "unlearn_steps": 0,
     "noisy_token_percentile": 0.0, "seed": 0, "dare_rescale": True, "tau_mask": "once", "tau_clamp": 1.0,
     "ties_sign": "unweighted", "bema": (), "rpo_weight": 0.0, "ref_sync_alpha": 0.0, "ref_sync_steps": 0,
-    "pull": 0.0, "pull_unit": "lr", "pull_elements": "all",
+    "pull": 0.0, "pull_unit": "lr", "pull_elements": "all", "lora_r": 0,
 }  # fmt: skip
 """Fields added after version 1 and their defaults: in the key only when changed, so that earlier results stay
 valid."""
@@ -78,6 +78,7 @@ class RunConfig:
     rpo_weight: float = 0.0  # RPO: DPOConfig(loss_type=["sigmoid", "sft"], loss_weights=[1, rpo_weight])
     ref_sync_alpha: float = 0.0  # TR-DPO: DPOConfig(sync_ref_model=True, ref_model_mixup_alpha=this, ...)
     ref_sync_steps: int = 0  # TR-DPO: ... ref_model_sync_steps=this
+    lora_r: int = 0  # LoRA adapters of this rank on every linear layer (lora_alpha 2r); 0: every weight trains
     steps: int = 80
     eval_every: int = 10
     batch_size: int = 32
@@ -161,7 +162,7 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
     world = build_world(run.world, progress=False)
     tokenizer = world.tokenizer()
     model = _load_sft(world)
-    spec = TrainSpec.of(run, base_model=str(world.base_dir), sft_model=str(world.sft_dir))
+    spec = TrainSpec.of(run, base_model=str(world.base_dir), sft_model=str(world.sft_dir), peft_config=_lora(run))
     args = _training_args(run, output_dir)
     dataset = world.preference_dataset() if run.trainer == "dpo" else world.kto_dataset()
     masks = key_neurons(spec, model, world.preference_dataset(), tokenizer, args) if run.neuron_k else None
@@ -205,7 +206,10 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
     if run.unlearn_steps:
         unlearn(spec, model, args, dataset, tokenizer, neuron_masks=masks, callbacks=[Evaluate(0)])
     callbacks = [*bemas.values(), Evaluate(run.unlearn_steps)]
-    run_training(build_trainer(spec, model, args, dataset, tokenizer, neuron_masks=masks, callbacks=callbacks))
+    trainer = build_trainer(spec, model, args, dataset, tokenizer, neuron_masks=masks, callbacks=callbacks)
+    run_training(trainer)
+    if run.lora_r:
+        trainer.model.merge_and_unload()  # in place: model is the run's merged model (τ's base + s·B A)
     if run.save_model:
         with staged_file(model_path(run)) as path:
             torch.save(model.state_dict(), path)  # tied weights stay one tensor
@@ -219,8 +223,19 @@ def _check(run: RunConfig) -> None:
         raise ValueError(f"Invalid trainer: {run.trainer!r} (rpo_weight and ref_sync_steps are DPO settings)")
     if run.bema and run.unlearn_steps:
         raise ValueError("Invalid bema: BEMA is tracked along one training stage (expected unlearn_steps=0)")
+    if run.lora_r and (run.ema or run.bema or run.neuron_k or run.unlearn_steps or run.probe_entanglement):
+        raise ValueError("Invalid lora_r: EMA, BEMA, ALLO and entanglement probes run on full-weight runs only")
     if not 0 <= run.unlearn_steps < run.steps:
         raise ValueError(f"Invalid unlearn_steps: {run.unlearn_steps} (expected fewer than steps, {run.steps})")
+
+
+def _lora(run: RunConfig):
+    """The run's ``peft.LoraConfig`` (rank ``lora_r``, alpha 2r, every linear layer, no dropout), or ``None``."""
+    if not run.lora_r:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=run.lora_r, lora_alpha=2 * run.lora_r, lora_dropout=0.0, target_modules="all-linear")
 
 
 def _training_args(run: RunConfig, output_dir: str):
