@@ -382,7 +382,13 @@ def format_summary(summary: dict) -> str:
             if matched:
                 line += f" {_figure(matched['mra'].get(name)):>6}"
             lines.append(line)
-    if sft:
+    recipe = summary["recipe"]
+    if sft and recipe["trainer"] in ("grpo", "rloo"):
+        lines.append(
+            f"reward: P(the correct answer) on held-out {recipe['rl_skill']} prompts; ability: P(the correct answer), "
+            "mean over the other skills; retained: ability / SFT's ability."
+        )
+    elif sft:
         lines.append(
             "reward: P(the aligned style ' sure,') on held-out prompts; ability: P(the correct answer), mean over "
             "skills; retained: ability / SFT's ability."

@@ -168,3 +168,15 @@ def stderr_of_a_waiting_build(capsys, lock, waiter, finish) -> str:
             finish()
     thread.join()
     return err + capsys.readouterr().err
+
+
+@pytest.fixture
+def sft_and_base():
+    """A tiny Llama at its 'SFT' weights and a 'base' that differs from it by a random τ."""
+    sft = tiny_llama()
+    base = tiny_llama()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in base.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+    return sft, base

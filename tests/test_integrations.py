@@ -21,18 +21,6 @@ LR = 1e-3
 STEPS = 4
 
 
-@pytest.fixture
-def sft_and_base():
-    """A tiny Llama at its 'SFT' weights and a 'base' that differs from it by a random τ."""
-    sft = tiny_llama()
-    base = tiny_llama()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in base.parameters():
-            param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return sft, base
-
-
 def kto_data(n: int = 32) -> Dataset:
     pairs = preference_data(n // 2)
     return Dataset.from_dict(

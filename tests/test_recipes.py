@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from trl import DPOConfig, KTOConfig
+from trl import DPOConfig, GRPOConfig, KTOConfig
 
 from online_merging.cli import main
 from online_merging.integrations import load_recipe, run_recipe
@@ -30,9 +30,9 @@ def test_the_four_recipes_exist():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_parses_and_runs_offline(path):
     recipe, config = load_recipe(path)
-    assert isinstance(config, {"dpo": DPOConfig, "kto": KTOConfig}[recipe.trainer])
+    assert isinstance(config, {"dpo": DPOConfig, "kto": KTOConfig, "grpo": GRPOConfig}[recipe.trainer])
     assert path.stem.startswith(recipe.trainer)
-    assert config.beta == 0.1
+    assert config.beta == (0.0 if recipe.trainer in ("grpo", "rloo") else 0.1)  # TRL's GRPO default: no KL
     if recipe.merge != "none" and path.stem != "dpo_recommended":  # a pipeline: tested against the lab below
         assert path.stem.removesuffix("_lora").endswith(recipe.merge)
     assert recipe.use_peft == path.stem.endswith("_lora")
@@ -181,16 +181,18 @@ def test_a_hub_id_offline_gets_an_error_that_says_how_to_use_a_local_path(tmp_pa
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, world_cache, capsys):
     out = tmp_path / "out"
-    assert main(["train", str(path), *QUICK, "--output_dir", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
     recipe, written = load_recipe(path)
+    quick = [*QUICK, "--num_generations", "4"] if recipe.trainer == "grpo" else QUICK  # 4 completions per step
+    assert main(["train", str(path), *quick, "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
     methods = [run["method"] for run in summary["runs"]]
     allo = {"neuron_k": 0.0, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
     plain = dataclasses.replace(recipe, merge="none", **allo)
     with_baseline = plain != recipe
-    baseline = "lora_adamw" if recipe.use_peft else "adamw"
+    baseline = ("lora_" if recipe.use_peft else "") + "adamw"
+    baseline = f"grpo_{baseline}" if recipe.trainer == "grpo" else baseline
     assert methods == [method_name(recipe, written), *([baseline] if with_baseline else [])]
-    recipe, config = load_recipe(path, QUICK)
+    recipe, config = load_recipe(path, quick)
     rates = [config.learning_rate, *([recipe.adamw_learning_rate or config.learning_rate] if with_baseline else [])]
     for run, rate in zip(summary["runs"], rates, strict=True):  # the baseline at its own learning rate
         assert run["steps"] == 2 and run["learning_rate"] == rate

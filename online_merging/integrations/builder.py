@@ -21,12 +21,17 @@ from online_merging._quiet import quiet_trl_training
 from online_merging.settings import MergeSettings
 
 __all__ = [
-    "OPTIMIZERS", "TRAINERS", "TrainSpec", "build_trainer", "config_class", "key_neurons", "run_training",
+    "ONLINE_RL", "OPTIMIZERS", "TRAINERS", "TrainSpec", "build_trainer", "config_class", "key_neurons", "run_training",
     "save_run_model", "unlearn",
 ]  # fmt: skip
 
-TRAINERS = {"dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig")}
+TRAINERS = {
+    "dpo": ("DPOTrainer", "DPOConfig"), "kto": ("KTOTrainer", "KTOConfig"),
+    "grpo": ("GRPOTrainer", "GRPOConfig"), "rloo": ("RLOOTrainer", "RLOOConfig"),
+}  # fmt: skip
 """The kinds of trainer: each one's TRL trainer and config classes."""
+ONLINE_RL = ("grpo", "rloo")
+"""The trainers that sample completions and score them with reward functions (``TrainSpec.reward_funcs``)."""
 OPTIMIZERS = ("adamw", "adam", "sgd")
 """``adamw``: the trainer's own optimizer (TRL's ``optim``); ``adam``, ``sgd``: OnlineMergingAdam/SGD."""
 TRAINER_STATE = "trainer_state.json"
@@ -53,12 +58,15 @@ class TrainSpec:
     neuron_scope: str = "global"  # or "layer"
     neuron_probe_steps: int = 20
     peft_config: Any = None  # a peft.LoraConfig: train LoRA adapters (TRL's peft_config), τ into their base weights
+    reward_funcs: tuple = ()  # GRPO/RLOO: TRL reward functions (callables, or reward model ids)
 
     def __post_init__(self):
         if self.trainer not in TRAINERS:
             raise ValueError(f"Invalid trainer: {self.trainer!r} (expected one of {tuple(TRAINERS)})")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Invalid optimizer: {self.optimizer!r} (expected one of {OPTIMIZERS})")
+        if (self.trainer in ONLINE_RL) != bool(self.reward_funcs):
+            raise ValueError(f"Invalid reward_funcs: GRPO and RLOO need reward functions, {self.trainer} takes none")
         if self.optimizer == "adamw" and (self.merge_settings.pull or self.neuron_k):
             what = "the pull toward SFT is" if self.merge_settings.pull else "key neurons are"
             raise ValueError(f"Invalid optimizer: 'adamw' ({what} OnlineMergingAdam's: optimizer='adam')")
@@ -105,9 +113,11 @@ def build_trainer(spec: TrainSpec, model, args, dataset, tokenizer, *, neuron_ma
         from online_merging.integrations.allo_trainers import TokenWeightedDPOTrainer
 
         trainer_cls, extra = TokenWeightedDPOTrainer, {"noisy_token_percentile": spec.noisy_token_percentile}
+    if spec.trainer in ONLINE_RL:
+        extra["reward_funcs"] = list(spec.reward_funcs)
     if spec.peft_config is not None:
         extra["peft_config"] = spec.peft_config
-        if spec.optimizer != "adamw" and spec.merge_settings.merge is not None:
+        if spec.optimizer != "adamw" and spec.merge_settings.merge is not None and spec.trainer not in ONLINE_RL:
             args = copy.copy(args)  # the reference: the SFT model, not the adapter-off policy whose base τ moves
             args.precompute_ref_log_probs = True
     trainer = trainer_cls(

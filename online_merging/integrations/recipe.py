@@ -20,7 +20,9 @@ from online_merging.settings import MERGE_DEFAULTS, MERGES, MergeSettings, check
 from online_merging.settings import help_field as _arg
 from online_merging.sources import local_or_hub
 
-__all__ = ["RecipeArguments", "find_recipe", "load_recipe", "recipe_help", "recipe_parser", "shipped_recipes"]
+__all__ = [
+    "RecipeArguments", "find_recipe", "find_reward", "load_recipe", "recipe_help", "recipe_parser", "shipped_recipes",
+]  # fmt: skip
 
 TAX_EVAL_KEYS = ("tax_eval_tasks", "tax_eval_reward_model", "tax_eval_prompts")
 """What scores a named model during training (``tax_eval_every``): ability from lm-eval tasks, reward from a reward
@@ -43,7 +45,10 @@ class RecipeArguments:
     """What a recipe names besides the trainer's config: models, data and the online-merging optimizer (after
     ``optimizer``: every setting of :class:`~online_merging.settings.MergeSettings`, ``seed`` as ``merge_seed``)."""
 
-    trainer: str = _arg("dpo", "TRL trainer: dpo (DPOTrainer) or kto (KTOTrainer).", tuple(TRAINERS))
+    trainer: str = _arg(
+        "dpo", "TRL trainer: dpo (DPOTrainer), kto (KTOTrainer), or online RL: grpo (GRPOTrainer), rloo (RLOOTrainer).",
+        tuple(TRAINERS),
+    )  # fmt: skip
     model_name_or_path: str | None = _arg(
         None,
         "SFT model (local directory or Hub id): the policy starts here and the DPO/KTO reference is a frozen copy. "
@@ -62,6 +67,17 @@ class RecipeArguments:
     )
     dataset_config: str | None = _arg(None, "Configuration name of the data set, if it has several.")
     dataset_train_split: str = _arg("train", "Split to train on.")
+    reward_funcs: list[str] | None = _arg(  # noqa: RUF009 (None, not a shared list)
+        None,
+        "GRPO/RLOO: the reward functions, each the embedded world's correct (exact match with the data's answer "
+        "column) or style (replies in the aligned style), or a Python path module:function (TRL's reward function "
+        "signature). Empty: correct.",
+    )
+    rl_skill: str = _arg(
+        "addition",
+        "GRPO/RLOO on the embedded world: the skill whose prompts are trained on and whose correctness is the reward; "
+        "ability is the other skills'.",
+    )
     dtype: str = _arg("float32", "dtype of the loaded model weights.", ("float32", "bfloat16", "float16", "auto"))
     use_peft: bool = _arg(
         False,
@@ -191,9 +207,12 @@ class RecipeArguments:
         allo = self.unlearn_steps or self.noisy_token_percentile
         if allo and (self.trainer != "dpo" or self.pairwise_normalized):
             raise ValueError("unlearn_steps/noisy_token_percentile (ALLO) need trainer: dpo, not pairwise_normalized")
+        if self.entanglement_every and self.trainer in ("grpo", "rloo"):
+            raise ValueError("recipe key 'entanglement_every' monitors DPO's margin: trainer dpo or kto, not RL")
         if self.pairwise_normalized and self.trainer != "dpo":
             raise ValueError(f"pairwise_normalized needs trainer: dpo (paired data), not {self.trainer!r}")
         self._check_adapters()
+        self.rewards()  # a reward function that cannot be found is named now
         if self.base_model_name_or_path and self.task_vector_path:
             raise ValueError("set one of base_model_name_or_path and task_vector_path, not both")
         self.merge_settings().check("recipe key ", MERGE_NAMES)  # the optimizer's checks, before any model loads
@@ -260,6 +279,16 @@ class RecipeArguments:
             if importlib.util.find_spec("bitsandbytes") is None or not torch.cuda.is_available():
                 raise ValueError("load_in_4bit/load_in_8bit need bitsandbytes (pip install bitsandbytes) and a GPU")
 
+    def rewards(self) -> tuple:
+        """GRPO/RLOO's reward functions, found by name (``reward_funcs``); ``()`` for the other trainers."""
+        from online_merging.integrations.builder import ONLINE_RL
+
+        if self.trainer not in ONLINE_RL:
+            if self.reward_funcs:
+                raise ValueError(f"recipe key 'reward_funcs' is for trainer grpo or rloo, not {self.trainer!r}")
+            return ()
+        return tuple(find_reward(name) for name in self.reward_funcs or ["correct"])
+
     def peft_config(self):
         """The run's ``peft.LoraConfig`` (TRL's ``get_peft_config`` of these keys), or ``None`` without use_peft."""
         if not self.use_peft:
@@ -323,6 +352,30 @@ class RecipeArguments:
     def embedded(self) -> bool:
         """No model named: the run uses the embedded default world."""
         return self.model_name_or_path is None
+
+
+def find_reward(name: str):
+    """A reward function by name: the world's (``correct``, ``style``) or ``module:function``; a name that is
+    neither raises ``ValueError`` naming the key ``reward_funcs``."""
+    from online_merging.world.rewards import REWARDS
+
+    if name in REWARDS:
+        return REWARDS[name]
+    module, sep, function = name.partition(":")
+    if not sep or not module or not function:
+        raise ValueError(f"recipe key 'reward_funcs': {name!r} is neither the world's ({', '.join(REWARDS)}) nor "
+                         "module:function")  # fmt: skip
+    import importlib
+
+    try:
+        found = getattr(importlib.import_module(module), function)
+    except ImportError as error:
+        raise ValueError(f"recipe key 'reward_funcs': {name!r}: cannot import {module!r} ({error})") from None
+    except AttributeError:
+        raise ValueError(f"recipe key 'reward_funcs': {name!r}: {module!r} has no {function!r}") from None
+    if not callable(found):
+        raise ValueError(f"recipe key 'reward_funcs': {name!r} is not callable")
+    return found
 
 
 def _config_class(trainer: str) -> type:

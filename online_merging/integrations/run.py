@@ -19,6 +19,7 @@ from online_merging._files import (
     write_text,
 )
 from online_merging.integrations.builder import (
+    ONLINE_RL,
     TrainSpec,
     build_trainer,
     key_neurons,
@@ -69,6 +70,8 @@ def method_name(recipe: RecipeArguments, config: Any = None) -> str:
         name = f"rpo_{name}"
     if recipe.use_peft:
         name = f"lora_{name}"
+    if recipe.trainer in ONLINE_RL:
+        name = f"{recipe.trainer}_{name}"
     return f"{name}_normalized" if recipe.pairwise_normalized else name
 
 
@@ -233,6 +236,10 @@ def _scorer(recipe: RecipeArguments, world):
     ``tax_eval_every`` from lm-eval tasks and a reward model (checked and loaded here, before any training);
     ``None`` when nothing scores the runs."""
     if world is not None and recipe.embedded:
+        if recipe.trainer in ONLINE_RL:  # reward: the trained skill's correctness; ability: the other skills'
+            from online_merging.world.rewards import rl_metrics
+
+            return lambda model, tokenizer: rl_metrics(world.evaluate(model, tokenizer), recipe.rl_skill)
         return world.evaluate
     if not recipe.scores_named_model:
         if recipe.tax_eval_every and not recipe.embedded:
@@ -327,7 +334,8 @@ def _train_spec(recipe: RecipeArguments, world) -> TrainSpec:
         base = recipe.base_model_name_or_path or (str(world.base_dir) if recipe.embedded else None)
         sources = {"base_model": base, "sft_model": _sft_source(recipe, world)}
     optimizer = recipe.optimizer if online else "adamw"
-    return TrainSpec.of(recipe, optimizer=optimizer, peft_config=recipe.peft_config(), **sources)
+    extra = {"peft_config": recipe.peft_config(), "reward_funcs": recipe.rewards()}
+    return TrainSpec.of(recipe, optimizer=optimizer, **extra, **sources)
 
 
 def _neuron_masks(recipe: RecipeArguments, spec: TrainSpec, config: Any, model, dataset, tokenizer, world):
@@ -389,6 +397,8 @@ def _load_model(recipe: RecipeArguments, world):
 def _load_dataset(recipe: RecipeArguments, world):
     if recipe.dataset_name is None:
         split = recipe.dataset_train_split
+        if recipe.trainer in ONLINE_RL:
+            return world.prompt_dataset(recipe.rl_skill, split)
         return world.kto_dataset(split) if recipe.trainer == "kto" else world.preference_dataset(split)
     import datasets
 
@@ -423,7 +433,10 @@ def _check_columns(dataset, recipe: RecipeArguments) -> None:
     prompt/completion/label, or preference pairs, which it unpairs."""
     columns = set(getattr(dataset, "column_names", None) or ())
     paired = {"chosen", "rejected"}
-    needed = [paired] if recipe.trainer == "dpo" else [{"prompt", "completion", "label"}, paired]
+    if recipe.trainer in ONLINE_RL:  # the world's `correct` reward reads the answer column
+        needed = [{"prompt", "answer"} if "correct" in (recipe.reward_funcs or ["correct"]) else {"prompt"}]
+    else:
+        needed = [paired] if recipe.trainer == "dpo" else [{"prompt", "completion", "label"}, paired]
     if not any(want <= columns for want in needed):
         missing = sorted(min((want - columns for want in needed), key=len))
         forms = " or ".join("/".join(sorted(want)) for want in needed)

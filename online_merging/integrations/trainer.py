@@ -85,16 +85,22 @@ def task_vector_for(
 def _warn_moving_reference(trainer: Any, merge: str | None) -> None:
     """Warn when a LoRA run's reference is its policy with the adapter off, whose base weights the merge moves."""
     model, args = getattr(trainer, "model", None), trainer.args
-    if merge is None or model is None or not hasattr(args, "precompute_ref_log_probs"):
+    if merge is None or model is None or getattr(trainer, "ref_model", None) is not None:
         return
-    adapters = any(is_lora(name) for name, _ in model.named_parameters())
-    if adapters and getattr(trainer, "ref_model", None) is None and not args.precompute_ref_log_probs:
+    if not any(is_lora(name) for name, _ in model.named_parameters()):
+        return
+    drift = (
+        "this LoRA run's reference model is the policy with its adapter off, whose base weights online merging "
+        "moves along τ: the reference would drift from the SFT model"
+    )
+    if hasattr(args, "precompute_ref_log_probs") and not args.precompute_ref_log_probs:
         warnings.warn(
-            "this LoRA run's reference model is the policy with its adapter off, whose base weights online merging "
-            "moves along τ: the reference would drift from the SFT model. Set precompute_ref_log_probs=True in the "
-            "trainer's config (TRL then computes the reference log-probs once, before training)",
+            f"{drift}. Set precompute_ref_log_probs=True in the trainer's config (TRL then computes the reference "
+            "log-probs once, before training)",
             stacklevel=3,
         )
+    elif not hasattr(args, "precompute_ref_log_probs") and getattr(args, "beta", 0.0) > 0:  # GRPO, RLOO
+        warnings.warn(f"{drift}, and the KL term (beta > 0) holds the policy near it, not near SFT", stacklevel=3)
 
 
 def _without_adapters(model: nn.Module) -> nn.Module | dict[str, torch.Tensor]:

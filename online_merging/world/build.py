@@ -126,6 +126,18 @@ class World:
             }
         )
 
+    def prompt_dataset(self, skill: str = "addition", split: str = "train"):
+        """Prompts of one skill for RL (GRPO, RLOO): ``prompt`` "Q: ... A:" and ``answer``, the column the reward
+        ``correct`` (:mod:`online_merging.world.rewards`) checks replies against; the test split holds the probes."""
+        from datasets import Dataset
+
+        if skill not in self.data:
+            raise ValueError(f"Invalid skill: {skill!r} (this world's: {', '.join(self.data)})")
+        if split not in ("train", "test"):
+            raise ValueError(f"Invalid split: {split!r} (expected 'train' or 'test')")
+        pairs = getattr(self.data[skill], split)
+        return Dataset.from_dict({"prompt": [prompt(q) for q, _ in pairs], "answer": [a for _, a in pairs]})
+
     def evaluate(self, model: nn.Module, tokenizer=None, split: str = "test") -> dict[str, float]:
         """``reward``, ``reward_greedy``, ``ability``, ``ability_greedy`` and per skill ``ability/<skill>``,
         ``ability_greedy/<skill>`` (see ``online_merging.world.evaluate``); leaves the model's mode as it was."""

@@ -1,0 +1,117 @@
+"""Online RL: TRL's GRPO and RLOO trainers drive the online-merging optimizer as the float64 reference says (through
+the API and through use_online_merging_optimizer), the world's verifiable rewards, and GRPO/RLOO recipes."""
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from online_merging.cli import main
+from online_merging.integrations import build_optimizer, load_recipe, use_online_merging_optimizer
+from online_merging.integrations.recipe import RecipeArguments
+from online_merging.world.rewards import correct, rl_metrics, style
+from online_merging.world.tokenizer import build_tokenizer
+from tests.test_integrations import (
+    MODES,
+    StepRecorder,
+    assert_follows_reference,
+    common_args,
+    initial_weights,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+GRPO = str(ROOT / "recipes" / "grpo_onties.yaml")
+STEPS = 4
+TRAINERS = {"grpo": (GRPOTrainer, GRPOConfig), "rloo": (RLOOTrainer, RLOOConfig)}
+
+
+def prompts(n: int = 16) -> Dataset:
+    questions = [(f"{a}+{b}", str(a + b)) for a, b in zip(range(n), range(3, n + 3), strict=True)]
+    return Dataset.from_dict({"prompt": [f"Q: {q} A:" for q, _ in questions], "answer": [a for _, a in questions]})
+
+
+def length_reward(completions, **_):
+    """A dense reward (the tiny random model is never right): so every group has a spread and gradients flow."""
+    return [float(len(c)) for c in completions]
+
+
+def rl_args(kind: str, tmp_path, **overrides):
+    settings = {**common_args(tmp_path, **overrides), "per_device_train_batch_size": 8}
+    return TRAINERS[kind][1](**settings, num_generations=4, max_completion_length=6, beta=0.0)
+
+
+@pytest.mark.parametrize("mode", ["ondare", "onties"])
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_rl_trainer_steps_follow_the_reference(tmp_path, sft_and_base, kind, mode):
+    """``optimizers=(build_optimizer(...), None)``: every step the trainer takes is the reference's, on the gradients
+    and learning rates it handed the optimizer."""
+    sft, base = sft_and_base
+    initial = initial_weights(sft)
+    args = rl_args(kind, tmp_path)
+    optimizer = build_optimizer(sft, args, base_model=base, **MODES[mode])
+    recorder = StepRecorder(optimizer, sft)
+    trainer = TRAINERS[kind][0](
+        model=sft, reward_funcs=length_reward, args=args, train_dataset=prompts(), processing_class=build_tokenizer(),
+        optimizers=(optimizer, None),
+    )  # fmt: skip
+    trainer.train()
+    assert_follows_reference(sft, optimizer, initial, optimizer.task_vector, recorder, steps=STEPS)
+
+
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_use_online_merging_optimizer_builds_ours_in_rl_trainers(tmp_path, sft_and_base, kind):
+    sft, base = sft_and_base
+    args = rl_args(kind, tmp_path)
+    trainer = TRAINERS[kind][0](
+        model=sft, reward_funcs=length_reward, args=args, train_dataset=prompts(), processing_class=build_tokenizer()
+    )
+    use_online_merging_optimizer(trainer, base_model=base, merge="onties")
+    before = initial_weights(sft)
+    trainer.train()
+    assert type(trainer.optimizer.optimizer).__name__ == "OnlineMergingAdam"
+    assert any((p.detach() != before[n]).any() for n, p in sft.named_parameters())
+
+
+def test_world_rewards_check_replies():
+    assert correct([" 12", " sure, 12", " 12<eos>junk", " 13", "12 "], ["12"] * 5) == [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert style([" sure, 3", " 3", "sure,"], answer=["3"] * 3) == [1.0, 0.0, 1.0]
+    figures = rl_metrics(
+        {"reward": 0.2, "ability/addition": 0.1, "ability/facts": 0.8, "ability/reversal": 0.6}, "addition"
+    )
+    assert figures["reward"] == 0.1 and figures["style_reward"] == 0.2 and figures["ability"] == pytest.approx(0.7)
+    with pytest.raises(ValueError, match="Invalid skill: 'poetry'"):
+        rl_metrics({"reward": 0.0, "ability/facts": 1.0}, "poetry")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--reward_funcs", "nowhere"], "'nowhere' is neither the world's"),
+        (["--reward_funcs", "json:nothing_here"], "'json' has no 'nothing_here'"),
+        (["--reward_funcs", "no_such_module_x:f"], "cannot import 'no_such_module_x'"),
+    ],
+)
+def test_reward_functions_are_found_before_any_model_loads(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe(GRPO, overrides)
+    with pytest.raises(ValueError, match="'reward_funcs' is for trainer grpo or rloo, not 'dpo'"):
+        RecipeArguments(trainer="dpo", reward_funcs=["correct"])
+    recipe, _ = load_recipe(GRPO, ["--reward_funcs", "correct", "json:dumps"])
+    assert [f.__name__ for f in recipe.rewards()] == ["correct", "dumps"]
+
+
+@pytest.mark.parametrize("kind", TRAINERS)
+def test_an_rl_recipe_trains_on_the_world_and_scores_the_skill(kind, tmp_path, world_cache, capsys):
+    out = tmp_path / "out"
+    keys = ["--embedded_world", "quick", "--max_steps", "2", "--per_device_train_batch_size", "8"]
+    assert main(["train", GRPO, "--trainer", kind, *keys, "--num_generations", "4", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [run["method"] for run in summary["runs"]] == [f"{kind}_onties", f"{kind}_adamw"]
+    sft = summary["sft"]
+    assert sft["reward"] == sft["ability/addition"] and sft["style_reward"] >= 0
+    assert sft["ability"] == pytest.approx(
+        sum(v for k, v in sft.items() if k.startswith("ability/") and k != "ability/addition") / 3
+    )
+    assert "held-out addition prompts" in capsys.readouterr().out
