@@ -77,10 +77,12 @@ def test_use_online_merging_optimizer_builds_ours_in_rl_trainers(tmp_path, sft_a
 def test_world_rewards_check_replies():
     assert correct([" 12", " sure, 12", " 12<eos>junk", " 13", "12 "], ["12"] * 5) == [1.0, 1.0, 1.0, 0.0, 1.0]
     assert style([" sure, 3", " 3", "sure,"], answer=["3"] * 3) == [1.0, 0.0, 1.0]
-    figures = rl_metrics(
-        {"reward": 0.2, "ability/addition": 0.1, "ability/facts": 0.8, "ability/reversal": 0.6}, "addition"
-    )
+    metrics = {"reward": 0.2, "ability/addition": 0.1, "ability/facts": 0.8, "ability/reversal": 0.6}
+    greedy = {"reward_greedy": 0.3, "ability_greedy/addition": 0.0, "ability_greedy/facts": 1.0}
+    figures = rl_metrics({**metrics, **greedy, "ability_greedy/reversal": 0.5}, "addition")
     assert figures["reward"] == 0.1 and figures["style_reward"] == 0.2 and figures["ability"] == pytest.approx(0.7)
+    assert figures["reward_greedy"] == 0.0 and figures["style_reward_greedy"] == 0.3
+    assert figures["ability_greedy"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="Invalid skill: 'poetry'"):
         rl_metrics({"reward": 0.0, "ability/facts": 1.0}, "poetry")
 

@@ -36,12 +36,18 @@ REWARDS = {"correct": correct, "style": style}
 
 def rl_metrics(metrics: dict[str, float], skill: str) -> dict[str, float]:
     """The figures of an RL run on ``skill`` from ``World.evaluate``'s: ``reward`` the skill's P(correct answer)
-    (``ability/<skill>``), ``ability`` the mean over the other skills; the rest kept, the style's reward as
-    ``style_reward``."""
+    (``ability/<skill>``), ``ability`` the mean over the other skills, and their greedy counterparts; the rest kept,
+    the style's reward as ``style_reward`` (``style_reward_greedy``)."""
     others = [name.removeprefix("ability/") for name in metrics if name.startswith("ability/")]
     others = [name for name in others if name != skill]
     if f"ability/{skill}" not in metrics or not others:
         raise ValueError(f"Invalid skill: {skill!r} (an RL run's reward needs it and another skill in the world)")
     figures = {**metrics, "style_reward": metrics["reward"], "reward": metrics[f"ability/{skill}"]}
     figures["ability"] = sum(metrics[f"ability/{name}"] for name in others) / len(others)
+    if "reward_greedy" in metrics:  # the same with greedy replies
+        figures |= {
+            "style_reward_greedy": metrics["reward_greedy"],
+            "reward_greedy": metrics[f"ability_greedy/{skill}"],
+        }
+        figures["ability_greedy"] = sum(metrics[f"ability_greedy/{name}"] for name in others) / len(others)
     return figures
