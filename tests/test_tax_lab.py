@@ -490,4 +490,4 @@ def test_lora_rows_train_adapters_and_report_them_apart(world_cache, tmp_path):
     assert onties["points"][-1] != adamw["points"][-1]
     text = (out / "results.md").read_text()
     assert "### LoRA adapters" in text and "`lora_onties`" in text.split("### LoRA adapters")[1]
-    assert results["recommended"] is None  # a smoke test
+    assert results["recommended"] is None and results["adapters"] is None  # a smoke test

@@ -28,6 +28,10 @@ SMOKE_TEST = (
 )
 
 
+ADAPTER_CANDIDATES = tuple(name for name, method in METHODS.items() if method.adapters and name != "lora_adamw")
+"""The LoRA rows compared with LoRA under AdamW (``adapters`` verdict)."""
+
+
 def _kept(metrics: dict, sft: dict, key: str) -> float:
     """The fraction of the SFT value kept; 1 where the SFT model had none (there was nothing to lose)."""
     return metrics[key] / sft[key] if sft[key] > 0 else 1.0
@@ -65,6 +69,7 @@ def summarize(config, found: dict, settings: dict, search: dict | None = None) -
       none holds, the row with the largest smaller Δ, with ``"holds": false``. It may be an offline stack (X → MA).
     - ``online_vs_ma``: the same rule among the rows that contain an online merge (``ONLINE_MERGING``), against
       ``ma`` instead of AdamW: does the best pipeline with an online merge beat MA alone on every world?
+    - ``adapters``, for LoRA runs: the same rule among the LoRA rows, against ``lora_adamw`` (null without them).
 
     A smoke-test plan (``config.smoke_test``, the quick one) has neither verdict (null), ``mode`` "quick",
     ``smoke_test`` true and :data:`SMOKE_TEST` as its ``note``; any other plan has ``mode`` "full".
@@ -83,6 +88,7 @@ def summarize(config, found: dict, settings: dict, search: dict | None = None) -
         "settings": settings,
         "recommended": None if smoke else recommended,
         "online_vs_ma": None if smoke else best_pipeline(worlds, ONLINE_MERGING, "ma"),
+        "adapters": None if smoke else best_pipeline(worlds, ADAPTER_CANDIDATES, "lora_adamw"),
         "tuning": search,
     }
 
@@ -281,6 +287,10 @@ def _markdown(results: dict) -> str:
     if results.get("online_vs_ma"):
         best = results["online_vs_ma"]
         text += f"\nBest pipeline with an online merge, against MA alone: `{best['method']}`, "
+        text += f"{setting_label(results['settings'][best['method']])}. {_verdict(best)}\n"
+    if results.get("adapters"):
+        best = results["adapters"]
+        text += f"\nFor LoRA adapters, the best against LoRA with AdamW: `{best['method']}`, "
         text += f"{setting_label(results['settings'][best['method']])}. {_verdict(best)}\n"
     if results.get("tuning"):
         text += "\n## Tuning (mean MRA over the tuning replicates)\n\n" + tuning_table(results["tuning"])
