@@ -89,8 +89,12 @@ def test_lab_spec_is_its_runs_fields():
         TrainSpec.of(dataclasses.replace(run, optimizer="adamw"))
     with pytest.raises(ValueError, match="key neurons are OnlineMergingAdam's"):
         TrainSpec.of(dataclasses.replace(run, optimizer="adamw", pull=0.0))
-    with pytest.raises(ValueError, match="Invalid trainer: 'grpo'"):
+    with pytest.raises(ValueError, match="Invalid trainer: 'ppo'"):
+        TrainSpec(trainer="ppo")
+    with pytest.raises(ValueError, match=r"Invalid reward_funcs: empty \(trainer 'grpo' samples"):
         TrainSpec(trainer="grpo")
+    with pytest.raises(ValueError, match="Invalid reward_funcs: trainer 'dpo' takes none"):
+        TrainSpec(reward_funcs=(len,))
 
 
 @pytest.fixture

@@ -65,8 +65,10 @@ class TrainSpec:
             raise ValueError(f"Invalid trainer: {self.trainer!r} (expected one of {tuple(TRAINERS)})")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Invalid optimizer: {self.optimizer!r} (expected one of {OPTIMIZERS})")
-        if (self.trainer in ONLINE_RL) != bool(self.reward_funcs):
-            raise ValueError(f"Invalid reward_funcs: GRPO and RLOO need reward functions, {self.trainer} takes none")
+        if self.trainer in ONLINE_RL and not self.reward_funcs:
+            raise ValueError(f"Invalid reward_funcs: empty (trainer {self.trainer!r} samples and scores completions)")
+        if self.trainer not in ONLINE_RL and self.reward_funcs:
+            raise ValueError(f"Invalid reward_funcs: trainer {self.trainer!r} takes none (GRPO and RLOO do)")
         if self.optimizer == "adamw" and (self.merge_settings.pull or self.neuron_k):
             what = "the pull toward SFT is" if self.merge_settings.pull else "key neurons are"
             raise ValueError(f"Invalid optimizer: 'adamw' ({what} OnlineMergingAdam's: optimizer='adam')")
