@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +242,14 @@ def test_low_precision_base_and_missing_tau_are_said():
         param.grad = torch.ones_like(param)
     with pytest.warns(UserWarning, match=r"stored in torch\.bfloat16 \('q\.weight'\).*rounds away"):
         opt.step()
+
+
+def test_the_device_check_passes_on_the_cpu(tmp_path):
+    """benchmarks/lora_check.py (run on GPUs, QLoRA included) on its CPU path: LoRA against the reference."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "lora_check.py"
+    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "lora_check_cpu.json").read_text())
+    assert [c["check"] for c in result["checks"]] == ["lora_vs_reference"] * 3 + ["qlora_refused", "qlora_plain"]
+    assert all(c["ok"] for c in result["checks"]) and result["checks"][-1]["skipped"] == "needs CUDA"
