@@ -661,7 +661,8 @@ class OnlineMergingOptimizer(Optimizer):
                 entry = state.get(key, {})
                 if not isinstance(entry, Mapping):
                     raise ValueError(f"state_dict['state'][{key!r}]: expected a mapping, got {describe(entry)}")
-                who = self._bindings[param].name or f"param_groups[{index}]['params'][{i}]"
+                binding = self._bindings.get(param)  # a ZeRO partition is bound at its first step
+                who = (binding and binding.name) or f"param_groups[{index}]['params'][{i}]"
                 for name in PARAMETER_SHAPED:
                     value = entry.get(name)
                     if isinstance(value, torch.Tensor) and value.shape != param.shape:
