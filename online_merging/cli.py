@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 EXTRAS = {"transformers": "trl", "trl": "trl", "datasets": "trl", "accelerate": "trl", "yaml": "trl",
-          "deepspeed": "deepspeed", "matplotlib": "bench", "scipy": "bench", "lm_eval": "eval", "peft": "eval",
+          "deepspeed": "deepspeed", "matplotlib": "bench", "scipy": "bench", "lm_eval": "eval", "peft": "trl",
           "mergekit": "mergekit"}  # fmt: skip
 """The extra of setup.cfg that installs each optional module."""
 
