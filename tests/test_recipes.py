@@ -1,6 +1,5 @@
 """Recipes parse, bad ones are refused with the key at fault, and `online-merging train` runs each of them."""
 
-import dataclasses
 import json
 import os
 import re
@@ -35,7 +34,7 @@ def test_every_recipe_parses_and_runs_offline(path):
     assert config.beta == (0.0 if recipe.trainer in ("grpo", "rloo") else 0.1)  # TRL's GRPO default: no KL
     if recipe.merge != "none" and path.stem != "dpo_recommended":  # a pipeline: tested against the lab below
         assert path.stem.removesuffix("_lora").endswith(recipe.merge)
-    assert recipe.use_peft == path.stem.endswith("_lora")
+    assert recipe.use_peft == ("lora" in path.stem)
     assert recipe.embedded  # runs offline as written
     assert not config.bf16 or torch.cuda.is_available()
 
@@ -69,6 +68,27 @@ def test_merge_recipes_carry_the_labs_tuned_settings(stem):
         lab.batch_size,
     )
     assert recipe.tax_eval_every == lab.eval_every
+
+
+LORA_TUNED = json.loads((ROOT / "docs" / "results" / "lora" / "tuned.json").read_text())["methods"]
+
+
+def test_lora_recipes_carry_the_labs_tuned_adapter_settings():
+    """dpo_onties_lora is the lab's lora_onties beside lora_adamw at its own rate; dpo_lora_recommended is lora_ma:
+    its run at lora_ma's rate, averaged with SFT (docs/results.md, LoRA adapters)."""
+    lab = LabConfig()
+    recipe, config = load_recipe(ROOT / "recipes" / "dpo_onties_lora.yaml")
+    tuned = LORA_TUNED["lora_onties"]
+    assert (recipe.merge, recipe.reserve_p, recipe.alpha, recipe.alpha_unit, recipe.lora_r) == (
+        tuned["merge"], tuned["reserve_p"], tuned["alpha"], tuned["alpha_unit"], tuned["lora_r"])  # fmt: skip
+    assert config.learning_rate == pytest.approx(lab.lr * tuned["lr"])
+    assert recipe.adamw_learning_rate == pytest.approx(lab.lr * LORA_TUNED["lora_adamw"]["lr"])
+    recipe, config = load_recipe(ROOT / "recipes" / "dpo_lora_recommended.yaml")
+    tuned = LORA_TUNED["lora_ma"]
+    assert recipe.merge == "none" and recipe.use_peft and recipe.lora_r == tuned["lora_r"]
+    assert config.learning_rate == pytest.approx(lab.lr * tuned["lr"])
+    assert recipe.average_with_sft in tuned["merge_weights"]
+    assert config.max_steps == lab.steps and config.lr_scheduler_type == "constant"
 
 
 def test_the_main_job_is_the_labs_recommended_pipeline():
@@ -186,9 +206,7 @@ def test_train_command_runs_each_recipe_on_the_embedded_default(path, tmp_path, 
     assert main(["train", str(path), *quick, "--output_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     methods = [run["method"] for run in summary["runs"]]
-    allo = {"neuron_k": 0.0, "unlearn_steps": 0, "noisy_token_percentile": 0.0}
-    plain = dataclasses.replace(recipe, merge="none", **allo)
-    with_baseline = plain != recipe
+    with_baseline = recipe.adamw_baseline() is not None
     baseline = ("lora_" if recipe.use_peft else "") + "adamw"
     baseline = f"grpo_{baseline}" if recipe.trainer == "grpo" else baseline
     assert methods == [method_name(recipe, written), *([baseline] if with_baseline else [])]
