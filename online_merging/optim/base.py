@@ -193,8 +193,9 @@ class OnlineMergingOptimizer(Optimizer):
         binding.tau = torch.zeros(param.shape, device=param.device)  # the update is merged, with no τ of its own
         if site.binding.tau is None:
             site.binding.name, site.binding.tau = site.name, self.task_vector[site.name]
-        if param is site.lora_B or site.lora_B not in self._lora:
-            self._lora = {t: s for t, s in self._lora.items() if s is not site} | {param: site}
+        if param is site.lora_B or site.lora_B not in self._lora:  # B drives its layer's merge when it trains
+            self._lora.pop(site.lora_A, None)
+            self._lora[param] = site
 
     def _bind_mask(self, param: torch.Tensor, candidates: list[str], where: str) -> torch.Tensor | None:
         """Check ``param``'s ``neuron_mask`` entry, if it has one, and return its flat bool element mask."""
