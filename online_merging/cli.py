@@ -127,16 +127,18 @@ def _tax_lab(args: argparse.Namespace) -> int:
     from online_merging.lab import LabConfig, read_tuned, run_exploration, run_lab
 
     check_folder_target(args.out, name="--out")  # before the plan is read; the lab checks it again, as out_dir
-    config = (LabConfig.quick() if args.quick else LabConfig()).with_settings(args.set)
+    plans = {(False, False): LabConfig, (False, True): LabConfig.quick, (True, False): LabConfig.rl,
+             (True, True): lambda: LabConfig.rl(quick=True)}  # fmt: skip
+    config = plans[args.rl, args.quick]().with_settings(args.set)
     if args.methods:
         try:
             config = replace(config, methods=tuple(args.methods.split(",")))
         except ValueError as error:
             raise ValueError(f"--methods: {error}") from None
     if args.explore:
-        if args.tuned or args.methods or args.seeds or args.data_orders:
-            raise ValueError("--explore runs its own rows on the tuning replicates: drop --tuned, --methods, --seeds "
-                             "and --data-orders (set tune_seeds=..., tune_orders=... with --set)")  # fmt: skip
+        if args.tuned or args.methods or args.seeds or args.data_orders or args.rl:
+            raise ValueError("--explore runs its own rows on the tuning replicates: drop --tuned, --methods, --seeds, "
+                             "--data-orders and --rl (set tune_seeds=..., tune_orders=... with --set)")  # fmt: skip
         run_exploration(args.out, workers=args.workers, config=config)
         print(f"exploration: {args.out}/explore.json, {args.out}/explore.md")
         return 0
@@ -517,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
         "docs/results.md.",
     )
     lab.add_argument("--quick", action="store_true", help="tune on one replicate, test on another, smaller world")
+    lab.add_argument("--rl", action="store_true",
+                     help="the RL plan: GRPO and RLOO rewarded by one skill's correctness")  # fmt: skip
     lab.add_argument("--seeds", type=_integers, help="test model seeds, e.g. 2,3,4 (default: the mode's)")
     lab.add_argument("--data-orders", type=_integers, help="test data-order seeds, e.g. 0,1 (default: the mode's)")
     lab.add_argument("--tuned", metavar="FILE", help="run a tuned.json's settings on the test replicates, no tuning")

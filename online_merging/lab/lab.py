@@ -17,8 +17,9 @@ from pathlib import Path
 
 from online_merging._files import check_folder_target, write_text
 from online_merging.evaluation.fronts import MRA_LEVELS
+from online_merging.integrations.builder import ONLINE_RL
 from online_merging.lab import runner
-from online_merging.lab.methods import GRID_SIZE, METHODS, run_overrides, setting_label
+from online_merging.lab.methods import GRID_SIZE, METHODS, RL_LEVELS, RL_METHODS, run_overrides, setting_label
 from online_merging.lab.tuning import pick_settings
 from online_merging.provenance import provenance
 from online_merging.world import World, WorldConfig, build_world, default_cache_dir
@@ -58,9 +59,13 @@ class LabConfig:
     lr: float = 4.5e-5  # AdamW's centre; a setting's "lr" is a multiple of it
     grid: int = GRID_SIZE
     levels: tuple[float, ...] = MRA_LEVELS  # reward levels of the MRA (those the compared runs reach count)
-    methods: tuple[str, ...] = tuple(name for name, method in METHODS.items() if not method.adapters)
+    methods: tuple[str, ...] = tuple(name for name, m in METHODS.items() if not (m.adapters or m.online_rl))
     test_worlds: tuple[str, ...] = tuple(TEST_WORLDS)  # tuned on the default world, tested on each of these
     smoke_test: bool = False  # the quick plan's: the report recommends nothing (``report.SMOKE_TEST``)
+    trainer: str = "dpo"  # every run's, unless its setting names another (KTO, RLOO rows)
+    beta: float = 0.1  # every run's β (DPO's, or GRPO's KL weight), unless its setting names another
+    rl_skill: str = ""  # the RL plan's: the skill whose correctness GRPO/RLOO rewards (:meth:`rl`)
+    num_generations: int = 8  # the RL plan's completions per prompt (``batch_size`` counts completions)
 
     @classmethod
     def quick(cls, **overrides) -> LabConfig:
@@ -80,6 +85,25 @@ class LabConfig:
                         eval_every=2, lr=9e-5, grid=2, smoke_test=True)  # fmt: skip
         return cls(**{**settings, **overrides})
 
+    @classmethod
+    def rl(cls, *, quick: bool = False, **overrides) -> LabConfig:
+        """The RL plan (issue 27's table): GRPO with β 0 (TRL's default) from the SFT model on one skill's
+        training prompts, rewarded by exact-match correctness (``world.rewards.correct``), 8 prompts × 8
+        completions of at most 32 tokens per step, 80 steps around lr 1e-4, evaluated every 10 steps; the axes are
+        the share of the SFT model's errors on the skill's held-out probes removed, and the other skills' ability
+        kept (``report.kept``). Translation by default: the skill the SFT model samples right often enough for
+        GRPO to learn in the budget (addition, its weakest, gave no gain at any rate: docs/results.md, "Online
+        RL"). ``quick``: the quick plan's world and replicates, 20 steps, on facts (the one skill its small SFT
+        model mostly gets right)."""
+        settings = dict(trainer="grpo", beta=0.0, rl_skill="translation", methods=RL_METHODS, steps=80, eval_every=10,
+                        batch_size=64, lr=1e-4, levels=RL_LEVELS, test_worlds=("default",))  # fmt: skip
+        if quick:
+            base = cls.quick()
+            settings |= dict(world=base.world, tune_seeds=base.tune_seeds, seeds=base.seeds,
+                             data_orders=base.data_orders, steps=20, eval_every=5, grid=2, smoke_test=True,
+                             rl_skill="facts")  # fmt: skip
+        return cls(**{**settings, **overrides})
+
     def __post_init__(self):
         for name, known in (("methods", METHODS), ("test_worlds", TEST_WORLDS)):
             object.__setattr__(self, name, tuple(getattr(self, name)))
@@ -91,6 +115,15 @@ class LabConfig:
                 raise ValueError(f"Invalid {name}: empty (the lab needs at least one)")
         if not 1 <= self.grid <= GRID_SIZE:
             raise ValueError(f"Invalid grid: {self.grid} (expected 1 … {GRID_SIZE} settings per method)")
+        online_rl = self.trainer in ONLINE_RL
+        if online_rl != bool(self.rl_skill):
+            raise ValueError(f"Invalid rl_skill: {self.rl_skill!r} with trainer {self.trainer!r} (the RL plan, "
+                             "LabConfig.rl, sets both)")  # fmt: skip
+        misplaced = sorted(set(self.methods) - set(RL_METHODS)) if online_rl else [
+            name for name in self.methods if METHODS[name].online_rl]  # fmt: skip
+        if misplaced:
+            plan = f"the RL plan's (known: {', '.join(RL_METHODS)})" if online_rl else "the RL plan's only (--rl)"
+            raise ValueError(f"Invalid methods: {misplaced} are not rows of this plan: {plan}")
 
     def with_settings(self, items: list[str]) -> LabConfig:
         """This plan with ``KEY=VALUE`` settings: a field of the plan (``steps=60``, ``lr=3e-5``) or, prefixed
@@ -123,7 +156,10 @@ class LabConfig:
         return replace(TEST_WORLDS[name](self.world), seed=seed)
 
     def run_config(self, seed: int, order: int, overrides: dict, world: str = "default") -> runner.RunConfig:
-        fields = {k: v for k, v in overrides.items() if k != "lr"}
+        plan = {"trainer": self.trainer, "beta": self.beta}
+        if self.rl_skill:
+            plan |= {"rl_skill": self.rl_skill, "num_generations": self.num_generations}
+        fields = {**plan, **{k: v for k, v in overrides.items() if k != "lr"}}
         return runner.RunConfig(
             world=self.test_world(world, seed),
             data_seed=order,
@@ -255,15 +291,16 @@ def trajectory(setting: dict, run: runner.RunConfig, merge: runner.MergeJob | No
 
     sft_metrics, runs, merges = done
     sft = sft_metrics[run.world.key()]
-    points = [kept(sft, sft, step=0)]
+    skill = run.rl_skill or None
+    points = [kept(sft, sft, skill=skill, step=0)]
     own = [p for p in runs[run.key()]["points"] if p["variant"] == setting.get("variant", "")]
     if merge is None:
         if not own:
             raise ValueError(f"Invalid variant: {setting.get('variant')!r} (the run tracks no such average)")
-        return points + [kept(p, sft, step=p["step"]) for p in own]
+        return points + [kept(p, sft, skill=skill, step=p["step"]) for p in own]
     swept = sorted(merges[merge.key()]["points"], key=lambda p: p["setting"]["alpha"])
-    points += [kept(p, sft, weight=p["setting"]["alpha"]) for p in swept]
-    return [*points, kept(own[-1], sft, weight=1.0)]  # the aligned model: MA at weight 1
+    points += [kept(p, sft, skill=skill, weight=p["setting"]["alpha"]) for p in swept]
+    return [*points, kept(own[-1], sft, skill=skill, weight=1.0)]  # the aligned model: MA at weight 1
 
 
 def _trajectories(config: LabConfig, settings: dict, replicates, workers: int, progress: bool, prebuild=()) -> dict:

@@ -11,7 +11,9 @@ lab's learning rate) and, for the methods read off another run, which trajectory
 
 Every grid has ``GRID_SIZE`` settings; the lab searches the first ``LabConfig.grid`` of them on the tuning
 replicates and runs the best alone on the test replicates. ``secondary`` rows (KTO, LoRA) are reported in their own
-tables, out of the verdicts; ``adapters`` rows (LoRA) run only when named (``LabConfig.methods``).
+tables, out of the verdicts; ``adapters`` rows (LoRA) run only when named (``LabConfig.methods``). The RL plan
+(``LabConfig.rl``, GRPO) runs ``RL_METHODS``: the rows that mean the same under GRPO (its ``adamw`` is GRPO with
+β 0 and AdamW) and the ``online_rl`` rows, which run in it only.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ __all__ = [
     "METHODS",
     "ONLINE_MERGING",
     "PULLS",
+    "RL_LEVELS",
+    "RL_METHODS",
     "Method",
     "run_overrides",
     "setting_label",
@@ -50,13 +54,15 @@ ADAMW_LRS = (1.0, 2.0, 0.5, 0.75, 1.5, 3.0)
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the lab: what it is, its grid, whether it belongs to a secondary table (out of the verdicts), and
-    whether it trains LoRA adapters (their own table, run only when named)."""
+    """A row of the lab: what it is, its grid, whether it belongs to a secondary table (out of the verdicts),
+    whether it trains LoRA adapters (their own table, run only when named), and whether it is a row of the RL plan
+    only."""
 
     description: str
     grid: tuple[dict, ...]
     secondary: bool = False
     adapters: bool = False
+    online_rl: bool = False
 
 
 def _bema(power: float) -> tuple[tuple[str, float], ...]:
@@ -104,7 +110,9 @@ def _then_ma(grid: tuple[dict, ...]) -> tuple[dict, ...]:
 _MA = f"→ offline MA with SFT, weights {MA_WEIGHTS[0]} … {MA_WEIGHTS[-1]}"
 
 METHODS: dict[str, Method] = {
-    "adamw": Method("DPO with Trainer's AdamW (grid: learning rate)", tuple({"lr": m} for m in ADAMW_LRS)),
+    "adamw": Method(
+        "Trainer's AdamW: DPO, or GRPO at β 0 in the RL plan (grid: lr)", tuple({"lr": m} for m in ADAMW_LRS)
+    ),
     "ema": Method(
         "EMA of the AdamW weights along the run (grid: coefficient × AdamW lr)",
         tuple({"lr": m, "variant": f"ema={c:g}"} for m in AVERAGED_LRS for c in EMA_COEFFICIENTS),
@@ -128,8 +136,8 @@ METHODS: dict[str, Method] = {
         "(grid: mixup α × sync steps)",
         tuple({"ref_sync_alpha": a, "ref_sync_steps": k} for a in (0.1, 0.6) for k in (2, 5, 10)),
     ),
-    "ondare": Method("DPO with OnDARE-Adam, p 0.01, α in lr units (grid: lr × α)", _ONDARE_GRID),
-    "onties": Method("DPO with OnTIES-Adam (top-p update, unrescaled), α 3 in lr units (grid: p × lr)", _ONTIES_GRID),
+    "ondare": Method("OnDARE-Adam, p 0.01, α in lr units (grid: lr × α)", _ONDARE_GRID),
+    "onties": Method("OnTIES-Adam (top-p update, unrescaled), α 3 in lr units (grid: p × lr)", _ONTIES_GRID),
     "onties_ma": Method(f"OnTIES (as onties) {_MA} (grid: onties's)", _then_ma(_ONTIES_GRID)),
     "rpo_onties": Method("RPO's loss with OnTIES-Adam, p 0.1, α 3 in lr units (grid: w × lr)", _RPO_ONTIES_GRID),
     "rpo_onties_ma": Method(f"RPO with OnTIES (as rpo_onties) {_MA} (grid: rpo_onties's)", _then_ma(_RPO_ONTIES_GRID)),
@@ -170,6 +178,19 @@ METHODS: dict[str, Method] = {
         secondary=True,
         adapters=True,
     ),
+    "grpo_kl": Method(
+        "GRPO with β > 0: a KL term to the SFT model (TRL's earlier default 0.04), AdamW (grid: β × lr)",
+        tuple({"beta": b, "lr": m} for b in (0.04, 0.1, 0.3) for m in (1.0, 2.0)),
+        online_rl=True,
+    ),
+    "rloo_adamw": Method(
+        "RLOO (β 0, as the GRPO rows) with Trainer's AdamW (grid: lr)",
+        tuple({"trainer": "rloo", "lr": m} for m in ADAMW_LRS),
+        online_rl=True,
+    ),
+    "rloo_onties": Method(
+        "RLOO with OnTIES-Adam (grid: onties's)", tuple({"trainer": "rloo", **s} for s in _ONTIES_GRID), online_rl=True
+    ),
     "kto_adamw": Method(
         "KTO with Trainer's AdamW (grid: lr)", tuple({"trainer": "kto", "lr": m} for m in ADAMW_LRS), secondary=True
     ),
@@ -177,6 +198,11 @@ METHODS: dict[str, Method] = {
         "KTO with OnDARE-Adam (grid: as ondare)", tuple({"trainer": "kto", **s} for s in _ONDARE_GRID), secondary=True
     ),
 }
+
+RL_METHODS = ("adamw", "ema", "bema", "ma", "grpo_kl", "ondare", "onties", "onties_ma", "rloo_adamw", "rloo_onties")
+"""The rows of the RL plan."""
+RL_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+"""The RL plan's reward levels: shares of the SFT model's errors on the skill removed (``report.kept``)."""
 
 ONLINE_MERGING = tuple(
     name for name, m in METHODS.items() if not m.secondary and any(s.get("merge") or s.get("pull") for s in m.grid)

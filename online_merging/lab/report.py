@@ -19,6 +19,7 @@ from online_merging.evaluation.fronts import bootstrap_ci, common_levels, hyperv
 from online_merging.lab.lab import TEST_WORLDS
 from online_merging.lab.methods import METHODS, ONLINE_MERGING, setting_label
 from online_merging.lab.tuning import interpolation_error, replicate_spread
+from online_merging.world.rewards import rl_metrics
 
 __all__ = ["SMOKE_TEST", "best_pipeline", "kept", "summarize", "versus", "world_table", "write_report", "xy"]
 
@@ -37,8 +38,20 @@ def _kept(metrics: dict, sft: dict, key: str) -> float:
     return metrics[key] / sft[key] if sft[key] > 0 else 1.0
 
 
-def kept(metrics: dict, sft: dict, **extra) -> dict:
-    """A point of a trajectory: reward, ability kept (of ``sft``'s), their greedy checks, per-skill ability kept."""
+def _errors_removed(metrics: dict, sft: dict, key: str) -> float:
+    """The share of the SFT model's errors removed: (r − r_sft) / (1 − r_sft), negative where errors grew."""
+    return (metrics[key] - sft[key]) / (1 - sft[key]) if sft[key] < 1 else 0.0
+
+
+def kept(metrics: dict, sft: dict, *, skill: str | None = None, **extra) -> dict:
+    """A point of a trajectory: reward, ability kept (of ``sft``'s), their greedy checks, per-skill ability kept.
+
+    With ``skill`` (an RL run's) the reward is the share of the SFT model's errors on the skill removed (P(correct)
+    on its held-out probes; greedy: exact match), kept with its raw value as ``skill_reward``, and ability is the
+    other skills' (``world.rewards.rl_metrics``): so that the levels mean the same on worlds whose SFT models
+    start apart."""
+    if skill is not None:
+        metrics, sft = rl_metrics(metrics, skill), rl_metrics(sft, skill)
     skills = [k.split("/", 1)[1] for k in sft if k.startswith("ability/")]
     point = {
         "reward": metrics["reward"],
@@ -47,6 +60,9 @@ def kept(metrics: dict, sft: dict, **extra) -> dict:
         "ability_greedy": _kept(metrics, sft, "ability_greedy"),
         "skills": {s: _kept(metrics, sft, f"ability/{s}") for s in skills},
     }
+    if skill is not None:
+        point |= {"skill_reward": metrics["reward"], "reward": _errors_removed(metrics, sft, "reward"),
+                  "reward_greedy": _errors_removed(metrics, sft, "reward_greedy")}  # fmt: skip
     return {**point, **extra}
 
 
@@ -271,6 +287,13 @@ def _verdict(best: dict) -> str:
 
 def _markdown(results: dict) -> str:
     text = "# Alignment-tax lab (tuned on the default world, tested on every test world)\n"
+    skill = results.get("run", {}).get("config", {}).get("rl_skill")
+    if skill:
+        text += (
+            f"\nRL plan: GRPO (the `adamw` row: β 0, AdamW) from the SFT model on {skill} prompts, rewarded by "
+            f"exact-match correctness. Reward axis: the share of the SFT model's errors on held-out {skill} probes "
+            f"removed (P(correct)); ability: the other skills' P(correct), as a fraction of the SFT model's.\n"
+        )
     if results.get("smoke_test"):
         text += f"\n**{SMOKE_TEST[0].upper()}{SMOKE_TEST[1:]}**\n"
     for name, table in results["worlds"].items():

@@ -1,4 +1,5 @@
-"""One lab run: DPO/KTO from a world's SFT model, evaluated every few steps; offline merges of its result.
+"""One lab run: DPO/KTO, or GRPO/RLOO on one skill's prompts, from a world's SFT model, evaluated every few steps;
+offline merges of its result.
 
 Each job is a pure function of a frozen config, cached on disk under ``<cache>/lab/<kind>/<key>.json`` so that a
 rerun resumes. Jobs run in worker processes of one thread each (``torch.set_num_threads(1)``).
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from online_merging._files import staged_file, write_text
+from online_merging.integrations.builder import ONLINE_RL
 from online_merging.settings import MergeSettings, merge_fields
 from online_merging.world import WorldConfig, build_world, default_cache_dir
 
@@ -35,7 +37,8 @@ _LATER_FIELDS = {
     "pairwise_normalized": False, "probe_entanglement": False, "neuron_k": 0.0, "unlearn_steps": 0,
     "noisy_token_percentile": 0.0, "seed": 0, "dare_rescale": True, "tau_mask": "once", "tau_clamp": 1.0,
     "ties_sign": "unweighted", "bema": (), "rpo_weight": 0.0, "ref_sync_alpha": 0.0, "ref_sync_steps": 0,
-    "pull": 0.0, "pull_unit": "lr", "pull_elements": "all", "lora_r": 0,
+    "pull": 0.0, "pull_unit": "lr", "pull_elements": "all", "lora_r": 0, "rl_skill": "", "num_generations": 8,
+    "max_completion_length": 32, "temperature": 1.0,
 }  # fmt: skip
 """Fields added after version 1 and their defaults: in the key only when changed, so that earlier results stay
 valid."""
@@ -64,7 +67,7 @@ class RunConfig:
 
     world: WorldConfig
     data_seed: int = 0
-    trainer: str = "dpo"  # dpo | kto
+    trainer: str = "dpo"  # dpo | kto | grpo | rloo (online RL: rewarded by the correctness on ``rl_skill``)
     optimizer: str = "adamw"  # adamw: Trainer's own; adam, sgd: OnlineMergingAdam/SGD
     lr: float = 3e-5
     beta: float = 0.1
@@ -79,6 +82,10 @@ class RunConfig:
     ref_sync_alpha: float = 0.0  # TR-DPO: DPOConfig(sync_ref_model=True, ref_model_mixup_alpha=this, ...)
     ref_sync_steps: int = 0  # TR-DPO: ... ref_model_sync_steps=this
     lora_r: int = 0  # LoRA adapters of this rank on every linear layer (lora_alpha 2r); 0: every weight trains
+    rl_skill: str = ""  # GRPO/RLOO: the skill whose prompts are sampled and whose correctness is the reward
+    num_generations: int = 8  # GRPO/RLOO: completions per prompt (``batch_size`` counts completions)
+    max_completion_length: int = 32
+    temperature: float = 1.0
     steps: int = 80
     eval_every: int = 10
     batch_size: int = 32
@@ -156,15 +163,19 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
 
     from online_merging.diagnostics import gradient_entanglement
     from online_merging.integrations.builder import TrainSpec, build_trainer, key_neurons, run_training, unlearn
+    from online_merging.world.rewards import correct
 
     start = time.perf_counter()
     _check(run)
     world = build_world(run.world, progress=False)
     tokenizer = world.tokenizer()
     model = _load_sft(world)
-    spec = TrainSpec.of(run, base_model=str(world.base_dir), sft_model=str(world.sft_dir), peft_config=_lora(run))
+    rewards = (correct,) if run.rl_skill else ()
+    spec = TrainSpec.of(run, base_model=str(world.base_dir), sft_model=str(world.sft_dir), peft_config=_lora(run),
+                        reward_funcs=rewards)  # fmt: skip
     args = _training_args(run, output_dir)
-    dataset = world.preference_dataset() if run.trainer == "dpo" else world.kto_dataset()
+    datasets = {"dpo": world.preference_dataset, "kto": world.kto_dataset}
+    dataset = world.prompt_dataset(run.rl_skill) if run.rl_skill else datasets[run.trainer]()
     masks = key_neurons(spec, model, world.preference_dataset(), tokenizer, args) if run.neuron_k else None
     points: list[dict] = []
     emas = {c: {n: p.detach().clone() for n, p in model.named_parameters()} for c in run.ema}
@@ -221,6 +232,15 @@ def _check(run: RunConfig) -> None:
     """What the lab refuses besides the spec's own checks (:class:`~online_merging.integrations.builder.TrainSpec`)."""
     if run.trainer != "dpo" and (run.rpo_weight or run.ref_sync_steps):
         raise ValueError(f"Invalid trainer: {run.trainer!r} (rpo_weight and ref_sync_steps are DPO settings)")
+    online_rl = run.trainer in ONLINE_RL
+    if online_rl != bool(run.rl_skill):
+        raise ValueError(f"Invalid rl_skill: {run.rl_skill!r} with trainer {run.trainer!r} (GRPO and RLOO runs, and "
+                         "only they, train on a skill's prompts)")  # fmt: skip
+    if online_rl and (run.neuron_k or run.unlearn_steps or run.probe_entanglement or run.noisy_token_percentile):
+        raise ValueError(f"Invalid trainer: {run.trainer!r} (ALLO and entanglement probes are preference settings)")
+    if online_rl and run.batch_size % run.num_generations:
+        raise ValueError(f"Invalid batch_size: {run.batch_size} (a multiple of num_generations, "
+                         f"{run.num_generations}: it counts completions)")  # fmt: skip
     if run.bema and run.unlearn_steps:
         raise ValueError("Invalid bema: BEMA is tracked along one training stage (expected unlearn_steps=0)")
     if run.lora_r and (run.ema or run.bema or run.neuron_k or run.unlearn_steps or run.probe_entanglement):
@@ -239,8 +259,8 @@ def _lora(run: RunConfig):
 
 
 def _training_args(run: RunConfig, output_dir: str):
-    """The run's ``DPOConfig``/``KTOConfig``: the lab's schedule (constant learning rate, no logging or saving, on
-    the CPU) for the training after ALLO's unlearning stage, if any."""
+    """The run's ``DPOConfig``/``KTOConfig``/``GRPOConfig``/``RLOOConfig``: the lab's schedule (constant learning
+    rate, no logging or saving, on the CPU) for the training after ALLO's unlearning stage, if any."""
     from online_merging.integrations.builder import config_class
 
     common = dict(
@@ -250,7 +270,6 @@ def _training_args(run: RunConfig, output_dir: str):
         lr_scheduler_type="constant",
         warmup_steps=0,
         per_device_train_batch_size=run.batch_size,
-        max_length=128,
         activation_checkpointing=False,
         logging_strategy="no",
         save_strategy="no",
@@ -263,6 +282,11 @@ def _training_args(run: RunConfig, output_dir: str):
         dataloader_pin_memory=False,
         max_steps=run.steps - run.unlearn_steps,
     )
+    if run.trainer in ONLINE_RL:
+        common.update(num_generations=run.num_generations, max_completion_length=run.max_completion_length,
+                      temperature=run.temperature)  # fmt: skip
+    else:
+        common.update(max_length=128)
     if run.rpo_weight:  # RPO, as TRL spells it: DPO's sigmoid loss plus the NLL of the chosen answers
         common.update(loss_type=["sigmoid", "sft"], loss_weights=[1.0, run.rpo_weight])
     if run.ref_sync_steps:  # TR-DPO: TRL's SyncRefModelCallback mixes the policy into the reference
