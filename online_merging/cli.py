@@ -397,9 +397,10 @@ def format_summary(summary: dict) -> str:
         )
     if matched:
         levels = ", ".join(f"{level:g}" for level in matched["levels"]) or "none"
+        what = "levels of the share of SFT's errors removed" if recipe["trainer"] in ("grpo", "rloo") else "levels"
         lines.append(
             "MRA: the ability retained at matched reward, along each run's evaluations, averaged over the reward "
-            f"levels every run reached ({levels}): the runs end at different rewards, compare them here."
+            f"{what} every run reached ({levels}): the runs end at different rewards, compare them here."
         )
     lines.append(
         "margin, accuracy: TRL's rewards/margins and rewards/accuracies at the last logged step (-: not logged)."

@@ -111,9 +111,26 @@ def test_an_rl_recipe_trains_on_the_world_and_scores_the_skill(kind, tmp_path, w
     assert main(["train", GRPO, "--trainer", kind, *keys, "--num_generations", "4", "--output_dir", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert [run["method"] for run in summary["runs"]] == [f"{kind}_onties", f"{kind}_adamw"]
-    sft = summary["sft"]
-    assert sft["reward"] == sft["ability/addition"] and sft["style_reward"] >= 0
+    sft, skill = summary["sft"], summary["recipe"]["rl_skill"]
+    assert sft["reward"] == sft[f"ability/{skill}"] and sft["style_reward"] >= 0
     assert sft["ability"] == pytest.approx(
-        sum(v for k, v in sft.items() if k.startswith("ability/") and k != "ability/addition") / 3
+        sum(v for k, v in sft.items() if k.startswith("ability/") and k != f"ability/{skill}") / 3
     )
-    assert "held-out addition prompts" in capsys.readouterr().out
+    assert f"held-out {skill} prompts" in capsys.readouterr().out
+
+
+def test_an_rl_runs_mra_reads_the_share_of_sft_errors_removed():
+    """``train``'s MRA for GRPO/RLOO: the reward axis is (r − r_sft) / (1 − r_sft) at RL_LEVELS, checked against a
+    hand-made path whose crossings are known."""
+    from online_merging.evaluation.fronts import RL_LEVELS
+    from online_merging.integrations.run import matched_reward
+
+    sft = {"reward": 0.8, "ability": 0.5}
+    # errors removed 0.25 then 0.5 (rewards 0.85, 0.9); ability kept 0.9 then 0.8
+    run = {"method": "grpo", "trajectory": [{"reward": 0.85, "ability": 0.45}, {"reward": 0.9, "ability": 0.4}]}
+    found = matched_reward(sft, [run], rl=True)
+    assert found["levels"] == [x for x in RL_LEVELS if x <= 0.5] == [0.1, 0.2, 0.3, 0.4, 0.5]
+    # the path (0, 1) → (0.25, 0.9) → (0.5, 0.8), read where it crosses each level
+    expected = [1 - 0.1 * x / 0.25 for x in (0.1, 0.2)] + [0.9 - 0.1 * (x - 0.25) / 0.25 for x in (0.3, 0.4, 0.5)]
+    assert found["mra"]["grpo"] == pytest.approx(sum(expected) / 5)
+    assert matched_reward(sft, [run])["levels"] == [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # DPO's: the raw reward

@@ -1,6 +1,7 @@
 import dataclasses
 import hashlib
 import json
+import random
 
 import pytest
 
@@ -9,9 +10,9 @@ from online_merging.evaluation import ability_at_reward, bootstrap_ci, hypervolu
 from online_merging.lab import LabConfig, run_lab, runner
 from online_merging.lab import lab as lab_module
 from online_merging.lab.explore import CENTRE, FACTORS, ONTIES_CENTRE, first_stage, second_stage
-from online_merging.lab.methods import GRID_SIZE, MA_WEIGHTS, METHODS, ONLINE_MERGING, run_overrides
+from online_merging.lab.methods import GRID_SIZE, MA_WEIGHTS, METHODS, ONLINE_MERGING, RL_METHODS, run_overrides
 from online_merging.lab.report import _markdown as report_markdown
-from online_merging.lab.report import summarize, write_report
+from online_merging.lab.report import kept, summarize, write_report
 from online_merging.lab.runner import RunConfig, train_run
 from online_merging.lab.tuning import interpolation_error, pick_settings, reachable_levels
 from online_merging.world import WorldConfig
@@ -394,7 +395,7 @@ def test_lab_smoke_end_to_end(world_cache, tmp_path):
     assert list(saved["worlds"]) == ["default", "second"]
     assert saved["worlds"]["second"]["world"]["sure_fraction"] == 0.3
     for table in saved["worlds"].values():
-        assert set(table["methods"]) == {name for name, method in METHODS.items() if not method.adapters}
+        assert set(table["methods"]) == {name for name, m in METHODS.items() if not (m.adapters or m.online_rl)}
         for name, m in table["methods"].items():
             assert set(NEW_FIELDS) <= set(m), name
             (points,) = [p["points"] for p in m["per_replicate"].values()]
@@ -430,7 +431,8 @@ def test_new_run_fields_reach_the_optimizer_and_keep_old_keys(world_cache):
     plain = RunConfig(world=config.world)
     later = ("pairwise_normalized", "probe_entanglement", "neuron_k", "unlearn_steps", "noisy_token_percentile")
     later += ("seed", "dare_rescale", "tau_mask", "tau_clamp", "ties_sign", "bema", "rpo_weight", "ref_sync_alpha")
-    later += ("ref_sync_steps", "pull", "pull_unit", "pull_elements", "lora_r")
+    later += ("ref_sync_steps", "pull", "pull_unit", "pull_elements", "lora_r", "rl_skill", "num_generations")
+    later += ("max_completion_length", "temperature")
     fields = {k: v for k, v in dataclasses.asdict(plain).items() if k not in later}
     text = json.dumps({"version": runner.LAB_VERSION, **fields}, sort_keys=True)
     assert plain.key() == hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -491,3 +493,75 @@ def test_lora_rows_train_adapters_and_report_them_apart(world_cache, tmp_path):
     text = (out / "results.md").read_text()
     assert "### LoRA adapters" in text and "`lora_onties`" in text.split("### LoRA adapters")[1]
     assert results["recommended"] is None and results["adapters"] is None  # a smoke test
+
+
+# -- the RL plan ------------------------------------------------------------------------------------------------------
+
+
+def test_the_rl_plan_runs_its_own_rows_only():
+    assert set(LabConfig.rl().methods) == set(RL_METHODS) and LabConfig.rl().trainer == "grpo"
+    assert not set(LabConfig().methods) & {name for name, m in METHODS.items() if m.online_rl}
+    with pytest.raises(ValueError, match=r"Invalid methods: \['grpo_kl'\] are not rows of this plan"):
+        LabConfig(methods=("adamw", "grpo_kl"))
+    with pytest.raises(ValueError, match=r"Invalid methods: \['rpo'\] are not rows of this plan: the RL plan's"):
+        LabConfig.rl(methods=("adamw", "rpo"))
+    with pytest.raises(ValueError, match="Invalid rl_skill: 'facts' with trainer 'dpo'"):
+        LabConfig(rl_skill="facts")
+    config = LabConfig.rl()
+    assert config.run_config(0, 0, {"trainer": "rloo", "lr": 2.0}).trainer == "rloo"
+    run = config.run_config(0, 0, {"beta": 0.1})
+    assert (run.trainer, run.beta, run.rl_skill, run.lr) == ("grpo", 0.1, "translation", 1e-4)
+    assert config.run_config(0, 0, {}).beta == 0.0  # GRPO's default: no KL
+    with pytest.raises(ValueError, match="Invalid batch_size: 12"):
+        runner._check(dataclasses.replace(run, batch_size=12))
+    with pytest.raises(ValueError, match="Invalid rl_skill: '' with trainer 'grpo'"):
+        runner._check(dataclasses.replace(run, rl_skill=""))
+
+
+def test_rl_points_score_the_skill_as_errors_removed_and_the_other_skills_as_ability():
+    rng = random.Random(0)
+    skills = ("addition", "facts", "reversal", "translation")
+    sft, now = ({f"ability{g}/{s}": rng.random() for s in skills for g in ("", "_greedy")} for _ in range(2))
+    for metrics in (sft, now):
+        metrics |= {"reward": rng.random(), "reward_greedy": rng.random(), "ability": 0.0, "ability_greedy": 0.0}
+    point = kept(now, sft, skill="facts")
+    others = [s for s in skills if s != "facts"]
+    mean = lambda m, g="": sum(m[f"ability{g}/{s}"] for s in others) / 3  # noqa: E731
+    assert point["reward"] == pytest.approx((now["ability/facts"] - sft["ability/facts"]) / (1 - sft["ability/facts"]))
+    assert point["reward_greedy"] == pytest.approx(
+        (now["ability_greedy/facts"] - sft["ability_greedy/facts"]) / (1 - sft["ability_greedy/facts"])
+    )
+    assert point["skill_reward"] == now["ability/facts"]
+    assert point["ability"] == pytest.approx(mean(now) / mean(sft))
+    assert point["ability_greedy"] == pytest.approx(mean(now, "_greedy") / mean(sft, "_greedy"))
+    start = kept(sft, sft, skill="facts")
+    assert start["reward"] == 0.0 and start["ability"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_rl_plan_end_to_end(world_cache, tmp_path):
+    """The RL plan on a tiny world: GRPO, RLOO and GRPO with a KL term train on the skill's prompts; each point is the
+    run's own raw metrics read as the RL axes; the stack sweeps the OnTIES run's model; the report says the task."""
+    world = WorldConfig.quick(n_preference_pairs=48, n_eval_probes=24)
+    config = LabConfig.rl(quick=True, world=world, steps=2, eval_every=1, batch_size=8, num_generations=4,
+                          lr=1e-3, seeds=(0,), data_orders=(1,), levels=(0.001, 0.002),
+                          methods=("adamw", "onties", "onties_ma", "grpo_kl", "rloo_adamw"))  # fmt: skip
+    out = tmp_path / "rl"
+    results = run_lab(out, config=config, workers=2, progress=False)
+    table = results["worlds"]["default"]["methods"]
+    sft = runner.world_metrics(config.test_world("default", 0))
+    for name in ("adamw", "grpo_kl", "rloo_adamw"):
+        run, _ = config.source(0, 1, table[name]["setting"])
+        assert run.trainer == ("rloo" if name == "rloo_adamw" else "grpo") and (run.beta > 0) == (name == "grpo_kl")
+        raw = [p for p in train_run(run)["points"] if p["variant"] == ""]
+        points = table[name]["per_replicate"]["seed0/order1"]["points"][1:]
+        assert len(points) == len(raw) == 2
+        for point, metrics in zip(points, raw, strict=True):
+            gained = (metrics["ability/facts"] - sft["ability/facts"]) / (1 - sft["ability/facts"])
+            others = [s for s in ("addition", "reversal", "translation")]
+            ability = sum(metrics[f"ability/{s}"] for s in others) / sum(sft[f"ability/{s}"] for s in others)
+            assert point["reward"] == pytest.approx(gained) and point["ability"] == pytest.approx(ability)
+    onties, stack = (table[n]["per_replicate"]["seed0/order1"]["points"] for n in ("onties", "onties_ma"))
+    if table["onties"]["setting"] == {k: v for k, v in table["onties_ma"]["setting"].items() if k != "merge_weights"}:
+        assert stack[-1]["reward"] == onties[-1]["reward"]
+    assert "RL plan: GRPO" in (out / "results.md").read_text() and results["recommended"] is None

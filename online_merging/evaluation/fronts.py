@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 
 __all__ = [
     "MRA_LEVELS",
+    "RL_LEVELS",
     "ability_at_reward",
     "bootstrap_ci",
     "common_levels",
@@ -22,6 +23,9 @@ Point = tuple[float, float]
 
 MRA_LEVELS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 """Reward levels at which a trajectory's ability is read (matched-reward ability)."""
+RL_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+"""The levels of an RL run on a skill, whose reward axis is the share of the SFT model's errors removed
+(``world.rewards.errors_removed``)."""
 
 
 def pareto_front(points: Iterable[Sequence[float]]) -> list[Point]:

@@ -74,9 +74,10 @@ class RecipeArguments:
         "signature). Empty: correct.",
     )
     rl_skill: str = _arg(
-        "addition",
+        "translation",
         "GRPO/RLOO on the embedded world: the skill whose prompts are trained on and whose correctness is the reward; "
-        "ability is the other skills'.",
+        "ability is the other skills'. Translation: the default world's SFT model samples it right often enough for "
+        "GRPO to learn (addition, its weakest, gains nothing: docs/results.md, Online RL).",
     )
     dtype: str = _arg("float32", "dtype of the loaded model weights.", ("float32", "bfloat16", "float16", "auto"))
     use_peft: bool = _arg(

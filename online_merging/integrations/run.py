@@ -122,7 +122,7 @@ def run_recipe(recipe: RecipeArguments, config: Any, *, progress: bool = True) -
             start_run_folder(run_config.output_dir, replace=run_config.resume_from_checkpoint is None)
         summary["runs"].append(asdict(_train(run_args, run_config, world, dataset, score, summary.get("sft"))))
     if score is not None:
-        summary["matched_reward"] = matched_reward(summary["sft"], summary["runs"])
+        summary["matched_reward"] = matched_reward(summary["sft"], summary["runs"], rl=recipe.trainer in ONLINE_RL)
     write_text(Path(config.output_dir) / "summary.json", json.dumps(summary, indent=2))
     if config.should_save:
         record_run(config.output_dir)
@@ -167,21 +167,24 @@ def _plain_loss(config: Any) -> Any:
     return config
 
 
-def matched_reward(sft: dict[str, float], runs: list[dict]) -> dict[str, Any]:
+def matched_reward(sft: dict[str, float], runs: list[dict], *, rl: bool = False) -> dict[str, Any]:
     """The runs' ability kept (ability / SFT's) at the reward levels every run reaches along its trajectory (the SFT
-    model, the evaluations every ``tax_eval_every`` steps, the end), and its mean over them per run (MRA)."""
+    model, the evaluations every ``tax_eval_every`` steps, the end), and its mean over them per run (MRA). ``rl``:
+    the reward axis is the share of the SFT model's errors removed, at ``RL_LEVELS`` (as the lab's RL plan)."""
     from online_merging.evaluation import common_levels, matched_reward_ability
+    from online_merging.evaluation.fronts import MRA_LEVELS, RL_LEVELS
+    from online_merging.world.rewards import errors_removed
 
-    paths = {
-        run["method"]: [(sft["reward"], 1.0)]
-        + [(p["reward"], p["ability"] / sft["ability"]) for p in run["trajectory"]]
-        for run in runs
-    }
+    def point(figures: dict) -> tuple[float, float]:
+        reward = errors_removed(figures["reward"], sft["reward"]) if rl else figures["reward"]
+        return reward, figures["ability"] / sft["ability"]
+
+    paths = {run["method"]: [point(sft)] + [point(p) for p in run["trajectory"]] for run in runs}
     for run in runs:  # a pipeline with an offline average: the sweep from SFT to the run's model is its path
         if run.get("average") and run["average"]["sweep"]:
-            sweep = [(p["reward"], p["ability"] / sft["ability"]) for p in run["average"]["sweep"]]
-            paths[pipeline_name(run)] = [(sft["reward"], 1.0), *sweep, paths[run["method"]][-1]]
-    levels = common_levels(paths.values())
+            sweep = [point(p) for p in run["average"]["sweep"]]
+            paths[pipeline_name(run)] = [point(sft), *sweep, paths[run["method"]][-1]]
+    levels = common_levels(paths.values(), RL_LEVELS if rl else MRA_LEVELS)
     return {"levels": levels, "mra": {method: matched_reward_ability(path, levels) for method, path in paths.items()}}
 
 

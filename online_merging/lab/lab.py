@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from online_merging._files import check_folder_target, write_text
-from online_merging.evaluation.fronts import MRA_LEVELS
+from online_merging.evaluation.fronts import MRA_LEVELS, RL_LEVELS
 from online_merging.integrations.builder import ONLINE_RL
 from online_merging.lab import runner
-from online_merging.lab.methods import GRID_SIZE, METHODS, RL_LEVELS, RL_METHODS, run_overrides, setting_label
+from online_merging.lab.methods import GRID_SIZE, METHODS, RL_METHODS, run_overrides, setting_label
 from online_merging.lab.tuning import pick_settings
 from online_merging.provenance import provenance
 from online_merging.world import World, WorldConfig, build_world, default_cache_dir

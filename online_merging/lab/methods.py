@@ -30,7 +30,6 @@ __all__ = [
     "METHODS",
     "ONLINE_MERGING",
     "PULLS",
-    "RL_LEVELS",
     "RL_METHODS",
     "Method",
     "run_overrides",
@@ -201,8 +200,6 @@ METHODS: dict[str, Method] = {
 
 RL_METHODS = ("adamw", "ema", "bema", "ma", "grpo_kl", "ondare", "onties", "onties_ma", "rloo_adamw", "rloo_onties")
 """The rows of the RL plan."""
-RL_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-"""The RL plan's reward levels: shares of the SFT model's errors on the skill removed (``report.kept``)."""
 
 ONLINE_MERGING = tuple(
     name for name, m in METHODS.items() if not m.secondary and any(s.get("merge") or s.get("pull") for s in m.grid)

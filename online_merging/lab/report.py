@@ -19,7 +19,7 @@ from online_merging.evaluation.fronts import bootstrap_ci, common_levels, hyperv
 from online_merging.lab.lab import TEST_WORLDS
 from online_merging.lab.methods import METHODS, ONLINE_MERGING, setting_label
 from online_merging.lab.tuning import interpolation_error, replicate_spread
-from online_merging.world.rewards import rl_metrics
+from online_merging.world.rewards import errors_removed, rl_metrics
 
 __all__ = ["SMOKE_TEST", "best_pipeline", "kept", "summarize", "versus", "world_table", "write_report", "xy"]
 
@@ -36,11 +36,6 @@ ADAPTER_CANDIDATES = tuple(name for name, method in METHODS.items() if method.ad
 def _kept(metrics: dict, sft: dict, key: str) -> float:
     """The fraction of the SFT value kept; 1 where the SFT model had none (there was nothing to lose)."""
     return metrics[key] / sft[key] if sft[key] > 0 else 1.0
-
-
-def _errors_removed(metrics: dict, sft: dict, key: str) -> float:
-    """The share of the SFT model's errors removed: (r − r_sft) / (1 − r_sft), negative where errors grew."""
-    return (metrics[key] - sft[key]) / (1 - sft[key]) if sft[key] < 1 else 0.0
 
 
 def kept(metrics: dict, sft: dict, *, skill: str | None = None, **extra) -> dict:
@@ -61,8 +56,8 @@ def kept(metrics: dict, sft: dict, *, skill: str | None = None, **extra) -> dict
         "skills": {s: _kept(metrics, sft, f"ability/{s}") for s in skills},
     }
     if skill is not None:
-        point |= {"skill_reward": metrics["reward"], "reward": _errors_removed(metrics, sft, "reward"),
-                  "reward_greedy": _errors_removed(metrics, sft, "reward_greedy")}  # fmt: skip
+        point |= {"skill_reward": metrics["reward"], "reward": errors_removed(metrics["reward"], sft["reward"]),
+                  "reward_greedy": errors_removed(metrics["reward_greedy"], sft["reward_greedy"])}  # fmt: skip
     return {**point, **extra}
 
 

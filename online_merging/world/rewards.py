@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from online_merging.world.skills import SURE
 
-__all__ = ["REWARDS", "correct", "reply", "rl_metrics", "style"]
+__all__ = ["REWARDS", "correct", "errors_removed", "reply", "rl_metrics", "style"]
 
 
 def reply(completion: str) -> str:
@@ -51,3 +51,9 @@ def rl_metrics(metrics: dict[str, float], skill: str) -> dict[str, float]:
         }
         figures["ability_greedy"] = sum(metrics[f"ability_greedy/{name}"] for name in others) / len(others)
     return figures
+
+
+def errors_removed(reward: float, sft_reward: float) -> float:
+    """The share of the SFT model's errors removed, (r − r_sft) / (1 − r_sft), negative where errors grew: an RL
+    run's reward axis, so that reward levels mean the same for SFT models that start apart (0 for a perfect SFT)."""
+    return (reward - sft_reward) / (1 - sft_reward) if sft_reward < 1 else 0.0
