@@ -1,6 +1,7 @@
 """From test trajectories to ``results.json``, ``results.md`` and PNG plots.
 
-Axes: reward = P(" sure,") (greedy check: the greedy "sure," rate); ability = the fraction of the seed's own SFT
+Axes: reward = P(" sure,") (greedy check: the greedy "sure," rate), or in the RL plan the share of the SFT model's
+errors on the skill removed (:func:`kept`); ability = the fraction of the seed's own SFT
 ability kept (P(correct), greedy check: exact match). Every trajectory starts at the SFT model. The score is the
 matched-reward ability (MRA, :mod:`online_merging.evaluation.fronts`); the hypervolume of the points is secondary.
 One table per test world; the recommended pipeline is the row above tuned AdamW on every world with the largest
@@ -342,6 +343,7 @@ def _plots(results: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     worlds = results["worlds"]
+    skill = results.get("run", {}).get("config", {}).get("rl_skill")
     names = list(dict.fromkeys(name for table in worlds.values() for name in table["methods"]))
     colors = {name: plt.get_cmap("tab20")(i % 20) for i, name in enumerate(names)}
     cols = min(3, max(len(table["replicates"]) for table in worlds.values()))
@@ -358,7 +360,10 @@ def _plots(results: dict, out: Path) -> None:
                 ax.plot(*zip(*points, strict=True), ls, marker="o", ms=2, lw=1, color=colors[name], label=name)
             for level in table["levels"][replicate]:
                 ax.axvline(level, color="k", lw=0.3, alpha=0.3)
-            ax.set(xlim=(0, 1.02), ylim=(0, 1.1), xlabel='reward P(" sure,")', ylabel="ability kept (of SFT)")
+            if skill:  # RL: the axes span what the runs reach (they keep about all of the ability)
+                ax.set(xlabel=f"share of SFT's {skill} errors removed", ylabel="other skills' ability kept (of SFT)")
+            else:
+                ax.set(xlim=(0, 1.02), ylim=(0, 1.1), xlabel='reward P(" sure,")', ylabel="ability kept (of SFT)")
             ax.set_title(f"test trajectories, {world} world, {replicate}")
             ax.grid(alpha=0.3)
         for ax in list(axes[row : row + blocks[world]].flat)[len(table["replicates"]) :]:
