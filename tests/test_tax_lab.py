@@ -544,7 +544,7 @@ def test_rl_plan_end_to_end(world_cache, tmp_path):
     run's own raw metrics read as the RL axes; the stack sweeps the OnTIES run's model; the report says the task."""
     world = WorldConfig.quick(n_preference_pairs=48, n_eval_probes=24)
     config = LabConfig.rl(quick=True, world=world, steps=2, eval_every=1, batch_size=8, num_generations=4,
-                          lr=1e-3, seeds=(0,), data_orders=(1,), levels=(0.001, 0.002),
+                          lr=1e-3, seeds=(0,), data_orders=(1,), levels=(0.001, 0.002), test_worlds=("default",),
                           methods=("adamw", "onties", "onties_ma", "grpo_kl", "rloo_adamw"))  # fmt: skip
     out = tmp_path / "rl"
     results = run_lab(out, config=config, workers=2, progress=False)
