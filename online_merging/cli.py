@@ -127,9 +127,8 @@ def _tax_lab(args: argparse.Namespace) -> int:
     from online_merging.lab import LabConfig, read_tuned, run_exploration, run_lab
 
     check_folder_target(args.out, name="--out")  # before the plan is read; the lab checks it again, as out_dir
-    plans = {(False, False): LabConfig, (False, True): LabConfig.quick, (True, False): LabConfig.rl,
-             (True, True): lambda: LabConfig.rl(quick=True)}  # fmt: skip
-    config = plans[args.rl, args.quick]().with_settings(args.set)
+    config = LabConfig.rl(quick=args.quick) if args.rl else (LabConfig.quick() if args.quick else LabConfig())
+    config = config.with_settings(args.set)
     if args.methods:
         try:
             config = replace(config, methods=tuple(args.methods.split(",")))

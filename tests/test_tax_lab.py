@@ -558,7 +558,7 @@ def test_rl_plan_end_to_end(world_cache, tmp_path):
         assert len(points) == len(raw) == 2
         for point, metrics in zip(points, raw, strict=True):
             gained = (metrics["ability/facts"] - sft["ability/facts"]) / (1 - sft["ability/facts"])
-            others = [s for s in ("addition", "reversal", "translation")]
+            others = ("addition", "reversal", "translation")
             ability = sum(metrics[f"ability/{s}"] for s in others) / sum(sft[f"ability/{s}"] for s in others)
             assert point["reward"] == pytest.approx(gained) and point["ability"] == pytest.approx(ability)
     onties, stack = (table[n]["per_replicate"]["seed0/order1"]["points"] for n in ("onties", "onties_ma"))
