@@ -16,13 +16,19 @@ weight decay: the elements a step leaves unchanged are the same); the pieces of 
 offset and the whole tensor's OnTIES cuts) stepped by Triton equal the whole tensor stepped by Triton, bit for bit;
 the plain Triton step against ``torch.optim.AdamW``.
 
-**Speed.** The providers of ``benchmarks/step_speed.py`` (torch's fused and foreach AdamW and SGD, the online-merging
-optimizers on this device's fast backend, the published-style loop) on its parameter sets; per provider the median
-step time, its ratio to ``torch.optim.AdamW(fused=True)``, and the achieved bandwidth: the bytes one fused pass
-must move (Adam: read θ, g, m, v and write θ, m, v, 28 bytes a parameter in fp32, plus τ's 2 when it merges) over
-the step time, against the bandwidth of a plain tensor copy measured in the same run.
+**No host synchronisation.** Every merge, both optimizers: after one merge cycle of warm-up (where τ's cut is computed
+once), a merge cycle of steps under ``torch.cuda.set_sync_debug_mode("error")`` (CUDA only).
 
-Writes ``gpu_check_<device>.json`` to ``--out``; exits with status 1 when an exactness check fails.
+**Speed.** The providers of ``benchmarks/step_speed.py`` (torch's fused and foreach AdamW and SGD, the online-merging
+optimizers on this device's fast backend; the published-style loop at the smallest size) on its parameter sets
+(10M in 78 tensors, 100M in 48, 302M in 36); per provider the median step time, its ratio to
+``torch.optim.AdamW(fused=True)``, and the achieved bandwidth: the bytes one fused pass must move (Adam: read θ, g,
+m, v and write θ, m, v, 28 bytes a parameter in fp32, plus τ's 2 when it merges) over the step time, against the
+bandwidth of a plain tensor copy measured in the same run. **Memory**: what three steps add to the peak
+(``torch.cuda.max_memory_allocated``) at the largest size, per parameter, against fused AdamW's.
+
+Ends with one line per target of issue 24 (:data:`TARGETS`, the sync check, memory, bandwidth): met, missed, or not
+measured. Writes ``gpu_check_<device>.json`` to ``--out``; exits with status 1 when an exactness check fails.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import fnmatch
+import gc
 import itertools
 import json
 import os
@@ -65,6 +72,7 @@ CASES = {
     "stepK-onties": {**LARGE, "merge": "onties", "merge_every": 3},
     "masked-onties": {**LARGE, "merge": "onties", "masked": True},
     "masked-stepK-ondare": {**LARGE, "merge_every": 2, "masked": True},
+    "onties-pull": {**LARGE, "merge": "onties", "pull": 0.05, "pull_unit": "absolute", "pull_elements": "kept"},
 }
 HYPER = {
     "adam": {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "amsgrad": True},
@@ -72,7 +80,17 @@ HYPER = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STEPS = 6
-SPEED_PROVIDERS = ("adamw_fused", "adamw_foreach", "sgd_momentum", "naive_*", "om_*_{backend}")
+SPEED_PROVIDERS = ("adamw_fused", "adamw_foreach", "sgd_momentum", "om_*_{backend}")
+NAIVE_PROVIDERS = ("naive_*",)
+"""Timed at the smallest size only: the published-style loop takes seconds a step beyond."""
+MEMORY_PROVIDERS = ("adamw_fused", "om_adam_ondare_k1_{backend}", "om_adam_onties_k1_{backend}")
+TARGETS = {  # (provider, millions of parameters): the largest ratio to fused AdamW (issue 24)
+    ("om_adam_onties_k1_triton", 10): 3.0,
+    ("om_adam_onties_k1_triton", 100): 1.6,
+    ("om_adam_onties_k1_triton", 302): 1.6,
+    ("om_adam_ondare_k1_triton", 10): 2.0,
+    ("om_adam_ondare_k1_triton", 302): 1.15,
+}
 
 
 # -- exactness -----------------------------------------------------------------------------------------------
@@ -247,6 +265,32 @@ def check_against_torch(device: torch.device, shapes: dict) -> dict:
     return {"check": "plain_vs_torch_adamw", "max_abs_error": worst, "ok": off == 0}
 
 
+def check_no_sync(kind: str, case: str, shapes: dict, device: torch.device) -> dict:
+    """A Triton step queues its work and returns: after the warm-up (one merge cycle, where τ's cut is computed once),
+    a merge cycle of steps under CUDA's sync debug mode "error". On the CPU path, skipped (there is no device to wait
+    for; ``tests/test_kernels_triton.py`` checks that the backend reads nothing back)."""
+    if device.type != "cuda":
+        return {"check": "no_host_sync", "optimizer": kind, "case": case, "ok": True, "skipped": "not CUDA"}
+    params, tau = _named_params(shapes, torch.float32, device, seed=8)
+    optimizer = _optimizer(kind, params, tau, CASES[case], "triton")
+    cycle = CASES[case].get("merge_every", 1)
+    gen = torch.Generator(device).manual_seed(9)
+    errors = []
+    for step in range(2 * cycle):
+        for _, param in params:
+            param.grad = torch.randn(param.shape, generator=gen, device=device)
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error" if step >= cycle else "default")
+        try:
+            optimizer.step()
+        except RuntimeError as error:
+            errors.append(f"step {step + 1}: {str(error).splitlines()[0]}")
+            break
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return {"check": "no_host_sync", "optimizer": kind, "case": case, "ok": not errors, "errors": errors}
+
+
 def run_checks(device: torch.device, quick: bool) -> list[dict]:
     shapes = QUICK_SHAPES if quick else SHAPES
     cases = [("adam", c) for c in CASES] + [("sgd", c) for c in CASES]
@@ -256,6 +300,8 @@ def run_checks(device: torch.device, quick: bool) -> list[dict]:
     jobs += [(check_dare_masks, (kind, device, 2101 if quick else 1_000_003)) for kind in HYPER]
     jobs += [(check_pieces, (merge, device, 1000 if quick else 1_000_003)) for merge in ("ondare", "onties")]
     jobs += [(check_against_torch, (device, shapes))]
+    synced = [("adam", "onties")] if quick else [(kind, case) for kind in HYPER for case in CASES]
+    jobs += [(check_no_sync, (kind, case, shapes, device)) for kind, case in synced]
     results = []
     for check, args in jobs:
         try:
@@ -290,10 +336,11 @@ def pass_bytes(provider: str) -> int | None:
     return plain + (2 if provider.startswith("om_") else 0)
 
 
-def run_speed(device: torch.device, millions: float, repeats: int, copy_bps: float) -> list[dict]:
-    """step_speed's providers on this device at one size, with their bandwidth against ``copy_bps`` (bytes/s)."""
+def run_speed(device: torch.device, millions: float, repeats: int, copy_bps: float, naive: bool) -> list[dict]:
+    """step_speed's providers on this device at one size (the published-style loop when ``naive``), with their
+    bandwidth against ``copy_bps`` (bytes/s)."""
     backend = "triton" if device.type == "cuda" else "cpu"
-    patterns = [p.format(backend=backend) for p in SPEED_PROVIDERS]
+    patterns = [p.format(backend=backend) for p in SPEED_PROVIDERS + (NAIVE_PROVIDERS if naive else ())]
     providers = step_speed.providers(device, quick=False)
     table = {n: v for n, v in providers.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
     args = argparse.Namespace(tau_dtype="bf16", seed=0, warmup=2, repeats=repeats, matrices=None)
@@ -308,6 +355,59 @@ def run_speed(device: torch.device, millions: float, repeats: int, copy_bps: flo
     return rows
 
 
+def peak_memory(device: torch.device, millions: float) -> list[dict]:
+    """What stepping adds to the device's peak memory (``torch.cuda.max_memory_allocated`` over three steps, beyond
+    the parameters, gradients and τ), per provider of :data:`MEMORY_PROVIDERS`, in bytes a parameter and over fused
+    AdamW's; nothing off CUDA."""
+    if device.type != "cuda":
+        return []
+    setup = step_speed.make_setup(millions, device, torch.bfloat16)
+    table = step_speed.providers(device, quick=False)
+    rows = []
+    for name in (pattern.format(backend="triton") for pattern in MEMORY_PROVIDERS):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        optimizer = table[name][0](setup)
+        for _ in range(3):
+            setup.new_gradients()
+            optimizer.step()
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / setup.numel
+        rows.append({"provider": name, "numel": setup.numel, "peak_bytes_per_param": peak})
+        del optimizer
+    for row in rows:
+        row["over_adamw_bytes_per_param"] = row["peak_bytes_per_param"] - rows[0]["peak_bytes_per_param"]
+    return rows
+
+
+def targets(rows: list[dict], checks: list[dict], memory: list[dict]) -> list[str]:
+    """One line per target of issue 24: met, missed, or not measured in this run."""
+    lines = []
+    for (provider, millions), limit in TARGETS.items():
+        row = next((r for r in rows if r["provider"] == provider and round(r["size_m"]) == millions), None)
+        ratio = None if row is None else row.get("ratio_to_adamw_fused")
+        verdict = "not measured" if ratio is None else f"{ratio:.2f}x, {'met' if ratio <= limit else 'MISSED'}"
+        tensors = "" if row is None else f" in {row['tensors']} tensors"
+        lines.append(f"{provider} <= {limit}x fused AdamW at {millions}M{tensors}: {verdict}")
+    synced = [c for c in checks if c["check"] == "no_host_sync" and "skipped" not in c]
+    off = [f"{c['optimizer']} {c['case']}" for c in synced if not c["ok"]]
+    verdict = "not measured" if not synced else "met" if not off else "MISSED: " + ", ".join(off)
+    lines.append(f"no host sync in step() for every merge: {verdict}")
+    for row in memory:
+        lines.append(f"peak memory of {row['provider']} at {row['numel'] / 1e6:.0f}M: "
+                     f"{row['peak_bytes_per_param']:.2f} B/param, {row['over_adamw_bytes_per_param']:+.2f} over fused "
+                     "AdamW")  # fmt: skip
+    for row in rows:
+        merged = row["provider"].startswith("om_adam_") and "_k1_" in row["provider"]
+        if merged and row.get("fraction_of_copy_bandwidth"):
+            lines.append(f"bandwidth of {row['provider']} at {row['numel'] / 1e6:.0f}M: "
+                         f"{row['fraction_of_copy_bandwidth']:.0%} of the copy bandwidth")  # fmt: skip
+    return lines
+
+
 # -- main --------------------------------------------------------------------------------------------------------
 
 
@@ -315,7 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="small shapes, four cases, one tiny speed size")
-    parser.add_argument("--sizes", type=float, nargs="+", help="speed: millions of parameters (default 10 100)")
+    parser.add_argument("--sizes", type=float, nargs="+", help="speed: millions of parameters (default 10 100 302)")
     parser.add_argument("--repeats", type=int, default=10, help="speed: timed steps per provider and size")
     parser.add_argument("--no-speed", action="store_true", help="exactness checks only")
     parser.add_argument("--out", type=Path, default=SCRATCH, help="directory of the JSON (default %(default)s)")
@@ -326,7 +426,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("--device cpu runs the Triton kernels only under the interpreter: set TRITON_INTERPRET=1")
     if args.sizes is None:
-        args.sizes = [0.05] if args.quick else [10, 100]
+        args.sizes = [0.05] if args.quick else [10, 100, 302]
     if args.quick:
         args.repeats = min(args.repeats, 2)
     return args
@@ -344,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict:
     checks = run_checks(device, args.quick)
     failed = [c for c in checks if not c["ok"]]
     result = {"machine": info, "seconds": time.perf_counter() - start, "checks_failed": len(failed),
-              "checks": checks, "copy_bandwidth_gbs": None, "speed": []}  # fmt: skip
+              "checks": checks, "copy_bandwidth_gbs": None, "speed": [], "memory": []}  # fmt: skip
     path.write_text(json.dumps(result, indent=1) + "\n")  # kept if the speed part does not finish
     rows = []
     if not args.no_speed:
@@ -352,8 +452,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["copy_bandwidth_gbs"] = copy_bps / 1e9
         print(f"copy bandwidth {copy_bps / 1e9:.0f} GB/s", flush=True)
         for millions in args.sizes:
-            rows += run_speed(device, millions, args.repeats, copy_bps)
+            rows += run_speed(device, millions, args.repeats, copy_bps, naive=millions == min(args.sizes))
             path.write_text(json.dumps(result | {"speed": rows}, indent=1) + "\n")
+        result["memory"] = peak_memory(device, max(args.sizes))
     if rows:
         print(f"{'provider':<28} {'params':>8} {'median ms':>10} {'x fused':>8} {'GB/s':>7} {'of copy':>8}")
         for r in rows:
@@ -363,7 +464,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{f'{ratio:.2f}' if ratio else '-':>8} {f'{gbs:.0f}' if gbs else '-':>7} "
                       f"{f'{gbs * 1e9 / copy_bps:.0%}' if gbs else '-':>8}")  # fmt: skip
     result |= {"seconds": time.perf_counter() - start, "speed": rows}
+    result["targets"] = targets(rows, checks, result.get("memory", []))
     path.write_text(json.dumps(result, indent=1) + "\n")
+    print("\ntargets (issue 24):", *result["targets"], sep="\n  ")
     print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed in {result['seconds']:.0f} s; wrote {path}")
     return result
 

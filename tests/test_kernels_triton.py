@@ -12,7 +12,7 @@ import torch
 
 import online_merging.kernels as kernels
 from online_merging.kernels import eager
-from online_merging.kernels.plan import Plan, Record
+from online_merging.kernels.plan import Binding, Plan, Record
 from online_merging.merging import PendingCut, num_kept, topk_cut
 from online_merging.rng import STREAM_UPDATE, keep_threshold, random_bits, tensor_key
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
@@ -35,6 +35,7 @@ def backend():
         patch.setenv("TRITON_INTERPRET", "1")
         module = importlib.import_module("online_merging.kernels.triton")
         if not isinstance(module._adam_kernel, InterpretedFunction):  # imported earlier without the interpreter
+            importlib.reload(importlib.import_module("online_merging.kernels.triton_topk"))
             module = importlib.reload(module)
         yield module
 
@@ -221,12 +222,23 @@ GROUP = {  # name: (shape, dtype, masked, offset, transposed); one launch for ea
 @pytest.mark.parametrize(("opt", "merge"), [("adam", "ondare"), ("sgd", "ondare"), ("adam", None), ("adam", "onties")])
 def test_a_group_is_stepped_in_one_launch_per_signature(backend, monkeypatch, opt, merge):
     """The records of a group that compile alike (route, dtypes, mask or none) are stepped in one launch, each as
-    the eager backend steps it alone; OnTIES steps each record alone (its Δ needs a scratch tensor and a cut)."""
+    the eager backend steps it alone; under OnTIES the whole tensors' first pass, selection and merge likewise
+    (one selection for the group)."""
     settings = merge_settings(**MIXED, merge=merge)
     hyper = hyper_of(opt)
     plan = Plan(opt, settings, **hyper)
-    launches, launch = [], backend._launch
-    monkeypatch.setattr(backend, "_launch", lambda plan, group: launches.append(len(group)) or launch(plan, group))
+    launches, merges, selections = [], [], []
+    launch, merge_kernel, select = backend._launch, backend._onties_kernel, backend.select_cuts
+    monkeypatch.setattr(backend, "_launch", lambda plan, group, *rest: launches.append(len(group)) or launch(
+        plan, group, *rest))  # fmt: skip
+    monkeypatch.setattr(backend, "select_cuts", lambda *args: selections.append(len(args[2])) or select(*args))
+
+    class Counted:  # the merge kernel, counting the records of each launch
+        def __getitem__(self, grid):
+            return lambda table, records, *args, **kwargs: merges.append(records) or merge_kernel[grid](
+                table, records, *args, **kwargs)  # fmt: skip
+
+    monkeypatch.setattr(backend, "_onties_kernel", Counted())
 
     def records(seed):
         gen = torch.Generator().manual_seed(seed)
@@ -243,7 +255,9 @@ def test_a_group_is_stepped_in_one_launch_per_signature(backend, monkeypatch, op
 
     together = records(5)
     assert backend.step(plan, together) == [None] * len(GROUP)
-    assert sorted(launches) == ([1] * len(GROUP) if merge == "onties" else [1, 1, 5])
+    assert sorted(launches) == [1, 1, 5]
+    # under OnTIES, one selection of every tensor but "one" (whose top-p keeps all), and the merge as the first pass
+    assert (sorted(merges), selections) == (([1, 1, 5], [len(GROUP) - 1]) if merge == "onties" else ([], []))
     for grouped, alone in zip(together, records(5), strict=True):
         assert eager.step(plan, [alone]) == [None]
         expected = {key: value for key, value in alone._asdict().items() if isinstance(value, torch.Tensor)}
@@ -307,6 +321,89 @@ def test_pull_matches_eager(backend, monkeypatch, case):
     assert_matches(run_pulled(backend, opt, settings, masked=masked, pieces=pieces), reference)
 
 
+def selection_inputs(gen) -> list[tuple[torch.Tensor, int, int]]:
+    """(flat float32 tensor, k, global offset) cases for the device selection."""
+    rounded = torch.randn(6000, generator=gen).round(decimals=1)  # many ties at T, over 6 blocks
+    sparse = torch.zeros(5000)
+    sparse[::9] = torch.randn(len(sparse[::9]), generator=gen)
+    sparse[[10, 4000]] = torch.tensor([float("nan"), float("-inf")])  # NaN ranks above inf, as its bits do
+    tiny = torch.full((1500,), 1e-40)  # subnormal magnitudes: bits below 2**23
+    tiny[::3] = -3e-41
+    return [
+        (torch.randn(3000, generator=gen), 300, 0),
+        (rounded, 2500, 7),
+        (sparse, 4000, 2**33 + 5),  # T = 0: the kept zeros reach deep into the tensor; indices beyond 2**32
+        (torch.randn(5, generator=gen), 1, 0),
+        (-torch.rand(2048, generator=gen), 2047, 12345),
+        (tiny, 700, 0),
+    ]
+
+
+def test_device_selection_equals_topk_cut(backend, monkeypatch):
+    """``triton_topk.select_cuts`` writes each tensor's ``topk_cut`` into its row of the cuts, bit for bit: distinct
+    magnitudes, ties at the threshold across blocks (found by a search of the blocks' tie counts in chunks of 2 blocks,
+    patched small), zeros, NaN and inf, subnormals, signs, indices beyond 2**32; other rows and columns untouched."""
+    topk = importlib.import_module("online_merging.kernels.triton_topk")
+    monkeypatch.setattr(topk, "_CHUNK", 2)
+    cases = selection_inputs(torch.Generator().manual_seed(3))
+    starts, start = [], 0
+    for x, _, _ in cases:
+        starts.append(start)
+        start += -(-x.numel() // 16) * 16 + 16
+    buffer = torch.full((start,), float("nan"))  # NaN between the tensors: read, it would be selected
+    for (x, _, _), first in zip(cases, starts, strict=True):
+        buffer[first : first + x.numel()] = x
+    rows = [2 * i + 1 for i in range(len(cases))]
+    cuts = torch.full((2 * len(cases) + 1, 4), -7, dtype=torch.int64)
+    sizes, ks, offsets = ([case[i] for case in cases] for i in range(3))
+    topk.select_cuts(buffer, starts, [x.numel() for x in sizes], ks, offsets, rows, cuts)
+    expected = torch.full_like(cuts, -7)
+    for row, (x, k, offset) in zip(rows, cases, strict=True):
+        threshold, cutoff = topk_cut(x, k)
+        expected[row, :2] = torch.tensor([threshold, cutoff + offset])
+    assert torch.equal(cuts, expected)
+
+
+def test_onties_steps_read_nothing_back(backend, monkeypatch):
+    """Whole tensors' OnTIES steps select on the device: after the first merge step (which computes τ's cut once),
+    nothing is read back to the host (no item, tolist, int, bool of a tensor), and the result is eager's (step-K:
+    steps 2 and 4 merge)."""
+    settings = merge_settings(**MIXED, merge="onties", merge_every=2)
+    plan = Plan("adam", settings, **ADAM)
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(37, 29), (100,), (3,)]
+    states = [[make_state("adam", shape, torch.float32, settings, ADAM, gen) for shape in shapes] for _ in range(2)]
+    for ours, theirs in zip(*states, strict=True):
+        ours.update({key: value.clone() for key, value in theirs.items()})
+    taus = [torch.randn(shape, generator=gen) for shape in shapes]
+    bindings = [[Binding() for _ in shapes] for _ in range(2)]
+
+    def records(module, step, grads):
+        made = []
+        for state, tau, grad, binding in zip(states[module is eager], taus, grads, bindings[module is eager],
+                                             strict=True):  # fmt: skip
+            tensors = dict(state)
+            made.append(Record(tensors.pop("param"), grad, step, **tensors, tau=tau, name="w", binding=binding))
+        return made
+
+    for step in range(1, 5):
+        grads = [torch.randn(shape, generator=gen) for shape in shapes]
+        assert eager.step(plan, records(eager, step, grads)) == [None] * len(shapes)
+        if step > 2:
+            for name in ("item", "tolist", "__int__", "__index__", "__bool__", "__float__"):
+                monkeypatch.setattr(torch.Tensor, name, lambda *args, name=name: pytest.fail(f"Tensor.{name} read"))
+        assert backend.step(plan, records(backend, step, grads)) == [None] * len(shapes)
+        monkeypatch.undo()
+        for ours, theirs in zip(*states, strict=True):
+            assert_matches(ours, theirs)
+
+
+def test_tensors_beyond_int32_counts_are_selected_by_torch(backend, monkeypatch):
+    """A tensor larger than the device selection counts (``MAX_NUMEL``, patched small) is stepped as eager steps it."""
+    monkeypatch.setattr(backend, "MAX_NUMEL", 500)
+    run_both(backend, "adam", (37, 29), merge_settings(**MIXED, merge="onties"), ADAM, steps=2)
+
+
 def test_kernels_compile_for_a_gpu():
     """The kernels pass Triton's compiler and ptxas for an H100 (sm_90), in a process without the interpreter
     (``tests/triton_ptx.py``); a group's aligned tensors get 128-bit loads, which only the alignment hint gives."""
@@ -317,8 +414,9 @@ def test_kernels_compile_for_a_gpu():
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     loads = json.loads(run.stdout.splitlines()[-1])
-    assert len(loads) == 7 and loads["adam_ondare"] > 0 and loads["adam_ondare_unaligned"] == 0, loads
-    assert loads["adam_ondare_pull_kept"] > 0, loads
+    assert len(loads) == 13 and loads["adam_ondare"] > 0 and loads["adam_ondare_unaligned"] == 0, loads
+    assert loads["adam_ondare_pull_kept"] > 0 and loads["onties_merge"] > 0, loads
+    assert loads["select_histogram"] > 0 and loads["select_ties"] > 0, loads
 
 
 def test_selected_on_cpu_under_the_interpreter(backend):

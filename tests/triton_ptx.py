@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from online_merging.kernels import triton as backend
+from online_merging.kernels import triton_topk as topk
 
 TARGET = GPUTarget("cuda", 90, 32)  # an H100
 TYPES = {f"T_{name}": tl.float32 for name in ("PARAM", "GRAD", "STATE1", "STATE2", "STATE3", "BUFFER", "ANCHOR")}
@@ -28,10 +29,12 @@ ADAM = {**MERGE, "lerp_weight": "fp32", "beta2": "fp32", "one_minus_beta2": "fp3
         "MAXIMIZE": False}  # fmt: skip
 SGD = {**MERGE, "neg_lr": "fp32", "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32",
        "MAXIMIZE": True, "WEIGHT_DECAY": True, "MOMENTUM": True, "FIRST_STEP": False, "NESTEROV": True}  # fmt: skip
-ONTIES = {"param_ptr": "*fp32", "total_ptr": "*fp32", "tau_ptr": "*bf16", "update_keep_ptr": "*u8",
-          "tau_keep_ptr": "*u8", "buffer_ptr": "*fp32", "mask_ptr": "*u8", "anchor_ptr": "*fp32", "n": "i64",
-          "decay": "fp32", "w_update": "fp32", "w_tau": "fp32", "pull": "fp32", "TRIM": True, "WEIGHTED": True,
-          "ROLL_BACK": True, "MASKED": True, "PULL": 0, "BLOCK": 1024}  # fmt: skip
+ONTIES = {"table": "*i64", "records": "i64", "cuts": "*i64", "decay": "fp32", "w_update": "fp32", "w_tau": "fp32",
+          "pull": "fp32", "T_PARAM": tl.float32, "T_TAU": tl.bfloat16, "T_BUFFER": tl.float32, "T_ANCHOR": tl.float32,
+          "TRIM": True, "WEIGHTED": True, "ROLL_BACK": True, "MASKED": True, "PULL": 0, "ALIGNED": True, "LOG": 7,
+          "BLOCK": 1024}  # fmt: skip
+SELECT = {"buffer": "*fp32", "table": "*i64", "records": "i64", "state": "*i64", "LOG": 7, "BLOCK": 1024}
+HISTOGRAM = {**SELECT, "histogram": "*i32", "SHIFT": 9, "WIDTH": 11, "FIRST": False}
 VARIANTS = {
     "adam_ondare": (backend._adam_kernel, ADAM),
     "adam_ondare_unaligned": (backend._adam_kernel, {**ADAM, "ALIGNED": False}),
@@ -46,18 +49,27 @@ VARIANTS = {
     "onties_merge": (backend._onties_kernel, ONTIES),
     "adam_ondare_pull_kept": (backend._adam_kernel, {**ADAM, "PULL": backend._PULL["kept"]}),
     "onties_merge_pull_consensus": (backend._onties_kernel, {**ONTIES, "PULL": backend._PULL["consensus"]}),
+    "onties_merge_fp64_tau": (backend._onties_kernel, {**ONTIES, "T_TAU": tl.float64, "ALIGNED": False}),
+    "select_histogram_first": (topk._histogram_kernel, {**HISTOGRAM, "SHIFT": 20, "FIRST": True}),
+    "select_histogram": (topk._histogram_kernel, HISTOGRAM),
+    "select_resolve": (topk._resolve_kernel, {"state": "*i64", "histogram": "*i32", "WIDTH": 11}),
+    "select_ties": (topk._ties_kernel, {**SELECT, "ties": "*i32"}),
+    "select_cutoff": (topk._cutoff_kernel, {**SELECT, "ties": "*i32", "cuts": "*i64", "CHUNK": 1024}),
 }
 
 
 def compile_variant(kernel, values: dict):
-    """``kernel`` compiled for :data:`TARGET`: strings in ``values`` type the arguments, the rest are constexprs."""
-    signature, constants = {}, {}
+    """``kernel`` compiled for :data:`TARGET`: strings in ``values`` type the arguments, the rest are constexprs;
+    pointer arguments are 16-byte aligned, as Triton assumes of a launch's aligned tensors (torch's allocations)."""
+    signature, constants, attrs = {}, {}, {}
     for index, name in enumerate(kernel.arg_names):
         value = values[name]
         signature[name] = value if isinstance(value, str) else "constexpr"
         if not isinstance(value, str):
             constants[(index,)] = value
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        elif value.startswith("*"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=TARGET, options={"num_warps": 4, "enable_fp_fusion": False})
 
 

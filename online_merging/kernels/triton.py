@@ -1,5 +1,5 @@
-"""The Triton backend: ``eager``'s step fused into one kernel launch per param group (OnTIES: two kernels around a
-top-p, per tensor).
+"""The Triton backend: ``eager``'s step fused into one kernel launch per param group (OnTIES: two passes around a
+top-p selected on the device).
 
 Same signatures and math as ``eager``: float32 arithmetic rounded op by op as torch's kernels do (an FMA where
 they fuse one), every tensor written back in its own dtype. DARE masks come from the counter-based hash of
@@ -15,10 +15,13 @@ set before this module is imported (the tests do that); the kernels call only bu
 because its ``@jit`` helpers (``tl.zeros`` ...) stay compiled when ``triton`` was imported before the variable.
 ``tests/triton_ptx.py`` compiles them for an H100 without one.
 
-OnTIES needs the exact top-p of the whole tensor, which one elementwise pass cannot know: the first kernel
-updates the optimizer state and writes Δθ (plus the step-K buffer) to a float32 scratch tensor, the functional
-layer selects the top-p cuts of it and of τ, and a second kernel (``ties_merge``) does the sign consensus and
-writes θ. Its tensors are launched one at a time, so that one scratch tensor at a time is held.
+OnTIES needs the exact top-p of the whole tensor, which one elementwise pass cannot know. Its whole tensors are
+stepped in groups (up to ``SCRATCH_NUMEL`` elements) with nothing read back to the host: the first pass updates the
+optimizer state and writes each tensor's Δθ (plus the step-K buffer) into one float32 scratch buffer,
+``triton_topk.select_cuts`` writes each tensor's top-p cut of it into device memory beside τ's (computed once, on
+the host, and kept in the binding), and ``_onties_kernel`` reads both cuts, keeps what they keep, does the sign
+consensus and writes θ; one launch per pass and signature. A piece of a larger tensor returns its Δ to the functional
+layer, which selects the whole tensor's cut (across ranks) and calls ``ties_merge``.
 
 A tensor may be a piece of a larger one (see ``plan.Record``): DARE hashes the global index ``offset + i``, and
 OnTIES keeps what the whole tensor's cuts keep.
@@ -44,23 +47,27 @@ try:
 except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
-from online_merging.kernels import eager
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import Cut, cut_mask
-from online_merging.merging import topk_cut as merging_topk_cut
-from online_merging.merging.sparsify import KEEP_ALL
+from online_merging.kernels.triton_topk import MAX_NUMEL, find_block, magnitude_bits, select_cuts
+from online_merging.merging import Cut, num_kept, topk_cut
+from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE
 
-__all__ = ["step", "ties_merge", "topk_cut"]
+__all__ = ["SCRATCH_NUMEL", "step", "ties_merge", "topk_cut"]
 
 _BLOCK = 1024
 """Elements per program."""
 # torch rounds every op on its own except where its kernels fuse (the explicit tl.fma calls): no contraction.
 # Asking explicitly also keeps Triton 3.9 from warning that its default will change.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+SCRATCH_NUMEL = 2**26
+"""Elements of whole tensors stepped together under OnTIES: their Δ is held in one float32 buffer meanwhile."""
 _ROW = tl.constexpr(18)
 """int64 fields of a record's row in a launch's table: 10 pointers (param, grad, 3 state tensors, step-K buffer, τ,
 the pull's anchor, OnTIES scratch, mask; 0 where absent), its size, offset and 4 DARE keys, Adam's step size and
 √(1 − β2^t) (float64 bits)."""
+_MERGE_ROW = tl.constexpr(9)
+"""int64 fields of a record's row in an ``_onties_kernel`` launch: 6 pointers (param, Δ, τ, step-K buffer, mask,
+the pull's anchor; 0 where absent), its size, offset and row of the cuts."""
 _TYPED = ("T_PARAM", "T_GRAD", "T_STATE1", "T_STATE2", "T_STATE3", "T_BUFFER", "T_TAU", "T_ANCHOR")  # their dtypes
 _KEPT, _CONSENSUS = tl.constexpr(2), tl.constexpr(3)
 _PULL = {"all": 1, "kept": 2, "consensus": 3}
@@ -201,22 +208,11 @@ def _with_pull(merged, towards, kept, PULL: tl.constexpr):
 
 
 @triton.jit
-def _locate(table, records, LOG: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's record, as its row of ``table``, and the index of its block's first element in the record.
-
-    After the ``records`` rows come the cumulative block counts (``records + 1`` of them, from 0): the record is the
-    last whose count is at most the program's index, found by a binary search of ``LOG`` halvings.
-    """
-    index = tl.program_id(0).to(tl.int64)
-    starts = table + records * _ROW
-    low = index * 0
-    high = low + records
-    for _ in tl.static_range(LOG):
-        middle = (low + high) // 2
-        right = tl.load(starts + middle) <= index
-        low = tl.where(right, middle, low)
-        high = tl.where(right, high, middle)
-    return table + low * _ROW, (index - tl.load(starts + low)) * BLOCK
+def _locate(table, records, ROW: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's record, as its row of ``table`` (rows of ``ROW`` fields), and the index of its block's first
+    element in the record; after the rows come the cumulative block counts (:func:`triton_topk.find_block`)."""
+    index, block = find_block(table + records * ROW, records, LOG)
+    return table + index * ROW, block * BLOCK
 
 
 @triton.jit
@@ -247,7 +243,7 @@ def _adam_kernel(
     """AdamW and the online merge of one block of one of the group's tensors (``_adam_block``). A full block has
     the bounds mask ``offs >= 0``, true and known constant to the compiler, which then vectorises its loads and
     stores; ``offs < n`` (n from the table, of unknown divisibility) is kept for a tensor's last block."""
-    row, block_start = _locate(table, records, LOG, BLOCK)
+    row, block_start = _locate(table, records, _ROW, LOG, BLOCK)
     offs = block_start + tl.arange(0, BLOCK)
     n = tl.load(row + 10)
     if block_start + BLOCK <= n:
@@ -330,7 +326,7 @@ def _sgd_kernel(
 ):  # fmt: skip
     """SGD and the online merge of one block of one of the group's tensors (``_sgd_block``), full blocks apart as
     in ``_adam_kernel``."""
-    row, block_start = _locate(table, records, LOG, BLOCK)
+    row, block_start = _locate(table, records, _ROW, LOG, BLOCK)
     offs = block_start + tl.arange(0, BLOCK)
     n = tl.load(row + 10)
     if block_start + BLOCK <= n:
@@ -401,33 +397,77 @@ def _sign(x):
 
 
 @triton.jit
-def _onties_kernel(
-    param_ptr, total_ptr, tau_ptr, update_keep_ptr, tau_keep_ptr, buffer_ptr, mask_ptr, anchor_ptr, n, decay,
-    w_update, w_tau, pull, TRIM: tl.constexpr, WEIGHTED: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    PULL: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """OnTIES merge of one block (Lu et al. 2024, Eq. 7; ``consensus.sign_consensus``), given the top-p masks:
+def _in_cut(bits, threshold, cutoff, index):
+    """Whether a :data:`Cut` (T, cutoff) keeps the elements of magnitude ``bits`` at flat indices ``index``."""
+    return (bits > threshold) | ((bits == threshold) & (index <= cutoff))
 
-    a = keep_u·Δ (Δ = Δc + Δθ on a ROLL_BACK step, from ``total_ptr``),  b = keep_τ·τ  (TRIM: p < 1),
+
+@triton.jit
+def _tau_bits(tau):
+    """``merging.magnitude_bits`` of τ, as int64: float64's own bits, else those of its float32 value."""
+    if tau.dtype == tl.float64:
+        bits = tau.to(tl.int64, bitcast=True) & 0x7FFFFFFFFFFFFFFF
+    else:
+        bits = magnitude_bits(tau.to(tl.float32)).to(tl.int64)
+    return bits
+
+
+@triton.jit(do_not_specialize=["records"])
+def _onties_kernel(
+    table, records, cuts, decay, w_update, w_tau, pull, T_PARAM: tl.constexpr, T_TAU: tl.constexpr,
+    T_BUFFER: tl.constexpr, T_ANCHOR: tl.constexpr, TRIM: tl.constexpr, WEIGHTED: tl.constexpr,
+    ROLL_BACK: tl.constexpr, MASKED: tl.constexpr, PULL: tl.constexpr, ALIGNED: tl.constexpr, LOG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """The OnTIES merge of one block of one of the group's tensors (``_onties_block``); rows of ``_MERGE_ROW``
+    fields, the full blocks vectorised as in ``_adam_kernel``."""
+    row, block_start = _locate(table, records, _MERGE_ROW, LOG, BLOCK)
+    offs = block_start + tl.arange(0, BLOCK)
+    n = tl.load(row + 6)
+    if block_start + BLOCK <= n:
+        _onties_block(
+            row, cuts, offs, offs >= 0, decay, w_update, w_tau, pull, T_PARAM, T_TAU, T_BUFFER, T_ANCHOR, TRIM,
+            WEIGHTED, ROLL_BACK, MASKED, PULL, ALIGNED,
+        )  # fmt: skip
+    else:
+        _onties_block(
+            row, cuts, offs, offs < n, decay, w_update, w_tau, pull, T_PARAM, T_TAU, T_BUFFER, T_ANCHOR, TRIM,
+            WEIGHTED, ROLL_BACK, MASKED, PULL, ALIGNED,
+        )  # fmt: skip
+
+
+@triton.jit
+def _onties_block(
+    row, cuts, offs, in_bounds, decay, w_update, w_tau, pull, T_PARAM: tl.constexpr, T_TAU: tl.constexpr,
+    T_BUFFER: tl.constexpr, T_ANCHOR: tl.constexpr, TRIM: tl.constexpr, WEIGHTED: tl.constexpr,
+    ROLL_BACK: tl.constexpr, MASKED: tl.constexpr, PULL: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """OnTIES merge of the elements ``offs`` of the record at ``row`` (Lu et al. 2024, Eq. 7;
+    ``consensus.sign_consensus``), its cuts (of Δ and of τ, global flat indices) read from its row of ``cuts``:
+
+    a = keep_u·Δ (Δ = Δc + Δθ on a ROLL_BACK step, from the scratch),  b = keep_τ·τ  (TRIM: p < 1),
     s = sign((1−α)·a + α·b) if WEIGHTED else sign(a + b),
     θ ← decay·θ [− Δc] + (F [with the pull: ``_with_pull``, kept = keep_u]) + 0·Δ,
     F = (1−α)·a·[sign(a) = s] + α·b·[sign(b) = s],  Δc ← 0 (ROLL_BACK); θ and Δc stored only where the element mask
     keeps them (MASKED).
     """
-    block_start = tl.program_id(0).to(tl.int64) * BLOCK
-    offs = block_start + tl.arange(0, BLOCK)
-    in_bounds = offs < n
+    param_ptr, total_ptr = _pointer(row, 0, T_PARAM, ALIGNED), _pointer(row, 1, tl.float32, ALIGNED)
+    tau_ptr, buffer_ptr = _pointer(row, 2, T_TAU, ALIGNED), _pointer(row, 3, T_BUFFER, ALIGNED)
+    mask_ptr, anchor_ptr = _pointer(row, 4, tl.uint8, ALIGNED), _pointer(row, 5, T_ANCHOR, ALIGNED)
     keep = in_bounds
     if MASKED:
         keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
     total = tl.load(total_ptr + offs, mask=in_bounds, other=0.0)
+    tau = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0)
     a = total
-    b = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+    b = tau.to(tl.float32)
     kept = in_bounds
     if TRIM:
-        kept = tl.load(update_keep_ptr + offs, mask=in_bounds, other=0) != 0
+        cut = cuts + 4 * tl.load(row + 8)
+        index = tl.load(row + 7) + offs
+        kept = _in_cut(magnitude_bits(total).to(tl.int64), tl.load(cut), tl.load(cut + 1), index)
         a = tl.where(kept, a, 0.0)
-        b = tl.where(tl.load(tau_keep_ptr + offs, mask=in_bounds, other=0) != 0, b, 0.0)
+        b = tl.where(_in_cut(_tau_bits(tau), tl.load(cut + 2), tl.load(cut + 3), index), b, 0.0)
     elected = _sign(a * w_update + b * w_tau) if WEIGHTED else _sign(a + b)
     update = tl.where(_sign(a) == elected, a, 0.0) * w_update + tl.where(_sign(b) == elected, b, 0.0) * w_tau
     theta = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
@@ -445,27 +485,84 @@ def _onties_kernel(
 
 def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
     """Same contract as :func:`online_merging.kernels.eager.step`: one launch of ``_adam_kernel`` or ``_sgd_kernel``
-    for all the records that compile alike (same device, route, dtypes, mask or none); under OnTIES one launch per
-    record (its Δ into a float32 scratch tensor of its own) and for a whole tensor the selection of its top-p and
-    one launch of ``_onties_kernel``."""
-    ties = [plan.route(record)[0] == "onties" for record in records]
-    alone = [record for record, onties in zip(records, ties, strict=True) if onties]
-    totals = iter(eager.step_each(plan, alone, _step_alone, ties_merge, topk_cut))
+    for all the records that compile alike (same device, route, dtypes, mask or none). Under OnTIES the whole
+    tensors are stepped in groups of up to :data:`SCRATCH_NUMEL` elements (``_step_onties``), with no host
+    synchronisation; a piece of a larger tensor returns its Δ, in a scratch tensor of its own."""
+    results: list[torch.Tensor | None] = [None] * len(records)
     launches: dict[tuple, list[tuple[Record, list]]] = {}
-    for record, onties in zip(records, ties, strict=True):
-        if not onties and record.param.numel() > 0:
-            inputs = _inputs(plan, record)
-            launches.setdefault(_signature(plan, record, inputs), []).append((record, inputs))
+    group: list[Record] = []
+    numel = 0
+    for i, record in enumerate(records):
+        n = record.param.numel()
+        if plan.route(record)[0] != "onties":
+            if n > 0:
+                inputs = _inputs(plan, record)
+                launches.setdefault(_signature(plan, record, inputs), []).append((record, inputs))
+        elif record.update_cut is not None:
+            results[i] = _step_alone(plan, record)
+        elif n > MAX_NUMEL:  # beyond the device selection's int32 counts: selected by torch
+            total = _step_alone(plan, record)
+            threshold, cutoff = topk_cut(total, num_kept(plan.settings.reserve_p, n))
+            ties_merge(plan, record, total, (threshold, cutoff + record.offset), plan.tau_cut(record))
+        elif n > 0:
+            if group and numel + n > SCRATCH_NUMEL:
+                _step_onties(plan, group)
+                group, numel = [], 0
+            group.append(record)
+            numel += _padded(n)
+    if group:
+        _step_onties(plan, group)
     for launch in launches.values():
         _launch(plan, launch)
-    return [next(totals) if onties else None for onties in ties]
+    return results
 
 
 def _step_alone(plan: Plan, record: Record) -> torch.Tensor:
     """OnTIES's first pass of one record: its Δ, in a float32 scratch tensor."""
-    if record.param.numel() == 0:
-        return record.param.new_empty(0, dtype=torch.float32)
-    return _launch(plan, [(record, _inputs(plan, record))])[0]
+    scratch = torch.empty(record.param.numel(), dtype=torch.float32, device=record.param.device)
+    if scratch.numel() > 0:
+        _launch(plan, [(record, _inputs(plan, record))], [scratch])
+    return scratch
+
+
+def _step_onties(plan: Plan, records: list[Record]) -> None:
+    """OnTIES of whole tensors, queued on their device with nothing read back: the first pass writes their Δ into
+    one scratch buffer (one launch per signature), ``triton_topk.select_cuts`` writes each one's cut of its top-p into
+    device memory beside τ's, and ``_merge`` reads them (one launch per signature)."""
+    sizes = [record.param.numel() for record in records]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + _padded(n))
+    scratch = torch.empty(starts[-1], dtype=torch.float32, device=records[0].param.device)
+    totals = [scratch[start : start + n] for start, n in zip(starts, sizes, strict=False)]
+    launches: dict[tuple, list[tuple[Record, list, torch.Tensor]]] = {}
+    for record, total in zip(records, totals, strict=True):
+        inputs = _inputs(plan, record)
+        launches.setdefault(_signature(plan, record, inputs), []).append((record, inputs, total))
+    for launch in launches.values():
+        _launch(plan, [(record, inputs) for record, inputs, _ in launch], [total for *_, total in launch])
+    ks = [num_kept(plan.settings.reserve_p, n) for n in sizes]
+    cuts, chosen = [], []
+    for i, (record, n, k) in enumerate(zip(records, sizes, ks, strict=True)):
+        update_cut = KEEP_ALL if k >= n else KEEP_NONE if k <= 0 else (0, 0)
+        cuts.append([*update_cut, *plan.tau_cut(record)])
+        if 0 < k < n:
+            chosen.append(i)
+    cuts = _on(records[0].param.device, torch.tensor(cuts, dtype=torch.int64))
+    pick = [[values[i] for i in chosen] for values in (starts, sizes, ks, [r.offset for r in records])]
+    with _on_device(records[0].param):
+        select_cuts(scratch, *pick, chosen, cuts)
+    _merge(plan, list(zip(records, totals, strict=True)), cuts)
+
+
+def _padded(n: int) -> int:
+    """Elements a tensor of ``n`` takes in a scratch buffer: whole 64-byte lines, so that each one's Δ is aligned."""
+    return -(-n // 16) * 16
+
+
+def _on(device: torch.device, table: torch.Tensor) -> torch.Tensor:
+    """A host-made table on ``device``, copied from pinned memory on CUDA: no wait for the work queued before."""
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
 
 
 def _signature(plan: Plan, record: Record, inputs: list) -> tuple:
@@ -494,23 +591,22 @@ def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
     return [r.param, r.grad, *state, buffer, r.tau if merge is not None else None, anchor, _mask_bytes(r)]
 
 
-def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor | None]:
-    """One launch of the optimizer's kernel over records of one signature, each with its ``_inputs``; each record's
-    OnTIES scratch (Δ), or ``None`` when it merges in this pass. Non-contiguous tensors are stepped in contiguous
+def _launch(plan: Plan, launch: list[tuple[Record, list]], scratches: list[torch.Tensor] | None = None) -> None:
+    """One launch of the optimizer's kernel over records of one signature, each with its ``_inputs``; under OnTIES
+    each record's Δ goes to its float32 ``scratches`` entry. Non-contiguous tensors are stepped in contiguous
     copies, written back."""
     records = [record for record, _ in launch]
     merge, carry = plan.route(records[0])
     device = records[0].param.device
     adam = plan.optimizer == "adam"
-    rows, scales, starts, used, copies, scratches = [], [], [0], [], [], []
-    for r, inputs in launch:
+    rows, scales, starts, used, copies = [], [], [0], [], []
+    for i, (r, inputs) in enumerate(launch):
         n = r.param.numel()
         # under OnTIES this pass writes only the state and the scratch: θ and Δc are ``ties_merge``'s
         written = inputs[2:5] if merge == "onties" else [inputs[0], *inputs[2:6]]
         work = {id(t): _contiguous(t) for t in written if t is not None}
         copies.append((written, work))
-        scratch = torch.empty(n, dtype=torch.float32, device=device) if merge == "onties" else None
-        scratches.append(scratch)
+        scratch = scratches[i] if merge == "onties" else None
         tensors = [work[id(t)] if id(t) in work else _contiguous(t) for t in inputs]
         tensors.insert(8, scratch)
         used += [t for t in tensors if t is not None]
@@ -519,9 +615,7 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor 
         scales.append(plan.bias_corrections(r.step) if adam else (0.0, 0.0))
         starts.append(starts[-1] + triton.cdiv(n, _BLOCK))
     fields = torch.cat([torch.tensor(rows), torch.tensor(scales, dtype=torch.float64).view(torch.int64)], dim=1)
-    table = torch.cat([fields.reshape(-1), torch.tensor(starts)])
-    if device.type == "cuda":  # copied from pinned memory: no wait for the work queued before
-        table = table.pin_memory().to(device, non_blocking=True)
+    table = _on(device, torch.cat([fields.reshape(-1), torch.tensor(starts)]))
     types = (tl.float32 if dtype is None else _TL_DTYPES[dtype] for dtype in _dtypes(launch[0][1]))
     dtypes = dict(zip(_TYPED, types, strict=True))
     aligned = all(t.data_ptr() % 16 == 0 for t in used)
@@ -550,35 +644,50 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]]) -> list[torch.Tensor 
         )  # fmt: skip
     for written, work in copies:
         _write_back(written, work)
-    return scratches
 
 
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
-    """Same contract as :func:`online_merging.kernels.eager.ties_merge`: one launch of ``_onties_kernel``, given
-    the cuts' keep-masks as bytes (none when both keep all)."""
-    r = record
-    n = r.param.numel()
-    if n == 0:
-        return
-    _, carry = plan.route(r)
-    buffer = r.merge_buffer if carry == "roll_back" else None
-    written = [r.param, buffer]
-    work = {id(t): _contiguous(t) for t in written if t is not None}
-    tau, anchor = _contiguous(r.tau), _contiguous(_anchor(plan, r))
-    trim = not update_cut == tau_cut == KEEP_ALL
-    update_keep = cut_mask(total, update_cut, offset=r.offset).view(torch.uint8) if trim else None
-    tau_keep = cut_mask(tau, tau_cut, offset=r.offset).reshape(-1).view(torch.uint8) if trim else None
-    with _on_device(r.param):
-        _onties_kernel[(triton.cdiv(n, _BLOCK),)](
-            work[id(r.param)], total, tau, update_keep, tau_keep, work.get(id(buffer)), _mask_bytes(r), anchor, n,
-            plan.decay, plan.w_update, plan.w_tau, plan.w_pull, TRIM=trim,
-            WEIGHTED=plan.settings.ties_sign == "weighted", ROLL_BACK=buffer is not None, MASKED=r.mask is not None,
-            PULL=_pull_flag(plan, anchor), BLOCK=_BLOCK, **_LAUNCH,
-        )  # fmt: skip
-    _write_back(written, work)
+    """Same contract as :func:`online_merging.kernels.eager.ties_merge`: one launch of ``_onties_kernel``, the cuts
+    given."""
+    if record.param.numel() > 0:
+        cuts = _on(record.param.device, torch.tensor([[*update_cut, *tau_cut]], dtype=torch.int64))
+        _merge(plan, [(record, total)], cuts, trim=not update_cut == tau_cut == KEEP_ALL)
 
 
-topk_cut = merging_topk_cut
+def _merge(plan: Plan, merged: list[tuple[Record, torch.Tensor]], cuts: torch.Tensor, trim: bool = True) -> None:
+    """OnTIES's merge of each record with its Δ (flat float32), one launch of ``_onties_kernel`` per signature
+    (dtypes, step-K roll-back, mask, pull); record i's cuts in ``cuts[i]``: (T, cutoff) of Δ, then of τ."""
+    launches: dict[tuple, list[tuple[int, Record, list]]] = {}
+    for i, (r, total) in enumerate(merged):
+        _, carry = plan.route(r)
+        buffer = r.merge_buffer if carry == "roll_back" else None
+        tensors = [r.param, total, r.tau, buffer, _mask_bytes(r), _anchor(plan, r)]
+        signature = (*(None if t is None else t.dtype for t in tensors), _pull_flag(plan, tensors[5]))
+        launches.setdefault(signature, []).append((i, r, tensors))
+    for launch in launches.values():
+        rows, starts, used, copies = [], [0], [], []
+        for i, r, tensors in launch:
+            written = [tensors[0], tensors[3]]
+            work = {id(t): _contiguous(t) for t in written if t is not None}
+            copies.append((written, work))
+            tensors = [work[id(t)] if id(t) in work else _contiguous(t) for t in tensors]
+            used += [t for t in tensors if t is not None]
+            n = r.param.numel()
+            rows += [0 if t is None else t.data_ptr() for t in tensors] + [n, r.offset, i]
+            starts.append(starts[-1] + triton.cdiv(n, _BLOCK))
+        _, r, tensors = launch[0]
+        types = [tl.float32 if t is None else _TL_DTYPES.get(t.dtype) for t in tensors]  # the mask's unused
+        with _on_device(r.param):
+            _onties_kernel[(starts[-1],)](
+                _on(r.param.device, torch.tensor(rows + starts, dtype=torch.int64)), len(launch), cuts,
+                plan.decay, plan.w_update, plan.w_tau, plan.w_pull, T_PARAM=types[0], T_TAU=types[2],
+                T_BUFFER=types[3], T_ANCHOR=types[5], TRIM=trim, WEIGHTED=plan.settings.ties_sign == "weighted",
+                ROLL_BACK=tensors[3] is not None, MASKED=tensors[4] is not None, PULL=_pull_flag(plan, tensors[5]),
+                ALIGNED=all(t.data_ptr() % 16 == 0 for t in used), LOG=max(1, len(launch).bit_length()),
+                BLOCK=_BLOCK, **_LAUNCH,
+            )  # fmt: skip
+        for written, work in copies:
+            _write_back(written, work)
 
 
 def _merge_args(plan: Plan, merge: str | None, carry: str | None) -> dict:
