@@ -1,5 +1,8 @@
 """The tests' one-tensor calls of a backend module: a plan and a record built from keywords, stepped in two phases."""
 
+import importlib
+
+import pytest
 import torch
 
 from online_merging.kernels.plan import Plan, Record
@@ -7,6 +10,21 @@ from online_merging.merging import topk_cut
 from online_merging.optim import functional
 
 PIECE_KEYS = ("offset", "update_cut", "tau_cut", "mask", "binding")
+
+
+def interpreted_triton():
+    """The Triton backend with interpreted kernels (Triton reads TRITON_INTERPRET when a kernel is decorated: its
+    modules are reloaded under it when imported before)."""
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRITON_INTERPRET", "1")
+        module = importlib.import_module("online_merging.kernels.triton")
+        if not isinstance(module._adam_kernel, InterpretedFunction):
+            importlib.reload(importlib.import_module("online_merging.kernels.triton_topk"))
+            module = importlib.reload(module)
+    return module
 
 
 def adam_step(module, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, merge_buffer, tau, *, step, name, settings,

@@ -102,6 +102,8 @@ def topk_worker(world_size: int, seeds: list[int]):
         cuts = distributed_topk_cuts(pieces, offsets, [k for _, k, _ in tensors])
         masks = [(o, cut_mask(p, c, offset=o).reshape(-1)) for p, o, c in zip(pieces, offsets, cuts, strict=True)]
         out.append((cuts, masks, list(log)))
+        on_device = distributed_topk_cuts(pieces, offsets, [k for _, k, _ in tensors], on_device=True)
+        assert [tuple(cut) for cut in on_device.tolist()] == cuts, (seed, on_device, cuts)  # the same cuts, kept
     return out, subgroup_cut(world_size)
 
 

@@ -13,7 +13,7 @@ from online_merging.merging import PendingCut, num_kept, topk_cut
 from online_merging.optim import functional
 from online_merging.rng import bernoulli_mask, keep_threshold, random_bits
 from online_merging.settings import MERGE_DEFAULTS, PUBLISHED, MergeSettings
-from tests.backend_calls import adam_step, sgd_step
+from tests.backend_calls import adam_step, interpreted_triton, sgd_step
 
 torch.set_num_threads(1)
 
@@ -38,21 +38,9 @@ def _cpu():
         pytest.skip(f"the C++ extension does not build: {error}")
 
 
-def _triton():
-    pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    with pytest.MonkeyPatch.context() as patch:  # as tests/test_kernels_triton.py: interpret the kernels
-        patch.setenv("TRITON_INTERPRET", "1")
-        module = importlib.import_module("online_merging.kernels.triton")
-        if not isinstance(module._adam_kernel, InterpretedFunction):
-            module = importlib.reload(module)
-    return module
-
-
 @pytest.fixture(scope="module", params=["eager", "cpu", "triton"])
 def backend(request):
-    return {"eager": lambda: eager, "cpu": _cpu, "triton": _triton}[request.param]()
+    return {"eager": lambda: eager, "cpu": _cpu, "triton": interpreted_triton}[request.param]()
 
 
 def settings_of(overrides) -> MergeSettings:
@@ -192,9 +180,10 @@ def test_pending_cuts_wait_then_equal_the_whole(backend, merge, opt):
             assert torch.equal(value, whole[key].reshape(-1)[lo:hi]), (key, lo, hi)
 
 
-def test_functional_selects_pending_cuts_in_batches(monkeypatch):
+def test_functional_selects_pending_cuts_in_batches(backend, monkeypatch):
     """``functional.step`` selects the waiting cuts of a step together, in batches of at most DEFER_NUMEL whole
-    elements, then finishes the steps: as the tensors' own top-p would."""
+    elements, then finishes the steps: as the tensors' own top-p would; a backend that reads cuts on the device
+    (Triton) gets them as tensors."""
     settings = settings_of(MERGES["onties"])
     gen = torch.Generator().manual_seed(11)
     n, tensors = 1000, 3
@@ -203,9 +192,11 @@ def test_functional_selects_pending_cuts_in_batches(monkeypatch):
     grads = [torch.randn(n, generator=gen) for _ in range(tensors)]
     batches = []
 
-    def select(cuts, totals):  # one process, whole tensors: each cut is the tensor's own top-k
+    def select(cuts, totals, on_device):  # one process, whole tensors: each cut is the tensor's own top-k
+        assert on_device == getattr(backend, "CUTS_ON_DEVICE", False)
         batches.append(len(cuts))
-        return [topk_cut(total, cut.k) for cut, total in zip(cuts, totals, strict=True)]
+        selected = [topk_cut(total, cut.k) for cut, total in zip(cuts, totals, strict=True)]
+        return [torch.tensor(cut) for cut in selected] if on_device else selected
 
     monkeypatch.setattr(functional, "select_pending", select)
 
@@ -225,7 +216,7 @@ def test_functional_selects_pending_cuts_in_batches(monkeypatch):
             )
             for i in range(tensors)
         ]
-        functional.step(plan, records, backend="eager")
+        functional.step(plan, records, backend=backend)
         return params
 
     expected = run(None)

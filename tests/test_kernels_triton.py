@@ -16,7 +16,7 @@ from online_merging.kernels.plan import Binding, Plan, Record
 from online_merging.merging import PendingCut, num_kept, topk_cut
 from online_merging.rng import STREAM_UPDATE, keep_threshold, random_bits, tensor_key
 from online_merging.settings import MERGE_DEFAULTS, MergeSettings
-from tests.backend_calls import adam_step, sgd_step, step_pieces
+from tests.backend_calls import adam_step, interpreted_triton, sgd_step, step_pieces
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -28,16 +28,9 @@ MIXED = {"reserve_p": 0.3, "alpha": 0.3}  # large enough that every branch of th
 
 @pytest.fixture(scope="module")
 def backend():
-    """The Triton backend with interpreted kernels: Triton reads TRITON_INTERPRET when a kernel is decorated."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:  # kept set: a test's own kernels are decorated under it
         patch.setenv("TRITON_INTERPRET", "1")
-        module = importlib.import_module("online_merging.kernels.triton")
-        if not isinstance(module._adam_kernel, InterpretedFunction):  # imported earlier without the interpreter
-            importlib.reload(importlib.import_module("online_merging.kernels.triton_topk"))
-            module = importlib.reload(module)
-        yield module
+        yield interpreted_triton()
 
 
 def merge_settings(**overrides) -> MergeSettings:

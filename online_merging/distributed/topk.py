@@ -36,13 +36,17 @@ def distributed_topk_cut(piece: torch.Tensor, offset: int, k: int, group=None) -
     return distributed_topk_cuts([piece], [offset], [k], group)[0]
 
 
-def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: list[int], group=None) -> list[Cut]:
+def distributed_topk_cuts(
+    pieces: list[torch.Tensor], offsets: list[int], ks: list[int], group=None, *, on_device: bool = False
+) -> list[Cut] | torch.Tensor:
     """The :data:`~online_merging.merging.sparsify.Cut` of the k largest |x| of each sharded tensor, on every rank.
 
     Every rank of ``group`` (default: the world) passes, for each tensor in the same order, its piece (any shape,
     flattened row-major, possibly empty but of the tensor's dtype), the piece's global flat offset, and the global k.
     The result equals ``topk_cut(whole_tensor, k)`` exactly and is the same on every rank. Issues
-    ``radix_rounds(dtypes) + 2`` collectives and one host synchronisation; none when there are no tensors.
+    ``radix_rounds(dtypes) + 2`` collectives and one host synchronisation, to read the cuts; none when there are no
+    tensors, or ``on_device``: then the cuts stay where the collectives ran, an int64 tensor of a row (T, cutoff)
+    per tensor.
     """
     if not len(pieces) == len(offsets) == len(ks):
         raise ValueError(f"{len(pieces)} pieces, {len(offsets)} offsets and {len(ks)} ks: one of each per tensor")
@@ -51,7 +55,7 @@ def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: li
     device = collective_device(group, pieces[0].device)
     bins = 1 << DIGIT_BITS
     rounds = radix_rounds([p.dtype for p in pieces])
-    k = torch.tensor(ks, dtype=torch.int64, device=device)
+    k = _host_tensor(ks, device)
     bits = [magnitude_bits(p).to(device) for p in pieces]
     # the k largest of the whole tensor are among the union of each rank's k largest: only those are counted
     candidates = [
@@ -69,7 +73,7 @@ def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: li
                 digit = torch.where((c >> (shift + DIGIT_BITS)) == prefix[t], digit, bins)
             hist[t].scatter_add_(0, digit, torch.ones_like(digit))
         if r == 0:  # the last bin carries the piece's size instead: the tensor's size, once all-reduced
-            hist[:, bins] = torch.tensor([b.numel() for b in bits], dtype=torch.int64, device=device)
+            hist[:, bins] = _host_tensor([b.numel() for b in bits], device)
         else:
             hist[:, bins] = 0
         dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)
@@ -84,7 +88,7 @@ def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: li
 
     is_tie = [b == threshold[t] for t, b in enumerate(bits)]
     ties = torch.stack([m.sum() for m in is_tie])
-    local = torch.stack([ties, torch.tensor(offsets, dtype=torch.int64, device=device)])
+    local = torch.stack([ties, _host_tensor(offsets, device)])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     gathered = torch.stack(gathered)  # [ranks, (ties, offset), tensors]
@@ -96,23 +100,39 @@ def distributed_topk_cuts(pieces: list[torch.Tensor], offsets: list[int], ks: li
     cutoff = torch.where((j >= 1) & (j <= ties), my_offset + position, -1)
     dist.all_reduce(cutoff, op=dist.ReduceOp.MAX, group=group)
 
+    if on_device:
+        keep_all, keep_none = k >= numel, k <= 0
+        threshold = torch.where(keep_all, KEEP_ALL[0], torch.where(keep_none, KEEP_NONE[0], threshold))
+        return torch.stack(
+            [threshold, torch.where(keep_all, KEEP_ALL[1], torch.where(keep_none, KEEP_NONE[1], cutoff))], 1
+        )
     cuts = []
     for n, kk, th, c in zip(*torch.stack([numel, k, threshold, cutoff]).tolist(), strict=True):
         cuts.append(KEEP_ALL if kk >= n else KEEP_NONE if kk <= 0 else (th, c))
     return cuts
 
 
-def select_pending(pending: list[PendingCut], totals: list[torch.Tensor]) -> list[Cut]:
+def select_pending(
+    pending: list[PendingCut], totals: list[torch.Tensor], *, on_device: bool = False
+) -> list[Cut] | list[torch.Tensor]:
     """The cut of each :class:`~online_merging.merging.PendingCut`, of its piece's flat Δ in ``totals``: one
     :func:`distributed_topk_cuts` per process group for all of them, in the order given (every rank of a group
-    passes its pieces of the same tensors, in the same order)."""
+    passes its pieces of the same tensors, in the same order); ``on_device``: each a (T, cutoff) tensor, nothing
+    read back."""
     by_group: dict = {}
     for i, cut in enumerate(pending):
         by_group.setdefault(cut.group, []).append(i)
-    cuts: list[Cut] = [KEEP_ALL] * len(pending)
+    cuts: list = [KEEP_ALL] * len(pending)
     for group, indices in by_group.items():
         chosen = [pending[i] for i in indices]
         pieces, offsets, ks = [totals[i] for i in indices], [c.offset for c in chosen], [c.k for c in chosen]
-        for i, cut in zip(indices, distributed_topk_cuts(pieces, offsets, ks, group), strict=True):
+        selected = distributed_topk_cuts(pieces, offsets, ks, group, on_device=on_device)
+        for i, cut in zip(indices, selected, strict=True):
             cuts[i] = cut
     return cuts
+
+
+def _host_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``, copied from pinned memory on CUDA: no wait for the queued work."""
+    tensor = torch.tensor(values, dtype=torch.int64)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor

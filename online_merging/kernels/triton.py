@@ -52,13 +52,15 @@ from online_merging.kernels.triton_topk import MAX_NUMEL, find_block, magnitude_
 from online_merging.merging import Cut, num_kept, topk_cut
 from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE
 
-__all__ = ["SCRATCH_NUMEL", "step", "ties_merge", "topk_cut"]
+__all__ = ["CUTS_ON_DEVICE", "SCRATCH_NUMEL", "step", "ties_merge", "topk_cut"]
 
 _BLOCK = 1024
 """Elements per program."""
 # torch rounds every op on its own except where its kernels fuse (the explicit tl.fma calls): no contraction.
 # Asking explicitly also keeps Triton 3.9 from warning that its default will change.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+CUTS_ON_DEVICE = True
+"""``ties_merge`` takes Δ's cut as a tensor on the device: a sharded tensor's cut is not read back."""
 SCRATCH_NUMEL = 2**26
 """Elements of whole tensors stepped together under OnTIES: their Δ is held in one float32 buffer meanwhile."""
 _ROW = tl.constexpr(18)
@@ -646,11 +648,19 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]], scratches: list[torch
         _write_back(written, work)
 
 
-def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
+def ties_merge(
+    plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut | torch.Tensor, tau_cut: Cut
+) -> None:  # fmt: skip
     """Same contract as :func:`online_merging.kernels.eager.ties_merge`: one launch of ``_onties_kernel``, the cuts
-    given."""
-    if record.param.numel() > 0:
-        cuts = _on(record.param.device, torch.tensor([[*update_cut, *tau_cut]], dtype=torch.int64))
+    given; Δ's may be a (T, cutoff) tensor on the device (:data:`CUTS_ON_DEVICE`), read there."""
+    device = record.param.device
+    if record.param.numel() == 0:
+        return
+    if isinstance(update_cut, torch.Tensor):
+        cuts = torch.cat([update_cut.to(device), _on(device, torch.tensor(tau_cut, dtype=torch.int64))])
+        _merge(plan, [(record, total)], cuts.reshape(1, 4))
+    else:
+        cuts = _on(device, torch.tensor([[*update_cut, *tau_cut]], dtype=torch.int64))
         _merge(plan, [(record, total)], cuts, trim=not update_cut == tau_cut == KEEP_ALL)
 
 

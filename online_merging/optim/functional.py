@@ -10,7 +10,8 @@ cached cut of the whole) and calls the backend's ``ties_merge(plan, record, tota
 A piece whose update cut is a :class:`~online_merging.merging.PendingCut` waits: the cuts of all such records are
 selected together, after their Δ is computed: one batched selection (5 collectives) per step instead of one per
 tensor, holding the tensors' Δ meanwhile (here, beside their records), at most ``DEFER_NUMEL`` elements of whole
-tensors at a time.
+tensors at a time. A backend whose ``ties_merge`` takes a cut held on the device (``CUTS_ON_DEVICE``) gets them so,
+and nothing is read back to the host.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def _batches(
 def _select_and_finish(plan: Plan, waiting: list[tuple[ModuleType, Record, torch.Tensor]]) -> None:
     """Select the waiting records' cuts together, then merge the records, in order."""
     if waiting:
-        cuts = select_pending([record.update_cut for _, record, _ in waiting], [total for _, _, total in waiting])
+        on_device = all(getattr(kernels, "CUTS_ON_DEVICE", False) for kernels, _, _ in waiting)
+        pending, totals = [record.update_cut for _, record, _ in waiting], [total for _, _, total in waiting]
+        cuts = select_pending(pending, totals, on_device=on_device)
         for (kernels, record, total), cut in zip(waiting, cuts, strict=True):
             finish_ties(kernels, plan, record, total, cut)
