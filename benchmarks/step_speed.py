@@ -161,14 +161,15 @@ def providers(device: torch.device, quick: bool) -> dict[str, tuple[Callable[[Se
 
 
 def state_bytes_per_param(optimizer: Optimizer, numel: int) -> float:
-    """Bytes of the optimizer's state tensors (0-d step counters excluded) and of the τ it holds, per parameter."""
+    """Bytes of the optimizer's state tensors (0-d step counters excluded) and of the τ it holds (dense, or as its
+    merge reads it: ``PackedTau``), per parameter."""
     tensors = [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     if hasattr(optimizer, "binding"):  # ours: the τ each tensor's binding holds
         taus = [optimizer.binding(p).tau for group in optimizer.param_groups for p in group["params"]]
     else:  # the naive loop's
         taus = list(getattr(optimizer, "_taus", {}).values())
-    tensors += [t for t in taus if t is not None]
-    return sum(t.numel() * t.element_size() for t in tensors if t.dim() > 0) / numel
+    held = sum(t.nbytes for t in tensors if t.dim() > 0)
+    return (held + sum(t.nbytes for t in taus if t is not None)) / numel  # a PackedTau: values, bitmask, starts
 
 
 # -- measuring -----------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from online_merging.kernels import eager
-from online_merging.kernels.plan import Plan, Record, dare_keys
-from online_merging.merging import PendingCut, num_kept, topk_cut
+from online_merging.kernels.plan import Binding, Plan, Record, dare_keys
+from online_merging.merging import PackedTau, PendingCut, cut_mask, num_kept, topk_cut
 from online_merging.optim import functional
 from online_merging.rng import bernoulli_mask, keep_threshold, random_bits
 from online_merging.settings import MERGE_DEFAULTS, PUBLISHED, MergeSettings
@@ -314,3 +314,48 @@ def test_functional_steps_each_run_of_one_backend_in_one_call(monkeypatch):
     records = [Record(torch.zeros(3, device=d), torch.zeros(3, device=d), 1, name=n) for n, d in devices.items()]
     functional.step(Plan("adam", settings_of(MERGES["ondare"]), lr=1e-2), records)
     assert calls == [("first", ["a", "b"]), ("second", ["c"]), ("first", ["d"])]
+
+
+@pytest.mark.parametrize("merge", ["ondare", "onties", "onties-weighted", "stepK-ondare", "stepK-onties"])
+def test_packed_tau_steps_as_the_dense_one(backend, merge):
+    """τ stored as the merge reads it (``PackedTau``: OnTIES's top-p entries with a bitmask, DARE's once-drawn ones)
+    steps a tensor of three blocks bit for bit as the dense τ does, whole and in two pieces (their own blocks from
+    their element 0, DARE drawn at global indices, OnTIES kept by the whole τ's cut)."""
+    settings = settings_of({**MERGES[merge], "tau_mask": "once"})
+    n, bounds, steps = 2500, [(0, 1100), (1100, 2500)], 4
+    p, k = settings.reserve_p, num_kept(settings.reserve_p, n)
+    gen = torch.Generator().manual_seed(8)
+    start = {"param": torch.randn(n, generator=gen), "exp_avg": 0.1 * torch.randn(n, generator=gen),
+             "exp_avg_sq": 0.01 * torch.rand(n, generator=gen), "max_exp_avg_sq": 0.02 * torch.rand(n, generator=gen),
+             "merge_buffer": torch.zeros(n)}  # fmt: skip
+    tau = (0.1 * torch.randn(n, generator=gen)).bfloat16()
+    tau_cut = topk_cut(tau, k)
+
+    def packed(lo, hi):
+        if settings.merge == "onties":
+            return PackedTau.from_mask(tau[lo:hi], cut_mask(tau[lo:hi], tau_cut, offset=lo))
+        return PackedTau.from_dare(tau[lo:hi], dare_keys(settings, 1, NAME)[1], p, offset=lo)
+
+    def adam(state, grad, t, tau, lo=0, hi=n, **where):
+        views = {key: value[lo:hi] for key, value in state.items()}
+        binding = Binding(tau_cuts={p: tau_cut})  # τ's cut, as the optimizer keeps it from before packing
+        return adam_step(
+            backend, views["param"], grad[lo:hi], views["exp_avg"], views["exp_avg_sq"], views["max_exp_avg_sq"],
+            views["merge_buffer"], tau, step=t, name=NAME, settings=settings, binding=binding, **where, **ADAM,
+        )  # fmt: skip
+
+    dense, whole, pieces = ({key: value.clone() for key, value in start.items()} for _ in range(3))
+    for t in range(1, steps + 1):
+        grad = torch.randn(n, generator=gen)
+        adam(dense, grad, t, tau)
+        adam(whole, grad, t, packed(0, n))
+        rests = [
+            adam(pieces, grad, t, packed(lo, hi), lo, hi, offset=lo, update_cut=PendingCut(offset=lo, k=k, numel=n))
+            for lo, hi in bounds
+        ]
+        if settings.merge == "onties" and is_merge_step(settings, t):
+            cut = topk_cut(torch.cat([total for total, _ in rests]), k)
+            for _, rest in rests:
+                rest(cut)
+        for key in start:
+            assert torch.equal(whole[key], dense[key]) and torch.equal(pieces[key], dense[key]), (t, key)

@@ -407,7 +407,7 @@ def test_kernels_compile_for_a_gpu():
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     loads = json.loads(run.stdout.splitlines()[-1])
-    assert len(loads) == 13 and loads["adam_ondare"] > 0 and loads["adam_ondare_unaligned"] == 0, loads
+    assert len(loads) == 15 and loads["adam_ondare"] > 0 and loads["adam_ondare_unaligned"] == 0, loads
     assert loads["adam_ondare_pull_kept"] > 0 and loads["onties_merge"] > 0, loads
     assert loads["select_histogram"] > 0 and loads["select_ties"] > 0, loads
 

@@ -21,7 +21,8 @@ TARGET = GPUTarget("cuda", 90, 32)  # an H100
 TYPES = {f"T_{name}": tl.float32 for name in ("PARAM", "GRAD", "STATE1", "STATE2", "STATE3", "BUFFER", "ANCHOR")}
 FLAGS = {
     "DARE": True, "DROP": True, "RESCALE": True, "WITH_TAU": True, "CLAMP": True, "TO_SCRATCH": False,
-    "ACCUMULATE": False, "ROLL_BACK": False, "MASKED": False, "PULL": 0, "ALIGNED": True, "LOG": 7, "BLOCK": 1024,
+    "ACCUMULATE": False, "ROLL_BACK": False, "MASKED": False, "PULL": 0, "PACKED": False, "ALIGNED": True, "LOG": 7,
+    "BLOCK": 1024,
 }  # fmt: skip
 MERGE = {"table": "*i64", "records": "i64", "decay": "fp32", "threshold": "i64", "p": "fp32", "w_update": "fp32",
          "w_tau": "fp32", "tau_clamp": "fp32", "pull": "fp32", **TYPES, "T_TAU": tl.bfloat16, **FLAGS}  # fmt: skip
@@ -31,8 +32,8 @@ SGD = {**MERGE, "neg_lr": "fp32", "momentum": "fp32", "one_minus_dampening": "fp
        "MAXIMIZE": True, "WEIGHT_DECAY": True, "MOMENTUM": True, "FIRST_STEP": False, "NESTEROV": True}  # fmt: skip
 ONTIES = {"table": "*i64", "records": "i64", "cuts": "*i64", "decay": "fp32", "w_update": "fp32", "w_tau": "fp32",
           "pull": "fp32", "T_PARAM": tl.float32, "T_TAU": tl.bfloat16, "T_BUFFER": tl.float32, "T_ANCHOR": tl.float32,
-          "TRIM": True, "WEIGHTED": True, "ROLL_BACK": True, "MASKED": True, "PULL": 0, "ALIGNED": True, "LOG": 7,
-          "BLOCK": 1024}  # fmt: skip
+          "TRIM": True, "WEIGHTED": True, "ROLL_BACK": True, "MASKED": True, "PULL": 0, "PACKED": False,
+          "ALIGNED": True, "LOG": 7, "BLOCK": 1024}  # fmt: skip
 SELECT = {"buffer": "*fp32", "table": "*i64", "records": "i64", "state": "*i64", "LOG": 7, "BLOCK": 1024}
 HISTOGRAM = {**SELECT, "histogram": "*i32", "SHIFT": 9, "WIDTH": 11, "FIRST": False}
 VARIANTS = {
@@ -50,6 +51,8 @@ VARIANTS = {
     "adam_ondare_pull_kept": (backend._adam_kernel, {**ADAM, "PULL": backend._PULL["kept"]}),
     "onties_merge_pull_consensus": (backend._onties_kernel, {**ONTIES, "PULL": backend._PULL["consensus"]}),
     "onties_merge_fp64_tau": (backend._onties_kernel, {**ONTIES, "T_TAU": tl.float64, "ALIGNED": False}),
+    "adam_ondare_packed_tau": (backend._adam_kernel, {**ADAM, "PACKED": True}),
+    "onties_merge_packed_tau": (backend._onties_kernel, {**ONTIES, "PACKED": True}),
     "select_histogram_first": (topk._histogram_kernel, {**HISTOGRAM, "SHIFT": 20, "FIRST": True}),
     "select_histogram": (topk._histogram_kernel, HISTOGRAM),
     "select_resolve": (topk._resolve_kernel, {"state": "*i64", "histogram": "*i32", "WIDTH": 11}),

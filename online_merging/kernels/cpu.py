@@ -25,7 +25,7 @@ import torch
 from online_merging.kernels import eager
 from online_merging.kernels.build import load_extension
 from online_merging.kernels.plan import Binding, Plan, Record
-from online_merging.merging import Cut, num_kept
+from online_merging.merging import Cut, PackedTau, num_kept
 from online_merging.merging.sparsify import KEEP_ALL
 from online_merging.rng import MASK32
 
@@ -78,10 +78,11 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
     buffer = record.merge_buffer if carry == "roll_back" else None
     n, offset = record.param.numel(), record.offset
     weighted = plan.settings.ties_sign == "weighted"
+    tau, bits, starts = _tau_tensors(record.tau)
     merged = _ext.ties_merge(
-        record.param, buffer, total, record.tau, _piece_cut(update_cut, offset, n), _piece_cut(tau_cut, offset, n),
+        record.param, buffer, total, tau, _piece_cut(update_cut, offset, n), _piece_cut(tau_cut, offset, n),
         plan.decay, plan.w_update, plan.w_tau, weighted, record.mask, _anchor(plan, record), plan.w_pull,
-        PULL_ELEMENTS[plan.settings.pull_elements],
+        PULL_ELEMENTS[plan.settings.pull_elements], bits, starts,
     )  # fmt: skip
     if not merged:
         eager.ties_merge(plan, record, total, update_cut, tau_cut)
@@ -127,7 +128,8 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
         else:
             step_size = sqrt_bias2 = 0.0
             tensors += (r.param, r.grad, r.momentum_buffer if momentum else None, None, None)
-        tensors += (r.merge_buffer if carry else None, r.tau if merge else None, r.mask, total, _anchor(plan, r))
+        tau, bits, starts = _tau_tensors(r.tau if merge else None)
+        tensors += (r.merge_buffer if carry else None, tau, r.mask, total, _anchor(plan, r), bits, starts)
         ints += (mode, r.offset, *keys[0], *keys[1], k, *tau_cut)
         floats += (step_size, sqrt_bias2, float(r.first_momentum), *guess)
     found, guessed, stepped = _ext.step_group(
@@ -141,6 +143,14 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
     for i, binding, mode, guess in guesses:
         _learn(binding, found[i], guess, guessed[i], plan.lr, mode)
     return stepped
+
+
+def _tau_tensors(tau: torch.Tensor | PackedTau | None) -> tuple[torch.Tensor | None, ...]:
+    """τ as the kernel takes it: a dense τ alone; a packed one's values, bitmask (or none: DARE's) and block
+    starts."""
+    if isinstance(tau, PackedTau):
+        return tau.values, tau.bitmask, tau.starts
+    return tau, None, None
 
 
 def _anchor(plan: Plan, record: Record) -> torch.Tensor | None:

@@ -22,10 +22,19 @@ from collections.abc import Callable
 import torch
 
 from online_merging.kernels.plan import Plan, Record
-from online_merging.merging import Cut, cut_mask, linear, num_kept, random_keep, sign_consensus, topk_cut
+from online_merging.merging import (
+    Cut,
+    PackedTau,
+    cut_mask,
+    linear,
+    num_kept,
+    random_keep,
+    sign_consensus,
+    topk_cut,
+)
 from online_merging.rng import bernoulli_mask
 
-__all__ = ["merge_update", "step", "step_each", "ties_merge", "topk_cut"]
+__all__ = ["dense_tau", "merge_update", "step", "step_each", "ties_merge", "topk_cut"]
 
 Saved = list[tuple[torch.Tensor, torch.Tensor]]
 OneStep = Callable[[Plan, Record], torch.Tensor | None]
@@ -44,6 +53,7 @@ def step_each(
     a whole tensor merges at once by ``merge`` (the backend's ``ties_merge``) with Δ's top-p by ``select``."""
     results = []
     for record in records:
+        record = dense_tau(record)
         total = one_step(plan, record)
         if total is not None and record.update_cut is None:
             threshold, cutoff = select(total, num_kept(plan.settings.reserve_p, total.numel()))
@@ -51,6 +61,12 @@ def step_each(
             total = None
         results.append(total)
     return results
+
+
+def dense_tau(record: Record) -> Record:
+    """The record with its τ dense: a :class:`~online_merging.merging.PackedTau` unpacked (0 where the merge does
+    not read it, which changes no merge)."""
+    return record._replace(tau=record.tau.dense()) if isinstance(record.tau, PackedTau) else record
 
 
 def _step(plan: Plan, record: Record) -> torch.Tensor | None:
@@ -77,6 +93,7 @@ def merge_update(delta: torch.Tensor, tau: torch.Tensor, plan: Plan, record: Rec
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
     """θ ← decay·θ [− Δc] + F_T(Δ) ⊕ F_T(τ) (Eq. 6–7) + 0·Δ, with Δ = ``total`` (flat) and F_T keeping what the
     cuts keep; Δc ← 0 on a step-K roll-back. Masked-out elements of θ and Δc keep their values."""
+    record = dense_tau(record)
     param, tau, offset = record.param, record.tau, record.offset
     _, carry = plan.route(record)
     buffer = record.merge_buffer if carry == "roll_back" else None

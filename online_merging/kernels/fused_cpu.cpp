@@ -46,6 +46,7 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kWhole = 1 << 19;
 constexpr int64_t kWholeMax = 1 << 24;
+constexpr int64_t kPackBlock = 1024;  // a packed τ's block, whose first kept value's index it stores (PACK_BLOCK)
 constexpr int64_t kScanBlock = 1 << 12;  // OnTIES's first pass scans each block of Δ just written, while in L1
 
 inline uint32_t mix32(uint32_t x) {
@@ -121,8 +122,10 @@ struct Slot {
   float* state2;  // exp_avg_sq
   float* state3;  // max_exp_avg_sq
   float* buffer;  // step-K's Δc
-  const void* tau;
+  const void* tau;                // dense, or a packed τ's kept values
   bool tau_bf16;
+  const uint8_t* tau_bits;        // a packed τ's bitmask (OnTIES), or null: its mask is DARE's draw
+  const int64_t* tau_starts;      // a packed τ's block starts, or null: τ is dense
   const uint8_t* keep;
   float* total;         // a piece's Δ, for OnTIES's cut of the whole tensor
   const float* anchor;  // θ_sft, or null: no pull
@@ -488,11 +491,44 @@ void with_rule(const Group& g, const Slot& s, F&& f) {
   f(SgdRule<false>{s.grad, nullptr, g.lr, 0.f, 0.f, g.weight_decay, g.grad_sign, 0.f, 0.f});
 }
 
-// Calls f with the slot's τ as a typed pointer.
+// Writes into `out` the elements of block `block` of a packed τ (kPackBlock elements from block·kPackBlock), 0
+// where it keeps none: its kept values in order, placed by its bitmask, or by DARE's draw (the slot's τ key, the
+// group's threshold) as fused_range draws it.
+template <typename T>
+void unpack_block(const Group& g, const Slot& s, const T* __restrict__ values, int64_t block, float* __restrict__ out) {
+  const int64_t first = block * kPackBlock, count = std::min(kPackBlock, s.n - first);
+  int64_t position = s.tau_starts[block];
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t i = first + j;
+    bool kept;
+    if (s.tau_bits) {
+      kept = (s.tau_bits[i >> 3] >> (i & 7)) & 1;
+    } else {
+      const int64_t index = s.offset + i;
+      const uint32_t kt = mix32(static_cast<uint32_t>(index >> 32) ^ s.k2t) ^ s.k1t;
+      kept = mix32(static_cast<uint32_t>(index) ^ kt) < g.threshold;
+    }
+    out[j] = kept ? to_float(values[position]) : 0.f;
+    position += kept;
+  }
+}
+
+// Calls f(tau, lo, hi) over [begin, end) with the slot's τ as a pointer read at the tensor's element indices: its
+// dense τ, typed, once; a packed τ block by block, each unpacked into this thread's float buffer.
 template <typename F>
-void with_tau(const Slot& s, F&& f) {
-  if (s.tau_bf16) return f(static_cast<const c10::BFloat16*>(s.tau));
-  f(static_cast<const float*>(s.tau));
+void with_tau(const Group& g, const Slot& s, int64_t begin, int64_t end, F&& f) {
+  if (!s.tau_starts) {
+    if (s.tau_bf16) return f(static_cast<const c10::BFloat16*>(s.tau), begin, end);
+    return f(static_cast<const float*>(s.tau), begin, end);
+  }
+  thread_local std::array<float, kPackBlock> buffer;
+  for (int64_t lo = begin; lo < end;) {
+    const int64_t block = lo / kPackBlock, hi = std::min(end, (block + 1) * kPackBlock);
+    if (s.tau_bf16) unpack_block(g, s, static_cast<const c10::BFloat16*>(s.tau), block, buffer.data());
+    else unpack_block(g, s, static_cast<const float*>(s.tau), block, buffer.data());
+    f(static_cast<const float*>(buffer.data()) - block * kPackBlock, lo, hi);
+    lo = hi;
+  }
 }
 
 // Calls f with std::true_type when the slot is masked, else std::false_type.
@@ -526,9 +562,13 @@ void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t beg
           case kWriteTotalMerge:
           case kTiesMerge: return fused_range<kWriteTotalMerge, M, kNoPull>(rule, g, s, none, out, begin, end);
           case kDare:
-            return with_tau(s, [&](auto t) { fused_range<kDare, M, P>(rule, g, s, t, out, begin, end); });
+            return with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi) {
+              fused_range<kDare, M, P>(rule, g, s, t, out, lo, hi);
+            });
           case kDareMerge:
-            return with_tau(s, [&](auto t) { fused_range<kDareMerge, M, P>(rule, g, s, t, out, begin, end); });
+            return with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi) {
+              fused_range<kDareMerge, M, P>(rule, g, s, t, out, lo, hi);
+            });
         }
       });
     });
@@ -537,13 +577,13 @@ void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t beg
 
 void merge_range(const Group& g, const Slot& s, const float* total, std::array<int64_t, 2> update_cut,
                  std::array<int64_t, 2> tau_cut, bool roll_back, int64_t begin, int64_t end) {
-  with_tau(s, [&](auto t) {
+  with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi) {
     with_mask(s, [&](auto masked) {
       with_pull_of(g, s, [&](auto pulled) {
         constexpr bool M = decltype(masked)::value;
         constexpr int P = decltype(pulled)::value;
-        if (roll_back) return ties_range<true, M, P>(g, s, t, total, update_cut, tau_cut, begin, end);
-        ties_range<false, M, P>(g, s, t, total, update_cut, tau_cut, begin, end);
+        if (roll_back) return ties_range<true, M, P>(g, s, t, total, update_cut, tau_cut, lo, hi);
+        ties_range<false, M, P>(g, s, t, total, update_cut, tau_cut, lo, hi);
       });
     });
   });
@@ -631,24 +671,37 @@ float* data_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_
 }  // namespace
 
 using Tensors = std::vector<c10::optional<torch::Tensor>>;
-constexpr size_t kTensors = 10;  // per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total, anchor
+constexpr size_t kTensors = 12;  // per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total, anchor,
+                                 // a packed τ's bitmask and block starts
 constexpr size_t kInts = 9;      // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
 constexpr size_t kFloats = 5;    // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
 
 // Whether this kernel can read and write a tensor given as these kTensors entries: every one that is given (param
 // must be) contiguous, on the CPU, float32 (τ float32 or bfloat16, the keep mask bool) and shaped like param; an
-// anchor too (θ_sft, in the param's dtype).
+// anchor too (θ_sft, in the param's dtype); a packed τ (its block starts given): its values, a uint8 bitmask of
+// ⌈n/8⌉ bytes or none, ⌈n/kPackBlock⌉ + 1 int64 block starts.
 bool fusable(const c10::optional<torch::Tensor>* t) {
   if (!t[0] || t[0]->numel() == 0) return false;
   const int64_t n = t[0]->numel();
+  const bool packed = t[11].has_value();
+  if (t[10] && !packed) return false;
   for (size_t j = 0; j < kTensors; ++j) {
     if (!t[j]) continue;
     const auto type = t[j]->scalar_type();
-    const bool typed = j == 6 ? type == at::kFloat || type == at::kBFloat16 : type == (j == 7 ? at::kBool : at::kFloat);
-    if (!typed || !t[j]->is_contiguous() || !t[j]->device().is_cpu() || t[j]->numel() != n) return false;
+    const bool typed = j == 6    ? type == at::kFloat || type == at::kBFloat16
+                       : j == 7  ? type == at::kBool
+                       : j == 10 ? type == at::kByte
+                       : j == 11 ? type == at::kLong
+                                 : type == at::kFloat;
+    const int64_t size = j == 10 ? (n + 7) / 8 : j == 11 ? (n + kPackBlock - 1) / kPackBlock + 1 : n;
+    const bool sized = t[j]->numel() == size || (j == 6 && packed);
+    if (!typed || !t[j]->is_contiguous() || !t[j]->device().is_cpu() || !sized) return false;
   }
   return true;
 }
+
+const uint8_t* bytes_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<uint8_t>() : nullptr; }
+const int64_t* longs_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<int64_t>() : nullptr; }
 
 // Steps a param group's tensors (``tensors``: kTensors entries each) except those it cannot (see ``fusable``);
 // returns, per tensor, the OnTIES threshold value selected (NaN: none), what became of its guess (a Guess), and
@@ -701,7 +754,7 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
     stepped_index.push_back(i);
     slots.push_back(Slot{t[0]->data_ptr<float>(), t[1]->data_ptr<float>(), data_or_null(t[2]), data_or_null(t[3]),
                          data_or_null(t[4]), data_or_null(t[5]), t[6] ? t[6]->data_ptr() : nullptr,
-                         t[6] && t[6]->scalar_type() == at::kBFloat16,
+                         t[6] && t[6]->scalar_type() == at::kBFloat16, bytes_or_null(t[10]), longs_or_null(t[11]),
                          t[7] ? reinterpret_cast<const uint8_t*>(t[7]->data_ptr<bool>()) : nullptr,
                          data_or_null(t[8]), data_or_null(t[9]), n, mode,
                          static_cast<uint32_t>(in[2]), static_cast<uint32_t>(in[3]), static_cast<uint32_t>(in[4]),
@@ -736,9 +789,10 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
 bool ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, torch::Tensor total, torch::Tensor tau,
                 std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double update_weight,
                 double tau_weight, bool weighted, c10::optional<torch::Tensor> keep,
-                c10::optional<torch::Tensor> anchor, double pull, int64_t pull_elements) {
+                c10::optional<torch::Tensor> anchor, double pull, int64_t pull_elements,
+                c10::optional<torch::Tensor> tau_bits, c10::optional<torch::Tensor> tau_starts) {
   const c10::optional<torch::Tensor> tensors[kTensors] = {param, {}, {}, {}, {}, merge_buffer, tau, keep, total,
-                                                          anchor};
+                                                          anchor, tau_bits, tau_starts};
   if (!fusable(tensors)) return false;
   const int64_t n = param.numel();
   TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");
@@ -760,6 +814,8 @@ bool ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   s.buffer = data_or_null(merge_buffer);
   s.tau = tau.data_ptr();
   s.tau_bf16 = tau.scalar_type() == at::kBFloat16;
+  s.tau_bits = bytes_or_null(tau_bits);
+  s.tau_starts = longs_or_null(tau_starts);
   s.keep = keep ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
   s.anchor = data_or_null(anchor);
   s.n = n;

@@ -17,11 +17,11 @@ from typing import Any, NamedTuple
 
 import torch
 
-from online_merging.merging import Cut, PendingCut, num_kept, topk_cut
+from online_merging.merging import Cut, PackedTau, PendingCut, num_kept, topk_cut
 from online_merging.rng import STREAM_TASK_VECTOR, STREAM_UPDATE, keep_threshold, tensor_key
 from online_merging.settings import MergeSettings
 
-__all__ = ["Binding", "CutFn", "Plan", "Record", "dare_keys"]
+__all__ = ["Binding", "CutFn", "Plan", "Record", "dare_keys", "tau_form"]
 
 CutFn = Callable[[torch.Tensor], Cut]
 """Given a piece's flat tensor, the :data:`Cut` (global flat indices) of the whole tensor's top-p."""
@@ -36,7 +36,8 @@ class Binding:
     each of its records.
 
     The optimizer sets ``name`` (the canonical name τ is matched by; ``None``: unnamed), ``aliases`` (every name
-    the module gives the tensor), ``tau`` (its τ, on its device from its first step; ``None``: not merged),
+    the module gives the tensor), ``tau`` (its τ, on its device from its first step, stored as ``tau_form`` says,
+    see :func:`tau_form`: dense, or a :class:`~online_merging.merging.PackedTau`; ``None``: not merged),
     ``pieces`` (the pieces of parameters a ZeRO partition or FSDP2 shard holds; ``None``: stepped whole) and
     ``mask`` (the flat bool element mask of ``neuron_mask``). The step fills in what it derives once:
     ``tau_cuts``, τ's top-p :data:`Cut` of the whole parameter by p (τ does not change), and ``tau_keys``, the key
@@ -47,7 +48,8 @@ class Binding:
 
     name: str | None = None
     aliases: list[str] = field(default_factory=list)
-    tau: torch.Tensor | None = None
+    tau: torch.Tensor | PackedTau | None = None
+    tau_form: tuple | None = None
     pieces: list[Any] | None = None
     mask: torch.Tensor | None = None
     tau_cuts: dict[float, Cut] = field(default_factory=dict)
@@ -200,6 +202,19 @@ class Record(NamedTuple):
         """Whether its update cut is a :class:`~online_merging.merging.PendingCut`: the functional layer keeps this
         step's Δ and merges once the cuts of the step's pieces are selected together."""
         return isinstance(self.update_cut, PendingCut)
+
+
+def tau_form(settings: MergeSettings) -> tuple | None:
+    """How a group's merge reads τ, hence how τ is stored: ``("top_p", p)`` (OnTIES: τ's top-p entries) or
+    ``("dare", p, seed)`` (OnDARE drawing τ's mask once: its kept entries), each a
+    :class:`~online_merging.merging.PackedTau`; ``None``: dense (no merge, p = 1, a mask drawn every step)."""
+    if settings.is_plain or settings.reserve_p >= 1.0:
+        return None
+    if settings.merge == "onties":
+        return "top_p", settings.reserve_p
+    if settings.tau_mask == "once":
+        return "dare", settings.reserve_p, settings.seed
+    return None
 
 
 def dare_keys(

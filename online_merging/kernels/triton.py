@@ -48,14 +48,15 @@ except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
 from online_merging.kernels.plan import Plan, Record
-from online_merging.kernels.triton_topk import MAX_NUMEL, find_block, magnitude_bits, select_cuts
-from online_merging.merging import Cut, num_kept, topk_cut
+from online_merging.kernels.triton_topk import MAX_NUMEL, find_block, magnitude_bits, running_sum, select_cuts
+from online_merging.merging import Cut, PackedTau, num_kept, topk_cut
+from online_merging.merging.packed import PACK_BLOCK
 from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE
 
 __all__ = ["CUTS_ON_DEVICE", "SCRATCH_NUMEL", "step", "ties_merge", "topk_cut"]
 
-_BLOCK = 1024
-"""Elements per program."""
+_BLOCK = PACK_BLOCK
+"""Elements per program: a packed τ's block."""
 # torch rounds every op on its own except where its kernels fuse (the explicit tl.fma calls): no contraction.
 # Asking explicitly also keeps Triton 3.9 from warning that its default will change.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
@@ -63,13 +64,15 @@ CUTS_ON_DEVICE = True
 """``ties_merge`` takes Δ's cut as a tensor on the device: a sharded tensor's cut is not read back."""
 SCRATCH_NUMEL = 2**26
 """Elements of whole tensors stepped together under OnTIES: their Δ is held in one float32 buffer meanwhile."""
-_ROW = tl.constexpr(18)
+_ROW = tl.constexpr(19)
 """int64 fields of a record's row in a launch's table: 10 pointers (param, grad, 3 state tensors, step-K buffer, τ,
 the pull's anchor, OnTIES scratch, mask; 0 where absent), its size, offset and 4 DARE keys, Adam's step size and
-√(1 − β2^t) (float64 bits)."""
-_MERGE_ROW = tl.constexpr(9)
+√(1 − β2^t) (float64 bits), and a packed τ's block starts (its values at τ's pointer; its mask is DARE's draw)."""
+_MERGE_ROW = tl.constexpr(11)
 """int64 fields of a record's row in an ``_onties_kernel`` launch: 6 pointers (param, Δ, τ, step-K buffer, mask,
-the pull's anchor; 0 where absent), its size, offset and row of the cuts."""
+the pull's anchor; 0 where absent), its size, offset and row of the cuts, then a packed τ's block starts and
+bitmask (its values at τ's pointer)."""
+_BLOCK_SIZE = tl.constexpr(PACK_BLOCK)
 _TYPED = ("T_PARAM", "T_GRAD", "T_STATE1", "T_STATE2", "T_STATE3", "T_BUFFER", "T_TAU", "T_ANCHOR")  # their dtypes
 _KEPT, _CONSENSUS = tl.constexpr(2), tl.constexpr(3)
 _PULL = {"all": 1, "kept": 2, "consensus": 3}
@@ -124,11 +127,11 @@ def _zeros_after(loaded, keep):
 
 @triton.jit
 def _finish(
-    param, delta, param_ptr, buffer_ptr, tau_ptr, anchor_ptr, scratch_ptr, offs, in_bounds, keep, block_start, decay,
-    offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp, pull,
+    param, delta, param_ptr, buffer_ptr, tau_ptr, tau_starts_ptr, anchor_ptr, scratch_ptr, offs, in_bounds, keep,
+    block_start, decay, offset, upd_k1, upd_k2, tau_k1, tau_k2, threshold, p, w_update, w_tau, tau_clamp, pull,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    PULL: tl.constexpr,
+    PULL: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     """Apply Δ to θ (fp32 ``param``) as ``eager._apply`` (DARE draws at global indices ``offset + offs``):
 
@@ -164,7 +167,11 @@ def _finish(
                 if RESCALE:
                     update = tl.div_rn(update, p)
             if WITH_TAU:
-                task = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
+                if PACKED:  # its values where DARE's draw keeps τ (a packed τ has a drop: DROP)
+                    kept_tau = in_bounds & _dare_keep(index, first, tau_k1, tau_k2, threshold)
+                    task = _packed(tau_ptr, tau_starts_ptr, block_start, kept_tau)
+                else:
+                    task = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
                 if DROP:
                     task = tl.where(_dare_keep(index, first, tau_k1, tau_k2, threshold), task, 0.0)
                     if RESCALE:
@@ -186,6 +193,15 @@ def _finish(
             carried = tl.load(buffer_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
             tl.store(buffer_ptr + offs, (carried + delta).to(buffer_ptr.dtype.element_ty), mask=keep)
         tl.store(param_ptr + offs, param.to(param_ptr.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _packed(values_ptr, starts_ptr, block_start, kept):
+    """A packed τ's elements of a block (``merging.PackedTau``, whose blocks are this backend's): its values, in
+    order, where ``kept``, 0 elsewhere; as float32."""
+    rank = running_sum(kept.to(tl.int64)) - kept.to(tl.int64)  # kept elements before each, in the block
+    first = tl.load(starts_ptr + block_start // _BLOCK_SIZE)
+    return tl.load(values_ptr + first + rank, mask=kept, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -240,7 +256,7 @@ def _adam_kernel(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    PULL: tl.constexpr, ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
+    PULL: tl.constexpr, PACKED: tl.constexpr, ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """AdamW and the online merge of one block of one of the group's tensors (``_adam_block``). A full block has
     the bounds mask ``offs >= 0``, true and known constant to the compiler, which then vectorises its loads and
@@ -253,14 +269,14 @@ def _adam_kernel(
             row, block_start, offs, offs >= 0, lerp_weight, beta2, one_minus_beta2, eps, decay,
             threshold, p, w_update, w_tau, tau_clamp, pull, T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_BUFFER,
             T_TAU, T_ANCHOR, AMSGRAD, MAXIMIZE, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
-            MASKED, PULL, ALIGNED,
+            MASKED, PULL, PACKED, ALIGNED,
         )  # fmt: skip
     else:
         _adam_block(
             row, block_start, offs, offs < n, lerp_weight, beta2, one_minus_beta2, eps, decay,
             threshold, p, w_update, w_tau, tau_clamp, pull, T_PARAM, T_GRAD, T_STATE1, T_STATE2, T_STATE3, T_BUFFER,
             T_TAU, T_ANCHOR, AMSGRAD, MAXIMIZE, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK,
-            MASKED, PULL, ALIGNED,
+            MASKED, PULL, PACKED, ALIGNED,
         )  # fmt: skip
 
 
@@ -272,7 +288,7 @@ def _adam_block(
     AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    PULL: tl.constexpr, ALIGNED: tl.constexpr,
+    PULL: tl.constexpr, PACKED: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """AdamW and the online merge of the elements ``offs`` (``in_bounds``) of the record at ``row`` (``eager._adam``):
 
@@ -307,10 +323,10 @@ def _adam_block(
     tl.store(exp_avg_sq_ptr + offs, v.to(exp_avg_sq_ptr.dtype.element_ty), mask=keep)
     param = tl.load(param_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
     _finish(
-        param, delta, param_ptr, buffer_ptr, tau_ptr, anchor_ptr, scratch_ptr, offs, in_bounds, keep, block_start,
-        decay, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14), tl.load(row + 15),
-        threshold, p, w_update, w_tau, tau_clamp, pull, DARE, DROP, RESCALE, WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE,
-        ROLL_BACK, MASKED, PULL,
+        param, delta, param_ptr, buffer_ptr, tau_ptr, _pointer(row, 18, tl.int64, False), anchor_ptr, scratch_ptr, offs,
+        in_bounds, keep, block_start, decay, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
+        tl.load(row + 15), threshold, p, w_update, w_tau, tau_clamp, pull, DARE, DROP, RESCALE, WITH_TAU, CLAMP,
+        TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL, PACKED,
     )  # fmt: skip
 
 
@@ -324,7 +340,7 @@ def _sgd_kernel(
     NESTEROV: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    PULL: tl.constexpr, ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
+    PULL: tl.constexpr, PACKED: tl.constexpr, ALIGNED: tl.constexpr, LOG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """SGD and the online merge of one block of one of the group's tensors (``_sgd_block``), full blocks apart as
     in ``_adam_kernel``."""
@@ -336,14 +352,14 @@ def _sgd_kernel(
             row, block_start, offs, offs >= 0, neg_lr, momentum, one_minus_dampening, weight_decay,
             decay, threshold, p, w_update, w_tau, tau_clamp, pull, T_PARAM, T_GRAD, T_STATE1, T_BUFFER, T_TAU,
             T_ANCHOR, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV, DARE, DROP, RESCALE, WITH_TAU, CLAMP,
-            TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL, ALIGNED,
+            TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL, PACKED, ALIGNED,
         )  # fmt: skip
     else:
         _sgd_block(
             row, block_start, offs, offs < n, neg_lr, momentum, one_minus_dampening, weight_decay,
             decay, threshold, p, w_update, w_tau, tau_clamp, pull, T_PARAM, T_GRAD, T_STATE1, T_BUFFER, T_TAU,
             T_ANCHOR, MAXIMIZE, WEIGHT_DECAY, MOMENTUM, FIRST_STEP, NESTEROV, DARE, DROP, RESCALE, WITH_TAU, CLAMP,
-            TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL, ALIGNED,
+            TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL, PACKED, ALIGNED,
         )  # fmt: skip
 
 
@@ -355,7 +371,7 @@ def _sgd_block(
     WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
     DARE: tl.constexpr, DROP: tl.constexpr, RESCALE: tl.constexpr, WITH_TAU: tl.constexpr, CLAMP: tl.constexpr,
     TO_SCRATCH: tl.constexpr, ACCUMULATE: tl.constexpr, ROLL_BACK: tl.constexpr, MASKED: tl.constexpr,
-    PULL: tl.constexpr, ALIGNED: tl.constexpr,
+    PULL: tl.constexpr, PACKED: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """SGD as ``torch.optim.SGD`` and the online merge of the elements ``offs`` of the record at ``row``
     (``eager._sgd``):
@@ -385,10 +401,10 @@ def _sgd_block(
         tl.store(momentum_ptr + offs, buf.to(momentum_ptr.dtype.element_ty), mask=keep)
         grad = tl.fma(momentum, buf, grad) if NESTEROV else buf
     _finish(
-        param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, anchor_ptr, scratch_ptr, offs, in_bounds, keep,
-        block_start, decay, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13), tl.load(row + 14),
-        tl.load(row + 15), threshold, p, w_update, w_tau, tau_clamp, pull, DARE, DROP, RESCALE, WITH_TAU, CLAMP,
-        TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL,
+        param, grad * neg_lr, param_ptr, buffer_ptr, tau_ptr, _pointer(row, 18, tl.int64, False), anchor_ptr,
+        scratch_ptr, offs, in_bounds, keep, block_start, decay, tl.load(row + 11), tl.load(row + 12), tl.load(row + 13),
+        tl.load(row + 14), tl.load(row + 15), threshold, p, w_update, w_tau, tau_clamp, pull, DARE, DROP, RESCALE,
+        WITH_TAU, CLAMP, TO_SCRATCH, ACCUMULATE, ROLL_BACK, MASKED, PULL, PACKED,
     )  # fmt: skip
 
 
@@ -418,8 +434,8 @@ def _tau_bits(tau):
 def _onties_kernel(
     table, records, cuts, decay, w_update, w_tau, pull, T_PARAM: tl.constexpr, T_TAU: tl.constexpr,
     T_BUFFER: tl.constexpr, T_ANCHOR: tl.constexpr, TRIM: tl.constexpr, WEIGHTED: tl.constexpr,
-    ROLL_BACK: tl.constexpr, MASKED: tl.constexpr, PULL: tl.constexpr, ALIGNED: tl.constexpr, LOG: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROLL_BACK: tl.constexpr, MASKED: tl.constexpr, PULL: tl.constexpr, PACKED: tl.constexpr, ALIGNED: tl.constexpr,
+    LOG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """The OnTIES merge of one block of one of the group's tensors (``_onties_block``); rows of ``_MERGE_ROW``
     fields, the full blocks vectorised as in ``_adam_kernel``."""
@@ -429,12 +445,12 @@ def _onties_kernel(
     if block_start + BLOCK <= n:
         _onties_block(
             row, cuts, offs, offs >= 0, decay, w_update, w_tau, pull, T_PARAM, T_TAU, T_BUFFER, T_ANCHOR, TRIM,
-            WEIGHTED, ROLL_BACK, MASKED, PULL, ALIGNED,
+            WEIGHTED, ROLL_BACK, MASKED, PULL, PACKED, ALIGNED,
         )  # fmt: skip
     else:
         _onties_block(
             row, cuts, offs, offs < n, decay, w_update, w_tau, pull, T_PARAM, T_TAU, T_BUFFER, T_ANCHOR, TRIM,
-            WEIGHTED, ROLL_BACK, MASKED, PULL, ALIGNED,
+            WEIGHTED, ROLL_BACK, MASKED, PULL, PACKED, ALIGNED,
         )  # fmt: skip
 
 
@@ -442,7 +458,7 @@ def _onties_kernel(
 def _onties_block(
     row, cuts, offs, in_bounds, decay, w_update, w_tau, pull, T_PARAM: tl.constexpr, T_TAU: tl.constexpr,
     T_BUFFER: tl.constexpr, T_ANCHOR: tl.constexpr, TRIM: tl.constexpr, WEIGHTED: tl.constexpr,
-    ROLL_BACK: tl.constexpr, MASKED: tl.constexpr, PULL: tl.constexpr, ALIGNED: tl.constexpr,
+    ROLL_BACK: tl.constexpr, MASKED: tl.constexpr, PULL: tl.constexpr, PACKED: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
     """OnTIES merge of the elements ``offs`` of the record at ``row`` (Lu et al. 2024, Eq. 7;
     ``consensus.sign_consensus``), its cuts (of Δ and of τ, global flat indices) read from its row of ``cuts``:
@@ -460,7 +476,12 @@ def _onties_block(
     if MASKED:
         keep = keep & (tl.load(mask_ptr + offs, mask=in_bounds, other=0) != 0)
     total = tl.load(total_ptr + offs, mask=in_bounds, other=0.0)
-    tau = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0)
+    if PACKED:  # its values where its bitmask keeps τ
+        bits = tl.load(_pointer(row, 10, tl.uint8, False) + offs // 8, mask=in_bounds, other=0)
+        kept_tau = in_bounds & (((bits >> (offs % 8).to(tl.uint8)) & 1) != 0)
+        tau = _packed(tau_ptr, _pointer(row, 9, tl.int64, False), offs - offs % _BLOCK_SIZE, kept_tau).to(T_TAU)
+    else:
+        tau = tl.load(tau_ptr + offs, mask=in_bounds, other=0.0)
     a = total
     b = tau.to(tl.float32)
     kept = in_bounds
@@ -571,7 +592,8 @@ def _signature(plan: Plan, record: Record, inputs: list) -> tuple:
     """What the records of one launch share: device, route, SGD's first momentum step, mask or none, the dtypes of
     their typed pointers."""
     first = plan.optimizer == "sgd" and plan.momentum != 0.0 and record.first_momentum
-    return (record.param.device, plan.route(record), first, record.mask is not None, *_dtypes(inputs))
+    packed = isinstance(record.tau, PackedTau)
+    return (record.param.device, plan.route(record), first, record.mask is not None, packed, *_dtypes(inputs))
 
 
 def _dtypes(inputs: list) -> list[torch.dtype | None]:
@@ -590,7 +612,15 @@ def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
         state = [r.momentum_buffer if plan.momentum != 0.0 else None, None, None]
     buffer = r.merge_buffer if carry is not None else None
     anchor = _anchor(plan, r) if merge != "onties" else None
-    return [r.param, r.grad, *state, buffer, r.tau if merge is not None else None, anchor, _mask_bytes(r)]
+    tau = _packed_parts(r.tau)[0] if merge is not None else None
+    return [r.param, r.grad, *state, buffer, tau, anchor, _mask_bytes(r)]
+
+
+def _packed_parts(tau: torch.Tensor | PackedTau | None) -> tuple[torch.Tensor | None, ...]:
+    """(τ's tensor at its pointer, block starts, bitmask): a dense τ alone, a packed one's values and the rest."""
+    if isinstance(tau, PackedTau):
+        return tau.values, tau.starts, tau.bitmask
+    return tau, None, None
 
 
 def _launch(plan: Plan, launch: list[tuple[Record, list]], scratches: list[torch.Tensor] | None = None) -> None:
@@ -613,10 +643,13 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]], scratches: list[torch
         tensors.insert(8, scratch)
         used += [t for t in tensors if t is not None]
         keys = plan.dare_keys(r) if merge == "ondare" and plan.dare_threshold < 2**32 else ((0, 0), (0, 0))
+        tau_starts = _packed_parts(r.tau)[1] if merge is not None else None
         rows.append([0 if t is None else t.data_ptr() for t in tensors] + [n, r.offset, *keys[0], *keys[1]])
-        scales.append(plan.bias_corrections(r.step) if adam else (0.0, 0.0))
+        scales.append([*(plan.bias_corrections(r.step) if adam else (0.0, 0.0)), tau_starts])
         starts.append(starts[-1] + triton.cdiv(n, _BLOCK))
-    fields = torch.cat([torch.tensor(rows), torch.tensor(scales, dtype=torch.float64).view(torch.int64)], dim=1)
+    corrections = torch.tensor([row[:2] for row in scales], dtype=torch.float64).view(torch.int64)
+    packed = torch.tensor([[0 if row[2] is None else row[2].data_ptr()] for row in scales])
+    fields = torch.cat([torch.tensor(rows), corrections, packed], dim=1)
     table = _on(device, torch.cat([fields.reshape(-1), torch.tensor(starts)]))
     types = (tl.float32 if dtype is None else _TL_DTYPES[dtype] for dtype in _dtypes(launch[0][1]))
     dtypes = dict(zip(_TYPED, types, strict=True))
@@ -640,7 +673,8 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]], scratches: list[torch
     with _on_device(records[0].param):
         kernel[(starts[-1],)](
             table, len(records), **scalars, decay=plan.decay, **_merge_args(plan, merge, carry), **dtypes, **flags,
-            MASKED=records[0].mask is not None, PULL=_pull_flag(plan, launch[0][1][7]), ALIGNED=aligned,
+            MASKED=records[0].mask is not None, PULL=_pull_flag(plan, launch[0][1][7]),
+            PACKED=merge is not None and isinstance(records[0].tau, PackedTau), ALIGNED=aligned,
             LOG=max(1, len(records).bit_length()),
             BLOCK=_BLOCK, **_LAUNCH,
         )  # fmt: skip
@@ -671,12 +705,17 @@ def _merge(plan: Plan, merged: list[tuple[Record, torch.Tensor]], cuts: torch.Te
     for i, (r, total) in enumerate(merged):
         _, carry = plan.route(r)
         buffer = r.merge_buffer if carry == "roll_back" else None
-        tensors = [r.param, total, r.tau, buffer, _mask_bytes(r), _anchor(plan, r)]
-        signature = (*(None if t is None else t.dtype for t in tensors), _pull_flag(plan, tensors[5]))
-        launches.setdefault(signature, []).append((i, r, tensors))
+        tau, tau_starts, tau_bits = _packed_parts(r.tau)
+        tensors = [r.param, total, tau, buffer, _mask_bytes(r), _anchor(plan, r)]
+        signature = (
+            *(None if t is None else t.dtype for t in tensors),
+            _pull_flag(plan, tensors[5]),
+            tau_bits is not None,
+        )
+        launches.setdefault(signature, []).append((i, r, tensors, (tau_starts, tau_bits)))
     for launch in launches.values():
         rows, starts, used, copies = [], [0], [], []
-        for i, r, tensors in launch:
+        for i, r, tensors, packed in launch:
             written = [tensors[0], tensors[3]]
             work = {id(t): _contiguous(t) for t in written if t is not None}
             copies.append((written, work))
@@ -684,8 +723,9 @@ def _merge(plan: Plan, merged: list[tuple[Record, torch.Tensor]], cuts: torch.Te
             used += [t for t in tensors if t is not None]
             n = r.param.numel()
             rows += [0 if t is None else t.data_ptr() for t in tensors] + [n, r.offset, i]
+            rows += [0 if t is None else t.data_ptr() for t in packed]
             starts.append(starts[-1] + triton.cdiv(n, _BLOCK))
-        _, r, tensors = launch[0]
+        _, r, tensors, packed = launch[0]
         types = [tl.float32 if t is None else _TL_DTYPES.get(t.dtype) for t in tensors]  # the mask's unused
         with _on_device(r.param):
             _onties_kernel[(starts[-1],)](
@@ -693,6 +733,7 @@ def _merge(plan: Plan, merged: list[tuple[Record, torch.Tensor]], cuts: torch.Te
                 plan.decay, plan.w_update, plan.w_tau, plan.w_pull, T_PARAM=types[0], T_TAU=types[2],
                 T_BUFFER=types[3], T_ANCHOR=types[5], TRIM=trim, WEIGHTED=plan.settings.ties_sign == "weighted",
                 ROLL_BACK=tensors[3] is not None, MASKED=tensors[4] is not None, PULL=_pull_flag(plan, tensors[5]),
+                PACKED=packed[1] is not None,
                 ALIGNED=all(t.data_ptr() % 16 == 0 for t in used), LOG=max(1, len(launch).bit_length()),
                 BLOCK=_BLOCK, **_LAUNCH,
             )  # fmt: skip

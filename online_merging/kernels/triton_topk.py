@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DIGITS", "MAX_NUMEL", "find_block", "select_cuts"]
+__all__ = ["DIGITS", "MAX_NUMEL", "find_block", "magnitude_bits", "running_sum", "select_cuts"]
 
 DIGITS = ((20, 11), (9, 11), (0, 9))
 """(shift, width) of each round's digit of the 31-bit magnitude, from the top."""
@@ -65,7 +65,7 @@ def _total(x):
 
 
 @triton.jit
-def _running(x):
+def running_sum(x):
     """Inclusive running sums of a block (``tl.cumsum``'s, by the builtin scan)."""
     return tl.associative_scan(x, 0, _add)
 
@@ -115,7 +115,7 @@ def _resolve_kernel(state, histogram, WIDTH: tl.constexpr):
     bins = tl.arange(0, _BINS)
     counts = tl.load(histogram + index * _BINS + bins).to(tl.int64)
     need = tl.load(state + 2 * index)
-    up_to = _running(counts)  # elements of digit d or less
+    up_to = running_sum(counts)  # elements of digit d or less
     total = _total(counts)
     digit = _total((total - up_to + counts >= need).to(tl.int64)) - 1
     above = _total(tl.where(bins == digit, total - up_to, 0))
@@ -150,7 +150,7 @@ def _cutoff_kernel(
     for chunk in range(first, last, CHUNK):
         blocks = chunk + lanes
         counts = tl.load(ties + blocks, mask=blocks < last, other=0).to(tl.int64)
-        up_to = before + _running(counts)
+        up_to = before + running_sum(counts)
         lane = _total((up_to < room).to(tl.int64))  # the first lane whose blocks reach the room-th tie
         here = (found < 0) & (lane < CHUNK)
         found = tl.where(here, chunk + lane, found)
@@ -158,7 +158,7 @@ def _cutoff_kernel(
         before = before + _total(counts)
     bits, offs, in_bounds = _load_bits(buffer, table, index, found - first, BLOCK)
     at_threshold = (bits.to(tl.int64) == threshold) & in_bounds
-    position = _total(tl.where(at_threshold & (_running(at_threshold.to(tl.int64)) == rank), offs, 0))
+    position = _total(tl.where(at_threshold & (running_sum(at_threshold.to(tl.int64)) == rank), offs, 0))
     cut = cuts + 4 * tl.load(row + 4)
     tl.store(cut, threshold)
     tl.store(cut + 1, tl.load(row + 3) + position)

@@ -1,6 +1,7 @@
 """Merging operators on tensors: sparsification, consensus, the task vector τ, and reading weights."""
 
 from online_merging.merging.consensus import elect_sign, linear, sign_consensus
+from online_merging.merging.packed import PackedTau
 from online_merging.merging.sparsify import (
     Cut,
     PendingCut,
@@ -18,6 +19,7 @@ from online_merging.merging.weights import Weights, WeightsSource, canonical_nam
 
 __all__ = [
     "Cut",
+    "PackedTau",
     "PendingCut",
     "TaskVector",
     "Weights",

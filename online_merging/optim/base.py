@@ -12,11 +12,11 @@ from torch.optim import Optimizer
 
 from online_merging.distributed.collectives import all_true
 from online_merging.kernels import BACKENDS
-from online_merging.kernels.plan import Binding, Plan, Record
-from online_merging.merging import TaskVector, canonical_name
+from online_merging.kernels.plan import Binding, Plan, Record, tau_form
+from online_merging.merging import PackedTau, TaskVector, canonical_name, cut_mask
 from online_merging.merging.weights import describe
 from online_merging.optim.lora import BASE_WEIGHT, Site, adapter_kind, find_sites, is_lora
-from online_merging.optim.pieces import calling_zero_optimizer, dtensor_pieces, is_dtensor, zero_pieces
+from online_merging.optim.pieces import calling_zero_optimizer, dtensor_pieces, is_dtensor, tau_slice, zero_pieces
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
 
 __all__ = ["OnlineMergingOptimizer"]
@@ -513,19 +513,20 @@ class OnlineMergingOptimizer(Optimizer):
             if pieces is None:
                 if binding.mask is not None and binding.mask.device != param.device:  # the model moved
                     binding.mask = binding.mask.to(param.device)
-                records.append(
-                    Record(
-                        param, param.grad, step, **states[i], merge_buffer=merge_buffer, first_momentum=new_buffer,
-                        tau=tau, name=binding.name, mask=binding.mask,
-                        anchor=state.get("sft_anchor") if pull else None, binding=binding,
-                    )
+                record = Record(
+                    param, param.grad, step, **states[i], merge_buffer=merge_buffer, first_momentum=new_buffer,
+                    tau=tau, name=binding.name, mask=binding.mask, anchor=state.get("sft_anchor") if pull else None,
+                    binding=binding,
                 )  # fmt: skip
+                named = self._tau_name(param) is not None  # not a LoRA tensor's zero τ
+                read = lambda binding=binding, param=param: self.task_vector[binding.name].to(param.device)  # noqa: E731
+                records.append(self._stored_tau(plan, settings, record, read) if named else record)
                 continue
             tensors = {"param": param, "grad": param.grad, "merge_buffer": merge_buffer, **states[i]}
             if pull:
                 tensors["anchor"] = state["sft_anchor"]
             skipped = state.get("piece_skips")  # with nonfinite_grads only
-            ties = plan.settings.merge == "onties"
+            ties = settings.merge == "onties"
             for j, piece in enumerate(pieces):
                 if j in skip.get(param, ()):
                     continue
@@ -533,20 +534,33 @@ class OnlineMergingOptimizer(Optimizer):
                 p = settings.reserve_p
                 cuts = {"update_cut": piece.update_cut(p), "tau_cut": piece.tau_cut(p)} if ties else {}
                 views = {key: piece.view(value) for key, value in tensors.items()}
-                records.append(
-                    Record(
-                        **views,
-                        **cuts,
-                        step=count,
-                        first_momentum=new_buffer or count == 1,
-                        tau=piece.tau,
-                        name=piece.name,
-                        offset=piece.offset,
-                        mask=piece.mask,
-                        binding=piece,
-                    )
+                record = Record(
+                    **views, **cuts, step=count, first_momentum=new_buffer or count == 1, tau=piece.tau,
+                    name=piece.name, offset=piece.offset, mask=piece.mask, binding=piece,
+                )  # fmt: skip
+                read = lambda piece=piece, param=param: tau_slice(  # noqa: E731
+                    self.task_vector, piece.name, piece.offset, piece.numel, param
                 )
+                records.append(self._stored_tau(plan, settings, record, read))
         return records
+
+    def _stored_tau(
+        self, plan: Plan, settings: MergeSettings, record: Record, read: Callable[[], torch.Tensor]
+    ) -> Record:  # fmt: skip
+        """``record`` with its τ as the group's merge reads it (:func:`~online_merging.kernels.plan.tau_form`):
+        packed at its first step and kept so in its binding, in place of the dense τ; ``read`` gives the dense τ
+        again when the merge settings ask for another form."""
+        binding, form = record.binding, tau_form(settings)
+        if record.tau is None or binding.tau_form == form:
+            return record
+        tau = record.tau if binding.tau_form is None else read()
+        if form is not None and form[0] == "top_p":
+            keep = cut_mask(tau.reshape(-1), plan.tau_cut(record._replace(tau=tau)), offset=record.offset)
+            tau = PackedTau.from_mask(tau, keep)
+        elif form is not None:
+            tau = PackedTau.from_dare(tau, plan.dare_keys(record)[1], settings.reserve_p, record.offset)
+        binding.tau, binding.tau_form = tau, form
+        return record._replace(tau=tau)
 
     def _check_anchors(self, params: list[torch.Tensor], index: int) -> None:
         """Refuse a pull on a parameter that stepped without one: its SFT value, the pull's target, was not kept."""

@@ -70,7 +70,8 @@ class Piece(Binding):
         return lambda tau: distributed_topk_cut(tau, self.offset, num_kept(p, self.full_numel), self.group)
 
 
-def _tau_piece(task_vector: TaskVector | None, name: str, offset: int, numel: int, like: torch.Tensor):
+def tau_slice(task_vector: TaskVector | None, name: str, offset: int, numel: int, like: torch.Tensor):
+    """τ's elements [offset, offset + numel) of parameter ``name``, flat, on ``like``'s device; None without one."""
     if task_vector is None or name not in task_vector:
         return None
     tau = task_vector[name]  # read from the file when the task vector is lazy
@@ -104,7 +105,7 @@ def zero_pieces(
                 numel=f.numel,
                 offset=f.offset,
                 full_numel=_numel(f.shape),
-                tau=_tau_piece(task_vector, f.name, f.offset, f.numel, flat),
+                tau=tau_slice(task_vector, f.name, f.offset, f.numel, flat),
                 group=group,
                 mask=_mask_piece(masks, f.name, f.offset, f.numel, flat),
             )
@@ -119,7 +120,7 @@ def dtensor_pieces(
     """The one piece of a DTensor parameter (FSDP2) held by this rank; ``mask``: the parameter's element mask."""
     f = dtensor_fragment(name, param)
     shard = local_tensor(param)
-    tau = _tau_piece(task_vector, name, f.offset, f.numel, shard)
+    tau = tau_slice(task_vector, name, f.offset, f.numel, shard)
     mask = _mask_piece(None if mask is None else {name: mask}, name, f.offset, f.numel, shard)
     return [
         Piece(
