@@ -3,6 +3,7 @@
 Run from the repository root:
 
     python benchmarks/tau_memory.py                    # ~10M parameters in 78 tensors, bf16 τ, CPU
+    python benchmarks/tau_memory.py --millions 10 100 --repeats 31   # and the step speed, packed against dense τ
     python benchmarks/tau_memory.py --quick --out /tmp/bench   # ~0.1M parameters, seconds
 
 τ is saved to a safetensors file and loaded lazily (``TaskVector.load(path, lazy=True)``: each entry read when it is
@@ -13,6 +14,10 @@ values, bitmask and block starts), per parameter. Targets (issue 24): OnTIES at 
 bytes a parameter, OnDARE at p = 0.01 with τ's mask drawn once at most AdamW + 0.1; OnDARE with a mask drawn every
 step reads all of τ and keeps it dense.
 
+With ``--repeats``, also the step time of OnDARE and OnTIES (the published p = 0.01, as ``step_speed.py``) with τ
+packed and with τ kept dense (the optimizer before packing: a subclass that keeps the dense τ), against fused AdamW,
+the providers taking turns, medians of the repeats: what packing costs in speed, side by side in one run.
+
 Writes ``tau_memory.json`` to ``--out`` (default: the scratch folder of the benchmarks).
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_speed, timing: beside this file
 import step_speed
-from timing import SCRATCH, machine_info
+from timing import SCRATCH, machine_info, time_ms
 
 from online_merging import OnlineMergingAdam, TaskVector
 
@@ -69,20 +75,54 @@ def measure(millions: float, folder: Path) -> list[dict]:
     return rows
 
 
+class DenseTauAdam(OnlineMergingAdam):
+    """OnlineMergingAdam keeping τ dense, as before τ was packed: the speed baseline."""
+
+    def _stored_tau(self, plan, settings, record, read):
+        return record
+
+
+def step_ratios(millions: float, repeats: int) -> list[dict]:
+    """Median step times of fused AdamW and of OnDARE and OnTIES with packed and dense τ, taking turns."""
+    setup = step_speed.make_setup(millions, torch.device("cpu"), torch.bfloat16)
+    merge = {"lr": step_speed.LR, "task_vector": setup.task_vector, "reserve_p": step_speed.RESERVE_P,
+             "alpha": step_speed.ALPHA, "alpha_unit": "absolute"}  # fmt: skip
+    optimizers = {"adamw_fused": torch.optim.AdamW([p for _, p in setup.params], lr=step_speed.LR, fused=True)}
+    for name in ("ondare", "onties"):
+        for form, cls in (("packed", OnlineMergingAdam), ("dense", DenseTauAdam)):
+            optimizers[f"{name}_{form}"] = cls(setup.params, merge=name, **merge)
+    samples = {name: [] for name in optimizers}
+    for round_ in range(repeats + 1):
+        for name, optimizer in optimizers.items():
+            setup.new_gradients()
+            elapsed = time_ms(optimizer.step, torch.device("cpu"))
+            if round_:  # the first round builds the kernel's state and packs τ
+                samples[name].append(elapsed)
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    return [{"provider": name, "numel": setup.numel, "median_ms": ms, "ratio_to_adamw_fused": ms /
+             medians["adamw_fused"]} for name, ms in medians.items()]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--millions", type=float, default=10.0, help="parameters, in millions (default 10)")
+    parser.add_argument("--millions", type=float, nargs="+", default=[10.0], help="parameters, in millions")
+    parser.add_argument("--repeats", type=int, default=0, help="also time the steps, this many samples each")
     parser.add_argument("--quick", action="store_true", help="~0.1M parameters")
     parser.add_argument("--out", type=Path, default=SCRATCH, help="directory of the JSON (default %(default)s)")
     args = parser.parse_args(argv)
+    sizes = [0.1] if args.quick else args.millions
     with tempfile.TemporaryDirectory() as folder:
-        rows = measure(0.1 if args.quick else args.millions, Path(folder))
+        rows = measure(sizes[0], Path(folder))
     print(f"{'provider':<26} {'held B/param':>12} {'over AdamW':>11}  target")
     for r in rows:
         target = r["target_over_adamw"]
         target = "-" if target is None else f"<= {target}: {'met' if r['met'] else 'MISSED'}"
         print(f"{r['provider']:<26} {r['held_bytes_per_param']:>12.3f} {r['over_adamw']:>+11.3f}  {target}")
-    result = {"machine": machine_info(torch.device("cpu")), "rows": rows}
+    speed = [row for millions in sizes for row in step_ratios(millions, args.repeats)] if args.repeats else []
+    for r in speed:
+        ratio = r["ratio_to_adamw_fused"]
+        print(f"{r['provider']:<14} {r['numel'] / 1e6:6.1f}M {r['median_ms']:9.2f} ms {ratio:6.2f}x")
+    result = {"machine": machine_info(torch.device("cpu")), "rows": rows, "speed": speed}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tau_memory.json").write_text(json.dumps(result, indent=1) + "\n")
     return result

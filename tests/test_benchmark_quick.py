@@ -22,12 +22,14 @@ def load_benchmark():
 
 def expected_bytes_per_param(provider: str, p: float) -> float:
     """Stated independently of the benchmark: fp32 moments, an fp32 step-K buffer when K > 1, and τ as its merge
-    reads it: its kept entries in bf16 (p of them) with an int64 start per block of 1024, and OnTIES's bitmask.
+    reads it: its kept entries in bf16 (p of them) with an int64 start per block of 1024, placed by a bitmask (OnTIES
+    on Triton) or by int16 positions.
 
     The per-tensor 0-d ``step`` counters are excluded (the benchmark skips 0-d tensors).
     """
     fp32, bf16 = 4, torch.finfo(torch.bfloat16).bits // 8
-    tau = p * bf16 + 8 / 1024 + (1 / 8 if "onties" in provider else 0)
+    bitmask = "onties" in provider and provider.endswith("_triton")
+    tau = p * bf16 + 8 / 1024 + (1 / 8 if bitmask else p * 2)
     if provider.startswith("om_sgd_"):
         return fp32 + tau  # momentum buffer + τ
     k = int(provider.split("_k")[1].split("_")[0])

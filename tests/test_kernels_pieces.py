@@ -316,11 +316,16 @@ def test_functional_steps_each_run_of_one_backend_in_one_call(monkeypatch):
     assert calls == [("first", ["a", "b"]), ("second", ["c"]), ("first", ["d"])]
 
 
-@pytest.mark.parametrize("merge", ["ondare", "onties", "onties-weighted", "stepK-ondare", "stepK-onties"])
-def test_packed_tau_steps_as_the_dense_one(backend, merge):
-    """τ stored as the merge reads it (``PackedTau``: OnTIES's top-p entries with a bitmask, DARE's once-drawn ones)
-    steps a tensor of three blocks bit for bit as the dense τ does, whole and in two pieces (their own blocks from
-    their element 0, DARE drawn at global indices, OnTIES kept by the whole τ's cut)."""
+@pytest.mark.parametrize("tau_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("merge", "layout"),
+    [("ondare", None), ("onties", "bitmask"), ("onties", "positions"), ("onties-weighted", "bitmask"),
+     ("stepK-ondare", None), ("stepK-onties", "positions")],
+)  # fmt: skip
+def test_packed_tau_steps_as_the_dense_one(backend, merge, layout, tau_dtype):
+    """τ stored as the merge reads it (``PackedTau``: OnTIES's top-p entries placed by a bitmask or by positions,
+    DARE's once-drawn ones) steps a tensor of three blocks bit for bit as the dense τ does, whole and in two pieces
+    (their own blocks from their element 0, DARE drawn at global indices, OnTIES kept by the whole τ's cut)."""
     settings = settings_of({**MERGES[merge], "tau_mask": "once"})
     n, bounds, steps = 2500, [(0, 1100), (1100, 2500)], 4
     p, k = settings.reserve_p, num_kept(settings.reserve_p, n)
@@ -328,12 +333,12 @@ def test_packed_tau_steps_as_the_dense_one(backend, merge):
     start = {"param": torch.randn(n, generator=gen), "exp_avg": 0.1 * torch.randn(n, generator=gen),
              "exp_avg_sq": 0.01 * torch.rand(n, generator=gen), "max_exp_avg_sq": 0.02 * torch.rand(n, generator=gen),
              "merge_buffer": torch.zeros(n)}  # fmt: skip
-    tau = (0.1 * torch.randn(n, generator=gen)).bfloat16()
+    tau = (0.1 * torch.randn(n, generator=gen)).to(tau_dtype)
     tau_cut = topk_cut(tau, k)
 
     def packed(lo, hi):
         if settings.merge == "onties":
-            return PackedTau.from_mask(tau[lo:hi], cut_mask(tau[lo:hi], tau_cut, offset=lo))
+            return PackedTau.from_mask(tau[lo:hi], cut_mask(tau[lo:hi], tau_cut, offset=lo), layout)
         return PackedTau.from_dare(tau[lo:hi], dare_keys(settings, 1, NAME)[1], p, offset=lo)
 
     def adam(state, grad, t, tau, lo=0, hi=n, **where):

@@ -22,10 +22,13 @@ def test_packed_tau_is_tau_where_its_mask_keeps(numel, offset):
     blocks = torch.nn.functional.pad(keep, (0, -numel % PACK_BLOCK)).view(-1, PACK_BLOCK).sum(1)
     assert packed.starts.tolist() == [0, *blocks.cumsum(0).tolist()]
     assert packed.nbytes == 2 * int(keep.sum()) + 8 * len(packed.starts) + -(-numel // 8)
+    placed = PackedTau.from_mask(tau, keep, layout="positions")
+    assert torch.equal(placed.keep(), keep) and torch.equal(placed.dense(), packed.dense().reshape(-1))
+    assert placed.nbytes == (2 + 2) * int(keep.sum()) + 8 * len(placed.starts)  # values, int16 positions
     drawn = PackedTau.from_dare(tau, (12345, 678), 0.1, offset)
     expected = random_keep(tau, 0.1, (12345, 678), rescale=False, offset=offset)
     assert torch.equal(drawn.dense(), expected) and drawn.bitmask is None
-    assert drawn.nbytes == 2 * len(drawn.values) + 8 * len(drawn.starts)
+    assert drawn.nbytes == (2 + 2) * len(drawn.values) + 8 * len(drawn.starts)  # bf16 values, int16 positions
 
 
 def lazy_task_vector(params, tmp_path) -> TaskVector:

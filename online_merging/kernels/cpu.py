@@ -29,7 +29,11 @@ from online_merging.merging import Cut, PackedTau, num_kept
 from online_merging.merging.sparsify import KEEP_ALL
 from online_merging.rng import MASK32
 
-__all__ = ["step", "ties_merge", "topk_cut"]
+__all__ = ["PACKED_LAYOUT", "step", "ties_merge", "topk_cut"]
+
+PACKED_LAYOUT = "positions"
+"""The layout of a packed τ the kernel reads fastest: scattering its values by position costs less than scanning a
+bitmask (measured, ``benchmarks/tau_memory.py``); it reads either."""
 
 PLAIN, DARE, ACCUMULATE, DARE_MERGE, WRITE_TOTAL, WRITE_TOTAL_MERGE, TIES, TIES_MERGE = range(8)  # fused_cpu.cpp
 NO_GUESS, HIT, MISSED, TOO_WIDE = range(4)  # what became of a guessed OnTIES threshold (Guess in fused_cpu.cpp)
@@ -78,11 +82,11 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
     buffer = record.merge_buffer if carry == "roll_back" else None
     n, offset = record.param.numel(), record.offset
     weighted = plan.settings.ties_sign == "weighted"
-    tau, bits, starts = _tau_tensors(record.tau)
+    tau, *packed = _tau_tensors(record.tau)
     merged = _ext.ties_merge(
         record.param, buffer, total, tau, _piece_cut(update_cut, offset, n), _piece_cut(tau_cut, offset, n),
         plan.decay, plan.w_update, plan.w_tau, weighted, record.mask, _anchor(plan, record), plan.w_pull,
-        PULL_ELEMENTS[plan.settings.pull_elements], bits, starts,
+        PULL_ELEMENTS[plan.settings.pull_elements], *packed,
     )  # fmt: skip
     if not merged:
         eager.ties_merge(plan, record, total, update_cut, tau_cut)
@@ -128,8 +132,8 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
         else:
             step_size = sqrt_bias2 = 0.0
             tensors += (r.param, r.grad, r.momentum_buffer if momentum else None, None, None)
-        tau, bits, starts = _tau_tensors(r.tau if merge else None)
-        tensors += (r.merge_buffer if carry else None, tau, r.mask, total, _anchor(plan, r), bits, starts)
+        tau, *packed = _tau_tensors(r.tau if merge else None)
+        tensors += (r.merge_buffer if carry else None, tau, r.mask, total, _anchor(plan, r), *packed)
         ints += (mode, r.offset, *keys[0], *keys[1], k, *tau_cut)
         floats += (step_size, sqrt_bias2, float(r.first_momentum), *guess)
     found, guessed, stepped = _ext.step_group(
@@ -146,11 +150,11 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
 
 
 def _tau_tensors(tau: torch.Tensor | PackedTau | None) -> tuple[torch.Tensor | None, ...]:
-    """τ as the kernel takes it: a dense τ alone; a packed one's values, bitmask (or none: DARE's) and block
-    starts."""
+    """τ as the kernel takes it: a dense τ alone; a packed one's values, bitmask (OnTIES), block starts and
+    positions (DARE)."""
     if isinstance(tau, PackedTau):
-        return tau.values, tau.bitmask, tau.starts
-    return tau, None, None
+        return tau.values, tau.bitmask, tau.starts, tau.positions
+    return tau, None, None, None
 
 
 def _anchor(plan: Plan, record: Record) -> torch.Tensor | None:

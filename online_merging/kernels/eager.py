@@ -34,7 +34,10 @@ from online_merging.merging import (
 )
 from online_merging.rng import bernoulli_mask
 
-__all__ = ["dense_tau", "merge_update", "step", "step_each", "ties_merge", "topk_cut"]
+__all__ = ["PACKED_LAYOUT", "dense_tau", "merge_update", "step", "step_each", "ties_merge", "topk_cut"]
+
+PACKED_LAYOUT = "positions"
+"""The layout of a packed τ this backend reads fastest (``merging.packed.LAYOUTS``); it reads either."""
 
 Saved = list[tuple[torch.Tensor, torch.Tensor]]
 OneStep = Callable[[Plan, Record], torch.Tensor | None]

@@ -47,6 +47,7 @@ constexpr int64_t kGrain = 1 << 15;
 constexpr int64_t kWhole = 1 << 19;
 constexpr int64_t kWholeMax = 1 << 24;
 constexpr int64_t kPackBlock = 1024;  // a packed τ's block, whose first kept value's index it stores (PACK_BLOCK)
+constexpr int64_t kUnpackBlocks = 2;  // blocks of a packed τ unpacked at a time, into a per-thread buffer (8 KiB)
 constexpr int64_t kScanBlock = 1 << 12;  // OnTIES's first pass scans each block of Δ just written, while in L1
 
 inline uint32_t mix32(uint32_t x) {
@@ -124,8 +125,9 @@ struct Slot {
   float* buffer;  // step-K's Δc
   const void* tau;                // dense, or a packed τ's kept values
   bool tau_bf16;
-  const uint8_t* tau_bits;        // a packed τ's bitmask (OnTIES), or null: its mask is DARE's draw
+  const uint8_t* tau_bits;        // a packed τ's bitmask (OnTIES), or null
   const int64_t* tau_starts;      // a packed τ's block starts, or null: τ is dense
+  const int16_t* tau_positions;   // a packed τ's kept elements' positions in their blocks (DARE), or null
   const uint8_t* keep;
   float* total;         // a piece's Δ, for OnTIES's cut of the whole tensor
   const float* anchor;  // θ_sft, or null: no pull
@@ -209,7 +211,8 @@ struct SgdRule {
   }
 };
 
-template <int MODE, bool MASKED, int PULL, typename Rule, typename T>
+// UNPACKED: τ comes from a packed τ's buffer, 0 where it keeps none: no draw of its mask is needed.
+template <int MODE, bool MASKED, int PULL, bool UNPACKED = false, typename Rule, typename T>
 void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __restrict__ tau,
                  float* __restrict__ out, int64_t begin, int64_t end) {
   // Local copies: loop invariants the compiler can keep in registers (stores to param could alias them).
@@ -261,7 +264,7 @@ void fused_range(const Rule& rule_, const Group& g, const Slot& s, const T* __re
           buffer[i] = pick(on, 0.f, accumulated);
         }
         const bool keep_update = (mix32(index ^ ku) < threshold) | keep_all;
-        const bool keep_tau = (mix32(index ^ kt) < threshold) | keep_all;
+        const bool keep_tau = UNPACKED || (mix32(index ^ kt) < threshold) | keep_all;
         const float t = std::min(std::max(to_float(tau[i]) * tau_scale, -clamp), clamp);
         // + 0·total: a non-finite update reaches θ even where DARE drops it (as eager.merge_update)
         const float merged = ((keep_update ? total * update_scale : 0.f) + (keep_tau ? alpha * t : 0.f)) + total * 0.f;
@@ -426,7 +429,8 @@ std::array<int64_t, 2> topk_threshold(const X* x, int64_t n, int64_t k) {
 // θ ← decay·θ − Δc + (1−α)·a' + α·b' [with the pull], with a = T(total), b = T(τ) and a', b' their elements that
 // agree with the elected sign; Δc ← 0. ``total`` is Δc + Δ from the first pass. The cuts are in local indices: a
 // piece's caller shifts the whole tensor's cutoff by the piece's offset and clamps it to [-1, n].
-template <bool BUFFER, bool MASKED, int PULL, typename T>
+// UNPACKED: τ comes from a packed τ's buffer, 0 where its cut keeps none: τ's cut need not be compared.
+template <bool BUFFER, bool MASKED, int PULL, bool UNPACKED = false, typename T>
 void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const float* __restrict__ total,
                 std::array<int64_t, 2> update_cut, std::array<int64_t, 2> tau_cut, int64_t begin, int64_t end) {
   float* __restrict__ param = s.param;
@@ -453,7 +457,7 @@ void ties_range(const Group& g, const Slot& s, const T* __restrict__ tau, const 
       const float t = to_float(tau[i]);
       const uint32_t xb = abs_bits(total, i), tb = abs_bits(tau, i);
       const bool keep_x = (xb > update_threshold) | ((xb == update_threshold) & (j < update_ties));
-      const bool keep_t = (tb > tau_threshold) | ((tb == tau_threshold) & (j < tau_ties));
+      const bool keep_t = UNPACKED || (tb > tau_threshold) | ((tb == tau_threshold) & (j < tau_ties));
       const float a = keep_x ? x : 0.f;
       const float b = keep_t ? t : 0.f;
       const int sgn = sign(wa * a + wb * b);
@@ -492,41 +496,47 @@ void with_rule(const Group& g, const Slot& s, F&& f) {
 }
 
 // Writes into `out` the elements of block `block` of a packed τ (kPackBlock elements from block·kPackBlock), 0
-// where it keeps none: its kept values in order, placed by its bitmask, or by DARE's draw (the slot's τ key, the
-// group's threshold) as fused_range draws it.
+// where it keeps none: its kept values, placed by their positions in the block, or in order by its bitmask, read
+// 64 bits at a time (work in proportion to the kept elements).
 template <typename T>
-void unpack_block(const Group& g, const Slot& s, const T* __restrict__ values, int64_t block, float* __restrict__ out) {
+void unpack_block(const Slot& s, const T* __restrict__ values, int64_t block, float* __restrict__ out) {
   const int64_t first = block * kPackBlock, count = std::min(kPackBlock, s.n - first);
-  int64_t position = s.tau_starts[block];
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t i = first + j;
-    bool kept;
-    if (s.tau_bits) {
-      kept = (s.tau_bits[i >> 3] >> (i & 7)) & 1;
-    } else {
-      const int64_t index = s.offset + i;
-      const uint32_t kt = mix32(static_cast<uint32_t>(index >> 32) ^ s.k2t) ^ s.k1t;
-      kept = mix32(static_cast<uint32_t>(index) ^ kt) < g.threshold;
-    }
-    out[j] = kept ? to_float(values[position]) : 0.f;
-    position += kept;
+  const int64_t begin = s.tau_starts[block], end = s.tau_starts[block + 1];
+  if (s.tau_positions) {
+    std::fill(out, out + count, 0.f);
+    for (int64_t k = begin; k < end; ++k) out[s.tau_positions[k]] = to_float(values[k]);
+    return;
+  }
+  const T* next = values + begin;
+  const uint8_t* bits = s.tau_bits + first / 8;
+  const int64_t bytes = (count + 7) / 8;  // the bits past the tensor's end are 0
+  std::fill(out, out + count, 0.f);
+  for (int64_t byte = 0; byte < bytes; byte += 8) {
+    uint64_t word = 0;  // little-endian: bit j of byte i is bit 8i + j of the word
+    std::memcpy(&word, bits + byte, std::min<int64_t>(8, bytes - byte));
+    for (; word != 0; word &= word - 1) out[byte * 8 + __builtin_ctzll(word)] = to_float(*next++);
   }
 }
 
-// Calls f(tau, lo, hi) over [begin, end) with the slot's τ as a pointer read at the tensor's element indices: its
-// dense τ, typed, once; a packed τ block by block, each unpacked into this thread's float buffer.
+// Calls f(tau, lo, hi, unpacked) over [begin, end) with the slot's τ as a pointer read at the tensor's element
+// indices: its dense τ, typed, once (unpacked: std::false_type); a packed τ in chunks of kUnpackBlocks blocks, each
+// unpacked into this thread's float buffer (std::true_type).
 template <typename F>
 void with_tau(const Group& g, const Slot& s, int64_t begin, int64_t end, F&& f) {
   if (!s.tau_starts) {
-    if (s.tau_bf16) return f(static_cast<const c10::BFloat16*>(s.tau), begin, end);
-    return f(static_cast<const float*>(s.tau), begin, end);
+    if (s.tau_bf16) return f(static_cast<const c10::BFloat16*>(s.tau), begin, end, std::false_type{});
+    return f(static_cast<const float*>(s.tau), begin, end, std::false_type{});
   }
-  thread_local std::array<float, kPackBlock> buffer;
+  thread_local std::array<float, kUnpackBlocks * kPackBlock> buffer;
   for (int64_t lo = begin; lo < end;) {
-    const int64_t block = lo / kPackBlock, hi = std::min(end, (block + 1) * kPackBlock);
-    if (s.tau_bf16) unpack_block(g, s, static_cast<const c10::BFloat16*>(s.tau), block, buffer.data());
-    else unpack_block(g, s, static_cast<const float*>(s.tau), block, buffer.data());
-    f(static_cast<const float*>(buffer.data()) - block * kPackBlock, lo, hi);
+    const int64_t first = lo / kPackBlock, last = std::min((end - 1) / kPackBlock + 1, first + kUnpackBlocks);
+    for (int64_t block = first; block < last; ++block) {
+      float* into = buffer.data() + (block - first) * kPackBlock;
+      if (s.tau_bf16) unpack_block(s, static_cast<const c10::BFloat16*>(s.tau), block, into);
+      else unpack_block(s, static_cast<const float*>(s.tau), block, into);
+    }
+    const int64_t hi = std::min(end, last * kPackBlock);
+    f(static_cast<const float*>(buffer.data()) - first * kPackBlock, lo, hi, std::true_type{});
     lo = hi;
   }
 }
@@ -562,12 +572,12 @@ void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t beg
           case kWriteTotalMerge:
           case kTiesMerge: return fused_range<kWriteTotalMerge, M, kNoPull>(rule, g, s, none, out, begin, end);
           case kDare:
-            return with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi) {
-              fused_range<kDare, M, P>(rule, g, s, t, out, lo, hi);
+            return with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi, auto unpacked) {
+              fused_range<kDare, M, P, decltype(unpacked)::value>(rule, g, s, t, out, lo, hi);
             });
           case kDareMerge:
-            return with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi) {
-              fused_range<kDareMerge, M, P>(rule, g, s, t, out, lo, hi);
+            return with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi, auto unpacked) {
+              fused_range<kDareMerge, M, P, decltype(unpacked)::value>(rule, g, s, t, out, lo, hi);
             });
         }
       });
@@ -577,13 +587,14 @@ void pass_range(const Group& g, const Slot& s, int mode, float* out, int64_t beg
 
 void merge_range(const Group& g, const Slot& s, const float* total, std::array<int64_t, 2> update_cut,
                  std::array<int64_t, 2> tau_cut, bool roll_back, int64_t begin, int64_t end) {
-  with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi) {
+  with_tau(g, s, begin, end, [&](auto t, int64_t lo, int64_t hi, auto unpacked) {
     with_mask(s, [&](auto masked) {
       with_pull_of(g, s, [&](auto pulled) {
         constexpr bool M = decltype(masked)::value;
         constexpr int P = decltype(pulled)::value;
-        if (roll_back) return ties_range<true, M, P>(g, s, t, total, update_cut, tau_cut, lo, hi);
-        ties_range<false, M, P>(g, s, t, total, update_cut, tau_cut, lo, hi);
+        constexpr bool U = decltype(unpacked)::value;
+        if (roll_back) return ties_range<true, M, P, U>(g, s, t, total, update_cut, tau_cut, lo, hi);
+        ties_range<false, M, P, U>(g, s, t, total, update_cut, tau_cut, lo, hi);
       });
     });
   });
@@ -671,20 +682,20 @@ float* data_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_
 }  // namespace
 
 using Tensors = std::vector<c10::optional<torch::Tensor>>;
-constexpr size_t kTensors = 12;  // per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total, anchor,
-                                 // a packed τ's bitmask and block starts
+constexpr size_t kTensors = 13;  // per tensor: param, grad, 3 states, step-K buffer, τ, keep mask, total, anchor,
+                                 // a packed τ's bitmask, block starts and positions
 constexpr size_t kInts = 9;      // per tensor: mode, offset, 4 keys, k, τ's cut (T, cutoff)
 constexpr size_t kFloats = 5;    // per tensor: step size, √(1 − β2^t), first momentum step, guess, its width
 
 // Whether this kernel can read and write a tensor given as these kTensors entries: every one that is given (param
 // must be) contiguous, on the CPU, float32 (τ float32 or bfloat16, the keep mask bool) and shaped like param; an
-// anchor too (θ_sft, in the param's dtype); a packed τ (its block starts given): its values, a uint8 bitmask of
-// ⌈n/8⌉ bytes or none, ⌈n/kPackBlock⌉ + 1 int64 block starts.
+// anchor too (θ_sft, in the param's dtype); a packed τ (its block starts given): its values, ⌈n/kPackBlock⌉ + 1
+// int64 block starts, and a uint8 bitmask of ⌈n/8⌉ bytes or an int16 position per value.
 bool fusable(const c10::optional<torch::Tensor>* t) {
   if (!t[0] || t[0]->numel() == 0) return false;
   const int64_t n = t[0]->numel();
   const bool packed = t[11].has_value();
-  if (t[10] && !packed) return false;
+  if (packed != (t[10].has_value() != t[12].has_value())) return false;
   for (size_t j = 0; j < kTensors; ++j) {
     if (!t[j]) continue;
     const auto type = t[j]->scalar_type();
@@ -692,8 +703,12 @@ bool fusable(const c10::optional<torch::Tensor>* t) {
                        : j == 7  ? type == at::kBool
                        : j == 10 ? type == at::kByte
                        : j == 11 ? type == at::kLong
+                       : j == 12 ? type == at::kShort
                                  : type == at::kFloat;
-    const int64_t size = j == 10 ? (n + 7) / 8 : j == 11 ? (n + kPackBlock - 1) / kPackBlock + 1 : n;
+    const int64_t size = j == 10   ? (n + 7) / 8
+                         : j == 11 ? (n + kPackBlock - 1) / kPackBlock + 1
+                         : j == 12 ? t[6]->numel()
+                                   : n;
     const bool sized = t[j]->numel() == size || (j == 6 && packed);
     if (!typed || !t[j]->is_contiguous() || !t[j]->device().is_cpu() || !sized) return false;
   }
@@ -702,6 +717,7 @@ bool fusable(const c10::optional<torch::Tensor>* t) {
 
 const uint8_t* bytes_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<uint8_t>() : nullptr; }
 const int64_t* longs_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<int64_t>() : nullptr; }
+const int16_t* shorts_or_null(const c10::optional<torch::Tensor>& t) { return t ? t->data_ptr<int16_t>() : nullptr; }
 
 // Steps a param group's tensors (``tensors``: kTensors entries each) except those it cannot (see ``fusable``);
 // returns, per tensor, the OnTIES threshold value selected (NaN: none), what became of its guess (a Guess), and
@@ -755,6 +771,7 @@ std::tuple<std::vector<double>, std::vector<int64_t>, std::vector<bool>> step_gr
     slots.push_back(Slot{t[0]->data_ptr<float>(), t[1]->data_ptr<float>(), data_or_null(t[2]), data_or_null(t[3]),
                          data_or_null(t[4]), data_or_null(t[5]), t[6] ? t[6]->data_ptr() : nullptr,
                          t[6] && t[6]->scalar_type() == at::kBFloat16, bytes_or_null(t[10]), longs_or_null(t[11]),
+                         shorts_or_null(t[12]),
                          t[7] ? reinterpret_cast<const uint8_t*>(t[7]->data_ptr<bool>()) : nullptr,
                          data_or_null(t[8]), data_or_null(t[9]), n, mode,
                          static_cast<uint32_t>(in[2]), static_cast<uint32_t>(in[3]), static_cast<uint32_t>(in[4]),
@@ -790,9 +807,10 @@ bool ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
                 std::vector<int64_t> update_cut, std::vector<int64_t> tau_cut, double decay, double update_weight,
                 double tau_weight, bool weighted, c10::optional<torch::Tensor> keep,
                 c10::optional<torch::Tensor> anchor, double pull, int64_t pull_elements,
-                c10::optional<torch::Tensor> tau_bits, c10::optional<torch::Tensor> tau_starts) {
+                c10::optional<torch::Tensor> tau_bits, c10::optional<torch::Tensor> tau_starts,
+                c10::optional<torch::Tensor> tau_positions) {
   const c10::optional<torch::Tensor> tensors[kTensors] = {param, {}, {}, {}, {}, merge_buffer, tau, keep, total,
-                                                          anchor, tau_bits, tau_starts};
+                                                          anchor, tau_bits, tau_starts, tau_positions};
   if (!fusable(tensors)) return false;
   const int64_t n = param.numel();
   TORCH_CHECK(update_cut.size() == 2 && tau_cut.size() == 2, "cuts must be (T, cutoff)");
@@ -816,6 +834,7 @@ bool ties_merge(torch::Tensor param, c10::optional<torch::Tensor> merge_buffer, 
   s.tau_bf16 = tau.scalar_type() == at::kBFloat16;
   s.tau_bits = bytes_or_null(tau_bits);
   s.tau_starts = longs_or_null(tau_starts);
+  s.tau_positions = shorts_or_null(tau_positions);
   s.keep = keep ? reinterpret_cast<const uint8_t*>(keep->data_ptr<bool>()) : nullptr;
   s.anchor = data_or_null(anchor);
   s.n = n;

@@ -53,13 +53,16 @@ from online_merging.merging import Cut, PackedTau, num_kept, topk_cut
 from online_merging.merging.packed import PACK_BLOCK
 from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE
 
-__all__ = ["CUTS_ON_DEVICE", "SCRATCH_NUMEL", "step", "ties_merge", "topk_cut"]
+__all__ = ["CUTS_ON_DEVICE", "PACKED_LAYOUT", "SCRATCH_NUMEL", "step", "ties_merge", "topk_cut"]
 
 _BLOCK = PACK_BLOCK
 """Elements per program: a packed τ's block."""
 # torch rounds every op on its own except where its kernels fuse (the explicit tl.fma calls): no contraction.
 # Asking explicitly also keeps Triton 3.9 from warning that its default will change.
 _LAUNCH = {"num_warps": 4, "enable_fp_fusion": False}
+PACKED_LAYOUT = "bitmask"
+"""The layout of a packed τ of OnTIES the kernels read: a block's lanes find their values by a running count of its
+bits (DARE's positions are not read: the kernels draw its mask again). OnTIES's τ in positions is read dense."""
 CUTS_ON_DEVICE = True
 """``ties_merge`` takes Δ's cut as a tensor on the device: a sharded tensor's cut is not read back."""
 SCRATCH_NUMEL = 2**26
@@ -616,6 +619,11 @@ def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
     return [r.param, r.grad, *state, buffer, tau, anchor, _mask_bytes(r)]
 
 
+def _bitmask_or_dense(tau: torch.Tensor | PackedTau) -> torch.Tensor | PackedTau:
+    """OnTIES's τ as the merge kernel reads it: packed with a bitmask, or dense."""
+    return tau.dense() if isinstance(tau, PackedTau) and tau.bitmask is None else tau
+
+
 def _packed_parts(tau: torch.Tensor | PackedTau | None) -> tuple[torch.Tensor | None, ...]:
     """(τ's tensor at its pointer, block starts, bitmask): a dense τ alone, a packed one's values and the rest."""
     if isinstance(tau, PackedTau):
@@ -705,7 +713,7 @@ def _merge(plan: Plan, merged: list[tuple[Record, torch.Tensor]], cuts: torch.Te
     for i, (r, total) in enumerate(merged):
         _, carry = plan.route(r)
         buffer = r.merge_buffer if carry == "roll_back" else None
-        tau, tau_starts, tau_bits = _packed_parts(r.tau)
+        tau, tau_starts, tau_bits = _packed_parts(_bitmask_or_dense(r.tau))
         tensors = [r.param, total, tau, buffer, _mask_bytes(r), _anchor(plan, r)]
         signature = (
             *(None if t is None else t.dtype for t in tensors),

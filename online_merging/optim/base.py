@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from online_merging.distributed.collectives import all_true
-from online_merging.kernels import BACKENDS
+from online_merging.kernels import BACKENDS, get_backend
 from online_merging.kernels.plan import Binding, Plan, Record, tau_form
 from online_merging.merging import PackedTau, TaskVector, canonical_name, cut_mask
 from online_merging.merging.weights import describe
@@ -551,12 +551,14 @@ class OnlineMergingOptimizer(Optimizer):
         packed at its first step and kept so in its binding, in place of the dense τ; ``read`` gives the dense τ
         again when the merge settings ask for another form."""
         binding, form = record.binding, tau_form(settings)
+        if form is not None and form[0] == "top_p":  # in the layout the tensor's backend reads fastest
+            form = (*form, get_backend(self.backend, record.param.device).PACKED_LAYOUT)
         if record.tau is None or binding.tau_form == form:
             return record
         tau = record.tau if binding.tau_form is None else read()
         if form is not None and form[0] == "top_p":
             keep = cut_mask(tau.reshape(-1), plan.tau_cut(record._replace(tau=tau)), offset=record.offset)
-            tau = PackedTau.from_mask(tau, keep)
+            tau = PackedTau.from_mask(tau, keep, layout=form[2])
         elif form is not None:
             tau = PackedTau.from_dare(tau, plan.dare_keys(record)[1], settings.reserve_p, record.offset)
         binding.tau, binding.tau_form = tau, form
