@@ -501,6 +501,7 @@ class OnlineMergingOptimizer(Optimizer):
         pull = settings.pull > 0
         torch._foreach_add_(steps, 1)
         step_k = settings.merge_every > 1 and not settings.is_plain
+        form = tau_form(settings)
         for i, param in enumerate(params):
             state = self.state[param]
             binding = self._bindings[param]
@@ -520,7 +521,7 @@ class OnlineMergingOptimizer(Optimizer):
                 )  # fmt: skip
                 named = self._tau_name(param) is not None  # not a LoRA tensor's zero τ
                 read = lambda binding=binding, param=param: self.task_vector[binding.name].to(param.device)  # noqa: E731
-                records.append(self._stored_tau(plan, settings, record, read) if named else record)
+                records.append(self._stored_tau(plan, form, record, read) if named else record)
                 continue
             tensors = {"param": param, "grad": param.grad, "merge_buffer": merge_buffer, **states[i]}
             if pull:
@@ -541,16 +542,14 @@ class OnlineMergingOptimizer(Optimizer):
                 read = lambda piece=piece, param=param: tau_slice(  # noqa: E731
                     self.task_vector, piece.name, piece.offset, piece.numel, param
                 )
-                records.append(self._stored_tau(plan, settings, record, read))
+                records.append(self._stored_tau(plan, form, record, read))
         return records
 
-    def _stored_tau(
-        self, plan: Plan, settings: MergeSettings, record: Record, read: Callable[[], torch.Tensor]
-    ) -> Record:  # fmt: skip
-        """``record`` with its τ as the group's merge reads it (:func:`~online_merging.kernels.plan.tau_form`):
-        packed at its first step and kept so in its binding, in place of the dense τ; ``read`` gives the dense τ
-        again when the merge settings ask for another form."""
-        binding, form = record.binding, tau_form(settings)
+    def _stored_tau(self, plan: Plan, form: tuple | None, record: Record, read: Callable[[], torch.Tensor]) -> Record:
+        """``record`` with its τ as the group's merge reads it (``form``, of
+        :func:`~online_merging.kernels.plan.tau_form`): packed at its first step and kept so in its binding, in place
+        of the dense τ; ``read`` gives the dense τ again when the merge settings ask for another form."""
+        binding = record.binding
         if form is not None and form[0] == "top_p":  # in the layout the tensor's backend reads fastest
             form = (*form, get_backend(self.backend, record.param.device).PACKED_LAYOUT)
         if record.tau is None or binding.tau_form == form:
@@ -560,7 +559,7 @@ class OnlineMergingOptimizer(Optimizer):
             keep = cut_mask(tau.reshape(-1), plan.tau_cut(record._replace(tau=tau)), offset=record.offset)
             tau = PackedTau.from_mask(tau, keep, layout=form[2])
         elif form is not None:
-            tau = PackedTau.from_dare(tau, plan.dare_keys(record)[1], settings.reserve_p, record.offset)
+            tau = PackedTau.from_dare(tau, plan.dare_keys(record)[1], form[1], record.offset)
         binding.tau, binding.tau_form = tau, form
         return record._replace(tau=tau)
 
