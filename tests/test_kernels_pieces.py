@@ -324,16 +324,18 @@ def test_functional_steps_each_run_of_one_backend_in_one_call(monkeypatch):
 )  # fmt: skip
 def test_packed_tau_steps_as_the_dense_one(backend, merge, layout, tau_dtype):
     """τ stored as the merge reads it (``PackedTau``: OnTIES's top-p entries placed by a bitmask or by positions,
-    DARE's once-drawn ones) steps a tensor of three blocks bit for bit as the dense τ does, whole and in two pieces
-    (their own blocks from their element 0, DARE drawn at global indices, OnTIES kept by the whole τ's cut)."""
+    DARE's once-drawn ones) steps a tensor of three blocks bit for bit as the dense τ does, whole and in three pieces
+    (their own blocks from their element 0, DARE drawn at global indices, OnTIES kept by the whole τ's cut; OnTIES
+    keeps nothing of the second)."""
     settings = settings_of({**MERGES[merge], "tau_mask": "once"})
-    n, bounds, steps = 2500, [(0, 1100), (1100, 2500)], 4
+    n, bounds, steps = 2500, [(0, 1100), (1100, 1400), (1400, 2500)], 4
     p, k = settings.reserve_p, num_kept(settings.reserve_p, n)
     gen = torch.Generator().manual_seed(8)
     start = {"param": torch.randn(n, generator=gen), "exp_avg": 0.1 * torch.randn(n, generator=gen),
              "exp_avg_sq": 0.01 * torch.rand(n, generator=gen), "max_exp_avg_sq": 0.02 * torch.rand(n, generator=gen),
              "merge_buffer": torch.zeros(n)}  # fmt: skip
     tau = (0.1 * torch.randn(n, generator=gen)).to(tau_dtype)
+    tau[1100:1400] = 0  # OnTIES keeps nothing of the second piece's τ: a packed τ may hold no value
     tau_cut = topk_cut(tau, k)
 
     def packed(lo, hi):

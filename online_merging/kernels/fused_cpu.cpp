@@ -125,9 +125,9 @@ struct Slot {
   float* buffer;  // step-K's Δc
   const void* tau;                // dense, or a packed τ's kept values
   bool tau_bf16;
-  const uint8_t* tau_bits;        // a packed τ's bitmask (OnTIES), or null
+  const uint8_t* tau_bits;        // a packed τ's bitmask, or null: it places its values by positions
   const int64_t* tau_starts;      // a packed τ's block starts, or null: τ is dense
-  const int16_t* tau_positions;   // a packed τ's kept elements' positions in their blocks (DARE), or null
+  const int16_t* tau_positions;   // a packed τ's kept elements' positions in their blocks
   const uint8_t* keep;
   float* total;         // a piece's Δ, for OnTIES's cut of the whole tensor
   const float* anchor;  // θ_sft, or null: no pull
@@ -502,7 +502,7 @@ template <typename T>
 void unpack_block(const Slot& s, const T* __restrict__ values, int64_t block, float* __restrict__ out) {
   const int64_t first = block * kPackBlock, count = std::min(kPackBlock, s.n - first);
   const int64_t begin = s.tau_starts[block], end = s.tau_starts[block + 1];
-  if (s.tau_positions) {
+  if (!s.tau_bits) {  // by positions (which may be none at all: a null pointer)
     std::fill(out, out + count, 0.f);
     for (int64_t k = begin; k < end; ++k) out[s.tau_positions[k]] = to_float(values[k]);
     return;
