@@ -78,7 +78,7 @@ def measure(millions: float, folder: Path) -> list[dict]:
 class DenseTauAdam(OnlineMergingAdam):
     """OnlineMergingAdam keeping τ dense, as before τ was packed: the speed baseline."""
 
-    def _stored_tau(self, plan, form, record, read):
+    def _stored_tau(self, plan, form, record, param):
         return record
 
 

@@ -161,6 +161,8 @@ class Record(NamedTuple):
     ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (Adam), ``momentum_buffer`` (SGD, with momentum),
     ``merge_buffer`` (step-K's Δc). ``step`` is the tensor's step count after this step (1 on the first).
     ``first_momentum``: SGD's momentum buffer starts now, set to the gradient as torch sets a missing buffer.
+    ``tau`` is a tensor, or the entries of it that the merge reads (:class:`~online_merging.merging.PackedTau`, of the
+    record's shape; every backend reads either, to the same bits).
 
     A piece of a named parameter has ``offset``, the flat index of its element 0 in the whole, and ``tau``, the
     matching piece of τ; DARE draws use the global index. OnTIES's top-p is then a :data:`Cut` of the whole:
@@ -188,7 +190,7 @@ class Record(NamedTuple):
     momentum_buffer: torch.Tensor | None = None
     first_momentum: bool = False
     merge_buffer: torch.Tensor | None = None
-    tau: torch.Tensor | None = None
+    tau: torch.Tensor | PackedTau | None = None
     name: str | None = None
     offset: int = 0
     update_cut: CutFn | PendingCut | None = None

@@ -16,7 +16,14 @@ from online_merging.kernels.plan import Binding, Plan, Record, tau_form
 from online_merging.merging import PackedTau, TaskVector, canonical_name, cut_mask
 from online_merging.merging.weights import describe
 from online_merging.optim.lora import BASE_WEIGHT, Site, adapter_kind, find_sites, is_lora
-from online_merging.optim.pieces import calling_zero_optimizer, dtensor_pieces, is_dtensor, tau_slice, zero_pieces
+from online_merging.optim.pieces import (
+    Piece,
+    calling_zero_optimizer,
+    dtensor_pieces,
+    is_dtensor,
+    tau_slice,
+    zero_pieces,
+)
 from online_merging.settings import MERGE_DEFAULTS, NONFINITE_POLICIES, MergeSettings
 
 __all__ = ["OnlineMergingOptimizer"]
@@ -520,8 +527,7 @@ class OnlineMergingOptimizer(Optimizer):
                     binding=binding,
                 )  # fmt: skip
                 named = self._tau_name(param) is not None  # not a LoRA tensor's zero τ
-                read = lambda binding=binding, param=param: self.task_vector[binding.name].to(param.device)  # noqa: E731
-                records.append(self._stored_tau(plan, form, record, read) if named else record)
+                records.append(self._stored_tau(plan, form, record, param) if named else record)
                 continue
             tensors = {"param": param, "grad": param.grad, "merge_buffer": merge_buffer, **states[i]}
             if pull:
@@ -539,22 +545,19 @@ class OnlineMergingOptimizer(Optimizer):
                     **views, **cuts, step=count, first_momentum=new_buffer or count == 1, tau=piece.tau,
                     name=piece.name, offset=piece.offset, mask=piece.mask, binding=piece,
                 )  # fmt: skip
-                read = lambda piece=piece, param=param: tau_slice(  # noqa: E731
-                    self.task_vector, piece.name, piece.offset, piece.numel, param
-                )
-                records.append(self._stored_tau(plan, form, record, read))
+                records.append(self._stored_tau(plan, form, record, param))
         return records
 
-    def _stored_tau(self, plan: Plan, form: tuple | None, record: Record, read: Callable[[], torch.Tensor]) -> Record:
-        """``record`` with its τ as the group's merge reads it (``form``, of
+    def _stored_tau(self, plan: Plan, form: tuple | None, record: Record, param: torch.Tensor) -> Record:
+        """``record`` (of ``param``, or of a piece of it) with its τ as the group's merge reads it (``form``, of
         :func:`~online_merging.kernels.plan.tau_form`): packed at its first step and kept so in its binding, in place
-        of the dense τ; ``read`` gives the dense τ again when the merge settings ask for another form."""
+        of the dense τ, which is read again from the task vector when the merge settings ask for another form."""
         binding = record.binding
         if form is not None and form[0] == "top_p":  # in the layout the tensor's backend reads fastest
             form = (*form, get_backend(self.backend, record.param.device).PACKED_LAYOUT)
         if record.tau is None or binding.tau_form == form:
             return record
-        tau = record.tau if binding.tau_form is None else read()
+        tau = record.tau if binding.tau_form is None else self._dense_tau(binding, param)
         if form is not None and form[0] == "top_p":
             keep = cut_mask(tau.reshape(-1), plan.tau_cut(record._replace(tau=tau)), offset=record.offset)
             tau = PackedTau.from_mask(tau, keep, layout=form[2])
@@ -562,6 +565,12 @@ class OnlineMergingOptimizer(Optimizer):
             tau = PackedTau.from_dare(tau, plan.dare_keys(record)[1], form[1], record.offset)
         binding.tau, binding.tau_form = tau, form
         return record._replace(tau=tau)
+
+    def _dense_tau(self, binding: Binding, param: torch.Tensor) -> torch.Tensor:
+        """A binding's τ, dense, read from the task vector: its parameter's, or a piece's slice of it."""
+        if isinstance(binding, Piece):
+            return tau_slice(self.task_vector, binding.name, binding.offset, binding.numel, param)
+        return self.task_vector[binding.name].to(param.device)
 
     def _check_anchors(self, params: list[torch.Tensor], index: int) -> None:
         """Refuse a pull on a parameter that stepped without one: its SFT value, the pull's target, was not kept."""
