@@ -327,6 +327,8 @@ def test_packed_tau_steps_as_the_dense_one(backend, merge, layout, tau_dtype):
     DARE's once-drawn ones) steps a tensor of three blocks bit for bit as the dense τ does, whole and in three pieces
     (their own blocks from their element 0, DARE drawn at global indices, OnTIES kept by the whole τ's cut; OnTIES
     keeps nothing of the second)."""
+    if tau_dtype is torch.float32 and backend.__name__ != "online_merging.kernels.cpu":
+        pytest.skip("float32 τ is a branch of the C++ kernel's unpacking only; the others read any dtype alike")
     settings = settings_of({**MERGES[merge], "tau_mask": "once"})
     n, bounds, steps = 2500, [(0, 1100), (1100, 1400), (1400, 2500)], 4
     p, k = settings.reserve_p, num_kept(settings.reserve_p, n)
