@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from online_merging.distributed.collectives import collective_device
+from online_merging.kernels import to_device
 from online_merging.merging.sparsify import KEEP_ALL, KEEP_NONE, Cut, PendingCut, magnitude_bits
 
 __all__ = ["DIGIT_BITS", "distributed_topk_cut", "distributed_topk_cuts", "radix_rounds", "select_pending"]
@@ -55,7 +56,7 @@ def distributed_topk_cuts(
     device = collective_device(group, pieces[0].device)
     bins = 1 << DIGIT_BITS
     rounds = radix_rounds([p.dtype for p in pieces])
-    k = _host_tensor(ks, device)
+    k = to_device(torch.tensor(ks), device)
     bits = [magnitude_bits(p).to(device) for p in pieces]
     # the k largest of the whole tensor are among the union of each rank's k largest: only those are counted
     candidates = [
@@ -73,7 +74,7 @@ def distributed_topk_cuts(
                 digit = torch.where((c >> (shift + DIGIT_BITS)) == prefix[t], digit, bins)
             hist[t].scatter_add_(0, digit, torch.ones_like(digit))
         if r == 0:  # the last bin carries the piece's size instead: the tensor's size, once all-reduced
-            hist[:, bins] = _host_tensor([b.numel() for b in bits], device)
+            hist[:, bins] = to_device(torch.tensor([b.numel() for b in bits]), device)
         else:
             hist[:, bins] = 0
         dist.all_reduce(hist, op=dist.ReduceOp.SUM, group=group)
@@ -88,7 +89,7 @@ def distributed_topk_cuts(
 
     is_tie = [b == threshold[t] for t, b in enumerate(bits)]
     ties = torch.stack([m.sum() for m in is_tie])
-    local = torch.stack([ties, _host_tensor(offsets, device)])
+    local = torch.stack([ties, to_device(torch.tensor(offsets), device)])
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     gathered = torch.stack(gathered)  # [ranks, (ties, offset), tensors]
@@ -130,9 +131,3 @@ def select_pending(
         for i, cut in zip(indices, selected, strict=True):
             cuts[i] = cut
     return cuts
-
-
-def _host_tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    """``values`` as an int64 tensor on ``device``, copied from pinned memory on CUDA: no wait for the queued work."""
-    tensor = torch.tensor(values, dtype=torch.int64)
-    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor

@@ -15,9 +15,15 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BACKENDS", "get_backend"]
+__all__ = ["BACKENDS", "get_backend", "to_device"]
 
 BACKENDS = ("eager", "cpu", "triton")
+
+
+def to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A table made on the host, on ``device``: copied from pinned memory on CUDA, so that the copy waits for no work
+    queued before it and the host does not wait for the copy."""
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
 
 
 def get_backend(name: str | None, device: torch.device) -> ModuleType:

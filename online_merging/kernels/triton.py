@@ -47,6 +47,7 @@ try:
 except ImportError as error:
     raise ImportError(f"backend='triton' needs Triton ({error}): pip install triton") from error
 
+from online_merging.kernels import to_device
 from online_merging.kernels.plan import Plan, Record
 from online_merging.kernels.triton_topk import MAX_NUMEL, find_block, magnitude_bits, running_sum, select_cuts
 from online_merging.merging import Cut, PackedTau, num_kept, topk_cut
@@ -574,7 +575,7 @@ def _step_onties(plan: Plan, records: list[Record]) -> None:
         cuts.append([*update_cut, *plan.tau_cut(record)])
         if 0 < k < n:
             chosen.append(i)
-    cuts = _on(records[0].param.device, torch.tensor(cuts, dtype=torch.int64))
+    cuts = to_device(torch.tensor(cuts, dtype=torch.int64), records[0].param.device)
     pick = [[values[i] for i in chosen] for values in (starts, sizes, ks, [r.offset for r in records])]
     with _on_device(records[0].param):
         select_cuts(scratch, *pick, chosen, cuts)
@@ -584,11 +585,6 @@ def _step_onties(plan: Plan, records: list[Record]) -> None:
 def _padded(n: int) -> int:
     """Elements a tensor of ``n`` takes in a scratch buffer: whole 64-byte lines, so that each one's Δ is aligned."""
     return -(-n // 16) * 16
-
-
-def _on(device: torch.device, table: torch.Tensor) -> torch.Tensor:
-    """A host-made table on ``device``, copied from pinned memory on CUDA: no wait for the work queued before."""
-    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
 
 
 def _signature(plan: Plan, record: Record, inputs: list) -> tuple:
@@ -658,7 +654,7 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]], scratches: list[torch
     corrections = torch.tensor([row[:2] for row in scales], dtype=torch.float64).view(torch.int64)
     packed = torch.tensor([[0 if row[2] is None else row[2].data_ptr()] for row in scales])
     fields = torch.cat([torch.tensor(rows), corrections, packed], dim=1)
-    table = _on(device, torch.cat([fields.reshape(-1), torch.tensor(starts)]))
+    table = to_device(torch.cat([fields.reshape(-1), torch.tensor(starts)]), device)
     types = (tl.float32 if dtype is None else _TL_DTYPES[dtype] for dtype in _dtypes(launch[0][1]))
     dtypes = dict(zip(_TYPED, types, strict=True))
     aligned = all(t.data_ptr() % 16 == 0 for t in used)
@@ -699,10 +695,10 @@ def ties_merge(
     if record.param.numel() == 0:
         return
     if isinstance(update_cut, torch.Tensor):
-        cuts = torch.cat([update_cut.to(device), _on(device, torch.tensor(tau_cut, dtype=torch.int64))])
+        cuts = torch.cat([update_cut.to(device), to_device(torch.tensor(tau_cut, dtype=torch.int64), device)])
         _merge(plan, [(record, total)], cuts.reshape(1, 4))
     else:
-        cuts = _on(device, torch.tensor([[*update_cut, *tau_cut]], dtype=torch.int64))
+        cuts = to_device(torch.tensor([[*update_cut, *tau_cut]], dtype=torch.int64), device)
         _merge(plan, [(record, total)], cuts, trim=not update_cut == tau_cut == KEEP_ALL)
 
 
@@ -737,7 +733,7 @@ def _merge(plan: Plan, merged: list[tuple[Record, torch.Tensor]], cuts: torch.Te
         types = [tl.float32 if t is None else _TL_DTYPES.get(t.dtype) for t in tensors]  # the mask's unused
         with _on_device(r.param):
             _onties_kernel[(starts[-1],)](
-                _on(r.param.device, torch.tensor(rows + starts, dtype=torch.int64)), len(launch), cuts,
+                to_device(torch.tensor(rows + starts, dtype=torch.int64), r.param.device), len(launch), cuts,
                 plan.decay, plan.w_update, plan.w_tau, plan.w_pull, T_PARAM=types[0], T_TAU=types[2],
                 T_BUFFER=types[3], T_ANCHOR=types[5], TRIM=trim, WEIGHTED=plan.settings.ties_sign == "weighted",
                 ROLL_BACK=tensors[3] is not None, MASKED=tensors[4] is not None, PULL=_pull_flag(plan, tensors[5]),

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from online_merging.kernels import to_device
+
 __all__ = ["DIGITS", "MAX_NUMEL", "find_block", "magnitude_bits", "running_sum", "select_cuts"]
 
 DIGITS = ((20, 11), (9, 11), (0, 9))
@@ -183,9 +185,7 @@ def select_cuts(
         blocks.append(blocks[-1] + triton.cdiv(size, _BLOCK))
     fields = [value for row in zip(starts, sizes, ks, offsets, rows, strict=True) for value in row]
     state = [value for k in ks for value in (k, 0)]
-    table = torch.tensor(fields + blocks + state, dtype=torch.int64)
-    if buffer.is_cuda:  # copied from pinned memory: no wait for the work queued before
-        table = table.pin_memory().to(buffer.device, non_blocking=True)
+    table = to_device(torch.tensor(fields + blocks + state, dtype=torch.int64), buffer.device)
     table, state = table[: -2 * records], table[-2 * records :]
     histograms = torch.zeros(len(DIGITS), records, int(_BINS), dtype=torch.int32, device=buffer.device)
     ties = torch.empty(blocks[-1], dtype=torch.int32, device=buffer.device)
