@@ -56,7 +56,7 @@ def _run(module, plan, record):
     (total,) = module.step(plan, [record])
     if total is None:
         return None
-    if record.waits:
+    if record.cut_pending:
         return total, lambda cut: functional.finish_ties(module, plan, record, total, cut)
     functional.finish_ties(module, plan, record, total, record.update_cut(total))
     return None

@@ -78,8 +78,8 @@ def step(plan: Plan, records: list[Record]) -> list[torch.Tensor | None]:
 def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut, tau_cut: Cut) -> None:
     """Same contract as :func:`online_merging.kernels.eager.ties_merge`: the kernel's merge, or the eager one for
     tensors the kernel cannot step."""
-    _, carry = plan.route(record)
-    buffer = record.merge_buffer if carry == "roll_back" else None
+    _, step_k = plan.route(record)
+    buffer = record.merge_buffer if step_k == "roll_back" else None
     n, offset = record.param.numel(), record.offset
     weighted = plan.settings.ties_sign == "weighted"
     tau, *packed = _tau_tensors(record.tau)
@@ -112,8 +112,8 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
     no_keys, no_guess = ((0, 0), (0, 0)), (math.nan, 0.0)
     for i, r in enumerate(records):
         n = r.param.numel()
-        merge, carry = plan.route(r)
-        mode = _MODES[merge, carry]
+        merge, step_k = plan.route(r)
+        mode = _MODES[merge, step_k]
         total = None
         if mode in _PIECE and r.update_cut is not None:
             mode = _PIECE[mode]
@@ -133,7 +133,7 @@ def _step_fused(plan: Plan, records: list[Record], results: list[torch.Tensor | 
             step_size = sqrt_bias2 = 0.0
             tensors += (r.param, r.grad, r.momentum_buffer if momentum else None, None, None)
         tau, *packed = _tau_tensors(r.tau if merge else None)
-        tensors += (r.merge_buffer if carry else None, tau, r.mask, total, _anchor(plan, r), *packed)
+        tensors += (r.merge_buffer if step_k else None, tau, r.mask, total, _anchor(plan, r), *packed)
         ints += (mode, r.offset, *keys[0], *keys[1], k, *tau_cut)
         floats += (step_size, sqrt_bias2, float(r.first_momentum), *guess)
     found, guessed, stepped = _ext.step_group(

@@ -98,8 +98,8 @@ def ties_merge(plan: Plan, record: Record, total: torch.Tensor, update_cut: Cut,
     cuts keep; Δc ← 0 on a step-K roll-back. Masked-out elements of θ and Δc keep their values."""
     record = dense_tau(record)
     param, tau, offset = record.param, record.tau, record.offset
-    _, carry = plan.route(record)
-    buffer = record.merge_buffer if carry == "roll_back" else None
+    _, step_k = plan.route(record)
+    buffer = record.merge_buffer if step_k == "roll_back" else None
     total = total.reshape(param.shape)
     mask = None if record.mask is None else record.mask.reshape(param.shape)
     saved = None if mask is None else _save(param, buffer)
@@ -132,12 +132,12 @@ def _apply(plan: Plan, record: Record, delta: torch.Tensor) -> torch.Tensor | No
     elements of Δθ (and of Δc + Δθ) are 0, and θ and Δc keep their values there.
     """
     param, buffer = record.param, record.merge_buffer
-    merge, carry = plan.route(record)
+    merge, step_k = plan.route(record)
     mask = None if record.mask is None else record.mask.reshape(param.shape)
     if mask is not None:
         delta = torch.where(mask, delta, 0.0)
     if merge == "onties":
-        total = buffer.float() + delta if carry == "roll_back" else delta
+        total = buffer.float() + delta if step_k == "roll_back" else delta
         return (total if mask is None else torch.where(mask, total, 0.0)).reshape(-1)
     saved = None if mask is None else _save(param, buffer)
     pull = _pull(plan, record)
@@ -146,11 +146,11 @@ def _apply(plan: Plan, record: Record, delta: torch.Tensor) -> torch.Tensor | No
         target.mul_(plan.decay)
     if merge is None:
         target.add_(with_pull(plan, delta, pull, None))
-        if carry == "accumulate":
+        if step_k == "accumulate":
             buffer.add_(delta)
     else:
         total = delta
-        if carry is not None:
+        if step_k is not None:
             total = buffer.float() + delta
             if mask is not None:
                 total = torch.where(mask, total, 0.0)

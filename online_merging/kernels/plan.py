@@ -111,9 +111,9 @@ class Plan:
             object.__setattr__(self, key, value)
 
     def route(self, record: Record) -> tuple[str | None, str | None]:
-        """(merge, carry) of the record's step.
+        """(merge, step_k) of the record's step.
 
-        merge: None (apply the plain Δ), "ondare" or "onties". carry, for step-K (Alg. 2): None, "accumulate" (a
+        merge: None (apply the plain Δ), "ondare" or "onties". step_k, for step-K (Alg. 2): None, "accumulate" (a
         plain step remembered in Δc) or "roll_back" (θ − Δc + merge(Δc + Δ), then Δc ← 0).
         """
         settings = self.settings
@@ -200,7 +200,7 @@ class Record(NamedTuple):
     binding: Binding | None = None
 
     @property
-    def waits(self) -> bool:
+    def cut_pending(self) -> bool:
         """Whether its update cut is a :class:`~online_merging.merging.PendingCut`: the functional layer keeps this
         step's Δ and merges once the cuts of the step's pieces are selected together."""
         return isinstance(self.update_cut, PendingCut)

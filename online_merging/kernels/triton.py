@@ -604,12 +604,12 @@ def _inputs(plan: Plan, record: Record) -> list[torch.Tensor | None]:
     (Adam's moments and AMSGrad's maximum, or SGD's momentum), step-K's buffer, τ, the pull's anchor (where this
     pass writes θ), mask (as bytes)."""
     r = record
-    merge, carry = plan.route(r)
+    merge, step_k = plan.route(r)
     if plan.optimizer == "adam":
         state = [r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq if plan.amsgrad else None]
     else:
         state = [r.momentum_buffer if plan.momentum != 0.0 else None, None, None]
-    buffer = r.merge_buffer if carry is not None else None
+    buffer = r.merge_buffer if step_k is not None else None
     anchor = _anchor(plan, r) if merge != "onties" else None
     tau = _packed_parts(r.tau)[0] if merge is not None else None
     return [r.param, r.grad, *state, buffer, tau, anchor, _mask_bytes(r)]
@@ -632,7 +632,7 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]], scratches: list[torch
     each record's Δ goes to its float32 ``scratches`` entry. Non-contiguous tensors are stepped in contiguous
     copies, written back."""
     records = [record for record, _ in launch]
-    merge, carry = plan.route(records[0])
+    merge, step_k = plan.route(records[0])
     device = records[0].param.device
     adam = plan.optimizer == "adam"
     rows, scales, starts, used, copies = [], [], [0], [], []
@@ -676,7 +676,7 @@ def _launch(plan: Plan, launch: list[tuple[Record, list]], scratches: list[torch
         }
     with _on_device(records[0].param):
         kernel[(starts[-1],)](
-            table, len(records), **scalars, decay=plan.decay, **_merge_args(plan, merge, carry), **dtypes, **flags,
+            table, len(records), **scalars, decay=plan.decay, **_merge_args(plan, merge, step_k), **dtypes, **flags,
             MASKED=records[0].mask is not None, PULL=_pull_flag(plan, launch[0][1][7]),
             PACKED=merge is not None and isinstance(records[0].tau, PackedTau), ALIGNED=aligned,
             LOG=max(1, len(records).bit_length()),
@@ -707,8 +707,8 @@ def _merge(plan: Plan, merged: list[tuple[Record, torch.Tensor]], cuts: torch.Te
     (dtypes, step-K roll-back, mask, pull); record i's cuts in ``cuts[i]``: (T, cutoff) of Δ, then of τ."""
     launches: dict[tuple, list[tuple[int, Record, list]]] = {}
     for i, (r, total) in enumerate(merged):
-        _, carry = plan.route(r)
-        buffer = r.merge_buffer if carry == "roll_back" else None
+        _, step_k = plan.route(r)
+        buffer = r.merge_buffer if step_k == "roll_back" else None
         tau, tau_starts, tau_bits = _packed_parts(_bitmask_or_dense(r.tau))
         tensors = [r.param, total, tau, buffer, _mask_bytes(r), _anchor(plan, r)]
         signature = (
@@ -745,7 +745,7 @@ def _merge(plan: Plan, merged: list[tuple[Record, torch.Tensor]], cuts: torch.Te
             _write_back(written, work)
 
 
-def _merge_args(plan: Plan, merge: str | None, carry: str | None) -> dict:
+def _merge_args(plan: Plan, merge: str | None, step_k: str | None) -> dict:
     """The merge and pull scalars and constexpr flags of ``_finish`` (the DARE keys are each record's, in the table;
     ``PULL``, whether it has an anchor)."""
     settings = plan.settings
@@ -758,7 +758,7 @@ def _merge_args(plan: Plan, merge: str | None, carry: str | None) -> dict:
         "tau_clamp": settings.tau_clamp or 0.0, "pull": plan.w_pull, "DARE": dare, "DROP": drop,
         "RESCALE": drop and settings.dare_rescale, "WITH_TAU": with_tau,
         "CLAMP": with_tau and settings.tau_clamp is not None, "TO_SCRATCH": merge == "onties",
-        "ACCUMULATE": carry == "accumulate", "ROLL_BACK": carry == "roll_back",
+        "ACCUMULATE": step_k == "accumulate", "ROLL_BACK": step_k == "roll_back",
     }  # fmt: skip
 
 

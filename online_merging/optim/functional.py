@@ -41,7 +41,7 @@ def step(plan: Plan, records: list[Record], backend: str | ModuleType | None = N
         for record, total in zip(batch, kernels.step(plan, batch), strict=True):
             if total is None:
                 continue
-            if record.waits:
+            if record.cut_pending:
                 waiting.append((kernels, record, total))
             else:
                 finish_ties(kernels, plan, record, total, record.update_cut(total))
@@ -75,7 +75,7 @@ def _batches(
             batch = []
         kernels = module
         batch.append(record)
-        if record.waits:
+        if record.cut_pending:
             numel += record.update_cut.numel
             if numel >= DEFER_NUMEL:
                 yield kernels, batch, True
