@@ -384,11 +384,12 @@ def _smoke_config(**overrides) -> LabConfig:
 
 
 @pytest.mark.slow
-def test_lab_smoke_end_to_end(world_cache, tmp_path):
+def test_lab_smoke_end_to_end(world_cache, tmp_path, capfd):
     """Tune on the default world → test on both worlds, tiny: every method yields a trajectory from SFT, a stack
-    its sweep; files exist; the rerun is cached."""
+    its sweep; files exist; the jobs print nothing; the rerun is cached."""
     out = tmp_path / "lab"
     results = run_lab(out, config=_smoke_config(), workers=2, progress=False)
+    assert "train_runtime" not in capfd.readouterr().out  # Trainer's PrinterCallback, removed from the lab's runs
     for name in ("results.json", "results.md", "tuned.json", "fronts.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "results.json").read_text())

@@ -160,6 +160,7 @@ def _train(run: RunConfig) -> dict:
 def _train_in(run: RunConfig, output_dir: str) -> dict:
     import trl
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
 
     from online_merging.diagnostics import gradient_entanglement
     from online_merging.integrations.builder import TrainSpec, build_trainer, key_neurons, run_training, unlearn
@@ -218,6 +219,7 @@ def _train_in(run: RunConfig, output_dir: str) -> dict:
         unlearn(spec, model, args, dataset, tokenizer, neuron_masks=masks, callbacks=[Evaluate(0)])
     callbacks = [*bemas.values(), Evaluate(run.unlearn_steps)]
     trainer = build_trainer(spec, model, args, dataset, tokenizer, neuron_masks=masks, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict, printed by every job, would bury the lab's bar
     run_training(trainer)
     if run.lora_r:
         trainer.model.merge_and_unload()  # in place: model is the run's merged model (τ's base + s·B A)

@@ -72,6 +72,7 @@ def probe_importances(
     :class:`GradientMagnitudeCallback`). ``args_overrides`` go to ``trl.DPOConfig``. Every parameter of the copy
     is trained during the probe; the global random generators (torch, numpy, random) are left as they were."""
     import trl
+    from transformers.trainer_callback import PrinterCallback
 
     methods = list(methods)
     for method in methods:
@@ -104,6 +105,7 @@ def probe_importances(
                 model=policy, ref_model=reference, args=trl.DPOConfig(**settings), train_dataset=train_dataset,
                 processing_class=processing_class, callbacks=list(callbacks.values()),
             )  # fmt: skip
+            trainer.remove_callback(PrinterCallback)  # the probe is internal: no end-of-training dict on stdout
             with quiet_trl_training():
                 trainer.train()
     out = {}
